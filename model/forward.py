@@ -1,0 +1,183 @@
+"""Hand-written Gemma 2 / Gemma 3 text forward pass: pure functions over the param pytree.
+
+Numerics follow shared/specs/gemma.md (reference: HF transformers, eager attention):
+- embed * sqrt(D), the constant rounded to the activation dtype first;
+- RMSNorm(1 + w) computed in float32 and cast back;
+- q/k RMSNorm over H (Gemma 3), then half-split ("rotate_half") RoPE with a per-layer base;
+- scores * query_pre_attn_scalar**-0.5, Gemma 2 soft-cap 50*tanh(s/50), THEN the mask;
+- softmax in float32; 4 norms per layer; tanh-GELU gated MLP;
+- final norm, tied unembedding, Gemma 2 final soft-cap 30*tanh(z/30).
+
+Padding: every function takes explicit token positions and a validity mask, and the attention
+mask is built from positions (not buffer slots), so a left- or right-padded row gets the logits
+it would get alone. The KV-cache sampler (model/sampler.py) reuses the same pieces:
+`layer_constants`, `attention_inputs`, `attend` and `layer_output`.
+
+Dimension letters: B batch, T query length, S key length, D model, F mlp, N query heads,
+K kv heads, G = N/K, H head dim, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from model.config import GLOBAL, GemmaConfig
+
+# A finite "minus infinity": fully masked rows (padding queries) stay finite instead of NaN.
+MASK_VALUE = -2.3819763e38
+# Window used for global layers: larger than any sequence, so only causality applies.
+NO_WINDOW = 2**30
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Gemma RMSNorm: float32 math, zero-centred weight (y * (1 + w)), cast back to x's dtype."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, base: jax.Array, scale: jax.Array) -> jax.Array:
+    """Half-split RoPE. x [B, T, n, H], positions [B, T]; base and scale may be traced per-layer scalars."""
+    h = x.shape[-1]
+    exponent = jnp.arange(0, h, 2, dtype=jnp.float32) / h  # [H/2]
+    inv_freq = 1.0 / (base.astype(jnp.float32) ** exponent) / scale  # linear scaling divides the angle
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]  # [B, T, 1, H/2]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def layer_constants(cfg: GemmaConfig) -> dict[str, jax.Array]:
+    """Per-layer scalars scanned alongside the stacked weights: window, RoPE base and scale. Each [L]."""
+    is_global = [t == GLOBAL for t in cfg.layer_types]
+    return {
+        "window": jnp.array([NO_WINDOW if g else cfg.sliding_window for g in is_global], jnp.int32),
+        "rope_base": jnp.array([cfg.rope_base_global if g else cfg.rope_base_local for g in is_global], jnp.float32),
+        "rope_scale": jnp.array([cfg.rope_scale_global if g else 1.0 for g in is_global], jnp.float32),
+    }
+
+
+def default_positions(tokens: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
+    """Positions count real tokens only, so left padding does not shift a row's positions."""
+    if attention_mask is None:
+        return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def embed_tokens(params: dict, tokens: jax.Array, cfg: GemmaConfig) -> jax.Array:
+    x = params["embed"][tokens]  # [B, T, D]
+    # The sqrt(D) normaliser is rounded to the activation dtype first (bf16: sqrt(2304) -> 48.0).
+    return x * jnp.asarray(cfg.embed_dim**0.5, dtype=x.dtype)
+
+
+def attention_inputs(lp: dict, x: jax.Array, c: dict, positions: jax.Array, cfg: GemmaConfig):
+    """Pre-attention norm, q/k/v projections, Gemma 3 q/k norms, RoPE. Returns q [B,T,N,H], k, v [B,T,K,H]."""
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_eps)
+    q = jnp.einsum("btd,dnh->btnh", h, lp["q"])
+    k = jnp.einsum("btd,dkh->btkh", h, lp["k"])
+    v = jnp.einsum("btd,dkh->btkh", h, lp["v"])
+    if cfg.use_qk_norm:  # Gemma 3: RMSNorm over head_dim after projection, before RoPE
+        q = rms_norm(q, lp["q_norm"], cfg.rms_eps)
+        k = rms_norm(k, lp["k_norm"], cfg.rms_eps)
+    q = apply_rope(q, positions, c["rope_base"], c["rope_scale"])
+    k = apply_rope(k, positions, c["rope_base"], c["rope_scale"])
+    return q, k, v
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array, window: jax.Array) -> jax.Array:
+    """[B, T, S] bool: key j visible to query i iff valid and 0 <= pos_i - pos_j < window."""
+    diff = q_pos[:, :, None] - k_pos[:, None, :]  # [B, T, S]
+    return (diff >= 0) & (diff < window) & k_valid[:, None, :]
+
+
+def attend(q, k, v, q_pos, k_pos, k_valid, window, cfg: GemmaConfig) -> jax.Array:
+    """Grouped-query attention. q [B,T,N,H]; k, v [B,S,K,H]; positions [B,T] / [B,S]. Returns [B,T,N,H]."""
+    b, t, n, h = q.shape
+    kh = cfg.num_kv_heads
+    qg = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]: kv head j serves query heads j*G .. j*G+G-1
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * cfg.query_pre_attn_scalar**-0.5
+    scores = softcap(scores, cfg.attn_softcap)  # soft-cap BEFORE masking, or masked scores cap at -50
+    mask = attention_mask(q_pos, k_pos, k_valid, window)  # [B, T, S]
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+def layer_output(lp: dict, x: jax.Array, attn: jax.Array, cfg: GemmaConfig) -> jax.Array:
+    """Output projection, the post-attention norm and residual, then the MLP block with its two norms."""
+    a = jnp.einsum("btnh,nhd->btd", attn, lp["o"])
+    x = x + rms_norm(a, lp["post_attn_norm"], cfg.rms_eps)
+    with jax.named_scope("mlp"):
+        h = rms_norm(x, lp["pre_ffw_norm"], cfg.rms_eps)
+        gate = jax.nn.gelu(jnp.einsum("btd,df->btf", h, lp["gate"]), approximate=True)  # tanh GELU
+        up = jnp.einsum("btd,df->btf", h, lp["up"])
+        m = jnp.einsum("btf,fd->btd", gate * up, lp["down"])
+    return x + rms_norm(m, lp["post_ffw_norm"], cfg.rms_eps)
+
+
+def decoder_layer(lp, x, c, positions, valid, cfg: GemmaConfig) -> jax.Array:
+    """One full-sequence (no cache) decoder layer."""
+    with jax.named_scope("attention"):
+        q, k, v = attention_inputs(lp, x, c, positions, cfg)
+        attn = attend(q, k, v, positions, positions, valid, c["window"], cfg)
+    return layer_output(lp, x, attn, cfg)
+
+
+def hidden_states(
+    params: dict,
+    tokens: jax.Array,
+    cfg: GemmaConfig,
+    *,
+    positions: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+    remat: bool = False,
+) -> jax.Array:
+    """Final-normed hidden states [B, T, D] (before the unembedding)."""
+    positions = default_positions(tokens, attention_mask) if positions is None else positions
+    valid = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+    x = embed_tokens(params, tokens, cfg)
+
+    def body(x, layer):
+        lp, c = layer
+        return decoder_layer(lp, x, c, positions, valid, cfg), None
+
+    if remat:  # keep only each layer's input; recompute its inside in the backward pass
+        body = jax.checkpoint(body, prevent_cse=False)
+    with jax.named_scope("layers"):
+        x, _ = jax.lax.scan(body, x, (params["layers"], layer_constants(cfg)))
+    return rms_norm(x, params["final_norm"], cfg.rms_eps)
+
+
+def unembed(params: dict, x: jax.Array, cfg: GemmaConfig) -> jax.Array:
+    """Tied unembedding (no sqrt(D) here) and the Gemma 2 final soft-cap; float32 logits [..., V]."""
+    with jax.named_scope("unembed"):
+        logits = jnp.einsum("...d,vd->...v", x, params["embed"], preferred_element_type=jnp.float32)
+        return softcap(logits, cfg.final_softcap)
+
+
+def forward(
+    params: dict,
+    tokens: jax.Array,
+    cfg: GemmaConfig,
+    *,
+    positions: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+    remat: bool = False,
+) -> jax.Array:
+    """Logits float32 [B, T, V] for tokens [B, T]. attention_mask [B, T]: 1 for real tokens, 0 for padding."""
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+    if attention_mask is not None and jnp.shape(attention_mask) != tokens.shape:
+        raise ValueError(f"attention_mask shape {jnp.shape(attention_mask)} != tokens shape {tokens.shape}")
+    if positions is not None and jnp.shape(positions) != tokens.shape:
+        raise ValueError(f"positions shape {jnp.shape(positions)} != tokens shape {tokens.shape}")
+    h = hidden_states(params, tokens, cfg, positions=positions, attention_mask=attention_mask, remat=remat)
+    return unembed(params, h, cfg)

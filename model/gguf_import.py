@@ -1,0 +1,364 @@
+"""Import a llama.cpp GGUF (Gemma 2 or Gemma 3 text) into a plain HF checkpoint directory.
+
+The directory holds `config.json` (transformers' Gemma2Config / Gemma3TextConfig keys), `model.safetensors`
+(float32, HF names, PyTorch [out, in] order, zero-centred norms) and a `tokenizer.model` rebuilt as a
+SentencePiece ModelProto from the GGUF vocabulary, so everything downstream (our loader, HF transformers,
+sentencepiece) reads it like any HF download.
+
+Choices, from shared/specs/gemma.md:
+- Every tensor is dequantized to float32 (`gguf.quants.dequantize` already yields [out, in]); no q/k
+  permutation for Gemma. llama.cpp's converter adds 1 to every norm weight, so we subtract it.
+- GGUF metadata lacks query_pre_attn_scalar, the layer pattern and the local rope base; those are filled
+  from the known Gemma conventions (`_query_pre_attn_scalar`, `_layer_types`, `_DEFAULT_LOCAL_ROPE_BASE`).
+- The import is atomic: it writes into a temp directory beside `out_dir` and renames it at the end, and a
+  manifest marks a complete import, so importing again is a no-op and a failure leaves nothing behind.
+`gguf` (and protobuf, for the tokenizer) are imported lazily: they belong to the `gguf` extra.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MANIFEST = "import_manifest.json"
+_OUTPUT_FILES = ("config.json", "model.safetensors", "tokenizer.model")
+_IMPORTER_VERSION = 1
+_SUPPORTED_ARCHS = ("gemma2", "gemma3")
+_NORM_SHIFT = 1.0  # llama.cpp's Gemma converters store norm weights as 1 + w
+_DEFAULT_LOCAL_ROPE_BASE = 10_000.0  # Gemma 3 sliding layers; GGUF only carries the global base
+_GEMMA3_PATTERN = 6  # Gemma 3: five sliding layers, then one global
+_INSTALL_HINT = "pip install -e '.[gguf]'"
+
+# GGUF token types (llama.cpp) -> SentencePiece ModelProto.SentencePiece.Type; both: 1 normal, 2 unknown,
+# 3 control, 4 user-defined, 5 unused, 6 byte.
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+_GGUF_TO_SP_TYPE = {1: _NORMAL, 2: _UNKNOWN, 3: _CONTROL, 4: _USER_DEFINED, 5: _UNUSED, 6: _BYTE}
+
+
+def _identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def _unshift_norm(x: np.ndarray) -> np.ndarray:
+    # Gemma's RMSNorm scales by (1 + w); HF stores w, llama.cpp stores 1 + w.
+    return x - np.float32(_NORM_SHIFT)
+
+
+# GGUF name pattern -> (HF name template, transform, shape key). `{0}` is the layer index.
+_TABLE: tuple[tuple[re.Pattern[str], str, Callable[[np.ndarray], np.ndarray], str], ...] = tuple(
+    (re.compile(p), name, fn, shape)
+    for p, name, fn, shape in (
+        (r"token_embd\.weight", "model.embed_tokens.weight", _identity, "embed"),
+        (r"output_norm\.weight", "model.norm.weight", _unshift_norm, "d"),
+        (r"blk\.(\d+)\.attn_q\.weight", "model.layers.{0}.self_attn.q_proj.weight", _identity, "q"),
+        (r"blk\.(\d+)\.attn_k\.weight", "model.layers.{0}.self_attn.k_proj.weight", _identity, "kv"),
+        (r"blk\.(\d+)\.attn_v\.weight", "model.layers.{0}.self_attn.v_proj.weight", _identity, "kv"),
+        (r"blk\.(\d+)\.attn_output\.weight", "model.layers.{0}.self_attn.o_proj.weight", _identity, "o"),
+        (r"blk\.(\d+)\.attn_q_norm\.weight", "model.layers.{0}.self_attn.q_norm.weight", _unshift_norm, "h"),
+        (r"blk\.(\d+)\.attn_k_norm\.weight", "model.layers.{0}.self_attn.k_norm.weight", _unshift_norm, "h"),
+        (r"blk\.(\d+)\.ffn_gate\.weight", "model.layers.{0}.mlp.gate_proj.weight", _identity, "up"),
+        (r"blk\.(\d+)\.ffn_up\.weight", "model.layers.{0}.mlp.up_proj.weight", _identity, "up"),
+        (r"blk\.(\d+)\.ffn_down\.weight", "model.layers.{0}.mlp.down_proj.weight", _identity, "down"),
+        (r"blk\.(\d+)\.attn_norm\.weight", "model.layers.{0}.input_layernorm.weight", _unshift_norm, "d"),
+        (r"blk\.(\d+)\.post_attention_norm\.weight", "model.layers.{0}.post_attention_layernorm.weight",
+         _unshift_norm, "d"),
+        # llama.cpp calls the pre-MLP norm `ffn_norm`.
+        (r"blk\.(\d+)\.ffn_norm\.weight", "model.layers.{0}.pre_feedforward_layernorm.weight", _unshift_norm, "d"),
+        (r"blk\.(\d+)\.post_ffw_norm\.weight", "model.layers.{0}.post_feedforward_layernorm.weight",
+         _unshift_norm, "d"),
+    )
+)
+
+
+# --- config ------------------------------------------------------------------------------------------------------
+
+
+def _query_pre_attn_scalar(arch: str, d: int, heads: int, head_dim: int) -> float:
+    # Not in GGUF. Gemma 2 27B and Gemma 3 27B (the only ones with head_dim 128) scale by D / N; all others by H.
+    return float(d // heads) if head_dim == 128 else float(head_dim)
+
+
+def _layer_types(arch: str, layers: int, pattern: Any) -> list[str]:
+    if arch == "gemma2":  # even layers sliding, odd global
+        return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    # Newer GGUFs may carry the period as an int; older ones not at all.
+    period = int(pattern) if isinstance(pattern, int | np.integer) and int(pattern) > 0 else _GEMMA3_PATTERN
+    return ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(layers)]
+
+
+def _f32(x: Any) -> float:
+    # GGUF stores float32; print the shortest decimal that round-trips (9.99999997e-07 -> 1e-06).
+    return float(str(np.float32(x)))
+
+
+def hf_config_from_gguf(meta: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """transformers-style config.json for the GGUF scalar metadata `meta` (key -> value)."""
+    arch = meta.get("general.architecture")
+    if arch not in _SUPPORTED_ARCHS:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; expected one of {list(_SUPPORTED_ARCHS)}")
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ValueError(f"GGUF metadata is missing {arch}.{key}")
+        return value
+
+    d, layers, heads = int(get("embedding_length")), int(get("block_count")), int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length", d // heads))
+    gemma3 = arch == "gemma3"
+    scaling = None
+    if meta.get(f"{arch}.rope.scaling.type", "none") == "linear":
+        scaling = {"rope_type": "linear", "factor": _f32(get("rope.scaling.factor"))}
+    cfg = {
+        "architectures": ["Gemma3ForCausalLM" if gemma3 else "Gemma2ForCausalLM"],
+        "model_type": "gemma3_text" if gemma3 else "gemma2",
+        "vocab_size": vocab_size,
+        "hidden_size": d,
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "head_dim": head_dim,
+        "query_pre_attn_scalar": _query_pre_attn_scalar(arch, d, heads, head_dim),
+        "sliding_window": int(get("attention.sliding_window", 4096)),
+        "layer_types": _layer_types(arch, layers, meta.get(f"{arch}.attention.sliding_window_pattern")),
+        "rope_theta": _f32(get("rope.freq_base", 1_000_000.0 if gemma3 else 10_000.0)),
+        "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        # Gemma 2 soft-caps attention at 50 and logits at 30; Gemma 3 does not.
+        "attn_logit_softcapping": _f32(get("attn_logit_softcapping", 50.0)) if not gemma3 else None,
+        "final_logit_softcapping": _f32(get("final_logit_softcapping", 30.0)) if not gemma3 else None,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": int(get("context_length", 8192)),
+        "bos_token_id": int(meta.get("tokenizer.ggml.bos_token_id", 2)),
+        "eos_token_id": int(meta.get("tokenizer.ggml.eos_token_id", 1)),
+        "pad_token_id": int(meta.get("tokenizer.ggml.padding_token_id", 0)),
+        "attention_bias": False,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+    }
+    if gemma3:
+        cfg["rope_local_base_freq"] = _f32(get("rope.freq_base_swa", _DEFAULT_LOCAL_ROPE_BASE))
+        cfg["rope_scaling"] = scaling
+    return cfg
+
+
+def _expected_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    d, f, h = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    n, k = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    return {"embed": (cfg["vocab_size"], d), "d": (d,), "h": (h,), "q": (n * h, d), "kv": (k * h, d),
+            "o": (d, n * h), "up": (f, d), "down": (d, f)}
+
+
+def _expected_names(cfg: dict[str, Any]) -> set[str]:
+    per_layer = [t for _, t, _, _ in _TABLE if "{0}" in t]
+    if cfg["model_type"] == "gemma2":  # Gemma 2 has no q/k norm
+        per_layer = [t for t in per_layer if "_norm." not in t]
+    names = {t for _, t, _, _ in _TABLE if "{0}" not in t}
+    return names | {t.format(i) for i in range(cfg["num_hidden_layers"]) for t in per_layer}
+
+
+# --- tensors -----------------------------------------------------------------------------------------------------
+
+
+def _map_name(gguf_name: str) -> tuple[str, Callable[[np.ndarray], np.ndarray], str] | None:
+    for pattern, template, fn, shape in _TABLE:
+        m = pattern.fullmatch(gguf_name)
+        if m:
+            return template.format(*m.groups()), fn, shape
+    return None
+
+
+def convert_tensors(reader: Any, cfg: dict[str, Any], *, progress: Callable[[str], None]) -> dict[str, np.ndarray]:
+    """Dequantize every GGUF tensor to float32 HF form; fail listing unexpected, missing and mis-shaped names."""
+    from gguf.quants import dequantize
+
+    shapes, out, unexpected, misshaped = _expected_shapes(cfg), {}, [], []
+    for i, t in enumerate(reader.tensors):
+        mapped = _map_name(t.name)
+        if mapped is None:
+            unexpected.append(t.name)
+            continue
+        name, fn, shape_key = mapped
+        x = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)  # [out, in], like PyTorch
+        if x.shape != shapes[shape_key]:
+            misshaped.append(f"{t.name} {x.shape} (expected {shapes[shape_key]})")
+            continue
+        out[name] = np.ascontiguousarray(fn(x))
+        if (i + 1) % 50 == 0:
+            progress(f"  dequantized {i + 1}/{len(reader.tensors)} tensors")
+    missing = sorted(_expected_names(cfg) - out.keys())
+    extra = sorted(out.keys() - _expected_names(cfg))  # e.g. q_norm in a Gemma 2 file
+    if unexpected or missing or misshaped or extra:
+        raise ValueError(f"GGUF tensors do not match a {cfg['model_type']} model: unexpected {unexpected + extra}, "
+                         f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, mis-shaped {misshaped}")
+    return out
+
+
+# --- tokenizer ---------------------------------------------------------------------------------------------------
+
+
+def sentencepiece_from_vocab(tokens: list[str], scores: list[float], types: list[int], *,
+                             bos_id: int = 2, eos_id: int = 1, pad_id: int = 0, unk_id: int = 3) -> bytes:
+    """A serialized SentencePiece BPE ModelProto equivalent to the Gemma tokenizer the GGUF vocab came from."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    if not len(tokens) == len(scores) == len(types):
+        raise ValueError(f"GGUF vocab arrays disagree: {len(tokens)} tokens, {len(scores)} scores, {len(types)} types")
+    proto = sp_pb2.ModelProto()
+    for i, (piece, score, kind) in enumerate(zip(tokens, scores, types, strict=True)):
+        sp_type = _GGUF_TO_SP_TYPE.get(int(kind), _NORMAL)
+        if i == unk_id:
+            sp_type = _UNKNOWN  # GGUF marks <unk> as control; SentencePiece needs exactly one UNKNOWN piece
+        elif sp_type == _CONTROL and i not in (bos_id, eos_id, pad_id):
+            # SentencePiece never matches control pieces in text, so <start_of_turn> would be split into characters.
+            sp_type = _USER_DEFINED
+        proto.pieces.add(piece=piece, score=float(score), type=sp_type)
+    ts = proto.trainer_spec
+    ts.model_type = sp_pb2.TrainerSpec.BPE
+    ts.vocab_size = len(tokens)
+    ts.byte_fallback = True
+    ts.split_digits = True
+    ts.allow_whitespace_only_pieces = True
+    ts.unk_id, ts.bos_id, ts.eos_id, ts.pad_id = unk_id, bos_id, eos_id, pad_id
+    # SentencePiece finds the special ids by piece NAME; the defaults (<s>, </s>) would make bos_id() -1.
+    ts.unk_piece, ts.bos_piece, ts.eos_piece, ts.pad_piece = (tokens[j] for j in (unk_id, bos_id, eos_id, pad_id))
+    ns = proto.normalizer_spec
+    ns.name = "identity"
+    ns.add_dummy_prefix = False  # Gemma keeps text as is: no leading "▁", whitespace runs preserved
+    ns.remove_extra_whitespaces = False
+    ns.escape_whitespaces = True
+    return proto.SerializeToString()
+
+
+def _array_field(reader: Any, key: str) -> list[Any]:
+    field = reader.fields.get(key)
+    if field is None:
+        raise ValueError(f"GGUF metadata is missing {key}")
+    if key == "tokenizer.ggml.tokens":  # decode bytes ourselves: faster than contents() on 262k strings
+        return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+    return [field.parts[i][0].item() for i in field.data]
+
+
+def _tokenizer_bytes(reader: Any, meta: dict[str, Any]) -> bytes:
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "llama":  # llama.cpp's name for a SentencePiece vocabulary
+        raise ValueError(f"GGUF tokenizer.ggml.model is {kind!r}; expected 'llama' (SentencePiece)")
+    tokens, scores = _array_field(reader, "tokenizer.ggml.tokens"), _array_field(reader, "tokenizer.ggml.scores")
+    types = _array_field(reader, "tokenizer.ggml.token_type")
+    ids = {k: int(meta.get(f"tokenizer.ggml.{k}_token_id", v))
+           for k, v in (("bos", 2), ("eos", 1), ("padding", 0), ("unknown", 3))}
+    return sentencepiece_from_vocab(tokens, scores, types, bos_id=ids["bos"], eos_id=ids["eos"],
+                                    pad_id=ids["padding"], unk_id=ids["unknown"])
+
+
+# --- reading and writing -----------------------------------------------------------------------------------------
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def _open_reader(path: Path) -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError(f"importing a GGUF needs the `gguf` package: {_INSTALL_HINT}") from None
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises assorted types (ValueError, IndexError, ...) on bad bytes
+        raise ValueError(f"{path} is not a readable GGUF file ({_one_line(e)})") from None
+
+
+def _scalar_metadata(reader: Any) -> dict[str, Any]:
+    meta = {}
+    for key, field in reader.fields.items():
+        if len(field.types) == 1:  # scalars and strings; arrays (the vocab) are read separately
+            value = field.contents()
+            meta[key] = value
+    return meta
+
+
+def is_complete_import(out_dir: str | Path) -> bool:
+    """True when `out_dir` holds a finished import (its manifest and every file it lists)."""
+    out_dir = Path(out_dir)
+    return (out_dir / MANIFEST).is_file() and all((out_dir / f).is_file() for f in _OUTPUT_FILES)
+
+
+def _check_existing(out_dir: Path, gguf_path: Path) -> bool:
+    """True if `out_dir` already holds this import; raises if it holds something else."""
+    if not out_dir.exists():
+        return False
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()  # an empty directory is as good as none; the final rename needs the name free
+        return False
+    if not is_complete_import(out_dir):
+        raise ValueError(f"{out_dir} exists but is not a complete GGUF import (no {MANIFEST}); remove it or pick "
+                         "another output directory")
+    manifest = json.loads((out_dir / MANIFEST).read_text())
+    if manifest.get("source_bytes") != gguf_path.stat().st_size:
+        raise ValueError(f"{out_dir} holds an import of {manifest.get('source')!r} "
+                         f"({manifest.get('source_bytes')} bytes), not of {gguf_path} ({gguf_path.stat().st_size} "
+                         "bytes); remove it or pick another output directory")
+    return True
+
+
+def _write_checkpoint(gguf_path: Path, tmp: Path, progress: Callable[[str], None]) -> dict[str, Any]:
+    from safetensors.numpy import save_file
+
+    t0 = time.monotonic()
+    progress(f"opening {gguf_path.name} ({gguf_path.stat().st_size / 2**20:.0f} MiB; parsing a large vocab takes "
+             "~30 s)")
+    reader = _open_reader(gguf_path)
+    try:
+        meta = _scalar_metadata(reader)
+        embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+        if embed is None:
+            raise ValueError("GGUF has no token_embd.weight tensor")
+        cfg = hf_config_from_gguf(meta, vocab_size=int(embed.shape[-1]))  # GGUF shapes are [in, out]
+        progress(f"opened in {time.monotonic() - t0:.0f} s: {meta.get('general.name', '?')}, "
+                 f"{cfg['num_hidden_layers']} layers, {len(reader.tensors)} tensors")
+        tokenizer = _tokenizer_bytes(reader, meta)
+        tensors = convert_tensors(reader, cfg, progress=progress)
+    except (IndexError, KeyError, TypeError) as e:  # inconsistent metadata in a file that parsed
+        raise ValueError(f"{gguf_path} is not a readable GGUF file ({_one_line(e)})") from None
+    except ValueError as e:
+        raise ValueError(f"{gguf_path}: {e}") from None
+    (tmp / "tokenizer.model").write_bytes(tokenizer)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    progress(f"writing model.safetensors ({sum(x.nbytes for x in tensors.values()) / 2**30:.2f} GiB float32)")
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # "pt": transformers needs it
+    return {"source": gguf_path.name, "source_bytes": gguf_path.stat().st_size, "importer_version": _IMPORTER_VERSION,
+            "files": list(_OUTPUT_FILES), "seconds": round(time.monotonic() - t0, 1)}
+
+
+def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, progress: Callable[[str], None] = print) -> Path:
+    """Import a Gemma 2 / Gemma 3 GGUF into an HF checkpoint directory `out_dir`; a no-op if already done."""
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+    if _check_existing(out_dir, gguf_path):
+        progress(f"{out_dir} already holds this import; nothing to do")
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.importing-", dir=out_dir.parent))
+    try:
+        manifest = _write_checkpoint(gguf_path, tmp, progress)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # written last: marks a complete dir
+        try:
+            tmp.rename(out_dir)
+        except OSError:
+            if not is_complete_import(out_dir):  # another process finishing first is fine; anything else is not
+                raise
+            progress(f"{out_dir} was completed by another process; keeping that one")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    progress(f"imported {gguf_path.name} -> {out_dir} in {manifest['seconds']:.0f} s")
+    return out_dir

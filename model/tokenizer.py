@@ -1,0 +1,60 @@
+"""The Gemma tokenizer: a thin wrapper over a SentencePiece `tokenizer.model`.
+
+Gemma ids: pad 0, eos 1, bos 2, unk 3; prompts start with bos. Chat turns end with `<end_of_turn>`, so a
+sampler stops on eos or end_of_turn (`stop_ids`). `decode` drops bos and pad so that a left- or right-padded
+row decodes to its text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import sentencepiece as spm
+
+END_OF_TURN = "<end_of_turn>"
+START_OF_TURN = "<start_of_turn>"
+
+
+class Tokenizer:
+    """`Tokenizer(path)` where path is a `tokenizer.model` file or a checkpoint directory holding one."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        file = path / "tokenizer.model" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"no SentencePiece tokenizer.model at {file}")
+        self.path = file
+        self._sp = spm.SentencePieceProcessor(model_file=str(file))
+        self.bos_id: int = self._sp.bos_id()
+        self.eos_id: int = self._sp.eos_id()
+        self.pad_id: int = self._sp.pad_id()
+        self.vocab_size: int = self._sp.get_piece_size()
+        self.end_of_turn_id: int | None = self.piece_to_id(END_OF_TURN)
+        self.start_of_turn_id: int | None = self.piece_to_id(START_OF_TURN)
+        if self.bos_id < 0:
+            # A tokenizer.model whose trainer_spec names other bos/eos pieces cannot add bos; say so now.
+            raise ValueError(f"{file} defines no bos piece (bos_id() is -1); expected a Gemma tokenizer")
+        self.stop_ids: tuple[int, ...] = tuple(
+            i for i in (self.eos_id, self.end_of_turn_id) if i is not None and i >= 0
+        )
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = self._sp.encode(text)
+        return [self.bos_id, *ids] if add_bos else list(ids)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        # Skip pad (left or right padding) and bos; other control ids decode to "" in SentencePiece anyway.
+        skip = {self.bos_id, self.pad_id}
+        return self._sp.decode([int(i) for i in ids if int(i) not in skip])
+
+    def piece_to_id(self, piece: str) -> int | None:
+        """The id of `piece`, or None when the vocabulary lacks it (SentencePiece would answer unk)."""
+        i = self._sp.piece_to_id(piece)
+        return None if i == self._sp.unk_id() and piece != self._sp.id_to_piece(i) else int(i)
+
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(int(i))
+
+    def __len__(self) -> int:
+        return self.vocab_size
