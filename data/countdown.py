@@ -14,17 +14,20 @@ with a shunting-yard parser that accepts exactly the expressions CPython accepts
 CPython's newline normalisation; other Unicode digits and spaces are SyntaxErrors) and computes with
 Python's own int and float, in CPython's order. That makes every value bit-identical to `eval`'s,
 which is why we use int/float rather than Fraction: exact rationals would disagree with TinyZero on
-answers that sit within float rounding of the 1e-5 edge (e.g. "10.00001" for target 10).
+answers that sit within float rounding of the 1e-5 edge ("1.00001" for target 1 is 0.1 in TinyZero).
 
-Work is bounded without a length cap on the text: the answer search is a linear `str.find` walk
-(the lazy regex is quadratic on many unclosed `<answer>` tags), the numbers check stops after
-len(nums) + 1 runs, and the parser stops at `MAX_TOKENS` tokens or `MAX_DEPTH` nested parentheses.
-Because step 3 already pinned the literals to the given numbers, int arithmetic cannot blow up.
+Work is bounded for any text: the answer is found with a few linear `str.find` scans (the lazy
+regex is quadratic on many unclosed `<answer>` tags), and an answer longer than MAX_ANSWER_CHARS
+fails the numbers check and the parse without being scanned (regex scans cost ~50 ns a character,
+so this cap is what keeps a 1 MB answer at milliseconds). Within the cap, the numbers check stops
+after len(nums) + 1 runs, and since it pins the literals to the given numbers, int arithmetic cannot
+blow up.
 
 Intended differences from TinyZero (everything else is identical):
   * `**` and `//` are invalid (format_score): eval would compute them, and `9**9**9` hangs it.
-  * more than `MAX_TOKENS` tokens is invalid; CPython itself gives up on unary chains of a few
-    thousand (RecursionError), so only absurd answers can differ.
+  * an answer over MAX_ANSWER_CHARS characters scores format_score. Only padding can make a real
+    expression over four numbers that long, and CPython itself gives up on unary chains of a few
+    thousand (RecursionError).
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ FORMAT_SCORE = 0.1
 CORRECT_SCORE = 1.0
 TOLERANCE = 1e-5  # TinyZero's `abs(result - target) < 1e-5`.
 MAX_DEPTH = 200  # CPython's tokenizer MAXLEVEL: 201 nested parentheses is a SyntaxError there too.
-MAX_TOKENS = 4096  # far above any real answer; keeps the worst case at a few milliseconds.
-_INT_MAX_STR_DIGITS = 4300  # CPython >= 3.11 int() limit; TinyZero's numbers check fails past it.
+# Below CPython's 4300-digit int() limit, so no literal can trip it; keeps the worst case at milliseconds.
+MAX_ANSWER_CHARS = 4096
 
 _OPEN, _CLOSE = "<answer>", "</answer>"
 _NUMBER_RUN = re.compile(r"\d+")  # Unicode \d on purpose: TinyZero's check counts "١" as a 1.
@@ -66,24 +69,32 @@ class ScoreBreakdown:
 
 
 def extract_answer(completion: str) -> str | None:
-    """The stripped text of the last `<answer>...</answer>` on the last line, or None (steps 1-2)."""
+    """The stripped text of the last `<answer>...</answer>` on the last line, or None (steps 1-2).
+
+    Same result as TinyZero's `list(re.finditer(r"<answer>(.*?)</answer>", line))[-1]` in a few linear
+    scans: each match ends at a `</answer>` and starts at the first `<answer>` after the previous
+    `</answer>`, so the last match lives in the last closed segment that holds an `<answer>`.
+    """
     line = completion[completion.rfind("\n") + 1 :]
-    found, pos = None, 0
-    # Same matches as re.finditer(r"<answer>(.*?)</answer>") walked left to right, in linear time.
-    while (start := line.find(_OPEN, pos)) >= 0:
-        end = line.find(_CLOSE, start + len(_OPEN))
-        if end < 0:
-            break
-        found, pos = (start + len(_OPEN), end), end + len(_CLOSE)
-    return None if found is None else line[found[0] : found[1]].strip()
+    last_close = line.rfind(_CLOSE)
+    last_open = line.rfind(_OPEN, 0, last_close) if last_close >= 0 else -1
+    if last_open < 0:
+        return None
+    previous_close = line.rfind(_CLOSE, 0, last_open)
+    segment_start = previous_close + len(_CLOSE) if previous_close >= 0 else 0
+    end = line.find(_CLOSE, last_open + len(_OPEN))
+    start = line.find(_OPEN, segment_start, end) + len(_OPEN)
+    return line[start:end].strip()
 
 
 def uses_numbers_once(answer: str, nums: Sequence[int]) -> bool:
     """TinyZero's numbers check (step 3): the sorted `\\d+` runs equal the sorted numbers."""
     wanted = sorted(int(n) for n in nums)
+    if len(answer) > MAX_ANSWER_CHARS:
+        return False
     found = []
     for run in _NUMBER_RUN.finditer(answer):
-        if len(found) == len(wanted) or len(run.group()) > _INT_MAX_STR_DIGITS:
+        if len(found) == len(wanted):
             return False
         found.append(int(run.group()))
     return sorted(found) == wanted
@@ -92,9 +103,9 @@ def uses_numbers_once(answer: str, nums: Sequence[int]) -> bool:
 def evaluate(answer: str) -> int | float | None:
     """The value CPython's eval would give the answer, or None where TinyZero's eval fails (step 4).
 
-    Also None for `**`, `//`, more than MAX_TOKENS tokens or MAX_DEPTH nesting (see module docstring).
+    Also None for `**`, `//` and answers over MAX_ANSWER_CHARS (see module docstring).
     """
-    if not _ALLOWED.match(answer):
+    if len(answer) > MAX_ANSWER_CHARS or not _ALLOWED.match(answer):
         return None
     tokens = _tokenize(answer)
     if tokens is None:
@@ -111,7 +122,7 @@ def _tokenize(text: str) -> list[str | int | float] | None:
     pos, depth = 0, 0
     while pos < len(text):
         match = _TOKEN.match(text, pos)
-        if match is None or len(tokens) == MAX_TOKENS:
+        if match is None:
             return None
         space, number, symbol = match.groups()
         if "\r" in space and depth == 0:  # a newline outside brackets ends the expression
@@ -136,8 +147,6 @@ def _literal(text: str) -> int | float | None:
     if "." in text:
         return float(text)
     if text[0] == "0" and text.strip("0"):  # "05": leading zeros in decimal integer literals are not permitted
-        return None
-    if len(text) > _INT_MAX_STR_DIGITS:
         return None
     return int(text)
 

@@ -215,7 +215,8 @@ def config_to_hf(cfg: GemmaConfig) -> dict:
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.embed_dim, "intermediate_size": cfg.hidden_dim,
         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-        "query_pre_attn_scalar": cfg.query_pre_attn_scalar, "sliding_window": cfg.sliding_window,
+        # transformers 5 insists on an int here; the value is integral for every released model.
+        "query_pre_attn_scalar": _int_if_integral(cfg.query_pre_attn_scalar), "sliding_window": cfg.sliding_window,
         "layer_types": list(cfg.layer_types), "rope_theta": cfg.rope_base_global,
         "attn_logit_softcapping": cfg.attn_softcap, "final_logit_softcapping": cfg.final_softcap,
         "rms_norm_eps": cfg.rms_eps, "hidden_activation": "gelu_pytorch_tanh", "hidden_act": "gelu_pytorch_tanh",
@@ -227,6 +228,10 @@ def config_to_hf(cfg: GemmaConfig) -> dict:
         linear = {"rope_type": "linear", "factor": cfg.rope_scale_global}
         out["rope_scaling"] = linear if cfg.rope_scale_global != 1 else None
     return out
+
+
+def _int_if_integral(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
 
 
 def load_config(path: str | Path) -> GemmaConfig:

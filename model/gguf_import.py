@@ -41,6 +41,7 @@ _INSTALL_HINT = "pip install -e '.[gguf]'"
 # 3 control, 4 user-defined, 5 unused, 6 byte.
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 _GGUF_TO_SP_TYPE = {1: _NORMAL, 2: _UNKNOWN, 3: _CONTROL, 4: _USER_DEFINED, 5: _UNUSED, 6: _BYTE}
+_SPACE = "\u2581"  # "▁": SentencePiece's escaped space
 
 
 def _identity(x: np.ndarray) -> np.ndarray:
@@ -81,9 +82,10 @@ _TABLE: tuple[tuple[re.Pattern[str], str, Callable[[np.ndarray], np.ndarray], st
 # --- config ------------------------------------------------------------------------------------------------------
 
 
-def _query_pre_attn_scalar(arch: str, d: int, heads: int, head_dim: int) -> float:
+def _query_pre_attn_scalar(d: int, heads: int, head_dim: int) -> int:
     # Not in GGUF. Gemma 2 27B and Gemma 3 27B (the only ones with head_dim 128) scale by D / N; all others by H.
-    return float(d // heads) if head_dim == 128 else float(head_dim)
+    # An int: transformers 5 rejects a float here.
+    return d // heads if head_dim == 128 else head_dim
 
 
 def _layer_types(arch: str, layers: int, pattern: Any) -> list[str]:
@@ -127,7 +129,7 @@ def hf_config_from_gguf(meta: dict[str, Any], vocab_size: int) -> dict[str, Any]
         "num_attention_heads": heads,
         "num_key_value_heads": int(get("attention.head_count_kv", heads)),
         "head_dim": head_dim,
-        "query_pre_attn_scalar": _query_pre_attn_scalar(arch, d, heads, head_dim),
+        "query_pre_attn_scalar": _query_pre_attn_scalar(d, heads, head_dim),
         "sliding_window": int(get("attention.sliding_window", 4096)),
         "layer_types": _layer_types(arch, layers, meta.get(f"{arch}.attention.sliding_window_pattern")),
         "rope_theta": _f32(get("rope.freq_base", 1_000_000.0 if gemma3 else 10_000.0)),
@@ -220,6 +222,10 @@ def sentencepiece_from_vocab(tokens: list[str], scores: list[float], types: list
         elif sp_type == _CONTROL and i not in (bos_id, eos_id, pad_id):
             # SentencePiece never matches control pieces in text, so <start_of_turn> would be split into characters.
             sp_type = _USER_DEFINED
+        if sp_type == _USER_DEFINED:
+            # llama.cpp matches user-defined tokens in raw text, so its converter unescapes "▁" to " " in them
+            # (the whitespace-run pieces 138..167); SentencePiece matches escaped text, so escape them back.
+            piece = piece.replace(" ", _SPACE)
         proto.pieces.add(piece=piece, score=float(score), type=sp_type)
     ts = proto.trainer_spec
     ts.model_type = sp_pb2.TrainerSpec.BPE
@@ -352,6 +358,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, progress: Callabl
     try:
         manifest = _write_checkpoint(gguf_path, tmp, progress)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # written last: marks a complete dir
+        tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint is an ordinary readable directory
         try:
             tmp.rename(out_dir)
         except OSError:

@@ -1,0 +1,43 @@
+"""Benchmark: how fast data.puzzles generates solvable puzzles (and how fast the reward scores them).
+
+    bin/bench_puzzles --n 100000
+
+A measurement to report, never a test: the numbers depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from data.countdown import score  # noqa: E402
+from data.puzzles import generate  # noqa: E402
+
+F = flags.FLAGS
+flags.DEFINE_integer("n", 100_000, "Puzzles to generate.")
+flags.DEFINE_integer("seed", 0, "Generator seed.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if F.n < 1:
+        raise app.UsageError(f"--n must be >= 1, got {F.n}")
+    wall, cpu = time.perf_counter(), time.process_time()
+    puzzles = generate(F.n, F.seed)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    print(f"generate: {F.n} puzzles in {wall:.2f} s wall ({F.n / wall:,.0f} puzzles/s), {cpu:.2f} s CPU")
+    completions = [f"</think>\n<answer>{p.solution}</answer>" for p in puzzles]
+    start = time.perf_counter()
+    solved = sum(score(c, p.nums, p.target) == 1.0 for c, p in zip(completions, puzzles, strict=True))
+    elapsed = time.perf_counter() - start
+    print(f"score: {F.n / elapsed:,.0f} completions/s; {solved}/{F.n} stored solutions score 1.0")
+
+
+if __name__ == "__main__":
+    app.run(main)

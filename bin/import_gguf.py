@@ -1,0 +1,43 @@
+"""Import a Gemma 2 / Gemma 3 GGUF into an HF checkpoint directory (config.json, model.safetensors, tokenizer.model).
+
+    bin/import_gguf                                 # the embedded Gemma 3 270M -> the default cache dir
+    bin/import_gguf --gguf model.gguf --out DIR     # any Gemma 2 / 3 GGUF
+    bin/import_gguf --out DIR                       # the embedded GGUF -> DIR
+
+Importing into a directory that already holds the same import does nothing.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from model.default_model import default_model_dir, import_embedded  # noqa: E402
+from model.gguf_import import import_gguf  # noqa: E402
+
+_GGUF = flags.DEFINE_string("gguf", None, "GGUF file to import; default: the embedded Gemma 3 270M package.")
+_OUT = flags.DEFINE_string("out", None, "Output directory; default (only without --gguf): the embedded model's cache "
+                           "dir ($AHA_CACHE_DIR/gemma3-270m or ~/.cache/getting-to-aha/gemma3-270m).")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        if _GGUF.value is not None:
+            if _OUT.value is None:
+                raise app.UsageError("--out is required with --gguf")
+            out = import_gguf(_GGUF.value, _OUT.value)
+        elif _OUT.value is not None:
+            out = import_embedded(_OUT.value)
+        else:
+            out = default_model_dir()
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        sys.exit(f"error: {e}")
+    print(out)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,14 @@
+"""GRPO for Gemma in pure JAX: advantages, the clipped objective, and one sharded, jitted training step."""
+
+from grpo.advantages import compute_advantages
+from grpo.config import GRPOConfig
+from grpo.logprobs import logprobs, make_sharded_logprobs, token_logprobs
+from grpo.loss import aggregate, grpo_loss, per_token_loss, policy_loss, training_mask
+from grpo.sharding import RULES, make_mesh, opt_state_specs, param_specs
+from grpo.step import init_train_state, make_optimizer, make_schedule, make_step
+
+__all__ = [
+    "RULES", "GRPOConfig", "aggregate", "compute_advantages", "grpo_loss", "init_train_state", "logprobs",
+    "make_mesh", "make_optimizer", "make_schedule", "make_sharded_logprobs", "make_step", "opt_state_specs",
+    "param_specs", "per_token_loss", "policy_loss", "token_logprobs", "training_mask",
+]

@@ -1,0 +1,68 @@
+"""GRPOConfig: every knob of the GRPO objective and of the optimizer step, in one frozen dataclass.
+
+Names follow TRL / Tunix / EasyDeL so users recognise them (shared/specs/grpo.md). The config is
+hashable, so it can be closed over by (or passed statically into) jitted functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+LOSS_TYPES = ("token_mean", "sequence_mean", "dr_grpo")
+SCALE_REWARDS = ("group", "batch", "none")
+LR_SCHEDULES = ("cosine", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """The GRPO objective (advantages, clipped ratio, KL, aggregation) and the optimizer around it."""
+
+    # --- rollout shape and advantages ---
+    num_generations: int = 8  # G completions per prompt; B = P * G rows
+    scale_rewards: str = "group"  # divide (r - group mean) by the group std, the batch std, or nothing
+    mask_truncated_completions: bool = False  # rows flagged batch["truncated"] get no loss (DAPO)
+    max_completion_length: int | None = None  # the dr_grpo denominator; required for it
+    temperature: float = 1.0  # logits / temperature, as the sampler used, so ratios compare like with like
+    # --- objective ---
+    beta: float = 0.0  # k3 KL coefficient; 0 skips the reference forward entirely
+    epsilon_low: float = 0.2  # ratio clipped below at 1 - epsilon_low
+    epsilon_high: float = 0.2  # ... and above at 1 + epsilon_high (DAPO "clip higher": 0.28)
+    loss_type: str = "token_mean"
+    num_iterations: int = 1  # mu: optimizer steps per rollout batch (the loop calls step mu times)
+    # --- optimizer ---
+    learning_rate: float = 1e-6
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0  # linear warmup from 0 to learning_rate
+    total_steps: int = 1000  # length of the cosine schedule (warmup included)
+    weight_decay: float = 0.0  # decoupled (AdamW); matrices only, never norms
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float | None = 1.0  # global-norm clip; None disables
+    # --- memory ---
+    num_micro_batches: int = 1  # gradient accumulation: the per-device batch is scanned in this many pieces
+    remat: bool = False  # recompute each layer's activations in the backward pass
+    logits_chunk: int = 256  # tokens per unembedding chunk: [rows, chunk, V] logits live at a time
+
+    def __post_init__(self):
+        _one_of("loss_type", self.loss_type, LOSS_TYPES)
+        _one_of("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        _one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        for name in ("num_generations", "num_iterations", "num_micro_batches", "logits_chunk", "total_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("beta", "epsilon_low", "epsilon_high", "weight_decay", "learning_rate", "warmup_steps",
+                     "adam_eps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.loss_type == "dr_grpo" and not self.max_completion_length:
+            raise ValueError("loss_type='dr_grpo' divides by max_completion_length; set it (got None)")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

@@ -1,0 +1,143 @@
+"""Per-token log-probabilities log p(tokens[:, t] | tokens[:, :t]) in float32, without a [B, T, V] tensor.
+
+For Gemma V = 256k-262k, so full-batch logits are 1 GiB per 1k tokens per row in float32. We compute
+the final hidden states [B, T, D], then scan over CHUNKS OF T: each chunk makes its [B, c, V] logits
+(tied unembedding + Gemma 2 final soft-cap + temperature), log-softmax, gathers the target token and
+the entropy, and drops the logits. The chunk body is `jax.checkpoint`ed, so the backward pass
+recomputes one chunk's logits at a time instead of saving them: peak logits memory is [B, c, V].
+
+Position 0 has no context and gets logprob 0 (and entropy 0).
+
+Two entry points: `logprobs` (one device, jitted) and `make_sharded_logprobs` (the same on the
+(data, fsdp) mesh under shard_map, for the old-policy and reference passes of the training loop).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import Mesh
+
+from grpo import sharding
+from model.config import GemmaConfig
+from model.forward import decoder_layer, default_positions, embed_tokens, hidden_states, layer_constants, rms_norm
+from model.forward import unembed as model_unembed
+
+DEFAULT_CHUNK = 256
+# checkpoint_name of all-gathered weights: never saved for the backward pass, always re-gathered.
+GATHERED = "fsdp_gathered"
+
+
+def token_logprobs(
+    h: jax.Array, embed: jax.Array, tokens: jax.Array, cfg: GemmaConfig, *, chunk: int = DEFAULT_CHUNK,
+    temperature: float = 1.0,
+) -> tuple[jax.Array, jax.Array]:
+    """From final hidden states h [B, T, D]: (logprobs [B, T], entropy [B, T]) float32, chunked over T."""
+    b, t, d = h.shape
+    n = t - 1  # position t-1 predicts token t
+    c = max(1, min(chunk, n))
+    pad = (-n) % c
+    hs = jnp.pad(h[:, :-1], ((0, 0), (0, pad), (0, 0)))  # [B, n + pad, D]
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad)))  # [B, n + pad]
+    hs = hs.reshape(b, -1, c, d).swapaxes(0, 1)  # [C, B, c, D]
+    targets = targets.reshape(b, -1, c).swapaxes(0, 1)  # [C, B, c]
+
+    @jax.checkpoint
+    def one_chunk(hc, tc):
+        logits = model_unembed({"embed": embed}, hc, cfg) / temperature  # [B, c, V] float32
+        logz = jax.nn.logsumexp(logits, axis=-1)  # [B, c]
+        lp = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0] - logz
+        z = jax.lax.stop_gradient(logits)  # entropy is a metric: no backward through it
+        ent = jax.lax.stop_gradient(logz) - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
+        return lp, ent
+
+    with jax.named_scope("logprobs"):
+        _, (lp, ent) = jax.lax.scan(lambda _, xs: (None, one_chunk(*xs)), None, (hs, targets))
+    first = jnp.zeros((b, 1), jnp.float32)
+    lp = jnp.concatenate([first, lp.swapaxes(0, 1).reshape(b, -1)[:, :n]], axis=1)  # [B, T]
+    ent = jnp.concatenate([first, ent.swapaxes(0, 1).reshape(b, -1)[:, :n]], axis=1)
+    return lp, ent
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "chunk", "temperature"))
+def logprobs(
+    params: dict, tokens: jax.Array, attention_mask: jax.Array, cfg: GemmaConfig, *, chunk: int = DEFAULT_CHUNK,
+    temperature: float = 1.0,
+) -> jax.Array:
+    """[B, T] float32: logprob of tokens[:, t] given tokens[:, :t] under `params` (position 0 gets 0)."""
+    _check_tokens(tokens, attention_mask)
+    h = hidden_states(params, tokens, cfg, attention_mask=attention_mask)
+    return token_logprobs(h, params["embed"], tokens, cfg, chunk=chunk, temperature=temperature)[0]
+
+
+def fsdp_hidden_states(
+    local: dict, embed: jax.Array, tokens: jax.Array, attention_mask: jax.Array, cfg: GemmaConfig,
+    specs: dict, *, remat: bool = False,
+) -> jax.Array:
+    """model.hidden_states inside shard_map: each layer's weights are all-gathered over fsdp as it runs.
+
+    `local` holds this device's param shards; `embed` is the already-gathered embedding. Only one
+    layer's full weights exist at a time. The gathered weights are never saved for the backward pass
+    (re-gathered there instead, as FSDP does); with remat, nothing inside a layer is saved either.
+    """
+    positions = default_positions(tokens, attention_mask)
+    valid = attention_mask.astype(bool)
+    x = embed_tokens({"embed": embed}, tokens, cfg)
+    per_layer = sharding.layer_specs(specs)
+
+    def body(x, layer):
+        lp_local, c = layer
+        lp = jax.tree.map(lambda w, s: checkpoint_name(sharding.gather(w, s), GATHERED),
+                          lp_local, per_layer)
+        return decoder_layer(lp, x, c, positions, valid, cfg), None
+
+    policy = (jax.checkpoint_policies.nothing_saveable if remat
+              else jax.checkpoint_policies.save_anything_except_these_names(GATHERED))
+    body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    with jax.named_scope("layers"):
+        x, _ = jax.lax.scan(body, x, (local["layers"], layer_constants(cfg)))
+    final_norm = sharding.gather(local["final_norm"], specs["final_norm"])
+    return rms_norm(x, final_norm, cfg.rms_eps)
+
+
+def make_sharded_logprobs(
+    cfg: GemmaConfig, mesh: Mesh, *, chunk: int = DEFAULT_CHUNK, temperature: float = 1.0
+):
+    """Jitted fn(params, tokens, attention_mask) -> [B, T] float32 logprobs on the mesh.
+
+    Params laid out as sharding.param_specs says; rows split over (data, fsdp); output the same way.
+    """
+    specs = sharding.param_specs(cfg, mesh)
+    rows = sharding.batch_spec(2)
+
+    def body(local, tokens, attention_mask):
+        embed = sharding.gather(local["embed"], specs["embed"])
+        h = fsdp_hidden_states(local, embed, tokens, attention_mask, cfg, specs)
+        return token_logprobs(h, embed, tokens, cfg, chunk=chunk, temperature=temperature)[0]
+
+    # in: params per the rules table, tokens and mask split by rows; out: logprobs split by rows.
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=(specs, rows, rows), out_specs=rows)
+
+    @jax.jit
+    def run(params, tokens, attention_mask):
+        _check_tokens(tokens, attention_mask)
+        _check_rows(tokens.shape[0], mesh.size, "make_sharded_logprobs")
+        return mapped(params, tokens, attention_mask.astype(jnp.int32))
+
+    return run
+
+
+def _check_tokens(tokens, attention_mask) -> None:
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be [B, T] with T >= 2, got shape {tokens.shape}")
+    if attention_mask.shape != tokens.shape:
+        raise ValueError(f"attention_mask shape {attention_mask.shape} != tokens shape {tokens.shape}")
+
+
+def _check_rows(rows: int, divisor: int, what: str) -> None:
+    if rows % divisor:
+        raise ValueError(f"{what}: batch of {rows} rows must be divisible by {divisor} (devices x micro-batches)")
+

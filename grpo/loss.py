@@ -1,0 +1,101 @@
+"""The GRPO objective per token, its three aggregations, and the step's metrics (shared/specs/grpo.md).
+
+    ratio  = exp(logp - logp_old)
+    pg     = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
+    kl     = exp(logp_ref - logp) - (logp_ref - logp) - 1      # k3: unbiased, always >= 0
+    loss_t = pg + beta * kl
+
+Aggregations take their denominators (completion tokens, rows) as ARGUMENTS, for the whole batch:
+a micro-batch on one device contributes sum(its loss_t) / global denominator, so summing the
+pieces over micro-batches and devices gives exactly the full-batch loss and gradient.
+
+Metrics (kl, clip_frac, entropy) are token means over completion tokens whatever the loss_type;
+loss and pg_loss use the loss_type's aggregation. kl exists only when reference logprobs were given.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from grpo.config import GRPOConfig
+from grpo.logprobs import token_logprobs
+from model.config import GemmaConfig
+from model.forward import hidden_states
+
+
+def per_token_loss(
+    logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None, advantages: jax.Array, cfg: GRPOConfig
+) -> dict[str, jax.Array]:
+    """[B, T] pieces: loss, pg, clipped (1.0 where the clip is active), kl (only if ref_logp is given)."""
+    ratio = jnp.exp(logp - old_logp)
+    a = advantages[:, None]  # [B, 1]: every token of a row shares its advantage
+    low, high = 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high
+    pg = -jnp.minimum(ratio * a, jnp.clip(ratio, low, high) * a)
+    # The clip is active (zero gradient) exactly where the clipped term is the smaller one.
+    clipped = ((ratio < low) & (a < 0)) | ((ratio > high) & (a > 0))
+    out = {"pg": pg, "clipped": clipped.astype(jnp.float32), "loss": pg}
+    if ref_logp is not None:
+        d = ref_logp - logp
+        out["kl"] = jnp.exp(d) - d - 1.0
+        if cfg.beta:
+            out["loss"] = pg + cfg.beta * out["kl"]
+    elif cfg.beta:
+        raise ValueError(f"beta={cfg.beta} needs ref_logprobs; none were given")
+    return out
+
+
+def aggregate(x: jax.Array, mask: jax.Array, cfg: GRPOConfig, num_tokens: jax.Array, num_rows: int) -> jax.Array:
+    """This batch slice's share of the loss_type mean of x [B, T] over `mask`, given whole-batch denominators."""
+    if cfg.loss_type == "token_mean":  # DAPO: every completion token weighs the same
+        return jnp.sum(x * mask) / jnp.maximum(num_tokens, 1.0)
+    if cfg.loss_type == "sequence_mean":  # original GRPO: every row weighs the same
+        per_row = jnp.sum(x * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+        return jnp.sum(per_row) / num_rows
+    # dr_grpo: a constant denominator, so long and short completions are not re-weighted
+    return jnp.sum(x * mask) / (num_rows * cfg.max_completion_length)
+
+
+def training_mask(batch: dict, cfg: GRPOConfig) -> jax.Array:
+    """[B, T] float32: completion tokens that get loss (padding, prompt and, if asked, truncated rows out)."""
+    mask = batch["completion_mask"].astype(jnp.float32) * batch["attention_mask"].astype(jnp.float32)
+    if cfg.mask_truncated_completions:
+        if "truncated" not in batch:
+            raise ValueError("mask_truncated_completions=True needs batch['truncated'] [B] bool; it is missing")
+        mask = mask * (1.0 - batch["truncated"].astype(jnp.float32))[:, None]
+    return mask
+
+
+def policy_loss(
+    logp: jax.Array, entropy: jax.Array, batch: dict, mask: jax.Array, cfg: GRPOConfig, num_tokens: jax.Array,
+    num_rows: int,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(loss, metric shares) for a slice of the batch; shares sum over slices to the batch metrics.
+
+    Without batch["old_logprobs"] the sampler's policy is the current one (num_iterations == 1):
+    old = stop_gradient(logp), ratio == 1, and no extra forward pass is needed.
+    """
+    old = batch["old_logprobs"] if "old_logprobs" in batch else jax.lax.stop_gradient(logp)
+    t = per_token_loss(logp, old, batch.get("ref_logprobs"), batch["advantages"].astype(jnp.float32), cfg)
+    token_share = lambda x: jnp.sum(jax.lax.stop_gradient(x) * mask) / jnp.maximum(num_tokens, 1.0)
+    loss = aggregate(t["loss"], mask, cfg, num_tokens, num_rows)
+    shares = {
+        "loss": jax.lax.stop_gradient(loss),
+        "pg_loss": jax.lax.stop_gradient(aggregate(t["pg"], mask, cfg, num_tokens, num_rows)),
+        "clip_frac": token_share(t["clipped"]),
+        "entropy": token_share(entropy),
+    }
+    if "kl" in t:
+        shares["kl"] = token_share(t["kl"])
+    return loss, shares
+
+
+def grpo_loss(
+    params: dict, batch: dict, model_cfg: GemmaConfig, cfg: GRPOConfig
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The whole-batch loss on one device (no mesh): the reference the sharded step must equal."""
+    mask = training_mask(batch, cfg)
+    h = hidden_states(params, batch["tokens"], model_cfg, attention_mask=batch["attention_mask"], remat=cfg.remat)
+    logp, ent = token_logprobs(h, params["embed"], batch["tokens"], model_cfg, chunk=cfg.logits_chunk,
+                               temperature=cfg.temperature)
+    return policy_loss(logp, ent, batch, mask, cfg, jnp.sum(mask), batch["tokens"].shape[0])

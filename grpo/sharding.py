@@ -1,0 +1,124 @@
+"""The layout, written down: a (data, fsdp) mesh, one rules table, and the specs and collectives it implies.
+
+    mesh axes   data  x  fsdp         (data * fsdp devices)
+    batch       rows split over BOTH axes: P(("data", "fsdp"), None)   -- every device its own rows
+    params      RULES maps each logical axis (model/params.py schema) to a mesh axis:
+                "embed" -> "fsdp", everything else replicated. So every big matrix (embed [V, D],
+                q/k/v [L, D, ., H], o [L, N, H, D], gate/up [L, D, F], down [L, F, D]) is split 1/fsdp
+                along D and replicated over data; norms are replicated.
+    opt state   Adam's mu / nu copy their param's spec; scalars (count, lr) are replicated.
+
+A dim whose size is not divisible by its mesh axis falls back to replicated (logged as a warning),
+so any preset runs on any mesh, at the cost of memory for that leaf.
+
+Axis type: Auto, on purpose. Every layout here is spelled out by hand (NamedSharding placement and
+shard_map in/out specs), so we do not need jax 0.10's Explicit sharding-in-types; Auto keeps the
+training loop's incidental jnp code on sharded arrays (reward math, slicing) free of Explicit-mode
+"ambiguous sharding" errors.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from model.config import GemmaConfig
+from model.params import map_schema
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")  # the batch dim is split over both: pure data parallelism across the mesh
+
+# Logical axis (model/params.py) -> mesh axis. Only "embed" is split: it is the one dim every big matrix has.
+RULES: dict[str, str | None] = {
+    "embed": "fsdp",
+    "vocab": None,
+    "mlp": None,
+    "heads": None,
+    "kv_heads": None,
+    "head_dim": None,
+    "layers": None,  # the layer scan slices this dim; it must stay whole on every device
+    "norm": None,
+}
+
+
+def make_mesh(data: int = 1, fsdp: int | None = None) -> Mesh:
+    """A (data, fsdp) mesh over the first data * fsdp of jax.devices(); fsdp defaults to the rest."""
+    devices = jax.devices()
+    if fsdp is None:
+        fsdp = len(devices) // max(data, 1)
+    if data < 1 or fsdp < 1 or data * fsdp > len(devices):
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices; {len(devices)} available")
+    return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices[: data * fsdp])
+
+
+def logical_to_spec(shape: tuple[int, ...], axes: tuple[str, ...], mesh: Mesh, name: str = "") -> P:
+    """PartitionSpec for one array from its logical axes; a non-divisible dim falls back to replicated."""
+    out = []
+    for size, logical in zip(shape, axes, strict=True):
+        if logical not in RULES:
+            raise ValueError(f"{name}: logical axis {logical!r} has no rule; known: {sorted(RULES)}")
+        axis = RULES[logical]
+        if axis is not None and (axis in out or size % mesh.shape[axis]):
+            logging.warning("%s: dim %r of size %d not divisible by mesh axis %r (%d); replicated",
+                            name, logical, size, axis, mesh.shape[axis])
+            axis = None
+        out.append(axis)
+    return P(*out)
+
+
+def param_specs(cfg: GemmaConfig, mesh: Mesh) -> dict:
+    """PartitionSpec per param leaf, from the one schema and the RULES table."""
+    return map_schema(lambda path, s: logical_to_spec(s.shape, s.axes, mesh, "/".join(path)), cfg)
+
+
+def opt_state_specs(opt_state, specs: dict):
+    """PartitionSpec per optimizer-state leaf: param-shaped subtrees (Adam mu/nu) copy `specs`; the rest P()."""
+    param_def = jax.tree.structure(specs)
+
+    def is_param_tree(x) -> bool:
+        return jax.tree.structure(x) == param_def
+
+    return jax.tree.map(lambda x: specs if is_param_tree(x) else P(), opt_state, is_leaf=is_param_tree)
+
+
+def batch_spec(ndim: int) -> P:
+    return P(BATCH_AXES, *([None] * (ndim - 1)))
+
+
+def named(mesh: Mesh, specs):
+    """Tree of NamedSharding from a tree of PartitionSpec."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def replicated_axes(spec: P) -> tuple[str, ...]:
+    """Mesh axes a leaf is NOT split over: its gradient is a partial sum over these and needs a psum."""
+    used = {a for part in spec if part is not None for a in (part if isinstance(part, tuple) else (part,))}
+    return tuple(a for a in MESH_AXES if a not in used)
+
+
+def sharded_axes(spec: P) -> tuple[str, ...]:
+    return tuple(a for a in MESH_AXES if a not in replicated_axes(spec))
+
+
+def gather(x: jax.Array, spec: P) -> jax.Array:
+    """Inside shard_map: all-gather every split dim of a local shard back to the full array.
+
+    Its transpose (what autodiff runs in the backward pass) is psum_scatter: the reduce-scatter of the
+    gradient over fsdp happens right where the weight was gathered, one layer at a time.
+    """
+    for dim, axis in enumerate(spec):
+        if axis is not None:
+            x = jax.lax.all_gather(x, axis, axis=dim, tiled=True)
+    return x
+
+
+def gather_tree(tree, specs):
+    return jax.tree.map(gather, tree, specs)
+
+
+def layer_specs(specs: dict) -> dict:
+    """Specs of ONE layer's weights: the stacked specs minus their leading (replicated) "layers" dim."""
+    return jax.tree.map(lambda s: P(*s[1:]), specs["layers"], is_leaf=lambda x: isinstance(x, P))
