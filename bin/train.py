@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 F = flags.FLAGS
 # Model and data
@@ -163,7 +163,8 @@ def _setup():
         num_micro_batches=F.num_micro_batches, learning_rate=F.learning_rate, warmup_steps=F.warmup_steps,
         lr_schedule=F.lr_schedule, total_steps=max(F.steps * F.num_iterations, 1), weight_decay=F.weight_decay,
         max_grad_norm=F.max_grad_norm, remat=F.remat, num_iterations=F.num_iterations,
-        max_completion_length=F.max_new_tokens,
+        max_completion_length=F.max_new_tokens, logprob_tail=F.max_new_tokens,
+        temperature=F.temperature if F.temperature > 0 else 1.0,
     )
     sampling = SamplingConfig(max_new_tokens=F.max_new_tokens, temperature=F.temperature, top_k=F.top_k,
                               top_p=F.top_p)
@@ -179,6 +180,7 @@ def _setup():
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     try:
         model_dir, dtype, task, grpo_cfg, sampling, tcfg, mesh = _setup()
     except FlagError as e:

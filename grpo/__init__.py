@@ -5,10 +5,10 @@ from grpo.config import GRPOConfig
 from grpo.logprobs import logprobs, make_sharded_logprobs, token_logprobs
 from grpo.loss import aggregate, grpo_loss, per_token_loss, policy_loss, training_mask
 from grpo.sharding import RULES, make_mesh, opt_state_specs, param_specs
-from grpo.step import init_train_state, make_optimizer, make_schedule, make_step
+from grpo.step import init_train_state, make_optimizer, make_schedule, make_step, place_params
 
 __all__ = [
     "RULES", "GRPOConfig", "aggregate", "compute_advantages", "grpo_loss", "init_train_state", "logprobs",
     "make_mesh", "make_optimizer", "make_schedule", "make_sharded_logprobs", "make_step", "opt_state_specs",
-    "param_specs", "per_token_loss", "policy_loss", "token_logprobs", "training_mask",
+    "param_specs", "per_token_loss", "place_params", "policy_loss", "token_logprobs", "training_mask",
 ]

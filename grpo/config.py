@@ -42,7 +42,14 @@ class GRPOConfig:
     # --- memory ---
     num_micro_batches: int = 1  # gradient accumulation: the per-device batch is scanned in this many pieces
     remat: bool = False  # recompute each layer's activations in the backward pass
+    # Cast the weights to this dtype for the forward and backward ("bfloat16": float32 master weights stay
+    # in params and Adam, compute and all-gathers run in bf16). None computes in the params' own dtype.
+    compute_dtype: str | None = None
     logits_chunk: int = 256  # tokens per unembedding chunk: [rows, chunk, V] logits live at a time
+    # Log-probs only for the last N positions of each row (None: all). The training loop puts every completion
+    # there (prompt left-padded, completion after it) and sets N = max_new_tokens: the 262k-vocab unembedding
+    # is then not spent on prompt tokens. Completion tokens before the tail get no loss.
+    logprob_tail: int | None = None
 
     def __post_init__(self):
         _one_of("loss_type", self.loss_type, LOSS_TYPES)
@@ -55,8 +62,12 @@ class GRPOConfig:
                      "adam_eps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.compute_dtype not in (None, "bfloat16", "float32"):
+            raise ValueError(f"compute_dtype must be None, 'bfloat16' or 'float32', got {self.compute_dtype!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.logprob_tail is not None and self.logprob_tail < 1:
+            raise ValueError(f"logprob_tail must be >= 1 or None, got {self.logprob_tail}")
         if self.loss_type == "dr_grpo" and not self.max_completion_length:
             raise ValueError("loss_type='dr_grpo' divides by max_completion_length; set it (got None)")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:

@@ -6,7 +6,9 @@ the final hidden states [B, T, D], then scan over CHUNKS OF T: each chunk makes 
 the entropy, and drops the logits. The chunk body is `jax.checkpoint`ed, so the backward pass
 recomputes one chunk's logits at a time instead of saving them: peak logits memory is [B, c, V].
 
-Position 0 has no context and gets logprob 0 (and entropy 0).
+Position 0 has no context and gets logprob 0 (and entropy 0). With `tail=N` only the last N positions get
+log-probs (the rest 0): the training batch puts every completion token there, and for a 262k vocabulary the
+unembedding is most of the step's FLOPs, so skipping the prompt positions saves about a third of the step.
 
 Two entry points: `logprobs` (one device, jitted) and `make_sharded_logprobs` (the same on the
 (data, fsdp) mesh under shard_map, for the old-policy and reference passes of the training loop).
@@ -33,15 +35,19 @@ GATHERED = "fsdp_gathered"
 
 def token_logprobs(
     h: jax.Array, embed: jax.Array, tokens: jax.Array, cfg: GemmaConfig, *, chunk: int = DEFAULT_CHUNK,
-    temperature: float = 1.0,
+    temperature: float = 1.0, tail: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """From final hidden states h [B, T, D]: (logprobs [B, T], entropy [B, T]) float32, chunked over T."""
+    """From final hidden states h [B, T, D]: (logprobs [B, T], entropy [B, T]) float32, chunked over T.
+
+    tail: compute only the last `tail` positions (others get 0); None: every position after the first.
+    """
     b, t, d = h.shape
-    n = t - 1  # position t-1 predicts token t
+    start = tail_start(t, tail)  # first position that gets a log-prob
+    n = t - start
     c = max(1, min(chunk, n))
     pad = (-n) % c
-    hs = jnp.pad(h[:, :-1], ((0, 0), (0, pad), (0, 0)))  # [B, n + pad, D]
-    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad)))  # [B, n + pad]
+    hs = jnp.pad(h[:, start - 1 : -1], ((0, 0), (0, pad), (0, 0)))  # [B, n + pad, D]: position t-1 predicts t
+    targets = jnp.pad(tokens[:, start:], ((0, 0), (0, pad)))  # [B, n + pad]
     hs = hs.reshape(b, -1, c, d).swapaxes(0, 1)  # [C, B, c, D]
     targets = targets.reshape(b, -1, c).swapaxes(0, 1)  # [C, B, c]
 
@@ -56,42 +62,65 @@ def token_logprobs(
 
     with jax.named_scope("logprobs"):
         _, (lp, ent) = jax.lax.scan(lambda _, xs: (None, one_chunk(*xs)), None, (hs, targets))
-    first = jnp.zeros((b, 1), jnp.float32)
+    first = jnp.zeros((b, start), jnp.float32)
     lp = jnp.concatenate([first, lp.swapaxes(0, 1).reshape(b, -1)[:, :n]], axis=1)  # [B, T]
     ent = jnp.concatenate([first, ent.swapaxes(0, 1).reshape(b, -1)[:, :n]], axis=1)
     return lp, ent
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "chunk", "temperature"))
+def tail_start(length: int, tail: int | None) -> int:
+    """The first position with a log-prob: 1 (position 0 has no context), or length - tail."""
+    return 1 if tail is None else max(1, length - tail)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "chunk", "temperature", "tail"))
 def logprobs(
     params: dict, tokens: jax.Array, attention_mask: jax.Array, cfg: GemmaConfig, *, chunk: int = DEFAULT_CHUNK,
-    temperature: float = 1.0,
+    temperature: float = 1.0, tail: int | None = None,
 ) -> jax.Array:
     """[B, T] float32: logprob of tokens[:, t] given tokens[:, :t] under `params` (position 0 gets 0)."""
     _check_tokens(tokens, attention_mask)
     h = hidden_states(params, tokens, cfg, attention_mask=attention_mask)
-    return token_logprobs(h, params["embed"], tokens, cfg, chunk=chunk, temperature=temperature)[0]
+    return token_logprobs(h, params["embed"], tokens, cfg, chunk=chunk, temperature=temperature, tail=tail)[0]
+
+
+def embed_lookup(local_embed: jax.Array, tokens: jax.Array, spec, cfg: GemmaConfig) -> jax.Array:
+    """Inside shard_map: model.embed_tokens for this device's rows [b, T] -> [b, T, D], from the local shard.
+
+    With the vocab rows split over an axis of f devices, each device looks up the tokens of all f peers in
+    ITS rows (zeros for tokens it does not hold) and a psum_scatter hands every device the sum for its
+    own tokens. Traffic is f * b * T * D activations, not the [V, D] table, and the backward pass
+    scatters straight into the local rows (no full-size [V, D] gradient for the lookup).
+    """
+    axis = spec[0]
+    if axis is None or spec[1] is not None:  # rows not split (fallback layouts): look up in the whole table
+        return embed_tokens({"embed": sharding.gather(local_embed, spec)}, tokens, cfg)
+    rows = local_embed.shape[0]
+    ids = jax.lax.all_gather(tokens, axis) - jax.lax.axis_index(axis) * rows  # [f, b, T], local row numbers
+    mine = (ids >= 0) & (ids < rows)
+    x = embed_tokens({"embed": local_embed}, jnp.where(mine, ids, 0), cfg)  # [f, b, T, D]
+    x = jnp.where(mine[..., None], x, jnp.zeros((), x.dtype))
+    return jax.lax.psum_scatter(x, axis, scatter_dimension=0)  # [b, T, D]: exactly one device adds non-zeros
 
 
 def fsdp_hidden_states(
-    local: dict, embed: jax.Array, tokens: jax.Array, attention_mask: jax.Array, cfg: GemmaConfig,
-    specs: dict, *, remat: bool = False,
+    local: dict, tokens: jax.Array, attention_mask: jax.Array, cfg: GemmaConfig, specs: dict, *,
+    remat: bool = False,
 ) -> jax.Array:
     """model.hidden_states inside shard_map: each layer's weights are all-gathered over fsdp as it runs.
 
-    `local` holds this device's param shards; `embed` is the already-gathered embedding. Only one
-    layer's full weights exist at a time. The gathered weights are never saved for the backward pass
-    (re-gathered there instead, as FSDP does); with remat, nothing inside a layer is saved either.
+    `local` holds this device's param shards. Only one layer's full weights exist at a time. The
+    gathered weights are never saved for the backward pass (re-gathered there instead, as FSDP does);
+    with remat, nothing inside a layer is saved either.
     """
     positions = default_positions(tokens, attention_mask)
     valid = attention_mask.astype(bool)
-    x = embed_tokens({"embed": embed}, tokens, cfg)
+    x = embed_lookup(local["embed"], tokens, specs["embed"], cfg)
     per_layer = sharding.layer_specs(specs)
 
     def body(x, layer):
         lp_local, c = layer
-        lp = jax.tree.map(lambda w, s: checkpoint_name(sharding.gather(w, s), GATHERED),
-                          lp_local, per_layer)
+        lp = jax.tree.map(lambda w, s: checkpoint_name(sharding.gather(w, s), GATHERED), lp_local, per_layer)
         return decoder_layer(lp, x, c, positions, valid, cfg), None
 
     policy = (jax.checkpoint_policies.nothing_saveable if remat
@@ -104,7 +133,8 @@ def fsdp_hidden_states(
 
 
 def make_sharded_logprobs(
-    cfg: GemmaConfig, mesh: Mesh, *, chunk: int = DEFAULT_CHUNK, temperature: float = 1.0
+    cfg: GemmaConfig, mesh: Mesh, *, chunk: int = DEFAULT_CHUNK, temperature: float = 1.0,
+    tail: int | None = None, compiler_options: dict | None = None,
 ):
     """Jitted fn(params, tokens, attention_mask) -> [B, T] float32 logprobs on the mesh.
 
@@ -114,14 +144,14 @@ def make_sharded_logprobs(
     rows = sharding.batch_spec(2)
 
     def body(local, tokens, attention_mask):
-        embed = sharding.gather(local["embed"], specs["embed"])
-        h = fsdp_hidden_states(local, embed, tokens, attention_mask, cfg, specs)
-        return token_logprobs(h, embed, tokens, cfg, chunk=chunk, temperature=temperature)[0]
+        h = fsdp_hidden_states(local, tokens, attention_mask, cfg, specs)
+        embed = sharding.gather(local["embed"], specs["embed"])  # [V, D] for the unembedding
+        return token_logprobs(h, embed, tokens, cfg, chunk=chunk, temperature=temperature, tail=tail)[0]
 
     # in: params per the rules table, tokens and mask split by rows; out: logprobs split by rows.
-    mapped = jax.shard_map(body, mesh=mesh, in_specs=(specs, rows, rows), out_specs=rows)
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=(specs, rows, rows), out_specs=rows, check_vma=True)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options)
     def run(params, tokens, attention_mask):
         _check_tokens(tokens, attention_mask)
         _check_rows(tokens.shape[0], mesh.size, "make_sharded_logprobs")

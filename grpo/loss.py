@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from grpo.config import GRPOConfig
-from grpo.logprobs import token_logprobs
+from grpo.logprobs import tail_start, token_logprobs
 from model.config import GemmaConfig
 from model.forward import hidden_states
 
@@ -59,6 +59,9 @@ def aggregate(x: jax.Array, mask: jax.Array, cfg: GRPOConfig, num_tokens: jax.Ar
 def training_mask(batch: dict, cfg: GRPOConfig) -> jax.Array:
     """[B, T] float32: completion tokens that get loss (padding, prompt and, if asked, truncated rows out)."""
     mask = batch["completion_mask"].astype(jnp.float32) * batch["attention_mask"].astype(jnp.float32)
+    if cfg.logprob_tail is not None:  # no log-probs are computed before the tail: those tokens get no loss
+        length = mask.shape[1]
+        mask = mask * (jnp.arange(length) >= tail_start(length, cfg.logprob_tail))[None, :]
     if cfg.mask_truncated_completions:
         if "truncated" not in batch:
             raise ValueError("mask_truncated_completions=True needs batch['truncated'] [B] bool; it is missing")
@@ -90,12 +93,20 @@ def policy_loss(
     return loss, shares
 
 
+def compute_params(params: dict, cfg: GRPOConfig) -> dict:
+    """The weights the forward pass uses: cast to cfg.compute_dtype (gradients flow back through the cast)."""
+    if cfg.compute_dtype is None:
+        return params
+    return jax.tree.map(lambda w: w.astype(cfg.compute_dtype), params)
+
+
 def grpo_loss(
     params: dict, batch: dict, model_cfg: GemmaConfig, cfg: GRPOConfig
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The whole-batch loss on one device (no mesh): the reference the sharded step must equal."""
     mask = training_mask(batch, cfg)
+    params = compute_params(params, cfg)
     h = hidden_states(params, batch["tokens"], model_cfg, attention_mask=batch["attention_mask"], remat=cfg.remat)
     logp, ent = token_logprobs(h, params["embed"], batch["tokens"], model_cfg, chunk=cfg.logits_chunk,
-                               temperature=cfg.temperature)
+                               temperature=cfg.temperature, tail=cfg.logprob_tail)
     return policy_loss(logp, ent, batch, mask, cfg, jnp.sum(mask), batch["tokens"].shape[0])

@@ -2,14 +2,21 @@
 
     mesh axes   data  x  fsdp         (data * fsdp devices)
     batch       rows split over BOTH axes: P(("data", "fsdp"), None)   -- every device its own rows
-    params      RULES maps each logical axis (model/params.py schema) to a mesh axis:
-                "embed" -> "fsdp", everything else replicated. So every big matrix (embed [V, D],
-                q/k/v [L, D, ., H], o [L, N, H, D], gate/up [L, D, F], down [L, F, D]) is split 1/fsdp
-                along D and replicated over data; norms are replicated.
+    params      RULES maps logical axes (model/params.py schema) to mesh axes, in priority order;
+                a mesh axis splits at most one dim of a leaf. So:
+                  embed [V, D]                      P("fsdp", None)   vocab rows split
+                  q/k/v [L, D, ., H], gate/up [L, D, F]  P(None, "fsdp", ...)   split along D
+                  o [L, N, H, D], down [L, F, D]    D split (last dim)
+                  norms                             replicated
+                every matrix is 1/fsdp per device and replicated over data.
     opt state   Adam's mu / nu copy their param's spec; scalars (count, lr) are replicated.
 
-A dim whose size is not divisible by its mesh axis falls back to replicated (logged as a warning),
-so any preset runs on any mesh, at the cost of memory for that leaf.
+Why vocab rows for the embedding: the token lookup can then run on the local rows (grpo/logprobs.py
+`embed_lookup`), so its gradient lands in the local shard and never makes a full [V, D] buffer; the
+gather for the unembedding and its reduce-scatter move whole contiguous rows.
+
+A dim whose size is not divisible by its mesh axis falls back to the next rule, then to replicated
+(logged as a warning), so any preset runs on any mesh, at the cost of memory for that leaf.
 
 Axis type: Auto, on purpose. Every layout here is spelled out by hand (NamedSharding placement and
 shard_map in/out specs), so we do not need jax 0.10's Explicit sharding-in-types; Auto keeps the
@@ -31,17 +38,17 @@ from model.params import map_schema
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # the batch dim is split over both: pure data parallelism across the mesh
 
-# Logical axis (model/params.py) -> mesh axis. Only "embed" is split: it is the one dim every big matrix has.
-RULES: dict[str, str | None] = {
-    "embed": "fsdp",
-    "vocab": None,
-    "mlp": None,
-    "heads": None,
-    "kv_heads": None,
-    "head_dim": None,
-    "layers": None,  # the layer scan slices this dim; it must stay whole on every device
-    "norm": None,
-}
+# (logical axis, mesh axis), highest priority first; logical axes not listed are replicated.
+RULES: tuple[tuple[str, str | None], ...] = (
+    ("vocab", "fsdp"),  # the embedding: split its rows (see the module docstring)
+    ("embed", "fsdp"),  # every other matrix: split D, the one dim they all have
+    ("mlp", None),
+    ("heads", None),
+    ("kv_heads", None),
+    ("head_dim", None),
+    ("layers", None),  # the layer scan slices this dim; it must stay whole on every device
+    ("norm", None),
+)
 
 
 def make_mesh(data: int = 1, fsdp: int | None = None) -> Mesh:
@@ -55,17 +62,21 @@ def make_mesh(data: int = 1, fsdp: int | None = None) -> Mesh:
 
 
 def logical_to_spec(shape: tuple[int, ...], axes: tuple[str, ...], mesh: Mesh, name: str = "") -> P:
-    """PartitionSpec for one array from its logical axes; a non-divisible dim falls back to replicated."""
-    out = []
-    for size, logical in zip(shape, axes, strict=True):
-        if logical not in RULES:
-            raise ValueError(f"{name}: logical axis {logical!r} has no rule; known: {sorted(RULES)}")
-        axis = RULES[logical]
-        if axis is not None and (axis in out or size % mesh.shape[axis]):
-            logging.warning("%s: dim %r of size %d not divisible by mesh axis %r (%d); replicated",
-                            name, logical, size, axis, mesh.shape[axis])
-            axis = None
-        out.append(axis)
+    """PartitionSpec for one array from its logical axes and RULES; non-divisible dims stay replicated."""
+    known = [logical for logical, _ in RULES]
+    unknown = sorted(set(axes) - set(known))
+    if unknown:
+        raise ValueError(f"{name}: logical axes {unknown} have no rule; known: {known}")
+    out: list[str | None] = [None] * len(axes)
+    for logical, axis in RULES:
+        for dim, (size, a) in enumerate(zip(shape, axes, strict=True)):
+            if a != logical or axis is None or axis in out:
+                continue
+            if size % mesh.shape[axis]:
+                logging.warning("%s: dim %r of size %d not divisible by mesh axis %r (%d); replicated",
+                                name, logical, size, axis, mesh.shape[axis])
+                continue
+            out[dim] = axis
     return P(*out)
 
 

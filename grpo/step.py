@@ -3,12 +3,13 @@
 The body runs under `jax.shard_map`; every collective is written here or in grpo/sharding.py:
 
     device (d, f) of the data x fsdp mesh holds
-      params     every matrix 1/fsdp along D ("embed"), the same shard on all d; norms whole
+      params     every matrix 1/fsdp (embedding: vocab rows; others: along D), the same on all d; norms whole
       opt state  Adam mu / nu shaped and split like their param; count and lr whole
       batch      rows [(d * fsdp + f) * b, ... + b) of every batch array, b = B / (data * fsdp)
 
     for each of M micro-batches (lax.scan over [M, b / M, T] slices):
-      embed      all_gather over fsdp -> [V, D], used for the lookup and the chunked unembedding
+      lookup     tokens all_gathered over fsdp, looked up in the LOCAL vocab rows, psum_scatter back
+      embed      all_gather over fsdp -> [V, D] for the chunked unembedding (reduce-scattered in backward)
       layer l    all_gather over fsdp of layer l's q/k/v/o/gate/up/down inside the layer scan;
                  not saved for the backward pass: re-gathered there (and with remat, the layer re-run)
       backward   the transpose of each all_gather is a psum_scatter over fsdp: each device gets the
@@ -75,21 +76,29 @@ def make_optimizer(cfg: GRPOConfig, model_cfg: GemmaConfig) -> optax.GradientTra
 def init_train_state(params: dict, model_cfg: GemmaConfig, grpo_cfg: GRPOConfig, mesh: Mesh) -> tuple[dict, object]:
     """Params placed on the mesh per the rules table, and a fresh optimizer state laid out to match.
 
-    The input params may share buffers with the returned ones, which the step donates: treat them as consumed.
+    The returned params may share buffers with the input ones (no second copy of a big model) and the step
+    donates them: treat the input params as consumed and keep using the returned ones.
     """
-    _check_params(params, model_cfg)
+    params = place_params(params, model_cfg, mesh)
     specs = sharding.param_specs(model_cfg, mesh)
-    # May alias the input buffers (no second copy of a big model); the step donates them, so the caller's
-    # `params` are consumed by the first step: keep using the returned ones.
-    params = jax.device_put(params, sharding.named(mesh, specs))
     tx = make_optimizer(grpo_cfg, model_cfg)
     state_specs = sharding.opt_state_specs(jax.eval_shape(tx.init, params), specs)
     opt_state = jax.jit(tx.init, out_shardings=sharding.named(mesh, state_specs))(params)
     return params, opt_state
 
 
-def make_step(model_cfg: GemmaConfig, grpo_cfg: GRPOConfig, mesh: Mesh):
-    """The jitted step(params, opt_state, batch) -> (params, opt_state, metrics); params and state donated."""
+def place_params(params: dict, model_cfg: GemmaConfig, mesh: Mesh) -> dict:
+    """Params checked against the schema and laid out on the mesh per the rules table (e.g. the frozen
+    reference model for make_sharded_logprobs). May alias the input buffers."""
+    _check_params(params, model_cfg)
+    return jax.device_put(params, sharding.named(mesh, sharding.param_specs(model_cfg, mesh)))
+
+
+def make_step(model_cfg: GemmaConfig, grpo_cfg: GRPOConfig, mesh: Mesh, *, compiler_options: dict | None = None):
+    """The jitted step(params, opt_state, batch) -> (params, opt_state, metrics); params and state donated.
+
+    compiler_options go to XLA as they are (e.g. TPU scheduler flags; tests use optimization level 0).
+    """
     specs = sharding.param_specs(model_cfg, mesh)
     tx = make_optimizer(grpo_cfg, model_cfg)
 
@@ -102,10 +111,10 @@ def make_step(model_cfg: GemmaConfig, grpo_cfg: GRPOConfig, mesh: Mesh):
         # in: params and state per the rules table, batch split by rows; out: the same layouts, and
         # metrics replicated (they are psummed inside, so every device holds the same values).
         mapped = jax.shard_map(body, mesh=mesh, in_specs=(specs, state_specs, batch_specs),
-                               out_specs=(specs, state_specs, P()))
+                               out_specs=(specs, state_specs, P()), check_vma=True)
         return mapped(params, opt_state, batch)
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1), compiler_options=compiler_options)
 
 
 def _step_body(params, opt_state, batch, *, model_cfg, cfg, specs, tx, num_rows):
@@ -136,10 +145,11 @@ def _accumulate_grads(params, batch, num_tokens, model_cfg, cfg, specs, num_rows
     varying = jax.tree.map(lambda w, s: jax.lax.pcast(w, sharding.replicated_axes(s), to="varying"), params, specs)
 
     def loss_fn(p, mb):
-        embed = sharding.gather(p["embed"], specs["embed"])
-        h = fsdp_hidden_states(p, embed, mb["tokens"], mb["attention_mask"], model_cfg, specs, remat=cfg.remat)
+        p = objective.compute_params(p, cfg)
+        h = fsdp_hidden_states(p, mb["tokens"], mb["attention_mask"], model_cfg, specs, remat=cfg.remat)
+        embed = sharding.gather(p["embed"], specs["embed"])  # [V, D], only for the chunked unembedding
         logp, ent = token_logprobs(h, embed, mb["tokens"], model_cfg, chunk=cfg.logits_chunk,
-                                   temperature=cfg.temperature)
+                                   temperature=cfg.temperature, tail=cfg.logprob_tail)
         return objective.policy_loss(logp, ent, mb, mb["mask"], cfg, num_tokens, num_rows)
 
     def one(acc, mb):

@@ -8,6 +8,7 @@ checkpoint continues the exact trajectory of a run that was never interrupted.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -104,8 +105,7 @@ def _rollout(params, cfg, task: Task, items: list, g: int, sampling: SamplingCon
     sample_s = time.perf_counter() - t0
     scored, rewards = _score_all(task, expanded, tokens, lengths)
     advantages = np.asarray(compute_advantages(rewards, g, grpo_cfg.scale_rewards), np.float32)
-    batch = build_batch(prompts, tokens, lengths, truncated, advantages, pad_id=cfg.pad_id,
-                        mask_truncated=grpo_cfg.mask_truncated_completions)
+    batch = build_batch(prompts, tokens, lengths, truncated, advantages, pad_id=cfg.pad_id)
     texts = [s.text for s in scored]
     metrics = {
         "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
@@ -119,8 +119,14 @@ def _rollout(params, cfg, task: Task, items: list, g: int, sampling: SamplingCon
     return batch, metrics, scored, expanded
 
 
-def _finite(metrics: dict) -> bool:
-    return bool(np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"])))
+@functools.lru_cache(maxsize=8)
+def _compiled_fns(cfg, grpo_cfg, mesh):
+    """The jitted step and log-prob functions, made once per (model, GRPO config, mesh): a resumed run in the
+    same process (tests, notebooks) reuses the compiled code instead of tracing again."""
+    import grpo
+
+    return (grpo.make_step(cfg, grpo_cfg, mesh),
+            grpo.make_sharded_logprobs(cfg, mesh, temperature=grpo_cfg.temperature, tail=grpo_cfg.logprob_tail))
 
 
 def train(cfg, params, task: Task, grpo_cfg, sampling: SamplingConfig, tcfg: TrainConfig, mesh,
@@ -134,8 +140,7 @@ def train(cfg, params, task: Task, grpo_cfg, sampling: SamplingConfig, tcfg: Tra
     params, opt_state = grpo.init_train_state(params, cfg, grpo_cfg, mesh)
     # The reference policy is the starting point; only kept (and only run) when the KL term is on.
     ref_params = jax.tree.map(jnp.copy, params) if grpo_cfg.beta > 0 else None
-    step_fn = grpo.make_step(cfg, grpo_cfg, mesh)
-    logprobs_fn = grpo.make_logprobs(cfg, grpo_cfg, mesh)
+    step_fn, logprobs_fn = _compiled_fns(cfg, grpo_cfg, mesh)
     ckpt = TrainCheckpointer(out / "checkpoints", keep=tcfg.keep_checkpoints)
     start, position = 0, 0
     if tcfg.resume and ckpt.latest_step() is not None:
@@ -175,7 +180,8 @@ def train(cfg, params, task: Task, grpo_cfg, sampling: SamplingConfig, tcfg: Tra
         batch = {k: jnp.asarray(v) for k, v in batch.items()}
         if ref_params is not None:
             batch["ref_logprobs"] = logprobs_fn(ref_params, batch["tokens"], batch["attention_mask"])
-        batch["old_logprobs"] = logprobs_fn(params, batch["tokens"], batch["attention_mask"])
+        if grpo_cfg.num_iterations > 1:  # with mu == 1 the step uses stop_gradient(logp): ratio == 1, no extra pass
+            batch["old_logprobs"] = logprobs_fn(params, batch["tokens"], batch["attention_mask"])
         for _ in range(grpo_cfg.num_iterations):
             params, opt_state, step_metrics = step_fn(params, opt_state, batch)
         step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}

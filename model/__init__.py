@@ -4,9 +4,10 @@ from model.checkpoint import load_hf_checkpoint, save_hf_checkpoint
 from model.config import GLOBAL, PRESETS, SLIDING, GemmaConfig, config_from_hf, get_preset, load_config, tiny_config
 from model.forward import forward, hidden_states, unembed
 from model.params import abstract_params, init_params, param_schema
+from model.sampler import SampleResult, generate
 
 __all__ = [
-    "GLOBAL", "PRESETS", "SLIDING", "GemmaConfig", "abstract_params", "config_from_hf", "forward", "get_preset",
+    "GLOBAL", "PRESETS", "SLIDING", "GemmaConfig", "SampleResult", "abstract_params", "generate", "config_from_hf", "forward", "get_preset",
     "hidden_states", "init_params", "load_config", "load_hf_checkpoint", "param_schema", "save_hf_checkpoint",
     "tiny_config", "unembed",
 ]

@@ -8,11 +8,16 @@ Layout (P = prompt bucket, M = max_new_tokens, S = P + M slots):
   prefill. The attention mask is built from positions and validity (model.forward.attend), never from slot
   indices, so a row gets exactly the tokens it would get alone, and the sliding window is just
   `0 <= pos_q - pos_k < W` on the same cache (no ring buffer: the cache is sized for the whole run).
-- KVCache: k, v [L, B, S, K, H] plus positions / valid [B, S]. Both passes keep k and v in the CARRY of
-  the layer scan and write one layer's slice with dynamic_update_slice, which XLA does in place; a scan
-  that emitted the cache as its output would copy the whole cache every token.
-- prefill (jit): one forward over [B, P] that fills every layer's k/v, unembeds only the last slot (the
-  [B, P, V] logits would be GBs for a 262k vocabulary) and samples generated token 0.
+- KVCache: per layer k, v [B, K, S, H], plus positions / valid [B, S]. The cache lives in the while_loop
+  carry and each token's k/v is written with dynamic_update_slice, which XLA does in place (the state is
+  donated). Measured on the 2-core CPU (Gemma 3 270M, batch 32), three things cost 2-4x each and are avoided:
+  slicing layer l out of a stacked [L, ...] cache or weight array inside the loop (XLA copies the slice
+  every token: hence per-layer cache buffers and a Python loop over layers in decode, weights sliced
+  once before the loop), attention einsums that make XLA transpose the cache (decode_attend), and
+  Gumbel / sort based sampling over a 262k vocabulary (model/sampling.py).
+- prefill (jit): one forward over [B, P] (a scan over the stacked layers; compute-bound, so the per-layer
+  slicing does not matter there) that fills the cache, unembeds only the last slot (the [B, P, V]
+  logits would be GBs for a 262k vocabulary) and samples generated token 0.
 - decode (jit, state donated): `lax.while_loop(step < M and not all(done))` over DecodeState; each step
   feeds the previous token, writes its k/v at one slot, attends over all S slots and samples.
 - Stopping: a row is done once it emits any of `eos_ids`; afterwards it gets pad tokens (id 0) and
@@ -20,7 +25,8 @@ Layout (P = prompt bucket, M = max_new_tokens, S = P + M slots):
 - Step t uses the key fold_in(key, t): same key -> same samples, whatever the loop's early exit.
 
 Compiles: prefill and decode each compile once per distinct (batch size, prompt bucket, max_new_tokens,
-sampling config, model config); the stop ids are a traced vector and do not recompile. TRACE_COUNTS counts traces (diagnostics for tests and BUILD.md).
+sampling config, model config); the stop ids are a traced vector and do not recompile. TRACE_COUNTS
+counts traces (diagnostics for tests and BUILD.md).
 """
 
 from __future__ import annotations
@@ -35,7 +41,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import GemmaConfig
-from model.forward import attend, attention_inputs, embed_tokens, layer_constants, layer_output, rms_norm, unembed
+from model.forward import (
+    MASK_VALUE,
+    attend,
+    attention_inputs,
+    attention_mask,
+    embed_tokens,
+    layer_constants,
+    layer_output,
+    rms_norm,
+    softcap,
+    unembed,
+)
 from model.sampling import SamplingConfig, sample_tokens
 
 MIN_BUCKET = 16  # smallest prompt bucket: short prompts share one compile
@@ -50,10 +67,14 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Keys and values of every layer for every slot, and where each slot sits in its row."""
+    """Keys and values of every layer for every slot, and where each slot sits in its row.
 
-    k: jax.Array  # [L, B, S, K, H] post-RoPE keys
-    v: jax.Array  # [L, B, S, K, H]
+    One buffer per layer, not one stacked [L, ...] array: on CPU, slicing a layer out of a stacked cache
+    inside the decode loop materialises a copy of it every token (measured: 4x slower attention).
+    """
+
+    k: tuple[jax.Array, ...]  # L x [B, K, S, H] post-RoPE keys; [B, K] leading so attention dots need no transpose
+    v: tuple[jax.Array, ...]  # L x [B, K, S, H]
     positions: jax.Array  # [B, S] int32 token position of each slot (negative in left padding)
     valid: jax.Array  # [B, S] bool: slot holds a real token already written
 
@@ -88,7 +109,9 @@ def prompt_bucket(length: int) -> int:
     return max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length())
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], cfg: GemmaConfig, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+def pad_prompts(
+    prompts: Sequence[Sequence[int]], cfg: GemmaConfig, max_new_tokens: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Validate and LEFT-pad prompts into [B, P]. Returns (tokens int32 [B, P], pad int32 [B] = padding per row)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -99,7 +122,9 @@ def pad_prompts(prompts: Sequence[Sequence[int]], cfg: GemmaConfig, max_new_toke
         if row.ndim != 1 or row.size == 0 or not np.issubdtype(row.dtype, np.integer):
             raise ValueError(f"prompt {i} must be a non-empty list of ints, got shape {row.shape} dtype {row.dtype}")
         if row.min() < 0 or row.max() >= cfg.vocab_size:
-            raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size}): min {row.min()}, max {row.max()}")
+            raise ValueError(
+                f"prompt {i} has token ids outside [0, {cfg.vocab_size}): min {row.min()}, max {row.max()}"
+            )
     longest = max(r.size for r in rows)
     bucket = prompt_bucket(longest)
     if bucket + max_new_tokens > MAX_CACHE_LEN:
@@ -147,10 +172,6 @@ def _last_logits(params: dict, x: jax.Array, cfg: GemmaConfig) -> jax.Array:
     return unembed(params, rms_norm(x[:, -1], params["final_norm"], cfg.rms_eps), cfg)
 
 
-def _layer_xs(params: dict, cfg: GemmaConfig):
-    return params["layers"], layer_constants(cfg), jnp.arange(cfg.num_layers)
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_new_tokens"))
 def prefill(params: dict, tokens: jax.Array, pad: jax.Array, eos_ids: jax.Array, key: jax.Array, *,
             cfg: GemmaConfig, sampling: SamplingConfig, max_new_tokens: int) -> DecodeState:
@@ -158,25 +179,24 @@ def prefill(params: dict, tokens: jax.Array, pad: jax.Array, eos_ids: jax.Array,
     TRACE_COUNTS["prefill"] += 1
     with jax.named_scope("prefill"):
         b, p = tokens.shape
-        s = p + max_new_tokens
-        slots = jnp.arange(s, dtype=jnp.int32)
+        slots = jnp.arange(p + max_new_tokens, dtype=jnp.int32)
         positions = slots[None, :] - pad[:, None]  # [B, S]: slot s of row b holds position s - pad_b
         valid = (positions >= 0) & (slots[None, :] < p)  # [B, S]: the real prompt tokens
-        x = embed_tokens(params, tokens, cfg)  # [B, P, D]
-        shape = (cfg.num_layers, b, s, cfg.num_kv_heads, cfg.head_dim)  # [L, B, S, K, H]
         q_pos, q_valid = positions[:, :p], valid[:, :p]
 
-        def body(carry, layer):
-            x, ck, cv = carry
-            lp, c, i = layer
+        def body(x, layer):
+            lp, c = layer
             q, k, v = attention_inputs(lp, x, c, q_pos, cfg)
             attn = attend(q, k, v, q_pos, q_pos, q_valid, c["window"], cfg)  # the prompt attends to itself only
-            ck = jax.lax.dynamic_update_slice(ck, k[None], (i, 0, 0, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v[None], (i, 0, 0, 0, 0))
-            return (layer_output(lp, x, attn, cfg), ck, cv), None
+            return layer_output(lp, x, attn, cfg), (k, v)
 
-        init = (x, jnp.zeros(shape, x.dtype), jnp.zeros(shape, x.dtype))
-        (x, ck, cv), _ = jax.lax.scan(body, init, _layer_xs(params, cfg))
+        x = embed_tokens(params, tokens, cfg)  # [B, P, D]
+        x, (ks, vs) = jax.lax.scan(body, x, (params["layers"], layer_constants(cfg)))  # ks, vs [L, B, P, K, H]
+
+        def to_cache(a):  # [B, P, K, H] -> [B, K, S, H], the new-token slots zero
+            return jnp.pad(a.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, max_new_tokens), (0, 0)))
+
+        cache = KVCache(tuple(to_cache(k) for k in ks), tuple(to_cache(v) for v in vs), positions, valid)
         token, logprob = sample_tokens(_last_logits(params, x, cfg), jax.random.fold_in(key, 0), sampling)
         state = DecodeState(
             step=jnp.zeros((), jnp.int32),
@@ -186,47 +206,101 @@ def prefill(params: dict, tokens: jax.Array, pad: jax.Array, eos_ids: jax.Array,
             done=jnp.zeros((b,), bool),
             lengths=jnp.zeros((b,), jnp.int32),
             key=key,
-            cache=KVCache(ck, cv, positions, valid),
+            cache=cache,
         )
         return _record(state, token, logprob, eos_ids)
 
 
-def _decode_step(params: dict, state: DecodeState, eos_ids: jax.Array, cfg: GemmaConfig,
-                 sampling: SamplingConfig) -> DecodeState:
+def decode_attend(q, k_cache, v_cache, k_new, v_new, q_pos, k_pos, k_valid, window, cfg: GemmaConfig) -> jax.Array:
+    """model.forward.attend for ONE query token: the cache [B, K, S, H] as it was before this token, plus the
+    token's own k_new, v_new [B, K, 1, H] (always visible to itself). q [B, 1, N, H] -> [B, 1, N, H].
+
+    Same numerics (scale, soft-cap THEN mask, float32 softmax over all keys). Two CPU-speed choices: the
+    einsums are ordered so XLA's dots stream the cache rows as stored (attend's order transposes the cache
+    every token), and the cache is read BEFORE this token is written, so the in-place write is its only
+    other use (reading the updated cache made XLA copy every layer's cache every token).
+    """
+    b, _, n, h = q.shape
+    qg = q.reshape(b, cfg.num_kv_heads, n // cfg.num_kv_heads, h)  # [B, K, G, H]
+    past = jnp.einsum("bksh,bkgh->bksg", k_cache, qg, preferred_element_type=jnp.float32)  # [B, K, S, G]
+    own = jnp.einsum("bkth,bkgh->bktg", k_new, qg, preferred_element_type=jnp.float32)  # [B, K, 1, G]
+    scores = jnp.concatenate([past, own], axis=2) * cfg.query_pre_attn_scalar**-0.5  # [B, K, S+1, G]
+    scores = softcap(scores, cfg.attn_softcap)  # soft-cap BEFORE masking
+    mask = attention_mask(q_pos, k_pos, k_valid, window)[:, 0]  # [B, S]
+    mask = jnp.concatenate([mask, jnp.ones((b, 1), bool)], axis=1)  # [B, S+1]
+    probs = jax.nn.softmax(jnp.where(mask[:, None, :, None], scores, MASK_VALUE), axis=2).astype(v_cache.dtype)
+    s = k_cache.shape[2]
+    out = jnp.einsum("bksg,bksh->bkgh", probs[:, :, :s], v_cache) + jnp.einsum(
+        "bktg,bkth->bkgh", probs[:, :, s:], v_new
+    )  # [B, K, G, H]
+    return out.reshape(b, 1, n, h)
+
+
+def unstack_layers(params: dict, cfg: GemmaConfig) -> tuple[dict, ...]:
+    """Per-layer weight dicts for decode, sliced from the stacked [L, ...] weights once per generate call.
+
+    The decode step is a Python loop over layers rather than a scan: a scan slices every layer's weights out
+    of the stacked arrays each token, which XLA on CPU materialises as a copy (400 MB per token for 270M).
+    Done in its own jit so the slices arrive in decode with the default layouts its dots want. The output
+    projection is viewed as ONE head of width N*H ([1, N*H, D]): with o [N, H, D], XLA's CPU dot transposes
+    o (and the attention output) every token for the two contracting dims.
+    """
+    n, h, d = cfg.num_heads, cfg.head_dim, cfg.embed_dim
+
+    def layer(i):
+        lp = jax.tree.map(lambda a: a[i], params["layers"])
+        return {**lp, "o": lp["o"].reshape(1, n * h, d)}
+
+    return tuple(layer(i) for i in range(cfg.num_layers))
+
+
+_unstack_layers = jax.jit(unstack_layers, static_argnames="cfg")
+
+
+def _decode_step(params: dict, layers: tuple[dict, ...], state: DecodeState, eos_ids: jax.Array,
+                 cfg: GemmaConfig, sampling: SamplingConfig) -> DecodeState:
     """Feed last_token at its slot, write its k/v into every layer's cache, sample the next token."""
     cache = state.cache
     b, m = state.tokens.shape
-    slot = cache.k.shape[2] - m + state.step - 1  # P + (step - 1): where the previous token goes
-    valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((b, 1), bool), (0, slot))
+    slot = cache.positions.shape[1] - m + state.step - 1  # P + (step - 1): where the previous token goes
     q_pos = jax.lax.dynamic_slice(cache.positions, (0, slot), (b, 1))  # [B, 1]
     x = embed_tokens(params, state.last_token[:, None], cfg)  # [B, 1, D]
-
-    def body(carry, layer):
-        x, ck, cv = carry
-        lp, c, i = layer
+    consts = layer_constants(cfg)
+    new_k, new_v = [], []
+    for i, (lp, ck, cv) in enumerate(zip(layers, cache.k, cache.v, strict=True)):
+        c = {name: value[i] for name, value in consts.items()}
         q, k, v = attention_inputs(lp, x, c, q_pos, cfg)
-        ck = jax.lax.dynamic_update_slice(ck, k[None], (i, 0, slot, 0, 0))  # in place: ck is carried
-        cv = jax.lax.dynamic_update_slice(cv, v[None], (i, 0, slot, 0, 0))
-        attn = attend(q, ck[i], cv[i], q_pos, cache.positions, valid, c["window"], cfg)
-        return (layer_output(lp, x, attn, cfg), ck, cv), None
-
-    (x, ck, cv), _ = jax.lax.scan(body, (x, cache.k, cache.v), _layer_xs(params, cfg))
-    key = jax.random.fold_in(state.key, state.step)
-    token, logprob = sample_tokens(_last_logits(params, x, cfg), key, sampling)
-    state = dataclasses.replace(state, cache=KVCache(ck, cv, cache.positions, valid))
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, 1, H]
+        attn = decode_attend(q, ck, cv, k, v, q_pos, cache.positions, cache.valid, c["window"], cfg)
+        x = layer_output(lp, x, attn.reshape(b, 1, 1, -1), cfg)  # one head of width N*H: see unstack_layers
+        new_k.append(jax.lax.dynamic_update_slice(ck, k, (0, 0, slot, 0)))  # in place: the cache is carried
+        new_v.append(jax.lax.dynamic_update_slice(cv, v, (0, 0, slot, 0)))
+    valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((b, 1), bool), (0, slot))
+    token, logprob = sample_tokens(_last_logits(params, x, cfg), jax.random.fold_in(state.key, state.step), sampling)
+    state = dataclasses.replace(state, cache=KVCache(tuple(new_k), tuple(new_v), cache.positions, valid))
     return _record(state, token, logprob, eos_ids)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling"), donate_argnames=("state",))
-def decode(params: dict, state: DecodeState, eos_ids: jax.Array, *, cfg: GemmaConfig,
+# XLA:CPU's default copy insertion copies every layer's cache buffer twice per token when the loop body both
+# reads it (attention) and updates it in place; its region analysis proves the copies unnecessary (measured:
+# 72 copies of 8.9 MB per token for 270M at batch 32 without it, none with it). A no-op on other backends.
+_DECODE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling"), donate_argnames=("state",),
+                   compiler_options=_DECODE_COMPILER_OPTIONS)
+def decode(params: dict, layers: tuple[dict, ...], state: DecodeState, eos_ids: jax.Array, *, cfg: GemmaConfig,
            sampling: SamplingConfig) -> DecodeState:
-    """Sample until every row is done or the token budget is spent: one while_loop, no host round trips."""
+    """Sample until every row is done or the token budget is spent: one while_loop, no host round trips.
+
+    layers: `unstack_layers(params, cfg)`; params is still needed for the embedding and final norm.
+    """
     TRACE_COUNTS["decode"] += 1
     with jax.named_scope("decode"):
         budget = state.tokens.shape[1]
         return jax.lax.while_loop(
             lambda st: (st.step < budget) & ~jnp.all(st.done),
-            lambda st: _decode_step(params, st, eos_ids, cfg, sampling),
+            lambda st: _decode_step(params, layers, st, eos_ids, cfg, sampling),
             state,
         )
 
@@ -251,7 +325,7 @@ def generate(
     tokens, pad = pad_prompts(prompts, cfg, max_new_tokens)
     eos = eos_vector(eos_ids)
     state = prefill(params, tokens, pad, eos, key, cfg=cfg, sampling=sampling, max_new_tokens=max_new_tokens)
-    state = decode(params, state, eos, cfg=cfg, sampling=sampling)
+    state = decode(params, _unstack_layers(params, cfg), state, eos, cfg=cfg, sampling=sampling)
     return SampleResult(
         tokens=np.asarray(state.tokens),
         lengths=np.asarray(state.lengths),

@@ -45,11 +45,11 @@ class LowIdTask:
         return Scored(reward=r, solved=r == 1.0, format=r > 0.5, text=" ".join(map(str, completion)))
 
 
-def _setup(tmp_path, steps, lr=3e-3, **tkw):
+def _setup(tmp_path, steps, lr=1e-2, **tkw):
     cfg = model.tiny_config("gemma2", num_layers=2, embed_dim=32, hidden_dim=64)
     params = model.init_params(jax.random.key(0), cfg)
     gcfg = grpo.GRPOConfig(num_generations=4, beta=0.0, learning_rate=lr, max_grad_norm=1.0, remat=False,
-                           max_completion_length=8)
+                           max_completion_length=8, logprob_tail=8)
     sampling = SamplingConfig(max_new_tokens=8, temperature=1.0)
     tcfg = TrainConfig(output_dir=str(tmp_path), steps=steps, prompts_per_step=8, eval_size=0,
                        checkpoint_every=2, export_hf=False, **tkw)

@@ -1,0 +1,184 @@
+"""Lower and compile forward / logprobs / the GRPO step for a preset with abstract shapes; print FLOPs and memory.
+
+No weights are needed: params, optimizer state and batch are ShapeDtypeStructs carrying their shardings.
+`forward` compiles on one device; `logprobs` (the sharded old/ref pass) and `step` compile on a
+data x fsdp mesh of fake CPU devices (--xla_force_host_platform_device_count is set here, before jax
+is imported), so a laptop can check whether a TPU v3-8 layout fits in 16 GiB per core.
+
+    bin/inspect --preset gemma2-2b --what step --batch 64 --seq_len 1024 --mesh data=1,fsdp=8 \\
+        --num_micro_batches 8 --remat --dtype float32
+
+Numbers are what XLA's CPU compiler reports for the per-device program: memory_analysis() bytes
+(arguments, outputs, temporaries; the step donates params and optimizer state, so they alias) and
+cost_analysis() FLOPs. XLA counts a while loop's body once, not once per trip, so its FLOPs miss the
+layer and micro-batch scans: an analytic matmul count is printed beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+_BIN = os.path.dirname(os.path.abspath(__file__))
+# This file is named like the stdlib `inspect` module and Python puts its own folder first on sys.path:
+# drop that folder, or `import inspect` (absl -> pdb does it) would import this file instead.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _BIN]
+sys.path.insert(0, os.path.dirname(_BIN))
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("preset", "gemma2-2b", "model preset (see model.PRESETS), or tiny-gemma2 / tiny-gemma3")
+flags.DEFINE_enum("what", "forward", ["forward", "logprobs", "step"], "which function to lower")
+flags.DEFINE_integer("batch", 8, "rows (sequences) in the global batch")
+flags.DEFINE_integer("seq_len", 1024, "tokens per row (prompt + completion)")
+flags.DEFINE_string("mesh", "data=1,fsdp=8", "mesh for logprobs / step, as data=D,fsdp=F")
+flags.DEFINE_integer("num_micro_batches", 1, "gradient-accumulation micro-batches (step)")
+flags.DEFINE_bool("remat", False, "recompute layer activations in the backward pass (step)")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "param (and Adam state) dtype")
+flags.DEFINE_enum("compute_dtype", None, ["bfloat16", "float32"],
+                  "cast weights to this dtype for forward/backward (step); e.g. float32 params + bfloat16 compute")
+flags.DEFINE_float("beta", 0.0, "KL coefficient; > 0 adds the ref_logprobs input (step)")
+flags.DEFINE_integer("logits_chunk", 256, "tokens per unembedding chunk (logprobs, step)")
+flags.DEFINE_string("dump_hlo", None, "directory to write <what>.stablehlo.mlir and <what>.optimized.hlo.txt")
+flags.DEFINE_bool("stablehlo", False, "print the StableHLO text to stdout")
+flags.DEFINE_string("platform", "cpu", "JAX platform; cpu makes as many fake devices as the mesh needs")
+
+GIB = 2**30
+MIB = 2**20
+
+
+def parse_mesh(text: str) -> tuple[int, int]:
+    """'data=2,fsdp=4' -> (2, 4); either key may be left out (default 1)."""
+    sizes = {"data": 1, "fsdp": 1}
+    for part in filter(None, text.replace(" ", "").split(",")):
+        m = re.fullmatch(r"(data|fsdp)=(\d+)", part)
+        if not m or int(m.group(2)) < 1:
+            raise ValueError(f"--mesh: expected entries like data=2,fsdp=4, got {part!r} in {text!r}")
+        sizes[m.group(1)] = int(m.group(2))
+    return sizes["data"], sizes["fsdp"]
+
+
+def _set_devices(count: int, platform: str) -> None:
+    """Before jax is imported: pick the platform and, on CPU, fake `count` devices."""
+    if "jax" in sys.modules:
+        raise RuntimeError("bin/inspect must configure devices before jax is imported")
+    os.environ["JAX_PLATFORMS"] = platform
+    if platform == "cpu":
+        flag = "--xla_force_host_platform_device_count"
+        kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
+        os.environ["XLA_FLAGS"] = " ".join([*kept, f"{flag}={count}"])
+
+
+def model_config(preset: str):
+    import model
+
+    if preset.startswith("tiny-"):
+        return model.tiny_config(preset.removeprefix("tiny-"))
+    return model.get_preset(preset)
+
+
+def analytic_flops(cfg, rows: int, seq: int, what: str, remat: bool) -> float:
+    """Matmul FLOPs for the whole batch: projections, MLP, full [T, T] attention scores (as computed), unembed."""
+    d, f, n, k, h = cfg.embed_dim, cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    per_token_layer = 2 * d * h * (2 * n + 2 * k) + 6 * d * f + 4 * n * h * seq
+    layers = rows * seq * cfg.num_layers * per_token_layer
+    unembed = rows * seq * 2 * d * cfg.vocab_size
+    if what != "step":
+        return layers + unembed
+    # backward = 2x forward; the unembedding chunks are always recomputed, the layers only with remat
+    return 3 * (layers + unembed) + unembed + (layers if remat else 0)
+
+
+def lower(cfg, what: str):
+    """The jax `Lowered` for --what, from abstract inputs."""
+    import jax
+    import jax.numpy as jnp
+
+    import grpo
+    import model
+    from grpo import sharding
+
+    dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
+    shape = (FLAGS.batch, FLAGS.seq_len)
+    if what == "forward":
+        fwd = jax.jit(model.forward, static_argnums=2, static_argnames="remat")
+        return fwd.lower(model.abstract_params(cfg, dtype), jax.ShapeDtypeStruct(shape, jnp.int32), cfg,
+                         attention_mask=jax.ShapeDtypeStruct(shape, jnp.int32))
+    mesh = grpo.make_mesh(*parse_mesh(FLAGS.mesh))
+    specs = grpo.param_specs(cfg, mesh)
+    with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.NamedSharding(mesh, s))
+    params = jax.tree.map(with_sharding, model.abstract_params(cfg, dtype), specs)
+    rows = lambda dt, *s: jax.ShapeDtypeStruct(s, dt, sharding=jax.NamedSharding(mesh, sharding.batch_spec(len(s))))
+    tokens, mask = rows(jnp.int32, *shape), rows(jnp.int32, *shape)
+    if what == "logprobs":
+        return grpo.make_sharded_logprobs(cfg, mesh, chunk=FLAGS.logits_chunk).lower(params, tokens, mask)
+    gcfg = grpo.GRPOConfig(num_micro_batches=FLAGS.num_micro_batches, remat=FLAGS.remat, beta=FLAGS.beta,
+                           logits_chunk=FLAGS.logits_chunk, compute_dtype=FLAGS.compute_dtype)
+    state = jax.eval_shape(grpo.make_optimizer(gcfg, cfg).init, params)
+    state = jax.tree.map(with_sharding, state, grpo.opt_state_specs(state, specs))
+    batch = {"tokens": tokens, "attention_mask": mask, "completion_mask": rows(jnp.float32, *shape),
+             "advantages": rows(jnp.float32, FLAGS.batch), "old_logprobs": rows(jnp.float32, *shape)}
+    if FLAGS.beta:
+        batch["ref_logprobs"] = rows(jnp.float32, *shape)
+    return grpo.make_step(cfg, gcfg, mesh).lower(params, state, batch)
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:9.3f} GiB" if n >= GIB else f"{n / MIB:9.3f} MiB"
+
+
+def report(cfg, compiled, devices: int) -> str:
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    flops = analytic_flops(cfg, FLAGS.batch, FLAGS.seq_len, FLAGS.what, FLAGS.remat)
+    lines = [
+        f"preset {cfg.name}: {cfg.num_params() / 1e6:,.1f}M params, {FLAGS.dtype}",
+        f"what {FLAGS.what}: batch {FLAGS.batch} x {FLAGS.seq_len} tokens on {devices} device(s)"
+        + (f" (mesh {FLAGS.mesh})" if FLAGS.what != "forward" else "")
+        + (f", {FLAGS.num_micro_batches} micro-batches, remat={FLAGS.remat}, compute_dtype={FLAGS.compute_dtype}"
+           if FLAGS.what == "step" else ""),
+        f"cost_analysis flops per device: {cost.get('flops', float('nan')):.4g} (loop bodies counted once)",
+        f"analytic matmul flops per device: {flops / devices:.4g}",
+        "memory_analysis per device:",
+        f"  arguments   {_size(mem.argument_size_in_bytes)}",
+        f"  outputs     {_size(mem.output_size_in_bytes)}",
+        f"  aliased     {_size(mem.alias_size_in_bytes)} (donated inputs reused for outputs)",
+        f"  temporaries {_size(mem.temp_size_in_bytes)}",
+        f"  peak ~      {_size(peak)} (arguments + outputs - aliased + temporaries)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    for name in ("batch", "seq_len", "num_micro_batches", "logits_chunk"):
+        if getattr(FLAGS, name) < 1:
+            raise app.UsageError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
+    try:
+        data, fsdp = parse_mesh(FLAGS.mesh)
+        devices = 1 if FLAGS.what == "forward" else data * fsdp
+        _set_devices(devices, FLAGS.platform)
+        cfg = model_config(FLAGS.preset)
+        lowered = lower(cfg, FLAGS.what)
+    except ValueError as e:  # bad preset, mesh or batch shape: one line, not a traceback
+        raise app.UsageError(str(e)) from None
+    compiled = lowered.compile()
+    if FLAGS.stablehlo:
+        print(lowered.as_text())
+    if FLAGS.dump_hlo:
+        out = Path(FLAGS.dump_hlo)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{FLAGS.what}.stablehlo.mlir").write_text(lowered.as_text())
+        (out / f"{FLAGS.what}.optimized.hlo.txt").write_text(compiled.as_text())
+        print(f"wrote {out / FLAGS.what}.stablehlo.mlir and .optimized.hlo.txt")
+    print(report(cfg, compiled, devices))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,50 @@
+"""bin/inspect end to end on tiny presets: it lowers with abstract shapes, fakes its own devices, reports, dumps.
+
+Reference: the report's own lines (the numbers are XLA's; here we check they are there and sane: a step
+that donates its params must show aliased bytes > 0) and the dumped files.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BIN = Path(__file__).resolve().parent.parent / "bin" / "inspect"
+
+
+def _inspect(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XLA_FLAGS": ""}  # the binary must make its own fake devices
+    return subprocess.run([sys.executable, str(BIN), *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def _mib(report: str, name: str) -> float:
+    value, unit = re.search(rf"{name}\s+([\d.]+) (GiB|MiB)", report).groups()
+    return float(value) * (1024 if unit == "GiB" else 1)
+
+
+def test_forward_on_one_device():
+    out = _inspect("--preset", "tiny-gemma2", "--batch", "2", "--seq_len", "32", "--dtype", "float32")
+    assert out.returncode == 0, out.stderr
+    assert "what forward: batch 2 x 32 tokens on 1 device(s)" in out.stdout
+    assert float(re.search(r"cost_analysis flops per device: ([\d.e+]+)", out.stdout).group(1)) > 0
+    assert _mib(out.stdout, "arguments") > 0
+
+
+def test_step_on_a_fake_mesh_with_hlo_dump(tmp_path):
+    out = _inspect("--preset", "tiny-gemma3", "--what", "step", "--batch", "16", "--seq_len", "32",
+                   "--mesh", "data=2,fsdp=4", "--num_micro_batches", "2", "--remat", "--beta", "0.04",
+                   "--dump_hlo", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "on 8 device(s) (mesh data=2,fsdp=4), 2 micro-batches, remat=True" in out.stdout
+    assert _mib(out.stdout, "aliased") > 0  # params and optimizer state are donated
+    hlo = (tmp_path / "step.optimized.hlo.txt").read_text()
+    assert "all-gather" in hlo and "reduce-scatter" in hlo  # the collectives the layout promises
+    assert "stablehlo" in (tmp_path / "step.stablehlo.mlir").read_text()
+
+
+def test_bad_flags_are_one_line_errors():
+    out = _inspect("--mesh", "data=two")
+    assert out.returncode != 0 and "expected entries like data=2,fsdp=4" in out.stderr
+    out = _inspect("--preset", "gemma9")
+    assert out.returncode != 0 and "unknown preset 'gemma9'" in out.stderr

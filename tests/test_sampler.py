@@ -1,0 +1,338 @@
+"""The batched KV-cache sampler (model/sampler.py) and the sampling strategies (model/sampling.py).
+
+References: the no-cache path (the full forward re-run on prompt + generated tokens, argmax every step),
+HF transformers greedy `generate` (tests/fixtures/*/golden.npz, written by tests/make_fixtures.py), and a
+float64 numpy implementation of temperature / top-k / top-p. Tiny random models (2 layers: one sliding, one
+global; window 8 < the longest prompt), float32. Their norm weights are random and large so that greedy
+paths move from token to token instead of repeating one token.
+
+Compiles dominate the run time, so tests share shapes: batches of 4 prompts in the 32-slot bucket with 10
+new tokens wherever possible.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import model
+from model import sampler
+from model.config import GLOBAL, SLIDING
+from model.forward import attend
+from model.sampling import SamplingConfig, nucleus_threshold, sample_tokens
+
+NEW = 10
+PROMPT_LENGTHS = (20, 5, 13, 1)  # 20 and 13 exceed the window 8; 1 is bos alone; bucket 32
+SAMPLING = SamplingConfig(temperature=0.7, top_k=5, top_p=0.8)
+BOS, FIRST_FREE_ID = 2, 4
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _tiny(arch: str, seed: int = 0):
+    """(cfg, params): a 2-layer tiny model with large random norm weights and q/k gain 2 (diverse outputs)."""
+    extra = {"rope_scale_global": 8.0} if arch == "gemma3" else {}
+    cfg = model.tiny_config(arch, num_layers=2, layer_types=(SLIDING, GLOBAL), **extra)
+    params = model.init_params(jax.random.key(seed), cfg)
+    keys = iter(jax.random.split(jax.random.key(seed + 1), 32))
+
+    def spice(path, x):
+        name = path[-1].key
+        if name.startswith("post"):  # scales each block's output up against the residual (tied embedding)
+            return 4.0 + 0.5 * jax.random.normal(next(keys), x.shape)
+        if "norm" in name:
+            return 0.2 + 0.4 * jax.random.normal(next(keys), x.shape)
+        return x * 2.0 if name in ("q", "k") else x
+
+    return cfg, jax.tree_util.tree_map_with_path(spice, params)
+
+
+@pytest.fixture(scope="module", params=["gemma2", "gemma3"])
+def tiny(request):
+    return _tiny(request.param)
+
+
+@pytest.fixture(scope="module")
+def tiny2():
+    return _tiny("gemma2")
+
+
+def _prompts(lengths=PROMPT_LENGTHS, seed=0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[BOS, *rng.integers(FIRST_FREE_ID, 256, n - 1).tolist()] for n in lengths]
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _padded_logits(params, tokens, length, cfg):
+    """Full forward (no cache) over a right-padded [T] buffer whose first `length` tokens are real: [T, V]."""
+    mask = jnp.arange(tokens.shape[0]) < length
+    return model.forward(params, tokens[None], cfg, attention_mask=mask[None])[0]
+
+
+BUFFER = 32 + NEW  # fixed reference buffer length: one compile per config
+
+
+def _no_cache_greedy(params, cfg, prompt, steps):
+    """Greedy tokens and raw log-softmax log-probs, recomputing the full forward every step."""
+    seq, out, logps = list(prompt), [], []
+    for _ in range(steps):
+        buf = np.zeros(BUFFER, np.int32)
+        buf[: len(seq)] = seq
+        logits = np.asarray(_padded_logits(params, buf, len(seq), cfg)[len(seq) - 1], np.float64)
+        token = int(np.argmax(logits))
+        logps.append(logits[token] - np.log(np.sum(np.exp(logits - logits.max()))) - logits.max())
+        out.append(token)
+        seq.append(token)
+    return np.array(out), np.array(logps)
+
+
+def test_cached_greedy_equals_no_cache_path(tiny):
+    """Reference: the no-cache argmax loop per prompt ALONE. Tokens exact; log-probs (log-softmax of the raw
+    logits) within 1e-4 (float32 vs the same logits through the other path)."""
+    cfg, params = tiny
+    prompts = _prompts()
+    result = model.generate(params, cfg, prompts, jax.random.key(0), max_new_tokens=NEW, temperature=0, eos_ids=())
+    assert result.tokens.shape == (4, NEW) and result.logprobs.shape == (4, NEW)
+    assert len({t for row in result.tokens.tolist() for t in row}) > 8  # the model does not just repeat
+    for row, prompt in enumerate(prompts):
+        tokens, logps = _no_cache_greedy(params, cfg, prompt, NEW)
+        np.testing.assert_array_equal(result.tokens[row], tokens, err_msg=f"row {row} (prompt length {len(prompt)})")
+        np.testing.assert_allclose(result.logprobs[row], logps, atol=1e-4)
+    np.testing.assert_array_equal(result.lengths, NEW)
+    assert result.truncated.all()  # no EOS ids: every row runs the whole budget
+
+
+def _golden_fixtures():
+    return sorted(p for p in FIXTURES.glob("*") if (p / "golden.npz").is_file())
+
+
+@pytest.mark.parametrize("fixture", _golden_fixtures() or [None], ids=lambda p: p.name if p else "missing")
+def test_greedy_equals_hf_generate_on_golden_fixtures(fixture):
+    """Reference: HF transformers greedy generate, eager float32, each prompt ALONE (golden.npz greedy_<i>,
+    12 tokens, eos disabled). Ours runs all prompts of a fixture in ONE left-padded batch. Exact tokens."""
+    if fixture is None:
+        pytest.skip("tests/fixtures/*/golden.npz not written yet (python tests/make_fixtures.py)")
+    cfg, params = model.load_hf_checkpoint(fixture)
+    golden = np.load(fixture / "golden.npz")
+    new_tokens = json.loads((fixture / "golden.json").read_text())["new_tokens"]
+    count = len([k for k in golden.files if k.startswith("tokens_")])
+    prompts = [golden[f"tokens_{i}"].tolist() for i in range(count)]
+    result = model.generate(params, cfg, prompts, jax.random.key(0), max_new_tokens=new_tokens, temperature=0,
+                            eos_ids=())
+    for i in range(count):
+        np.testing.assert_array_equal(result.tokens[i], golden[f"greedy_{i}"], err_msg=f"{fixture.name} prompt {i}")
+
+
+def _reference_logprobs(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
+    """float64 log-probs of the sampling distribution (temperature, top-k, then nucleus); -inf outside it."""
+    z = np.asarray(logits, np.float64) / cfg.temperature
+    if cfg.top_k is not None:
+        z = np.where(z >= np.sort(z)[-cfg.top_k], z, -np.inf)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if cfg.top_p is not None:
+        above = np.array([p[p > pi].sum() for pi in p])  # mass of strictly more likely tokens
+        p = np.where(above < cfg.top_p, p, 0.0)
+        p /= p.sum()
+    with np.errstate(divide="ignore"):
+        return np.log(p)
+
+
+def test_sampled_tokens_lie_in_the_allowed_set_with_their_logprobs(tiny2):
+    """Reference: the teacher-forced no-cache forward over prompt + completion, then the float64 sampling
+    distribution. Every sampled token is inside top-k / top-p; its log-prob matches within 2e-4."""
+    cfg, params = tiny2
+    prompts = _prompts()
+    result = model.generate(params, cfg, prompts, jax.random.key(3), max_new_tokens=NEW, eos_ids=(),
+                            temperature=SAMPLING.temperature, top_k=SAMPLING.top_k, top_p=SAMPLING.top_p)
+    for row, prompt in enumerate(prompts):
+        buf = np.zeros(BUFFER, np.int32)
+        seq = prompt + result.tokens[row].tolist()
+        buf[: len(seq)] = seq
+        logits = np.asarray(_padded_logits(params, buf, len(seq), cfg))
+        for j, token in enumerate(result.tokens[row]):
+            ref = _reference_logprobs(logits[len(prompt) - 1 + j], SAMPLING)
+            assert np.isfinite(ref[token]), f"row {row} step {j}: token {token} is outside the top-k/top-p set"
+            np.testing.assert_allclose(result.logprobs[row, j], ref[token], atol=2e-4)
+
+
+def test_a_row_does_not_depend_on_other_rows_or_its_padding(tiny2):
+    """Reference: the same prompt sampled alone (batch 1, bucket 16) vs as row 0 of a batch of 4 (bucket 32,
+    12 more padding slots). Same key: identical tokens, log-probs within 1e-5."""
+    cfg, params = tiny2
+    prompts = _prompts((9, 20, 3, 14), seed=5)
+    kwargs = dict(max_new_tokens=NEW, eos_ids=(), temperature=SAMPLING.temperature, top_k=SAMPLING.top_k,
+                  top_p=SAMPLING.top_p)
+    batch = model.generate(params, cfg, prompts, jax.random.key(7), **kwargs)
+    alone = model.generate(params, cfg, prompts[:1], jax.random.key(7), **kwargs)
+    np.testing.assert_array_equal(batch.tokens[0], alone.tokens[0])
+    np.testing.assert_allclose(batch.logprobs[0], alone.logprobs[0], atol=1e-5)
+
+
+def test_same_key_same_samples_other_key_other_samples(tiny2):
+    """Reference: the sampler itself. Same key -> bit-identical tokens and log-probs; another key -> the 40
+    sampled tokens differ somewhere."""
+    cfg, params = tiny2
+    kwargs = dict(max_new_tokens=NEW, eos_ids=(), temperature=SAMPLING.temperature, top_k=SAMPLING.top_k,
+                  top_p=SAMPLING.top_p)
+    a = model.generate(params, cfg, _prompts(), jax.random.key(11), **kwargs)
+    b = model.generate(params, cfg, _prompts(), jax.random.key(11), **kwargs)
+    c = model.generate(params, cfg, _prompts(), jax.random.key(12), **kwargs)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.logprobs, b.logprobs)
+    assert (a.tokens != c.tokens).any()
+
+
+def test_eos_stops_a_row_and_the_rest_is_padding(tiny2):
+    """Reference: the same greedy run without EOS ids. With eos = a token row 0 first emits at step j >= 1,
+    every row stops at its first EOS: tokens kept up to it, then pad 0 and log-prob 0; lengths count the EOS."""
+    cfg, params = tiny2
+    prompts = _prompts()
+    free = model.generate(params, cfg, prompts, jax.random.key(0), max_new_tokens=NEW, temperature=0, eos_ids=())
+    row0 = free.tokens[0].tolist()
+    j = next(i for i in range(1, NEW) if row0[i] not in row0[:i])
+    eos = row0[j]
+    traces = sampler.TRACE_COUNTS["decode"]
+    stopped = model.generate(params, cfg, prompts, jax.random.key(0), max_new_tokens=NEW, temperature=0,
+                             eos_ids=(eos, 1))
+    assert sampler.TRACE_COUNTS["decode"] == traces  # the stop ids are traced, not static
+    for row in range(len(prompts)):
+        hits = np.flatnonzero(free.tokens[row] == eos)
+        n = hits[0] + 1 if hits.size else NEW
+        np.testing.assert_array_equal(stopped.tokens[row, :n], free.tokens[row, :n])
+        np.testing.assert_array_equal(stopped.tokens[row, n:], 0)
+        np.testing.assert_array_equal(stopped.logprobs[row, n:], 0.0)
+        np.testing.assert_allclose(stopped.logprobs[row, :n], free.logprobs[row, :n], atol=1e-6)
+        assert stopped.lengths[row] == n
+        assert stopped.truncated[row] == (not hits.size)
+    assert stopped.lengths[0] == j + 1
+
+
+def test_decode_is_one_while_loop_in_the_lowered_hlo(tiny2):
+    """Reference: the StableHLO text of the jitted decode. Greedy decoding has exactly one `while` (the token
+    loop; the layers are unrolled inside it), so there is no per-token host round trip."""
+    cfg, params = tiny2
+    tokens, pad = sampler.pad_prompts(_prompts(), cfg, NEW)
+    eos = sampler.eos_vector(())
+    greedy = SamplingConfig(temperature=0)
+    state = jax.eval_shape(lambda: sampler.prefill(params, tokens, pad, eos, jax.random.key(0), cfg=cfg,
+                                                   sampling=greedy, max_new_tokens=NEW))
+    layers = sampler.unstack_layers(params, cfg)
+    text = sampler.decode.lower(params, layers, state, eos, cfg=cfg, sampling=greedy).as_text()
+    assert text.count("stablehlo.while") == 1
+
+
+def test_compiles_once_per_prompt_bucket():
+    """Reference: trace counters inside the jitted prefill and decode. Six batches whose longest prompts fall
+    in two buckets (16 and 32) compile each function exactly twice."""
+    cfg, params = _tiny("gemma2")
+    assert [sampler.prompt_bucket(n) for n in (1, 16, 17, 32, 33, 100)] == [16, 16, 32, 32, 64, 128]
+    before = dict(sampler.TRACE_COUNTS)
+    for lengths in [(3, 7), (16, 2), (9, 11), (17, 5), (32, 31), (1, 20)]:
+        result = model.generate(params, cfg, _prompts(lengths), jax.random.key(0), max_new_tokens=3, temperature=0)
+        assert result.tokens.shape == (2, 3)
+    assert sampler.TRACE_COUNTS["prefill"] - before.get("prefill", 0) == 2
+    assert sampler.TRACE_COUNTS["decode"] - before.get("decode", 0) == 2
+
+
+def test_decode_attend_equals_attend():
+    """Reference: model.forward.attend over the cache slots plus the new token's key. Gemma 2 soft-cap, G=2,
+    window 8, left padding and unwritten slots masked; within 1e-5."""
+    cfg = model.tiny_config("gemma2")
+    b, s, kh, n, h = 3, 12, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim
+    keys = jax.random.split(jax.random.key(0), 5)
+    q = jax.random.normal(keys[0], (b, 1, n, h)) * 4
+    k_cache, v_cache = (jax.random.normal(k, (b, kh, s, h)) for k in keys[1:3])
+    k_new, v_new = (jax.random.normal(k, (b, kh, 1, h)) for k in keys[3:5])
+    pad = jnp.array([0, 3, 7])
+    slot = 10  # the new token's slot: slots >= 10 are unwritten
+    k_pos = jnp.arange(s)[None, :] - pad[:, None]
+    k_valid = (k_pos >= 0) & (jnp.arange(s)[None, :] < slot)
+    q_pos = k_pos[:, slot:slot + 1]
+    got = sampler.decode_attend(q, k_cache, v_cache, k_new, v_new, q_pos, k_pos, k_valid, jnp.int32(8), cfg)
+    k_all = jnp.concatenate([k_cache, k_new], axis=2).transpose(0, 2, 1, 3)  # [B, S+1, K, H]
+    v_all = jnp.concatenate([v_cache, v_new], axis=2).transpose(0, 2, 1, 3)
+    pos_all = jnp.concatenate([k_pos, q_pos], axis=1)
+    valid_all = jnp.concatenate([k_valid, jnp.ones((b, 1), bool)], axis=1)
+    want = attend(q, k_all, v_all, q_pos, pos_all, valid_all, jnp.int32(8), cfg)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [SamplingConfig(1.0), SamplingConfig(1.0, top_k=5), SamplingConfig(1.0, top_p=0.6),
+     SamplingConfig(0.5, top_k=12, top_p=0.9)],
+    ids=["plain", "top_k", "top_p", "all"],
+)
+def test_sample_tokens_statistics(cfg):
+    """Reference: the float64 sampling distribution of fixed logits (V = 40). 20000 rows drawn in one call (a
+    row's draw uses fold_in(key, row)): no token outside the allowed set, ever; every token's frequency within
+    5 standard errors (+ 1/N) of its probability; log-probs equal the reference within 1e-5."""
+    logits = np.random.default_rng(0).normal(size=40).astype(np.float32) * 2
+    n = 20_000
+    tokens, logprobs = jax.jit(sample_tokens, static_argnums=2)(
+        jnp.broadcast_to(logits, (n, 40)), jax.random.key(1), cfg
+    )
+    ref = _reference_logprobs(logits, cfg)
+    tokens = np.asarray(tokens)
+    assert np.isfinite(ref[tokens]).all()
+    freq = np.bincount(tokens, minlength=40) / n
+    p = np.exp(ref)
+    assert (np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1 / n).all()
+    np.testing.assert_allclose(np.asarray(logprobs), ref[tokens], atol=1e-5)
+
+
+def test_two_level_inverse_cdf_across_blocks():
+    """Reference: softmax of fixed logits over V = 1300 (three 512-token blocks, the last one padded). The
+    mass of each 100-token bin from 20000 draws is within 5 standard errors of the exact mass."""
+    logits = np.random.default_rng(2).normal(size=1300).astype(np.float32)
+    n = 20_000
+    tokens, _ = jax.jit(sample_tokens, static_argnums=2)(
+        jnp.broadcast_to(logits, (n, 1300)), jax.random.key(3), SamplingConfig(1.0)
+    )
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    bins = np.asarray(tokens) // 100
+    freq = np.bincount(bins, minlength=13) / n
+    mass = p.reshape(13, 100).sum(axis=1)
+    assert (np.abs(freq - mass) <= 5 * np.sqrt(mass * (1 - mass) / n)).all()
+
+
+def test_nucleus_keeps_ties_together():
+    """Reference: the rule 'keep token i iff the mass of strictly more likely tokens < top_p', by hand."""
+    probs = jnp.array([[0.4, 0.2, 0.2, 0.2], [0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]])
+    t = np.asarray(nucleus_threshold(probs, 0.5))
+    kept = np.asarray(probs) >= t[:, None]
+    np.testing.assert_array_equal(kept, [[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 1]])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompts=[]), "non-empty list"),
+        (dict(prompts=[[2, 5], []]), "prompt 1"),
+        (dict(prompts=[[2, 999]]), "outside"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=0), "top_k"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(prompts=[[2] * 20_000], max_new_tokens=1), "must be <="),
+        (dict(eos_ids=(-1,)), "eos_ids"),
+    ],
+)
+def test_bad_inputs_raise_one_line_value_errors(kwargs, message):
+    """Reference: generate's edge validation; nothing is compiled for bad input."""
+    cfg = model.tiny_config("gemma2")
+    args = dict(prompts=[[2, 5, 6]], max_new_tokens=4, temperature=1.0, top_k=None, top_p=None, eos_ids=(1,))
+    args.update(kwargs)
+    prompts = args.pop("prompts")
+    with pytest.raises(ValueError, match=message) as info:
+        model.generate({}, cfg, prompts, jax.random.key(0), **args)
+    assert "\n" not in str(info.value)
