@@ -29,6 +29,9 @@ from model.forward import decoder_layer, default_positions, embed_tokens, hidden
 from model.forward import unembed as model_unembed
 
 DEFAULT_CHUNK = 256
+# Cap on the logits one chunk holds, in elements (64M floats = 256 MiB): with V = 262k and 16 rows a chunk of
+# 256 tokens would be 4.3 GB per copy, and softmax makes several. The chunk shrinks to fit.
+LOGITS_BUDGET = 64 * 2**20
 # checkpoint_name of all-gathered weights: never saved for the backward pass, always re-gathered.
 GATHERED = "fsdp_gathered"
 
@@ -44,7 +47,7 @@ def token_logprobs(
     b, t, d = h.shape
     start = tail_start(t, tail)  # first position that gets a log-prob
     n = t - start
-    c = max(1, min(chunk, n))
+    c = max(1, min(chunk, n, LOGITS_BUDGET // (b * embed.shape[0])))
     pad = (-n) % c
     hs = jnp.pad(h[:, start - 1 : -1], ((0, 0), (0, pad), (0, 0)))  # [B, n + pad, D]: position t-1 predicts t
     targets = jnp.pad(tokens[:, start:], ((0, 0), (0, pad)))  # [B, n + pad]

@@ -7,7 +7,7 @@ from model.params import abstract_params, init_params, param_schema
 from model.sampler import SampleResult, generate
 
 __all__ = [
-    "GLOBAL", "PRESETS", "SLIDING", "GemmaConfig", "SampleResult", "abstract_params", "generate", "config_from_hf", "forward", "get_preset",
-    "hidden_states", "init_params", "load_config", "load_hf_checkpoint", "param_schema", "save_hf_checkpoint",
-    "tiny_config", "unembed",
+    "GLOBAL", "PRESETS", "SLIDING", "GemmaConfig", "SampleResult", "abstract_params", "config_from_hf", "forward",
+    "generate", "get_preset", "hidden_states", "init_params", "load_config", "load_hf_checkpoint", "param_schema",
+    "save_hf_checkpoint", "tiny_config", "unembed",
 ]

@@ -1,28 +1,34 @@
 """Batched KV-cache sampler: one prefill pass, then ONE `lax.while_loop` of single-token decode steps.
 
 Layout (P = prompt bucket, M = max_new_tokens, S = P + M slots):
-- Prompts are LEFT-padded into P = max(MIN_BUCKET, next power of two >= the longest prompt), so a run
+- Prompts are LEFT-padded into a bucket of P slots (`prompt_bucket`: quarter-octave steps, min 16), so a run
   compiles the sampler once per bucket it touches, not once per batch.
 - A row with n prompt tokens sits in slots P-n .. P-1 at positions 0 .. n-1; its j-th generated token is
   fed back at slot P+j, position n+j. So slot s of row b always has position s - (P - n_b), fixed at
   prefill. The attention mask is built from positions and validity (model.forward.attend), never from slot
   indices, so a row gets exactly the tokens it would get alone, and the sliding window is just
   `0 <= pos_q - pos_k < W` on the same cache (no ring buffer: the cache is sized for the whole run).
-- KVCache: per layer k, v [B, K, S, H], plus positions / valid [B, S]. The cache lives in the while_loop
-  carry and each token's k/v is written with dynamic_update_slice, which XLA does in place (the state is
-  donated). Measured on the 2-core CPU (Gemma 3 270M, batch 32), three things cost 2-4x each and are avoided:
-  slicing layer l out of a stacked [L, ...] cache or weight array inside the loop (XLA copies the slice
-  every token: hence per-layer cache buffers and a Python loop over layers in decode, weights sliced
-  once before the loop), attention einsums that make XLA transpose the cache (decode_attend), and
-  Gumbel / sort based sampling over a 262k vocabulary (model/sampling.py).
-- prefill (jit): one forward over [B, P] (a scan over the stacked layers; compute-bound, so the per-layer
-  slicing does not matter there) that fills the cache, unembeds only the last slot (the [B, P, V]
-  logits would be GBs for a 262k vocabulary) and samples generated token 0.
-- decode (jit, state donated): `lax.while_loop(step < M and not all(done))` over DecodeState; each step
-  feeds the previous token, writes its k/v at one slot, attends over all S slots and samples.
+- KVCache: per layer k, v [B, K, S, H], plus positions / valid [B, S], in the while_loop carry (state
+  donated). Each token's k/v is written with dynamic_update_slice, in place.
+- prefill (jit): one forward over [B, P] (a scan over the stacked layers) that fills the cache, unembeds only
+  the last slot (the [B, P, V] logits would be GBs for a 262k vocabulary) and samples generated token 0.
+- decode (jit): `lax.while_loop(step < M and not all(done))` over DecodeState. Each step feeds the previous
+  token, attends over the cache as it was plus the token's own k/v (decode_attend), then writes that k/v
+  at its slot, and samples.
 - Stopping: a row is done once it emits any of `eos_ids`; afterwards it gets pad tokens (id 0) and
   log-prob 0. `lengths` counts generated tokens including the EOS; `truncated` = no EOS within M.
 - Step t uses the key fold_in(key, t): same key -> same samples, whatever the loop's early exit.
+
+Decode speed on CPU (Gemma 3 270M, batch 32, the 2-core box; see bin/bench_sample): the step is bound by
+reading the weights (1.07 GB in float32, 63% of it the tied unembedding) and the cache. Five XLA:CPU traps
+each cost 10-50% of a step and are avoided: (1) slicing layer l out of stacked [L, ...] weights or cache
+inside the loop (XLA copies the slice every token): per-layer cache buffers, a Python loop over layers, and
+weights sliced once per call (`unstack_layers`); (2) copy insertion duplicating every cache buffer twice per
+token when the body reads and updates it: the cache is read before it is written and decode compiles with
+XLA's region analysis (`_DECODE_COMPILER_OPTIONS`); (3) attention einsums that transpose the cache, and an
+output projection over two contracting dims that transposes o: decode_attend's einsum order and o viewed as
+one head of width N*H; (4) Gumbel sampling and sorting over 262k logits (model/sampling.py); (5) the variadic
+argmax reduce (a two-level argmax in model/sampling.py).
 
 Compiles: prefill and decode each compile once per distinct (batch size, prompt bucket, max_new_tokens,
 sampling config, model config); the stop ids are a traced vector and do not recompile. TRACE_COUNTS
@@ -56,6 +62,7 @@ from model.forward import (
 from model.sampling import SamplingConfig, sample_tokens
 
 MIN_BUCKET = 16  # smallest prompt bucket: short prompts share one compile
+BUCKETS_PER_OCTAVE = 4  # prompt buckets between consecutive powers of two (see prompt_bucket)
 MAX_CACHE_LEN = 32_768  # prompt bucket + new tokens: Gemma 3's 32k context (Gemma 2 is trained to 8k)
 PAD_ID = 0  # Gemma's <pad>: what a finished row emits
 EOS_SLOTS = 4  # stop-id vectors are padded to a multiple of this, so 1 to 4 stop ids share one compile
@@ -105,8 +112,17 @@ class SampleResult:
 
 
 def prompt_bucket(length: int) -> int:
-    """Padded prompt length: the next power of two, at least MIN_BUCKET."""
-    return max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length())
+    """Padded prompt length: MIN_BUCKET, or the next multiple of 1/BUCKETS_PER_OCTAVE of the octave above.
+
+    Quarter-octave steps (16, 20, 24, 28, 32, 40, ..., 128, 160, 192, 224, 256, ...) waste at most 25% of the
+    prompt compute on padding (a power of two wastes up to 100%: 150 tokens -> 256 slots) for at most four
+    compiles per doubling of the prompt length.
+    """
+    if length <= MIN_BUCKET:
+        return MIN_BUCKET
+    octave = 1 << (length - 1).bit_length()  # the next power of two >= length
+    step = octave // (2 * BUCKETS_PER_OCTAVE)  # (octave / 2, octave] split into BUCKETS_PER_OCTAVE buckets
+    return -(-length // step) * step
 
 
 def pad_prompts(
@@ -236,12 +252,13 @@ def decode_attend(q, k_cache, v_cache, k_new, v_new, q_pos, k_pos, k_valid, wind
     return out.reshape(b, 1, n, h)
 
 
+@functools.partial(jax.jit, static_argnames="cfg")
 def unstack_layers(params: dict, cfg: GemmaConfig) -> tuple[dict, ...]:
     """Per-layer weight dicts for decode, sliced from the stacked [L, ...] weights once per generate call.
 
     The decode step is a Python loop over layers rather than a scan: a scan slices every layer's weights out
     of the stacked arrays each token, which XLA on CPU materialises as a copy (400 MB per token for 270M).
-    Done in its own jit so the slices arrive in decode with the default layouts its dots want. The output
+    Jitted on its own so the slices arrive in decode with the default layouts its dots want. The output
     projection is viewed as ONE head of width N*H ([1, N*H, D]): with o [N, H, D], XLA's CPU dot transposes
     o (and the attention output) every token for the two contracting dims.
     """
@@ -252,9 +269,6 @@ def unstack_layers(params: dict, cfg: GemmaConfig) -> tuple[dict, ...]:
         return {**lp, "o": lp["o"].reshape(1, n * h, d)}
 
     return tuple(layer(i) for i in range(cfg.num_layers))
-
-
-_unstack_layers = jax.jit(unstack_layers, static_argnames="cfg")
 
 
 def _decode_step(params: dict, layers: tuple[dict, ...], state: DecodeState, eos_ids: jax.Array,
@@ -325,7 +339,7 @@ def generate(
     tokens, pad = pad_prompts(prompts, cfg, max_new_tokens)
     eos = eos_vector(eos_ids)
     state = prefill(params, tokens, pad, eos, key, cfg=cfg, sampling=sampling, max_new_tokens=max_new_tokens)
-    state = decode(params, _unstack_layers(params, cfg), state, eos, cfg=cfg, sampling=sampling)
+    state = decode(params, unstack_layers(params, cfg), state, eos, cfg=cfg, sampling=sampling)
     return SampleResult(
         tokens=np.asarray(state.tokens),
         lengths=np.asarray(state.lengths),

@@ -21,11 +21,8 @@ import re
 import sys
 from pathlib import Path
 
-_BIN = os.path.dirname(os.path.abspath(__file__))
-# This file is named like the stdlib `inspect` module and Python puts its own folder first on sys.path:
-# drop that folder, or `import inspect` (absl -> pdb does it) would import this file instead.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _BIN]
-sys.path.insert(0, os.path.dirname(_BIN))
+# `bin/inspect` runs this file; it is not called inspect.py because that would shadow the stdlib module.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 

@@ -1,0 +1,139 @@
+"""Benchmark the batched KV-cache sampler: prefill and decode throughput per batch size.
+
+    bin/bench_sample                          # embedded Gemma 3 270M, batches 1, 8, 32, 150 + 128 tokens
+    bin/bench_sample --random_270m --batch_sizes 32 --repeats 1
+
+Method: one random prompt of --prompt_len tokens (bos + ids drawn with numpy seed 0, as in
+tests/bench_hf_generate.py, the HF transformers baseline) repeated `batch` times; greedy, no stop ids, so
+every row decodes the whole budget. Prefill and decode are separate jitted calls (model.sampler.prefill,
+model.sampler.decode), compiled ahead of time, run once as a warm-up, then timed --repeats times (median):
+- prefill tok/s = batch * prompt_len / prefill seconds (real tokens; the bucket pads the prompt to a power of
+  two, and that padding is computed too);
+- decode tok/s = batch * (new_tokens - 1) / decode seconds (prefill samples the first token, the while_loop
+  the other new_tokens - 1);
+- GFLOP/s = XLA's cost_analysis flops / seconds. cost_analysis counts a loop body once, so decode flops = the
+  while_loop body's flops * (new_tokens - 1) (the body attends over all cache slots, as the real loop does), and
+  prefill flops = its own count + (L - 1) * the flops of one decoder layer over the padded [batch, bucket].
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+import model  # noqa: E402
+from model import sampler  # noqa: E402
+from model.forward import decoder_layer, layer_constants  # noqa: E402
+from model.sampling import SamplingConfig  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model_dir", None, "HF-layout checkpoint dir (default: the embedded Gemma 3 270M).")
+flags.DEFINE_bool("random_270m", False, "Use random weights with the gemma3-270m preset shape instead.")
+flags.DEFINE_list("batch_sizes", ["1", "8", "32"], "Batch sizes to measure.")
+flags.DEFINE_integer("prompt_len", 150, "Prompt tokens per row.")
+flags.DEFINE_integer("new_tokens", 128, "Generated tokens per row.")
+flags.DEFINE_integer("repeats", 3, "Timed repeats after the warm-up (the median is reported).")
+
+BOS, FIRST_FREE_ID = 2, 4
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+def load_model() -> tuple[model.GemmaConfig, dict, str]:
+    if FLAGS.random_270m:
+        cfg = model.get_preset("gemma3-270m")
+        params = jax.jit(model.init_params, static_argnums=1)(jax.random.key(0), cfg)
+        return cfg, params, "random gemma3-270m"
+    if FLAGS.model_dir:
+        path = Path(FLAGS.model_dir)
+    else:
+        from model.default_model import default_model_dir
+
+        path = Path(default_model_dir())
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model_dir {path} is not a directory; pass --random_270m to bench random weights")
+    cfg, params = model.load_hf_checkpoint(path)
+    return cfg, params, path.name
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+def prefill_flops(compiled, cfg, params, tokens) -> float:
+    """cost_analysis flops of prefill with its layer scan counted L times, not once."""
+    lp, c = jax.tree.map(lambda a: a[0], (params["layers"], layer_constants(cfg)))
+    x = jax.ShapeDtypeStruct((*tokens.shape, cfg.embed_dim), params["embed"].dtype)
+    pos = jax.ShapeDtypeStruct(tokens.shape, np.int32)
+    valid = jax.ShapeDtypeStruct(tokens.shape, bool)
+    layer = jax.jit(decoder_layer, static_argnames="cfg").lower(lp, x, c, pos, valid, cfg=cfg).compile()
+    return compiled.cost_analysis()["flops"] + (cfg.num_layers - 1) * layer.cost_analysis()["flops"]
+
+
+def bench_batch(cfg, params, layers, batch: int) -> dict:
+    """Times prefill and decode for one batch size; returns the row of the report."""
+    ids = np.random.default_rng(0).integers(FIRST_FREE_ID, cfg.vocab_size, FLAGS.prompt_len - 1)
+    tokens, pad = sampler.pad_prompts([[BOS, *ids.tolist()]] * batch, cfg, FLAGS.new_tokens)
+    eos = sampler.eos_vector(())  # no stop ids: every row decodes the full budget
+    key = jax.random.key(0)
+    prefill = sampler.prefill.lower(params, tokens, pad, eos, key, cfg=cfg, sampling=GREEDY,
+                                    max_new_tokens=FLAGS.new_tokens).compile()
+    state = prefill(params, tokens, pad, eos, key)
+    decode = sampler.decode.lower(params, layers, state, eos, cfg=cfg, sampling=GREEDY).compile()
+    jax.block_until_ready(decode(params, layers, state, eos))  # warm-up (state is donated)
+
+    prefill_times, decode_times = [], []
+    for _ in range(FLAGS.repeats):  # decode consumes (donates) its state: a fresh prefill per repeat
+        prefill_times.append(_seconds(lambda: prefill(params, tokens, pad, eos, key)))
+        state = jax.block_until_ready(prefill(params, tokens, pad, eos, key))
+        decode_times.append(_seconds(lambda: decode(params, layers, state, eos)))  # noqa: B023 (called at once)
+    t_prefill, t_decode = statistics.median(prefill_times), statistics.median(decode_times)
+    steps = FLAGS.new_tokens - 1
+    return {
+        "batch": batch,
+        "bucket": tokens.shape[1],
+        "prefill_s": t_prefill,
+        "prefill_tok_s": batch * FLAGS.prompt_len / t_prefill,
+        "prefill_gflop_s": prefill_flops(prefill, cfg, params, tokens) / t_prefill / 1e9,
+        "decode_s": t_decode,
+        "decode_tok_s": batch * steps / t_decode,
+        "decode_ms_step": t_decode / steps * 1e3,
+        "decode_gflop_s": decode.cost_analysis()["flops"] * steps / t_decode / 1e9,
+    }
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        batches = [int(b) for b in FLAGS.batch_sizes]
+    except ValueError:
+        raise app.UsageError(f"--batch_sizes must be integers, got {FLAGS.batch_sizes}") from None
+    if min(batches) < 1 or FLAGS.prompt_len < 2 or FLAGS.new_tokens < 2 or FLAGS.repeats < 1:
+        raise app.UsageError("need batch sizes >= 1, --prompt_len >= 2, --new_tokens >= 2, --repeats >= 1")
+    cfg, params, name = load_model()
+    layers = jax.block_until_ready(sampler.unstack_layers(params, cfg))
+    print(f"{name}: float32, prompt {FLAGS.prompt_len}, {FLAGS.new_tokens} new tokens, greedy, no early stop, "
+          f"median of {FLAGS.repeats} after a warm-up; {jax.devices()[0].device_kind} x{jax.device_count()}")
+    header = ("batch", "bucket", "prefill s", "prefill tok/s", "prefill GFLOP/s", "decode s", "decode tok/s",
+              "ms/step", "decode GFLOP/s")
+    print(" | ".join(header))
+    for batch in batches:
+        r = bench_batch(cfg, params, layers, batch)
+        print(f"{r['batch']} | {r['bucket']} | {r['prefill_s']:.2f} | {r['prefill_tok_s']:.0f} | "
+              f"{r['prefill_gflop_s']:.1f} | {r['decode_s']:.2f} | {r['decode_tok_s']:.1f} | "
+              f"{r['decode_ms_step']:.0f} | {r['decode_gflop_s']:.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
