@@ -29,7 +29,7 @@ flags.DEFINE_integer("num_train_puzzles", 20_000, "Generated puzzles for trainin
 flags.DEFINE_enum("template", "base", ["base", "chat"], "Prompt template: TinyZero's base, or Gemma chat turns.")
 flags.DEFINE_string("output_dir", "runs/countdown", "Metrics, samples, checkpoints, the final HF export.")
 # Loop
-flags.DEFINE_integer("steps", 8, "GRPO steps (rollout batches).")
+flags.DEFINE_integer("steps", 5, "GRPO steps (rollout batches).")
 flags.DEFINE_integer("prompts_per_step", 4, "Prompts per step; each gets --num_generations completions.")
 flags.DEFINE_integer("eval_every", 0, "Greedy eval on the held-out set every N steps (0: only at start and end).")
 flags.DEFINE_integer("eval_size", 32, "Held-out puzzles for eval (0: no eval).")
