@@ -23,7 +23,8 @@ F = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "HF-layout checkpoint dir (config.json + safetensors). Default: the embedded "
                     "Gemma 3 270M, imported once from the GGUF package into ~/.cache.")
 flags.DEFINE_string("tokenizer", None, "SentencePiece model file. Default: <model_dir>/tokenizer.model.")
-flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"], "Param dtype; auto = float32 on CPU, else bf16.")
+flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
+                  "auto: float32 params everywhere, bf16 compute off-CPU (bf16 params lose lr-1e-6 updates).")
 flags.DEFINE_string("data_file", None, "TinyZero Countdown-Tasks-3to4 file (JSONL or Parquet). Default: generate.")
 flags.DEFINE_integer("num_train_puzzles", 20_000, "Generated puzzles for training (without --data_file).")
 flags.DEFINE_enum("template", "base", ["base", "chat"], "Prompt template: TinyZero's base, or Gemma chat turns.")
@@ -154,16 +155,16 @@ def _setup():
                         f"--num_generations) does not divide into {axes['data']}x{axes['fsdp']} devices x "
                         f"{F.num_micro_batches} micro-batches")
     task = _load_task(cfg, tok)
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(F.dtype)
-    if dtype is None:
-        dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    dtype = jnp.bfloat16 if F.dtype == "bfloat16" else jnp.float32
+    # f32 master weights with bf16 matmuls on TPU/GPU; on CPU bf16 is slower than f32, so f32 throughout.
+    compute_dtype = "bfloat16" if F.dtype == "auto" and jax.default_backend() != "cpu" else None
     grpo_cfg = grpo.GRPOConfig(
         num_generations=F.num_generations, beta=F.beta, epsilon_low=F.epsilon_low, epsilon_high=F.epsilon_high,
         loss_type=F.loss_type, scale_rewards=F.scale_rewards, mask_truncated_completions=F.mask_truncated_completions,
         num_micro_batches=F.num_micro_batches, learning_rate=F.learning_rate, warmup_steps=F.warmup_steps,
         lr_schedule=F.lr_schedule, total_steps=max(F.steps * F.num_iterations, 1), weight_decay=F.weight_decay,
         max_grad_norm=F.max_grad_norm, remat=F.remat, num_iterations=F.num_iterations,
-        max_completion_length=F.max_new_tokens, logprob_tail=F.max_new_tokens,
+        max_completion_length=F.max_new_tokens, logprob_tail=F.max_new_tokens, compute_dtype=compute_dtype,
         temperature=F.temperature if F.temperature > 0 else 1.0,
     )
     sampling = SamplingConfig(max_new_tokens=F.max_new_tokens, temperature=F.temperature, top_k=F.top_k,
