@@ -80,7 +80,7 @@ def prefill_flops(compiled, cfg, params, tokens) -> float:
     return compiled.cost_analysis()["flops"] + (cfg.num_layers - 1) * layer.cost_analysis()["flops"]
 
 
-def bench_batch(cfg, params, layers, batch: int) -> dict:
+def bench_batch(cfg, params, batch: int) -> dict:
     """Times prefill and decode for one batch size; returns the row of the report."""
     ids = np.random.default_rng(0).integers(FIRST_FREE_ID, cfg.vocab_size, FLAGS.prompt_len - 1)
     tokens, pad = sampler.pad_prompts([[BOS, *ids.tolist()]] * batch, cfg, FLAGS.new_tokens)
@@ -89,14 +89,14 @@ def bench_batch(cfg, params, layers, batch: int) -> dict:
     prefill = sampler.prefill.lower(params, tokens, pad, eos, key, cfg=cfg, sampling=GREEDY,
                                     max_new_tokens=FLAGS.new_tokens).compile()
     state = prefill(params, tokens, pad, eos, key)
-    decode = sampler.decode.lower(params, layers, state, eos, cfg=cfg, sampling=GREEDY).compile()
-    jax.block_until_ready(decode(params, layers, state, eos))  # warm-up (state is donated)
+    decode = sampler.decode.lower(params, state, eos, cfg=cfg, sampling=GREEDY).compile()
+    jax.block_until_ready(decode(params, state, eos))  # warm-up (state is donated)
 
     prefill_times, decode_times = [], []
     for _ in range(FLAGS.repeats):  # decode consumes (donates) its state: a fresh prefill per repeat
         prefill_times.append(_seconds(lambda: prefill(params, tokens, pad, eos, key)))
         state = jax.block_until_ready(prefill(params, tokens, pad, eos, key))
-        decode_times.append(_seconds(lambda: decode(params, layers, state, eos)))  # noqa: B023 (called at once)
+        decode_times.append(_seconds(lambda: decode(params, state, eos)))  # noqa: B023 (called at once)
     t_prefill, t_decode = statistics.median(prefill_times), statistics.median(decode_times)
     steps = FLAGS.new_tokens - 1
     return {
@@ -122,14 +122,13 @@ def main(argv):
     if min(batches) < 1 or FLAGS.prompt_len < 2 or FLAGS.new_tokens < 2 or FLAGS.repeats < 1:
         raise app.UsageError("need batch sizes >= 1, --prompt_len >= 2, --new_tokens >= 2, --repeats >= 1")
     cfg, params, name = load_model()
-    layers = jax.block_until_ready(sampler.unstack_layers(params, cfg))
     print(f"{name}: float32, prompt {FLAGS.prompt_len}, {FLAGS.new_tokens} new tokens, greedy, no early stop, "
           f"median of {FLAGS.repeats} after a warm-up; {jax.devices()[0].device_kind} x{jax.device_count()}")
     header = ("batch", "bucket", "prefill s", "prefill tok/s", "prefill GFLOP/s", "decode s", "decode tok/s",
               "ms/step", "decode GFLOP/s")
     print(" | ".join(header))
     for batch in batches:
-        r = bench_batch(cfg, params, layers, batch)
+        r = bench_batch(cfg, params, batch)
         print(f"{r['batch']} | {r['bucket']} | {r['prefill_s']:.2f} | {r['prefill_tok_s']:.0f} | "
               f"{r['prefill_gflop_s']:.1f} | {r['decode_s']:.2f} | {r['decode_tok_s']:.1f} | "
               f"{r['decode_ms_step']:.0f} | {r['decode_gflop_s']:.1f}", flush=True)

@@ -10,8 +10,9 @@ Layout (P = prompt bucket, M = max_new_tokens, S = P + M slots):
   `0 <= pos_q - pos_k < W` on the same cache (no ring buffer: the cache is sized for the whole run).
 - KVCache: per layer k, v [B, K, S, H], plus positions / valid [B, S], in the while_loop carry (state
   donated). Each token's k/v is written with dynamic_update_slice, in place.
-- prefill (jit): one forward over [B, P] (a scan over the stacked layers) that fills the cache, unembeds only
-  the last slot (the [B, P, V] logits would be GBs for a 262k vocabulary) and samples generated token 0.
+- prefill (jit): a forward over [B, P] (a scan over the stacked layers, PREFILL_ROWS rows at a time) that fills
+  the cache, unembeds only the last slot (the [B, P, V] logits would be GBs for a 262k vocabulary) and samples
+  generated token 0.
 - decode (jit): `lax.while_loop(step < M and not all(done))` over DecodeState. Each step feeds the previous
   token, attends over the cache as it was plus the token's own k/v (decode_attend), then writes that k/v
   at its slot, and samples.
@@ -19,16 +20,16 @@ Layout (P = prompt bucket, M = max_new_tokens, S = P + M slots):
   log-prob 0. `lengths` counts generated tokens including the EOS; `truncated` = no EOS within M.
 - Step t uses the key fold_in(key, t): same key -> same samples, whatever the loop's early exit.
 
-Decode speed on CPU (Gemma 3 270M, batch 32, the 2-core box; see bin/bench_sample): the step is bound by
-reading the weights (1.07 GB in float32, 63% of it the tied unembedding) and the cache. Five XLA:CPU traps
-each cost 10-50% of a step and are avoided: (1) slicing layer l out of stacked [L, ...] weights or cache
-inside the loop (XLA copies the slice every token): per-layer cache buffers, a Python loop over layers, and
-weights sliced once per call (`unstack_layers`); (2) copy insertion duplicating every cache buffer twice per
-token when the body reads and updates it: the cache is read before it is written and decode compiles with
-XLA's region analysis (`_DECODE_COMPILER_OPTIONS`); (3) attention einsums that transpose the cache, and an
-output projection over two contracting dims that transposes o: decode_attend's einsum order and o viewed as
-one head of width N*H; (4) Gumbel sampling and sorting over 262k logits (model/sampling.py); (5) the variadic
-argmax reduce (a two-level argmax in model/sampling.py).
+Decode speed on CPU (Gemma 3 270M, float32, the 2-core box; bin/bench_sample): at batch 1 a step is bound by
+reading the 1.07 GB of weights; at batch 32 by the tied-unembedding GEMM ([32, 640] x [640, 262144], 63% of
+the FLOPs). Five XLA:CPU traps, each 10-50% of a step, are avoided: (1) slicing layer l out of stacked
+[L, ...] weights or cache inside the loop (XLA copies the slice every token): per-layer cache buffers, a
+Python loop over layers, weights sliced once before the loop (`_unstack_layers`); (2) copy insertion
+duplicating every cache buffer twice per token when the body reads and updates it: the cache is read before
+it is written, and decode compiles with XLA's region analysis (`_DECODE_COMPILER_OPTIONS`); (3) einsums that
+transpose the cache (decode_attend's order) or the output projection (o viewed as one head of width N*H);
+(4) Gumbel sampling and sorting over 262k logits (model/sampling.py); (5) XLA's variadic argmax reduce (a
+two-level argmax in model/sampling.py).
 
 Compiles: prefill and decode each compile once per distinct (batch size, prompt bucket, max_new_tokens,
 sampling config, model config); the stop ids are a traced vector and do not recompile. TRACE_COUNTS
@@ -65,6 +66,7 @@ MIN_BUCKET = 16  # smallest prompt bucket: short prompts share one compile
 BUCKETS_PER_OCTAVE = 4  # prompt buckets between consecutive powers of two (see prompt_bucket)
 MAX_CACHE_LEN = 32_768  # prompt bucket + new tokens: Gemma 3's 32k context (Gemma 2 is trained to 8k)
 PAD_ID = 0  # Gemma's <pad>: what a finished row emits
+PREFILL_ROWS = 8  # prefill runs the prompts in groups of this many rows (see prefill's docstring)
 EOS_SLOTS = 4  # stop-id vectors are padded to a multiple of this, so 1 to 4 stop ids share one compile
 
 # Trace counters ("prefill", "decode"): incremented when jit (re)traces, i.e. once per compile.
@@ -184,30 +186,52 @@ def _record(state: DecodeState, token: jax.Array, logprob: jax.Array, eos_ids: j
 
 
 def _last_logits(params: dict, x: jax.Array, cfg: GemmaConfig) -> jax.Array:
-    """Float32 logits [B, V] of the last slot only."""
-    return unembed(params, rms_norm(x[:, -1], params["final_norm"], cfg.rms_eps), cfg)
+    """Float32 logits [B, V] of hidden states [B, D]."""
+    return unembed(params, rms_norm(x, params["final_norm"], cfg.rms_eps), cfg)
+
+
+def _prefill_rows(batch: int) -> int:
+    """Rows per prefill pass: the largest divisor of batch <= PREFILL_ROWS, or the whole batch if that is small."""
+    rows = max(d for d in range(1, PREFILL_ROWS + 1) if batch % d == 0)
+    return rows if rows > PREFILL_ROWS // 2 else batch
+
+
+def _prompt_stack(params: dict, tokens: jax.Array, positions: jax.Array, valid: jax.Array, cfg: GemmaConfig):
+    """The layer stack over prompts [b, P]: (last slot's hidden state [b, D], keys, values [L, b, P, K, H])."""
+
+    def body(x, layer):
+        lp, c = layer
+        q, k, v = attention_inputs(lp, x, c, positions, cfg)
+        attn = attend(q, k, v, positions, positions, valid, c["window"], cfg)  # the prompt attends to itself
+        return layer_output(lp, x, attn, cfg), (k, v)
+
+    x, (ks, vs) = jax.lax.scan(body, embed_tokens(params, tokens, cfg), (params["layers"], layer_constants(cfg)))
+    return x[:, -1], ks, vs
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_new_tokens"))
 def prefill(params: dict, tokens: jax.Array, pad: jax.Array, eos_ids: jax.Array, key: jax.Array, *,
             cfg: GemmaConfig, sampling: SamplingConfig, max_new_tokens: int) -> DecodeState:
-    """Run the left-padded prompts [B, P] through the model, fill the cache, sample generated token 0."""
+    """Run the left-padded prompts [B, P] through the model, fill the cache, sample generated token 0.
+
+    Rows go through the layer stack PREFILL_ROWS at a time (lax.map): at batch 32 one [32 * P, F] pass ran
+    ~15% slower than four [8 * P, F] passes on the 2-core CPU, and the activations stay bounded for big batches.
+    """
     TRACE_COUNTS["prefill"] += 1
     with jax.named_scope("prefill"):
         b, p = tokens.shape
         slots = jnp.arange(p + max_new_tokens, dtype=jnp.int32)
         positions = slots[None, :] - pad[:, None]  # [B, S]: slot s of row b holds position s - pad_b
         valid = (positions >= 0) & (slots[None, :] < p)  # [B, S]: the real prompt tokens
-        q_pos, q_valid = positions[:, :p], valid[:, :p]
 
-        def body(x, layer):
-            lp, c = layer
-            q, k, v = attention_inputs(lp, x, c, q_pos, cfg)
-            attn = attend(q, k, v, q_pos, q_pos, q_valid, c["window"], cfg)  # the prompt attends to itself only
-            return layer_output(lp, x, attn, cfg), (k, v)
-
-        x = embed_tokens(params, tokens, cfg)  # [B, P, D]
-        x, (ks, vs) = jax.lax.scan(body, x, (params["layers"], layer_constants(cfg)))  # ks, vs [L, B, P, K, H]
+        prompts, rows = (tokens, positions[:, :p], valid[:, :p]), _prefill_rows(b)
+        if rows == b:
+            x, ks, vs = _prompt_stack(params, *prompts, cfg)  # x [B, D]; ks, vs [L, B, P, K, H]
+        else:
+            chunks = tuple(a.reshape(b // rows, rows, p) for a in prompts)  # [B / rows, rows, P]
+            x, ks, vs = jax.lax.map(lambda chunk: _prompt_stack(params, *chunk, cfg), chunks)
+            x = x.reshape(b, -1)
+            ks, vs = (a.swapaxes(0, 1).reshape(cfg.num_layers, b, *a.shape[3:]) for a in (ks, vs))
 
         def to_cache(a):  # [B, P, K, H] -> [B, K, S, H], the new-token slots zero
             return jnp.pad(a.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, max_new_tokens), (0, 0)))
@@ -252,15 +276,13 @@ def decode_attend(q, k_cache, v_cache, k_new, v_new, q_pos, k_pos, k_valid, wind
     return out.reshape(b, 1, n, h)
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
-def unstack_layers(params: dict, cfg: GemmaConfig) -> tuple[dict, ...]:
-    """Per-layer weight dicts for decode, sliced from the stacked [L, ...] weights once per generate call.
+def _unstack_layers(params: dict, cfg: GemmaConfig) -> tuple[dict, ...]:
+    """Per-layer weight dicts for decode, sliced from the stacked [L, ...] weights once, before the loop.
 
     The decode step is a Python loop over layers rather than a scan: a scan slices every layer's weights out
     of the stacked arrays each token, which XLA on CPU materialises as a copy (400 MB per token for 270M).
-    Jitted on its own so the slices arrive in decode with the default layouts its dots want. The output
-    projection is viewed as ONE head of width N*H ([1, N*H, D]): with o [N, H, D], XLA's CPU dot transposes
-    o (and the attention output) every token for the two contracting dims.
+    The output projection is viewed as ONE head of width N*H ([1, N*H, D]): with o [N, H, D], XLA's CPU dot
+    transposes o (and the attention output) every token for the two contracting dims.
     """
     n, h, d = cfg.num_heads, cfg.head_dim, cfg.embed_dim
 
@@ -286,11 +308,12 @@ def _decode_step(params: dict, layers: tuple[dict, ...], state: DecodeState, eos
         q, k, v = attention_inputs(lp, x, c, q_pos, cfg)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, 1, H]
         attn = decode_attend(q, ck, cv, k, v, q_pos, cache.positions, cache.valid, c["window"], cfg)
-        x = layer_output(lp, x, attn.reshape(b, 1, 1, -1), cfg)  # one head of width N*H: see unstack_layers
+        x = layer_output(lp, x, attn.reshape(b, 1, 1, -1), cfg)  # one head of width N*H: see _unstack_layers
         new_k.append(jax.lax.dynamic_update_slice(ck, k, (0, 0, slot, 0)))  # in place: the cache is carried
         new_v.append(jax.lax.dynamic_update_slice(cv, v, (0, 0, slot, 0)))
     valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((b, 1), bool), (0, slot))
-    token, logprob = sample_tokens(_last_logits(params, x, cfg), jax.random.fold_in(state.key, state.step), sampling)
+    token, logprob = sample_tokens(_last_logits(params, x[:, 0], cfg), jax.random.fold_in(state.key, state.step),
+                                   sampling)
     state = dataclasses.replace(state, cache=KVCache(tuple(new_k), tuple(new_v), cache.positions, valid))
     return _record(state, token, logprob, eos_ids)
 
@@ -303,15 +326,13 @@ _DECODE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling"), donate_argnames=("state",),
                    compiler_options=_DECODE_COMPILER_OPTIONS)
-def decode(params: dict, layers: tuple[dict, ...], state: DecodeState, eos_ids: jax.Array, *, cfg: GemmaConfig,
+def decode(params: dict, state: DecodeState, eos_ids: jax.Array, *, cfg: GemmaConfig,
            sampling: SamplingConfig) -> DecodeState:
-    """Sample until every row is done or the token budget is spent: one while_loop, no host round trips.
-
-    layers: `unstack_layers(params, cfg)`; params is still needed for the embedding and final norm.
-    """
+    """Sample until every row is done or the token budget is spent: one while_loop, no host round trips."""
     TRACE_COUNTS["decode"] += 1
     with jax.named_scope("decode"):
         budget = state.tokens.shape[1]
+        layers = _unstack_layers(params, cfg)  # outside the loop: sliced once per call
         return jax.lax.while_loop(
             lambda st: (st.step < budget) & ~jnp.all(st.done),
             lambda st: _decode_step(params, layers, st, eos_ids, cfg, sampling),
@@ -339,7 +360,7 @@ def generate(
     tokens, pad = pad_prompts(prompts, cfg, max_new_tokens)
     eos = eos_vector(eos_ids)
     state = prefill(params, tokens, pad, eos, key, cfg=cfg, sampling=sampling, max_new_tokens=max_new_tokens)
-    state = decode(params, unstack_layers(params, cfg), state, eos, cfg=cfg, sampling=sampling)
+    state = decode(params, state, eos, cfg=cfg, sampling=sampling)
     return SampleResult(
         tokens=np.asarray(state.tokens),
         lengths=np.asarray(state.lengths),

@@ -6,8 +6,8 @@ float64 numpy implementation of temperature / top-k / top-p. Tiny random models 
 global; window 8 < the longest prompt), float32. Their norm weights are random and large so that greedy
 paths move from token to token instead of repeating one token.
 
-Compiles dominate the run time, so tests share shapes: batches of 4 prompts in the 20-slot bucket with 10
-new tokens wherever possible.
+Compiles (~30, about 2.5 s each on the 2-core box) dominate the run time, so tests share shapes: 4 greedy or 16
+sampled prompts in the 20-slot bucket with 10 new tokens wherever possible.
 """
 
 from __future__ import annotations
@@ -145,13 +145,27 @@ def _reference_logprobs(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
         return np.log(p)
 
 
-def test_sampled_tokens_lie_in_the_allowed_set_with_their_logprobs(tiny2):
-    """Reference: the teacher-forced no-cache forward over prompt + completion, then the float64 sampling
-    distribution. Every sampled token is inside top-k / top-p; its log-prob matches within 2e-4."""
+SAMPLED_LENGTHS = (9, 20, 3, 14, 1, 17, 6, 11, 2, 16, 8, 19, 4, 12, 10, 5)  # 16 rows, bucket 20
+
+
+def _sample(tiny2, prompts, seed):
     cfg, params = tiny2
-    prompts = _prompts()
-    result = model.generate(params, cfg, prompts, jax.random.key(3), max_new_tokens=NEW, eos_ids=(),
-                            temperature=SAMPLING.temperature, top_k=SAMPLING.top_k, top_p=SAMPLING.top_p)
+    return model.generate(params, cfg, prompts, jax.random.key(seed), max_new_tokens=NEW, eos_ids=(),
+                          temperature=SAMPLING.temperature, top_k=SAMPLING.top_k, top_p=SAMPLING.top_p)
+
+
+@pytest.fixture(scope="module")
+def sampled(tiny2):
+    """16 prompts sampled with SAMPLING and key 7: (prompts, result). Shared so the batch compiles once."""
+    prompts = _prompts(SAMPLED_LENGTHS, seed=5)
+    return prompts, _sample(tiny2, prompts, 7)
+
+
+def test_sampled_tokens_lie_in_the_allowed_set_with_their_logprobs(tiny2, sampled):
+    """Reference: the teacher-forced no-cache forward over prompt + completion, then the float64 sampling
+    distribution. Every sampled token (16 rows x 10) is inside top-k / top-p; its log-prob matches within 2e-4."""
+    cfg, params = tiny2
+    prompts, result = sampled
     for row, prompt in enumerate(prompts):
         buf = np.zeros(BUFFER, np.int32)
         seq = prompt + result.tokens[row].tolist()
@@ -163,31 +177,30 @@ def test_sampled_tokens_lie_in_the_allowed_set_with_their_logprobs(tiny2):
             np.testing.assert_allclose(result.logprobs[row, j], ref[token], atol=2e-4)
 
 
-def test_a_row_does_not_depend_on_other_rows_or_its_padding(tiny2):
-    """Reference: the same prompt sampled alone (batch 1, bucket 16) vs as row 0 of a batch of 4 (bucket 20,
-    4 more padding slots). Same key: identical tokens, log-probs within 1e-5."""
-    cfg, params = tiny2
-    prompts = _prompts((9, 20, 3, 14), seed=5)
-    kwargs = dict(max_new_tokens=NEW, eos_ids=(), temperature=SAMPLING.temperature, top_k=SAMPLING.top_k,
-                  top_p=SAMPLING.top_p)
-    batch = model.generate(params, cfg, prompts, jax.random.key(7), **kwargs)
-    alone = model.generate(params, cfg, prompts[:1], jax.random.key(7), **kwargs)
+def test_a_row_does_not_depend_on_other_rows_or_its_padding(tiny2, sampled):
+    """Reference: the same prompt sampled (a) alone (batch 1, bucket 16) vs as row 0 of the batch of 16 (bucket
+    20, 4 more padding slots), and (b) as row 9 of two batches of 16 whose other rows all differ (prefill runs 8
+    rows at a time, so row 9 shares its group with 7 different prompts). Same key: identical tokens, log-probs
+    within 1e-5. (Row r draws with fold_in(key, r), so a prompt is compared at the same index.)"""
+    prompts, batch = sampled
+    others = _prompts(SAMPLED_LENGTHS[::-1], seed=6)
+    others[9] = prompts[9]
+    alone, mixed = _sample(tiny2, prompts[:1], 7), _sample(tiny2, others, 7)
     np.testing.assert_array_equal(batch.tokens[0], alone.tokens[0])
     np.testing.assert_allclose(batch.logprobs[0], alone.logprobs[0], atol=1e-5)
+    np.testing.assert_array_equal(batch.tokens[9], mixed.tokens[9])
+    np.testing.assert_allclose(batch.logprobs[9], mixed.logprobs[9], atol=1e-5)
+    assert (batch.tokens[8] != mixed.tokens[8]).any()  # the neighbours really differ
 
 
-def test_same_key_same_samples_other_key_other_samples(tiny2):
-    """Reference: the sampler itself. Same key -> bit-identical tokens and log-probs; another key -> the 40
+def test_same_key_same_samples_other_key_other_samples(tiny2, sampled):
+    """Reference: the sampler itself. Same key -> bit-identical tokens and log-probs; another key -> the 160
     sampled tokens differ somewhere."""
-    cfg, params = tiny2
-    kwargs = dict(max_new_tokens=NEW, eos_ids=(), temperature=SAMPLING.temperature, top_k=SAMPLING.top_k,
-                  top_p=SAMPLING.top_p)
-    a = model.generate(params, cfg, _prompts(), jax.random.key(11), **kwargs)
-    b = model.generate(params, cfg, _prompts(), jax.random.key(11), **kwargs)
-    c = model.generate(params, cfg, _prompts(), jax.random.key(12), **kwargs)
-    np.testing.assert_array_equal(a.tokens, b.tokens)
-    np.testing.assert_array_equal(a.logprobs, b.logprobs)
-    assert (a.tokens != c.tokens).any()
+    prompts, first = sampled
+    again, other = _sample(tiny2, prompts, 7), _sample(tiny2, prompts, 8)
+    np.testing.assert_array_equal(first.tokens, again.tokens)
+    np.testing.assert_array_equal(first.logprobs, again.logprobs)
+    assert (first.tokens != other.tokens).any()
 
 
 def test_eos_stops_a_row_and_the_rest_is_padding(tiny2):
@@ -224,8 +237,7 @@ def test_decode_is_one_while_loop_in_the_lowered_hlo(tiny2):
     greedy = SamplingConfig(temperature=0)
     state = jax.eval_shape(lambda: sampler.prefill(params, tokens, pad, eos, jax.random.key(0), cfg=cfg,
                                                    sampling=greedy, max_new_tokens=NEW))
-    layers = sampler.unstack_layers(params, cfg)
-    text = sampler.decode.lower(params, layers, state, eos, cfg=cfg, sampling=greedy).as_text()
+    text = sampler.decode.lower(params, state, eos, cfg=cfg, sampling=greedy).as_text()
     main = next(f for f in text.split("func.func")[1:] if f.lstrip().startswith("public @main"))
     assert main.count("stablehlo.while") == 1  # (threefry's own loop lives in a private function)
 
