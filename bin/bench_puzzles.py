@@ -7,16 +7,14 @@ A measurement to report, never a test: the numbers depend on the machine and its
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
 
-from absl import app, flags  # noqa: E402
-
-from data.countdown import score  # noqa: E402
-from data.puzzles import generate  # noqa: E402
+from bin import cli
+from bin.cli import FlagError
+from data.countdown import score
+from data.puzzles import generate
 
 F = flags.FLAGS
 flags.DEFINE_integer("n", 100_000, "Puzzles to generate.")
@@ -24,10 +22,9 @@ flags.DEFINE_integer("seed", 0, "Generator seed.")
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.no_extra_args(argv)
     if F.n < 1:
-        raise app.UsageError(f"--n must be >= 1, got {F.n}")
+        raise FlagError(f"--n must be >= 1, got {F.n}")
     wall, cpu = time.perf_counter(), time.process_time()
     puzzles = generate(F.n, F.seed)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -39,5 +36,9 @@ def main(argv: list[str]) -> None:
     print(f"score: {F.n / elapsed:,.0f} completions/s; {solved}/{F.n} stored solutions score 1.0")
 
 
+def run() -> None:
+    cli.run(main)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

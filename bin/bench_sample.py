@@ -18,25 +18,23 @@ model.sampler.decode), compiled ahead of time, run once as a warm-up, then timed
 
 from __future__ import annotations
 
-import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-import model  # noqa: E402
-from model import sampler  # noqa: E402
-from model.forward import decoder_layer, layer_constants  # noqa: E402
-from model.sampling import SamplingConfig  # noqa: E402
+import model
+from bin import cli
+from bin.cli import FlagError
+from model import sampler
+from model.forward import decoder_layer, layer_constants
+from model.sampling import SamplingConfig
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model_dir", None, "HF-layout checkpoint dir (default: the embedded Gemma 3 270M).")
+cli.define_model_dir_flag()
 flags.DEFINE_bool("random_270m", False, "Use random weights with the gemma3-270m preset shape instead.")
 flags.DEFINE_list("batch_sizes", ["1", "8", "32"], "Batch sizes to measure.")
 flags.DEFINE_integer("prompt_len", 150, "Prompt tokens per row.")
@@ -52,15 +50,8 @@ def load_model() -> tuple[model.GemmaConfig, dict, str]:
         cfg = model.get_preset("gemma3-270m")
         params = jax.jit(model.init_params, static_argnums=1)(jax.random.key(0), cfg)
         return cfg, params, "random gemma3-270m"
-    if FLAGS.model_dir:
-        path = Path(FLAGS.model_dir)
-    else:
-        from model.default_model import default_model_dir
-
-        path = Path(default_model_dir())
-    if not path.is_dir():
-        raise FileNotFoundError(f"--model_dir {path} is not a directory; pass --random_270m to bench random weights")
-    cfg, params = model.load_hf_checkpoint(path)
+    path = cli.resolve_model_dir(FLAGS.model_dir)
+    cfg, params = cli.load_model(path, jnp.float32)
     return cfg, params, path.name
 
 
@@ -84,7 +75,7 @@ def bench_batch(cfg, params, batch: int) -> dict:
     """Times prefill and decode for one batch size; returns the row of the report."""
     ids = np.random.default_rng(0).integers(FIRST_FREE_ID, cfg.vocab_size, FLAGS.prompt_len - 1)
     tokens, pad = sampler.pad_prompts([[BOS, *ids.tolist()]] * batch, cfg, FLAGS.new_tokens)
-    eos = sampler.eos_vector(())  # no stop ids: every row decodes the full budget
+    eos = sampler.stop_rule(cfg, ())  # no stop ids: every row decodes the full budget
     key = jax.random.key(0)
     prefill = sampler.prefill.lower(params, tokens, pad, eos, key, cfg=cfg, sampling=GREEDY,
                                     max_new_tokens=FLAGS.new_tokens).compile()
@@ -113,14 +104,13 @@ def bench_batch(cfg, params, batch: int) -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.no_extra_args(argv)
     try:
         batches = [int(b) for b in FLAGS.batch_sizes]
     except ValueError:
-        raise app.UsageError(f"--batch_sizes must be integers, got {FLAGS.batch_sizes}") from None
+        raise FlagError(f"--batch_sizes must be integers, got {FLAGS.batch_sizes}") from None
     if min(batches) < 1 or FLAGS.prompt_len < 2 or FLAGS.new_tokens < 2 or FLAGS.repeats < 1:
-        raise app.UsageError("need batch sizes >= 1, --prompt_len >= 2, --new_tokens >= 2, --repeats >= 1")
+        raise FlagError("need batch sizes >= 1, --prompt_len >= 2, --new_tokens >= 2, --repeats >= 1")
     cfg, params, name = load_model()
     print(f"{name}: float32, prompt {FLAGS.prompt_len}, {FLAGS.new_tokens} new tokens, greedy, no early stop, "
           f"median of {FLAGS.repeats} after a warm-up; {jax.devices()[0].device_kind} x{jax.device_count()}")
@@ -134,5 +124,9 @@ def main(argv):
               f"{r['decode_ms_step']:.0f} | {r['decode_gflop_s']:.1f}", flush=True)
 
 
+def run() -> None:
+    cli.run(main)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

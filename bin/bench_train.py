@@ -9,17 +9,15 @@ Median of --repeats timed steps after one warm-up (compile) step, with log-probs
 
 from __future__ import annotations
 
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
 
-from absl import app, flags  # noqa: E402
+from bin import cli
 
 F = flags.FLAGS
-flags.DEFINE_string("model_dir", None, "HF-layout checkpoint. Default: the embedded Gemma 3 270M.")
+cli.define_model_dir_flag()
 flags.DEFINE_bool("random", False, "Random weights of the gemma3-270m preset instead of a checkpoint.")
 flags.DEFINE_integer("rows", 16, "Batch rows.")
 flags.DEFINE_integer("prompt_len", 160, "Prompt tokens per row (left part).")
@@ -30,7 +28,7 @@ flags.DEFINE_list("tails", ["0", "completion"], "Log-prob tails to time: 0 = all
 
 
 def main(argv):
-    del argv
+    cli.no_extra_args(argv)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -42,9 +40,7 @@ def main(argv):
         cfg = model.get_preset("gemma3-270m")
         params = model.init_params(jax.random.key(0), cfg)
     else:
-        from model.default_model import default_model_dir
-
-        cfg, params = model.load_hf_checkpoint(F.model_dir or default_model_dir())
+        cfg, params = cli.load_model(cli.resolve_model_dir(F.model_dir), jnp.float32)
     t = F.prompt_len + F.completion_len
     rng = np.random.default_rng(0)
     batch = {
@@ -78,5 +74,9 @@ def main(argv):
         del p, opt
 
 
+def run() -> None:
+    cli.run(main)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -7,15 +7,13 @@
 Importing into a directory that already holds the same import does nothing.
 """
 
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
 
-from absl import app, flags  # noqa: E402
-
-from model.default_model import default_model_dir, import_embedded  # noqa: E402
-from model.gguf_import import import_gguf  # noqa: E402
+from bin import cli
+from bin.cli import FlagError
+from model.default_model import default_model_dir, import_embedded
+from model.gguf_import import import_gguf
 
 _GGUF = flags.DEFINE_string("gguf", None, "GGUF file to import; default: the embedded Gemma 3 270M package.")
 _OUT = flags.DEFINE_string("out", None, "Output directory; default (only without --gguf): the embedded model's cache "
@@ -23,21 +21,24 @@ _OUT = flags.DEFINE_string("out", None, "Output directory; default (only without
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.no_extra_args(argv)
     try:
         if _GGUF.value is not None:
             if _OUT.value is None:
-                raise app.UsageError("--out is required with --gguf")
+                raise FlagError("--out is required with --gguf")
             out = import_gguf(_GGUF.value, _OUT.value)
         elif _OUT.value is not None:
             out = import_embedded(_OUT.value)
         else:
             out = default_model_dir()
     except (FileNotFoundError, ValueError, ImportError) as e:
-        sys.exit(f"error: {e}")
+        raise FlagError(f"--{'gguf' if _GGUF.value else 'out'}: {e}") from None
     print(out)
 
 
+def run() -> None:
+    cli.run(main)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

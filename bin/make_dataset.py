@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
 
-from absl import app, flags  # noqa: E402
-
-from data.puzzles import Puzzle, PuzzleConfig, make_splits  # noqa: E402
+from bin import cli
+from bin.cli import FlagError
+from data.puzzles import Puzzle, PuzzleConfig, make_splits
 
 F = flags.FLAGS
 flags.DEFINE_integer("num_train", 100_000, "Training puzzles.")
@@ -37,13 +36,13 @@ def config_from_flags() -> PuzzleConfig:
     try:
         counts = tuple(int(c) for c in F.counts)
     except ValueError:
-        raise app.UsageError(f"--counts must be integers, got {F.counts}") from None
+        raise FlagError(f"--counts must be integers, got {F.counts}") from None
     try:
         return PuzzleConfig(
             counts=counts, num_min=F.num_min, num_max=F.num_max, target_min=F.target_min, target_max=F.target_max
         )
     except ValueError as e:
-        raise app.UsageError(str(e)) from None
+        raise FlagError(str(e)) from None
 
 
 def write_jsonl(path: str, puzzles: list[Puzzle]) -> None:
@@ -53,12 +52,11 @@ def write_jsonl(path: str, puzzles: list[Puzzle]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.no_extra_args(argv)
     if not F.out:
-        raise app.UsageError("--out is required: the directory for train.jsonl and test.jsonl")
+        raise FlagError("--out is required: the directory for train.jsonl and test.jsonl")
     if F.num_train < 0 or F.num_test < 0:
-        raise app.UsageError(f"--num_train and --num_test must be >= 0, got {F.num_train} and {F.num_test}")
+        raise FlagError(f"--num_train and --num_test must be >= 0, got {F.num_train} and {F.num_test}")
     cfg = config_from_flags()
     start = time.perf_counter()
     train, test = make_splits(F.num_train, F.num_test, F.seed, cfg)
@@ -71,5 +69,9 @@ def main(argv: list[str]) -> None:
         print(f"  nums={list(p.nums)} target={p.target}  solution: {p.solution}")
 
 
+def run() -> None:
+    cli.run(main)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -6,11 +6,12 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
+
+from bin import cli
+from bin.cli import FlagError
 
 F = flags.FLAGS
 flags.DEFINE_string("run_dir", None, "A bin/train --output_dir (holds metrics.jsonl).")
@@ -46,10 +47,10 @@ def plot(run_dir: Path, out: Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("bin/plot needs matplotlib: pip install -e '.[plot]'") from None
+        raise FlagError("bin/plot needs matplotlib: pip install -e '.[plot]'") from None
     steps = read_jsonl(run_dir / "metrics.jsonl")
     if not steps:
-        raise SystemExit(f"error: no metrics in {run_dir / 'metrics.jsonl'}")
+        raise FlagError(f"--run_dir: no metrics in {run_dir / 'metrics.jsonl'}")
     evals = read_jsonl(run_dir / "eval.jsonl")
     fig, axes = plt.subplots(2, 3, figsize=(14, 7))
     for ax, (key, title) in zip(axes.flat, PANELS, strict=True):
@@ -73,16 +74,21 @@ def plot(run_dir: Path, out: Path) -> Path:
 
 
 def main(argv):
-    del argv
+    cli.no_extra_args(argv)
     if not F.run_dir:
-        raise app.UsageError("--run_dir is required")
+        raise FlagError("--run_dir is required")
     run_dir = Path(F.run_dir)
     if not run_dir.is_dir():
-        print(f"error: --run_dir: no such directory {run_dir}", file=sys.stderr)
-        sys.exit(2)
-    print(plot(run_dir, Path(F.out) if F.out else run_dir / "curves.png"))
+        raise FlagError(f"--run_dir: no such directory {run_dir}")
+    try:
+        print(plot(run_dir, Path(F.out) if F.out else run_dir / "curves.png"))
+    except ValueError as e:  # a malformed JSON line: file and line number
+        raise FlagError(f"--run_dir: {e}") from None
+
+
+def run() -> None:
+    cli.run(main)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    app.run(main)
+    run()

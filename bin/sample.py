@@ -1,7 +1,7 @@
 """Sample completions from a Gemma checkpoint with the batched KV-cache sampler (model.generate).
 
     bin/sample --prompt "Paris is the capital of" --temperature 0 --max_new_tokens 16
-    bin/sample --checkpoint DIR --prompts_file prompts.txt --num_samples 4 --top_p 0.95 --seed 1
+    bin/sample --model_dir DIR --prompts_file prompts.txt --num_samples 4 --top_p 0.95 --seed 1
 
 All prompts (each repeated --num_samples times) go through ONE batched generate call. Rows stop at the
 tokenizer's stop ids (<eos>, <end_of_turn>). The last line reports generated tokens per second over that
@@ -11,22 +11,21 @@ shapes; --warmup runs the same call once untimed first).
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+from absl import flags
 
-import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-import model  # noqa: E402
-from model.tokenizer import Tokenizer  # noqa: E402
+import model
+from bin import cli
+from bin.cli import FlagError
+from model.sampling import SamplingConfig
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "HF-layout checkpoint dir (default: the embedded Gemma 3 270M).")
-flags.DEFINE_string("tokenizer", None, "SentencePiece tokenizer.model (default: <checkpoint>/tokenizer.model).")
+cli.define_model_dir_flag()  # --checkpoint is kept as an alias
+cli.define_tokenizer_flag()
+cli.define_dtype_flag("float32")
 flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for several.")
 flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line (blank lines skipped).")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 = greedy.")
@@ -44,44 +43,38 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
     if prompts_file:
         path = Path(prompts_file)
         if not path.is_file():
-            raise FileNotFoundError(f"--prompts_file {path} does not exist")
+            raise FlagError(f"--prompts_file: {path} does not exist")
         out += [line for line in path.read_text().splitlines() if line.strip()]
     if not out:
-        raise app.UsageError("no prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE")
+        raise FlagError("no prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE")
     return out
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.no_extra_args(argv)
     if FLAGS.num_samples < 1:
-        raise app.UsageError(f"--num_samples must be >= 1, got {FLAGS.num_samples}")
+        raise FlagError(f"--num_samples must be >= 1, got {FLAGS.num_samples}")
     texts = read_prompts(FLAGS.prompt, FLAGS.prompts_file)
-    if FLAGS.checkpoint:
-        checkpoint = Path(FLAGS.checkpoint)
-    else:
-        from model.default_model import default_model_dir
-
-        checkpoint = Path(default_model_dir())
-    if not checkpoint.is_dir():
-        raise FileNotFoundError(f"--checkpoint {checkpoint} is not a directory (expected an HF-layout checkpoint)")
-    tokenizer = Tokenizer(FLAGS.tokenizer or checkpoint / "tokenizer.model")
-    cfg, params = model.load_hf_checkpoint(checkpoint)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model only {cfg.vocab_size} rows")
+    try:
+        sampling = SamplingConfig(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
+    except ValueError as e:  # the config names the field, which is the flag's name
+        raise FlagError(f"--{e}") from None
+    model_dir = cli.resolve_model_dir(FLAGS.model_dir)
+    tokenizer = cli.load_tokenizer(FLAGS.tokenizer, model_dir, cli.load_model_config(model_dir))
+    cfg, params = cli.load_model(model_dir, cli.resolve_dtypes(FLAGS.dtype, jax.default_backend())[0])
 
     prompts = [tokenizer.encode(t, add_bos=True) for t in texts for _ in range(FLAGS.num_samples)]
 
-    def run():
+    def sample_once():
         return model.generate(
             params, cfg, prompts, jax.random.key(FLAGS.seed), max_new_tokens=FLAGS.max_new_tokens,
-            temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, eos_ids=tokenizer.stop_ids,
+            temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, eos_ids=tokenizer.stop_ids,
         )
 
     if FLAGS.warmup:
-        run()
+        sample_once()
     start = time.perf_counter()
-    result = run()
+    result = sample_once()
     elapsed = time.perf_counter() - start
 
     for row, tokens in enumerate(result.tokens):
@@ -95,5 +88,9 @@ def main(argv):
           f"(batch {len(prompts)}, compilation {compiled})")
 
 
+def run() -> None:
+    cli.run(main)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -1,6 +1,6 @@
 """GRPO on Countdown, end to end: the main job.
 
-    bin/train --output_dir runs/quickstart                 # embedded Gemma 3 270M, CPU-sized defaults
+    bin/train --output_dir runs/quickstart                 # or: python -m bin.train --output_dir ...
     bin/train --model_dir ~/gemma-2-2b --dtype bfloat16 --mesh data=1,fsdp=8 --prompts_per_step 16 \\
         --num_generations 8 --max_new_tokens 512 --steps 500 --learning_rate 1e-6 --output_dir runs/2b
 
@@ -11,23 +11,26 @@ compiles. Re-running the same command resumes from the latest checkpoint in --ou
 
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags, logging
 
-from absl import app, flags, logging  # noqa: E402
+from bin import cli, recipes
+from bin.cli import FlagError
 
 F = flags.FLAGS
 # Model and data
-flags.DEFINE_string("model_dir", None, "HF-layout checkpoint dir (config.json + safetensors). Default: the embedded "
-                    "Gemma 3 270M, imported once from the GGUF package into ~/.cache.")
-flags.DEFINE_string("tokenizer", None, "SentencePiece model file. Default: <model_dir>/tokenizer.model.")
-flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
-                  "auto: float32 params everywhere, bf16 compute off-CPU (bf16 params lose lr-1e-6 updates).")
+cli.define_model_dir_flag()
+cli.define_tokenizer_flag()
+cli.define_dtype_flag("auto")
 flags.DEFINE_string("data_file", None, "TinyZero Countdown-Tasks-3to4 file (JSONL or Parquet). Default: generate.")
 flags.DEFINE_integer("num_train_puzzles", 20_000, "Generated puzzles for training (without --data_file).")
 flags.DEFINE_enum("template", "base", ["base", "chat"], "Prompt template: TinyZero's base, or Gemma chat turns.")
+flags.DEFINE_string("recipe", None, "A named set of flag defaults (bin/recipes.py): laptop. Explicit flags win.")
+flags.DEFINE_string("curriculum", "off", "Difficulty ladder (data/curriculum.py): off (TinyZero's puzzles only) or "
+                    "countdown (two small numbers up to TinyZero's puzzles; shaped rewards on the easy levels).")
+flags.DEFINE_float("promote_at", 0.5, "Move up a level once the sampled solved rate over the last 4 steps reaches "
+                   "this, in (0, 1].")
 flags.DEFINE_string("output_dir", "runs/countdown", "Metrics, samples, checkpoints, the final HF export.")
 # Loop
 flags.DEFINE_integer("steps", 5, "GRPO steps (rollout batches).")
@@ -40,6 +43,8 @@ flags.DEFINE_integer("seed", 0, "Seeds data order, sampling and puzzle generatio
 flags.DEFINE_bool("resume", True, "Continue from the latest checkpoint in --output_dir.")
 flags.DEFINE_list("profile_steps", [], "A,B: wrap steps A..B in jax.profiler.trace into <output_dir>/profile.")
 flags.DEFINE_integer("max_bad_steps", 3, "Stop after this many non-finite steps in a row.")
+flags.DEFINE_list("log_to", [], "Also send the numbers to: tensorboard (<output_dir>/tensorboard), wandb "
+                  "(offline run in <output_dir>/wandb). metrics.jsonl is always written.")
 flags.DEFINE_bool("export_hf", True, "Write the final params as an HF checkpoint in <output_dir>/final_hf.")
 # GRPO knobs (names as in TRL / Tunix)
 flags.DEFINE_integer("num_generations", 4, "G: completions per prompt.")
@@ -59,38 +64,28 @@ flags.DEFINE_float("max_grad_norm", 1.0, "Global gradient-norm clip.")
 flags.DEFINE_bool("remat", False, "Rematerialise each layer in the backward pass (less memory, ~1/3 more FLOPs).")
 # Sampling
 flags.DEFINE_integer("max_new_tokens", 128, "Completion budget.")
+flags.DEFINE_bool("stop_at_answer", True, "End a rollout (and an eval) once its text has produced </answer>, inside "
+                  "the decode loop. TinyZero samples on to EOS or the budget.")
+flags.DEFINE_bool("skip_zero_std_groups", False, "Groups whose rewards are all equal neither enter the loss nor "
+                  "dilute its token count (DAPO's dynamic sampling, as a filter).")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature for rollouts (eval is greedy).")
 flags.DEFINE_integer("top_k", None, "Top-k for rollouts.")
 flags.DEFINE_float("top_p", None, "Top-p for rollouts.")
 # Devices
-flags.DEFINE_string("mesh", None, "Mesh axes, e.g. data=2,fsdp=4. Default: fsdp over all devices.")
+cli.define_mesh_flag(None)
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (jax.distributed).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's id.")
 
 
-class FlagError(ValueError):
-    """A bad flag value: printed as one line naming the flag."""
-
-
-def _parse_mesh(text: str | None, n_devices: int) -> dict[str, int]:
-    if not text:
-        return {"data": 1, "fsdp": n_devices}
-    axes = {"data": 1, "fsdp": 1}
-    for part in text.split(","):
-        name, _, value = part.partition("=")
-        if name.strip() not in axes or not value.strip().isdigit() or int(value) < 1:
-            raise FlagError(f"--mesh: expected data=N,fsdp=M, got {text!r}")
-        axes[name.strip()] = int(value)
-    if axes["data"] * axes["fsdp"] != n_devices:
-        raise FlagError(f"--mesh: {text} uses {axes['data'] * axes['fsdp']} devices but {n_devices} are present")
-    return axes
-
-
-def _load_task(cfg, tok):
-    from data import puzzles, tinyzero
+def _load_task(tok):
+    from data import curriculum, puzzles, tinyzero
     from grpo.tasks import CountdownTask
 
+    try:
+        levels = curriculum.ladder(F.curriculum)
+    except ValueError as e:
+        raise FlagError(f"--curriculum: {e}") from None
     if F.data_file:
         try:
             train = tinyzero.load_puzzles(F.data_file, *tinyzero.TINYZERO_TRAIN)
@@ -99,105 +94,162 @@ def _load_task(cfg, tok):
             raise FlagError(f"--data_file: {e}") from None
         if not train:
             raise FlagError(f"--data_file: no training rows in {F.data_file}")
-    else:
+    elif len(levels) == 1:  # no curriculum: today's splits, held-out puzzles from the run's seed
         train, test = puzzles.make_splits(F.num_train_puzzles, F.eval_size, F.seed)
-    return CountdownTask(train=train, test=test, tokenizer=tok, template=F.template, seed=F.seed)
+    else:
+        train, test = curriculum.level_splits(levels[-1], F.num_train_puzzles, F.eval_size, F.seed)
+    easier = [curriculum.level_splits(lv, F.num_train_puzzles, F.eval_size, F.seed) for lv in levels[:-1]]
+    return CountdownTask(train=[*(t for t, _ in easier), train], test=[*(h for _, h in easier), test], tokenizer=tok,
+                         template=F.template, seed=F.seed, levels=levels)
+
+
+# Lower bounds of the integer flags: one message per flag (exit 2 before anything is loaded).
+MIN_VALUES = {"steps": 0, "prompts_per_step": 1, "num_generations": 2, "max_new_tokens": 1, "eval_every": 0,
+              "eval_size": 0, "checkpoint_every": 1, "keep_checkpoints": 1, "seed": 0, "max_bad_steps": 1,
+              "num_micro_batches": 1, "num_train_puzzles": 1}
+WHY_MIN = {"num_generations": "GRPO compares at least 2 completions per prompt"}
 
 
 def _check_flags() -> None:
-    if F.steps < 0 or F.prompts_per_step < 1 or F.num_generations < 1 or F.max_new_tokens < 1:
-        raise FlagError("--steps >= 0, --prompts_per_step >= 1, --num_generations >= 1, --max_new_tokens >= 1")
-    if F.num_generations < 2:
-        raise FlagError("--num_generations: GRPO needs at least 2 completions per prompt to compare")
+    for name, low in MIN_VALUES.items():
+        if F[name].value < low:
+            why = f" ({WHY_MIN[name]})" if name in WHY_MIN else ""
+            raise FlagError(f"--{name} must be >= {low}, got {F[name].value}{why}")
     if F.profile_steps and (len(F.profile_steps) != 2 or not all(s.isdigit() for s in F.profile_steps)):
         raise FlagError(f"--profile_steps: expected A,B, got {','.join(F.profile_steps)}")
-    if F.checkpoint_every < 1:
-        raise FlagError("--checkpoint_every must be >= 1")
+    if not 0 < F.promote_at <= 1:
+        raise FlagError(f"--promote_at must be in (0, 1], got {F.promote_at}")
+    _check_multihost()
 
 
-def _setup():
-    """Everything that can fail on user input, before any compile. Returns what train() needs."""
-    _check_flags()
-    import jax
-    import jax.numpy as jnp
+def _check_multihost() -> None:
+    """jax.distributed.initialize waits for its peers, so a bad address would hang instead of failing."""
+    if F.coordinator_address is None:
+        for name in ("num_processes", "process_id"):
+            if F[name].value is not None:
+                raise FlagError(f"--{name} needs --coordinator_address (multi-host runs only)")
+        return
+    host, _, port = F.coordinator_address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise FlagError(f"--coordinator_address: expected host:port, got {F.coordinator_address!r}")
+    if F.num_processes is None or F.num_processes < 1:
+        raise FlagError(f"--num_processes must be >= 1 with --coordinator_address, got {F.num_processes}")
+    if F.process_id is None or not 0 <= F.process_id < F.num_processes:
+        raise FlagError(f"--process_id must be in [0, {F.num_processes}), got {F.process_id}")
 
-    import grpo
-    import model
-    from grpo.trainer import SamplingConfig, TrainConfig
-    from model.tokenizer import Tokenizer
 
-    if F.coordinator_address:
-        jax.distributed.initialize(F.coordinator_address, F.num_processes, F.process_id)
-    model_dir = F.model_dir
-    if model_dir is None:
-        from model.default_model import default_model_dir
+def _check_budget(task) -> None:
+    """The longest prompt's bucket plus --max_new_tokens must fit the sampler's cache."""
+    from model.sampler import MAX_CACHE_LEN, prompt_bucket
 
-        model_dir = str(default_model_dir())
-    if not os.path.isdir(model_dir):
-        raise FlagError(f"--model_dir: checkpoint directory not found: {model_dir}")
-    tok_path = F.tokenizer or os.path.join(model_dir, "tokenizer.model")
-    if not os.path.isfile(tok_path):
-        raise FlagError(f"--tokenizer: no tokenizer file at {tok_path}")
-    try:
-        cfg = model.load_config(model_dir)
-    except (ValueError, FileNotFoundError) as e:
-        raise FlagError(f"--model_dir: {e}") from None
-    tok = Tokenizer(tok_path)
-    # Multimodal checkpoints carry a few extra rows; a different tokenizer family differs by thousands.
-    if not 0 <= cfg.vocab_size - tok.vocab_size <= 1024:
-        raise FlagError(f"--tokenizer: {tok_path} has {tok.vocab_size} pieces but the model's vocabulary is "
-                        f"{cfg.vocab_size}: tokenizer and model do not match")
-    axes = _parse_mesh(F.mesh, len(jax.devices()))
+    items = [it for level in range(len(task.levels)) for it in task.eval_items(level)]
+    items += task.train_items(0, min(len(task.train[-1]), 256), level=len(task.levels) - 1)
+    longest = max(len(task.encode_prompt(it)) for it in items)
+    if prompt_bucket(longest) + F.max_new_tokens > MAX_CACHE_LEN:
+        raise FlagError(f"--max_new_tokens: {F.max_new_tokens} new tokens after a {longest}-token prompt "
+                        f"(bucket {prompt_bucket(longest)}) exceed the {MAX_CACHE_LEN}-token context")
+
+
+def _check_batch_layout(axes: dict[str, int]) -> None:
     batch = F.prompts_per_step * F.num_generations
     shards = axes["data"] * axes["fsdp"] * F.num_micro_batches
     if batch % shards:
         raise FlagError(f"--mesh/--num_micro_batches: the batch of {batch} rows (--prompts_per_step x "
                         f"--num_generations) does not divide into {axes['data']}x{axes['fsdp']} devices x "
                         f"{F.num_micro_batches} micro-batches")
-    task = _load_task(cfg, tok)
-    dtype = jnp.bfloat16 if F.dtype == "bfloat16" else jnp.float32
-    # f32 master weights with bf16 matmuls on TPU/GPU; on CPU bf16 is slower than f32, so f32 throughout.
-    compute_dtype = "bfloat16" if F.dtype == "auto" and jax.default_backend() != "cpu" else None
-    grpo_cfg = grpo.GRPOConfig(
-        num_generations=F.num_generations, beta=F.beta, epsilon_low=F.epsilon_low, epsilon_high=F.epsilon_high,
-        loss_type=F.loss_type, scale_rewards=F.scale_rewards, mask_truncated_completions=F.mask_truncated_completions,
-        num_micro_batches=F.num_micro_batches, learning_rate=F.learning_rate, warmup_steps=F.warmup_steps,
-        lr_schedule=F.lr_schedule, total_steps=max(F.steps * F.num_iterations, 1), weight_decay=F.weight_decay,
-        max_grad_norm=F.max_grad_norm, remat=F.remat, num_iterations=F.num_iterations,
-        max_completion_length=F.max_new_tokens, logprob_tail=F.max_new_tokens, compute_dtype=compute_dtype,
-        temperature=F.temperature if F.temperature > 0 else 1.0,
-    )
-    sampling = SamplingConfig(max_new_tokens=F.max_new_tokens, temperature=F.temperature, top_k=F.top_k,
-                              top_p=F.top_p)
-    tcfg = TrainConfig(
+
+
+def _configs(compute_dtype: str | None):
+    """GRPOConfig, RolloutConfig and TrainConfig from the flags; a rejected value names its flag."""
+    import grpo
+    from grpo.rollout import RolloutConfig
+    from grpo.trainer import TrainConfig
+    from model.sampling import SamplingConfig
+
+    try:
+        grpo_cfg = grpo.GRPOConfig(
+            num_generations=F.num_generations, beta=F.beta, epsilon_low=F.epsilon_low, epsilon_high=F.epsilon_high,
+            loss_type=F.loss_type, scale_rewards=F.scale_rewards, num_micro_batches=F.num_micro_batches,
+            mask_truncated_completions=F.mask_truncated_completions, learning_rate=F.learning_rate,
+            warmup_steps=F.warmup_steps, lr_schedule=F.lr_schedule, total_steps=max(F.steps * F.num_iterations, 1),
+            weight_decay=F.weight_decay, max_grad_norm=F.max_grad_norm, remat=F.remat,
+            num_iterations=F.num_iterations, compute_dtype=compute_dtype,
+        )
+        sampling = SamplingConfig(temperature=F.temperature, top_k=F.top_k, top_p=F.top_p)
+        rollout_cfg = RolloutConfig(max_new_tokens=F.max_new_tokens, sampling=sampling,
+                                    stop_at_answer=F.stop_at_answer, skip_zero_std_groups=F.skip_zero_std_groups)
+    except ValueError as e:  # the configs name the field, which is the flag's name
+        raise FlagError(f"--{e}") from None
+    train_cfg = TrainConfig(
         output_dir=F.output_dir, steps=F.steps, prompts_per_step=F.prompts_per_step, eval_every=F.eval_every,
         eval_size=F.eval_size, checkpoint_every=F.checkpoint_every, keep_checkpoints=F.keep_checkpoints,
         seed=F.seed, resume=F.resume, max_bad_steps=F.max_bad_steps, export_hf=F.export_hf,
         profile_steps=tuple(int(s) for s in F.profile_steps) if F.profile_steps else None,
+        log_to=tuple(_check_loggers()), promote_at=F.promote_at,
     )
+    return grpo_cfg, rollout_cfg, train_cfg
+
+
+def _check_loggers() -> list[str]:
+    from grpo.loggers import check_names
+
+    try:
+        return check_names(F.log_to)
+    except ValueError as e:  # unknown name or missing package; the message names --log_to
+        raise FlagError(str(e)) from None
+
+
+def _setup():
+    """Everything that can fail on user input, before any compile. Returns what train() needs."""
+    recipes.apply(F, F.recipe)
+    _check_flags()
+    import jax
+
+    import grpo
+
+    if F.coordinator_address:
+        jax.distributed.initialize(F.coordinator_address, F.num_processes, F.process_id)
+    dtype, compute_dtype = cli.resolve_dtypes(F.dtype, jax.default_backend())
+    grpo_cfg, rollout_cfg, train_cfg = _configs(compute_dtype)
+    axes = cli.parse_mesh(F.mesh, len(jax.devices()))
+    _check_batch_layout(axes)
+    model_dir = cli.resolve_model_dir(F.model_dir)
+    model_cfg = cli.load_model_config(model_dir)
+    tok = cli.load_tokenizer(F.tokenizer, model_dir, model_cfg)
+    task = _load_task(tok)
+    _check_budget(task)
+    cli.check_writable_dir("output_dir", F.output_dir)  # last: a bad flag above leaves nothing behind
     mesh = grpo.make_mesh(data=axes["data"], fsdp=axes["fsdp"])
-    return model_dir, dtype, task, grpo_cfg, sampling, tcfg, mesh
+    return model_dir, dtype, task, grpo_cfg, rollout_cfg, train_cfg, mesh
 
 
 def main(argv):
-    del argv
+    cli.no_extra_args(argv)
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-    try:
-        model_dir, dtype, task, grpo_cfg, sampling, tcfg, mesh = _setup()
-    except FlagError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    import model
+    model_dir, dtype, task, grpo_cfg, rollout_cfg, train_cfg, mesh = _setup()
+    from grpo.checkpoints import CheckpointMismatch
+    from grpo.run_files import RunWriteError
     from grpo.trainer import train
 
-    cfg, params = model.load_hf_checkpoint(model_dir, dtype=dtype)
-    print(f"model {model_dir}: {cfg.arch}, {cfg.num_params() / 1e6:.0f}M params, {dtype.__name__}; "
-          f"{len(task.train)} train / {len(task.test)} eval puzzles; mesh {dict(mesh.shape)}")
-    result = train(cfg, params, task, grpo_cfg, sampling, tcfg, mesh)
+    model_cfg, params = cli.load_model(model_dir, dtype)
+    print(f"model {model_dir}: {model_cfg.arch}, {model_cfg.num_params() / 1e6:.0f}M params, {dtype.__name__}; "
+          f"levels {', '.join(task.level_names)}; {len(task.train[-1])} train / {len(task.test[-1])} eval puzzles "
+          f"per level; mesh {dict(mesh.shape)}")
+    try:
+        result = train(model_cfg, params, task, grpo_cfg, rollout_cfg, train_cfg, mesh)
+    except CheckpointMismatch as e:
+        raise FlagError(f"--output_dir: {e} (use another --output_dir, or --noresume to start over there)") from None
+    except RunWriteError as e:  # disk full, quota: what was written before stays valid; re-run to continue
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     if result.get("reward_mean") is not None:
         print(f"done: last step reward {result['reward_mean']:.3f}, eval solved "
               f"{result.get('eval_solved_frac', float('nan')):.3f}; metrics in {F.output_dir}/metrics.jsonl")
 
 
+def run() -> None:
+    cli.run(main)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -1,21 +1,60 @@
 """Orbax checkpoints of the whole training state, so a run killed at any moment resumes on the same trajectory.
 
 What is saved at step s (the state AFTER s updates): params, optimizer state, and a small JSON record with
-the step, the data position, the PRNG key data and the run's settings. Saves are asynchronous (training
-continues while the files are written); orbax writes into a temporary directory and renames it when
-complete, so a kill mid-save leaves the previous checkpoint as the latest one. The last `keep` are kept.
+the step, the data position, the seed and the state's signature (every leaf's path, shape and dtype). Saves
+are asynchronous (training continues while the files are written); orbax writes into a temporary directory
+and renames it when complete, so a kill mid-save leaves the previous checkpoint as the latest one. The last
+`keep` are kept.
+
+Resume (`restore_latest`) trusts nothing it has not read back: newest first, a checkpoint whose record or
+arrays cannot be read (truncated or deleted files) is moved aside into `<output_dir>/damaged_checkpoints/`
+(never deleted) and the next older one is tried. A checkpoint that reads fine but holds a different state
+(another model, dtype, or adapter layout) is not damage: it raises CheckpointMismatch naming the first leaf
+that differs, since resuming it would be wrong and setting it aside would hide the user's mistake.
 """
 
 from __future__ import annotations
 
+import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+DAMAGED_DIR = "damaged_checkpoints"
+
+
+class CheckpointMismatch(ValueError):
+    """The latest intact checkpoint holds a different training state than this run builds."""
+
+
+def state_signature(params, opt_state) -> list[list]:
+    """[[path, shape, dtype], ...] of every params and optimizer-state leaf: what a checkpoint must match."""
+    out = []
+    for name, tree in (("params", params), ("opt_state", opt_state)):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            out.append([name + jax.tree_util.keystr(path), list(jnp.shape(leaf)), str(jnp.result_type(leaf))])
+    return out
+
+
+def signature_mismatch(saved: list[list], current: list[list]) -> str | None:
+    """A one-line description of the first difference between two signatures, or None if they agree."""
+    saved_by_path = {p: (s, d) for p, s, d in saved}
+    for path, shape, dtype in current:
+        if path not in saved_by_path:
+            return f"{path} ({shape} {dtype}) is not in the checkpoint"
+        if saved_by_path[path] != (shape, dtype):
+            s, d = saved_by_path[path]
+            return f"{path} is {s} {d} in the checkpoint but {shape} {dtype} in this run"
+    extra = sorted(saved_by_path.keys() - {p for p, _, _ in current})
+    return f"the checkpoint holds {extra[0]}, which this run does not have" if extra else None
 
 
 class TrainCheckpointer:
-    """Thin wrapper over orbax's CheckpointManager: save(step, ...), latest_step(), restore(step, ...)."""
+    """orbax's CheckpointManager with a signature in every record and a resume that survives damage."""
 
     def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
@@ -23,6 +62,7 @@ class TrainCheckpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, params, opt_state, record: dict) -> None:
+        record = {**record, "signature": state_signature(params, opt_state)}
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
@@ -45,6 +85,45 @@ class TrainCheckpointer:
             ),
         )
         return out["params"], out["opt_state"], out["record"]
+
+    def read_record(self, step: int) -> dict:
+        """Only the JSON record of a checkpoint (cheap: no arrays are read)."""
+        return self._manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
+
+    def restore_latest(self, params_like, opt_state_like, say: Callable[[str], None] = print):
+        """(step, params, opt_state, record) of the newest intact checkpoint, or None if there is none.
+
+        Damaged checkpoints on the way are moved aside (one line each through `say`); a checkpoint of a
+        different state raises CheckpointMismatch.
+        """
+        current = state_signature(params_like, opt_state_like)
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                record = self.read_record(step)
+            except Exception as e:  # noqa: BLE001 (orbax and tensorstore raise many types for a torn file)
+                self._set_aside(step, e, say)
+                continue
+            diff = signature_mismatch(record["signature"], current) if "signature" in record else None
+            if diff:
+                raise CheckpointMismatch(f"checkpoint {self.directory / str(step)} does not match this run: {diff}")
+            try:
+                params, opt_state, record = self.restore(step, params_like, opt_state_like)
+            except Exception as e:  # noqa: BLE001
+                self._set_aside(step, e, say)
+                continue
+            return step, params, opt_state, record
+        return None
+
+    def _set_aside(self, step: int, error: Exception, say: Callable[[str], None]) -> None:
+        """Move a damaged checkpoint out of the manager's directory (kept for inspection, never deleted)."""
+        aside = self.directory.parent / DAMAGED_DIR / f"{step}-{int(time.time())}"
+        if jax.process_index() == 0:
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(aside))
+        reason = " ".join(str(error).split())[:200]
+        say(f"checkpoint {self.directory / str(step)} is damaged ({type(error).__name__}: {reason}); "
+            f"moved to {aside}, trying the previous one")
+        self._manager.reload()
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

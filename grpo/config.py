@@ -1,7 +1,10 @@
 """GRPOConfig: every knob of the GRPO objective and of the optimizer step, in one frozen dataclass.
 
-Names follow TRL / Tunix / EasyDeL so users recognise them (shared/specs/grpo.md). The config is
-hashable, so it can be closed over by (or passed statically into) jitted functions.
+Names follow TRL's GRPOTrainer (https://huggingface.co/docs/trl/main/en/grpo_trainer), Tunix and EasyDeL so
+users recognise them. The config is hashable, so it can be closed over by (or passed statically into) jitted
+functions. Three fields describe the rollout rather than the objective (temperature, max_completion_length,
+logprob_tail); the training loop derives them from its RolloutConfig (grpo.rollout.align_grpo_config), so
+they cannot drift apart from what the sampler did.
 """
 
 from __future__ import annotations

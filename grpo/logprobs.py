@@ -10,8 +10,11 @@ Position 0 has no context and gets logprob 0 (and entropy 0). With `tail=N` only
 log-probs (the rest 0): the training batch puts every completion token there, and for a 262k vocabulary the
 unembedding is most of the step's FLOPs, so skipping the prompt positions saves about a third of the step.
 
-Two entry points: `logprobs` (one device, jitted) and `make_sharded_logprobs` (the same on the
-(data, fsdp) mesh under shard_map, for the old-policy and reference passes of the training loop).
+Entry points: `logprobs` (one device, jitted) and `make_sharded_logprobs` / `make_step_logprobs` (the same on
+the (data, fsdp) mesh under shard_map, for the old-policy and reference passes of the training loop; with
+LoRA the old policy is base + adapters, the reference the base params alone, so no second model is kept).
+The passes cast the weights to the step's compute dtype and run its micro-batch shapes through the same
+`sharded_token_logprobs`: at the first iteration the ratio is exactly 1 and at step 0 the KL exactly 0.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
 from grpo import sharding
+from grpo.config import GRPOConfig
 from model.config import GemmaConfig
-from model.forward import decoder_layer, default_positions, embed_tokens, hidden_states, layer_constants, rms_norm
+from model.forward import default_positions, embed_tokens, hidden_states, rms_norm, scan_layers
 from model.forward import unembed as model_unembed
+from model.lora import LoraConfig, attach, with_adapters
 
 DEFAULT_CHUNK = 256
 # Cap on the logits one chunk holds, in elements (64M floats = 256 MiB): with V = 262k and 16 rows a chunk of
@@ -37,7 +42,7 @@ GATHERED = "fsdp_gathered"
 
 
 def token_logprobs(
-    h: jax.Array, embed: jax.Array, tokens: jax.Array, cfg: GemmaConfig, *, chunk: int = DEFAULT_CHUNK,
+    h: jax.Array, embed: jax.Array, tokens: jax.Array, model_cfg: GemmaConfig, *, chunk: int = DEFAULT_CHUNK,
     temperature: float = 1.0, tail: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """From final hidden states h [B, T, D]: (logprobs [B, T], entropy [B, T]) float32, chunked over T.
@@ -56,7 +61,7 @@ def token_logprobs(
 
     @jax.checkpoint
     def one_chunk(hc, tc):
-        logits = model_unembed({"embed": embed}, hc, cfg) / temperature  # [B, c, V] float32
+        logits = model_unembed({"embed": embed}, hc, model_cfg) / temperature  # [B, c, V] float32
         logz = jax.nn.logsumexp(logits, axis=-1)  # [B, c]
         lp = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0] - logz
         z = jax.lax.stop_gradient(logits)  # entropy is a metric: no backward through it
@@ -76,18 +81,18 @@ def tail_start(length: int, tail: int | None) -> int:
     return 1 if tail is None else max(1, length - tail)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "chunk", "temperature", "tail"))
+@functools.partial(jax.jit, static_argnames=("model_cfg", "chunk", "temperature", "tail"))
 def logprobs(
-    params: dict, tokens: jax.Array, attention_mask: jax.Array, cfg: GemmaConfig, *, chunk: int = DEFAULT_CHUNK,
+    params: dict, tokens: jax.Array, attention_mask: jax.Array, model_cfg: GemmaConfig, *, chunk: int = DEFAULT_CHUNK,
     temperature: float = 1.0, tail: int | None = None,
 ) -> jax.Array:
     """[B, T] float32: logprob of tokens[:, t] given tokens[:, :t] under `params` (position 0 gets 0)."""
     _check_tokens(tokens, attention_mask)
-    h = hidden_states(params, tokens, cfg, attention_mask=attention_mask)
-    return token_logprobs(h, params["embed"], tokens, cfg, chunk=chunk, temperature=temperature, tail=tail)[0]
+    h = hidden_states(params, tokens, model_cfg, attention_mask=attention_mask)
+    return token_logprobs(h, params["embed"], tokens, model_cfg, chunk=chunk, temperature=temperature, tail=tail)[0]
 
 
-def embed_lookup(local_embed: jax.Array, tokens: jax.Array, spec, cfg: GemmaConfig) -> jax.Array:
+def embed_lookup(local_embed: jax.Array, tokens: jax.Array, spec, model_cfg: GemmaConfig) -> jax.Array:
     """Inside shard_map: model.embed_tokens for this device's rows [b, T] -> [b, T, D], from the local shard.
 
     With the vocab rows split over an axis of f devices, each device looks up the tokens of all f peers in
@@ -97,17 +102,17 @@ def embed_lookup(local_embed: jax.Array, tokens: jax.Array, spec, cfg: GemmaConf
     """
     axis = spec[0]
     if axis is None or spec[1] is not None:  # rows not split (fallback layouts): look up in the whole table
-        return embed_tokens({"embed": sharding.gather(local_embed, spec)}, tokens, cfg)
+        return embed_tokens({"embed": sharding.gather(local_embed, spec)}, tokens, model_cfg)
     rows = local_embed.shape[0]
     ids = jax.lax.all_gather(tokens, axis) - jax.lax.axis_index(axis) * rows  # [f, b, T], local row numbers
     mine = (ids >= 0) & (ids < rows)
-    x = embed_tokens({"embed": local_embed}, jnp.where(mine, ids, 0), cfg)  # [f, b, T, D]
+    x = embed_tokens({"embed": local_embed}, jnp.where(mine, ids, 0), model_cfg)  # [f, b, T, D]
     x = jnp.where(mine[..., None], x, jnp.zeros((), x.dtype))
     return jax.lax.psum_scatter(x, axis, scatter_dimension=0)  # [b, T, D]: exactly one device adds non-zeros
 
 
 def fsdp_hidden_states(
-    local: dict, tokens: jax.Array, attention_mask: jax.Array, cfg: GemmaConfig, specs: dict, *,
+    local: dict, tokens: jax.Array, attention_mask: jax.Array, model_cfg: GemmaConfig, specs: dict, *,
     remat: bool = False,
 ) -> jax.Array:
     """model.hidden_states inside shard_map: each layer's weights are all-gathered over fsdp as it runs.
@@ -116,51 +121,94 @@ def fsdp_hidden_states(
     gathered weights are never saved for the backward pass (re-gathered there instead, as FSDP does);
     with remat, nothing inside a layer is saved either.
     """
-    positions = default_positions(tokens, attention_mask)
+    positions = default_positions(tokens, attention_mask)  # [b, T]
     valid = attention_mask.astype(bool)
-    x = embed_lookup(local["embed"], tokens, specs["embed"], cfg)
+    x = embed_lookup(local["embed"], tokens, specs["embed"], model_cfg)  # [b, T, D]
     per_layer = sharding.layer_specs(specs)
 
-    def body(x, layer):
-        lp_local, c = layer
-        lp = jax.tree.map(lambda w, s: checkpoint_name(sharding.gather(w, s), GATHERED), lp_local, per_layer)
-        return decoder_layer(lp, x, c, positions, valid, cfg), None
+    def gather_layer(lp_local: dict) -> dict:  # one layer's full weights, tagged so the policy never saves them
+        return jax.tree.map(lambda w, s: checkpoint_name(sharding.gather(w, s), GATHERED), lp_local, per_layer)
 
     policy = (jax.checkpoint_policies.nothing_saveable if remat
               else jax.checkpoint_policies.save_anything_except_these_names(GATHERED))
-    body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    with jax.named_scope("layers"):
-        x, _ = jax.lax.scan(body, x, (local["layers"], layer_constants(cfg)))
+    x, _ = scan_layers(local["layers"], x, positions, valid, model_cfg, prepare_layer=gather_layer, remat_policy=policy)
     final_norm = sharding.gather(local["final_norm"], specs["final_norm"])
-    return rms_norm(x, final_norm, cfg.rms_eps)
+    return rms_norm(x, final_norm, model_cfg.rms_eps)
+
+
+def sharded_token_logprobs(
+    local: dict, tokens: jax.Array, attention_mask: jax.Array, model_cfg: GemmaConfig, specs: dict, *,
+    chunk: int = DEFAULT_CHUNK, temperature: float = 1.0, tail: int | None = None, remat: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Inside shard_map: (logprobs, entropy) [b, T] of this device's rows under the local weight shards.
+
+    The one definition shared by the training step's loss and the old / reference log-prob passes, so for
+    the same weights, rows and settings they compute the same numbers (the ratio is 1, the KL 0, exactly).
+    """
+    h = fsdp_hidden_states(local, tokens, attention_mask, model_cfg, specs, remat=remat)  # [b, T, D]
+    embed = sharding.gather(local["embed"], specs["embed"])  # [V, D], only for the chunked unembedding
+    return token_logprobs(h, embed, tokens, model_cfg, chunk=chunk, temperature=temperature, tail=tail)
+
+
+def cast_params(params: dict, dtype: str | None) -> dict:
+    """The weights a forward pass computes with: every leaf cast to `dtype` (None: as stored). Gradients flow
+    back through the cast, so float32 master weights train with bf16 compute."""
+    if dtype is None:
+        return params
+    return jax.tree.map(lambda w: w.astype(dtype), params)
 
 
 def make_sharded_logprobs(
-    cfg: GemmaConfig, mesh: Mesh, *, chunk: int = DEFAULT_CHUNK, temperature: float = 1.0,
-    tail: int | None = None, compiler_options: dict | None = None,
+    model_cfg: GemmaConfig, mesh: Mesh, *, chunk: int = DEFAULT_CHUNK, temperature: float = 1.0,
+    tail: int | None = None, compute_dtype: str | None = None, num_micro_batches: int = 1,
+    lora_cfg: LoraConfig | None = None, compiler_options: dict | None = None,
 ):
-    """Jitted fn(params, tokens, attention_mask) -> [B, T] float32 logprobs on the mesh.
+    """Jitted fn(params, tokens, attention_mask) -> [B, T] float32 logprobs on the mesh; with lora_cfg,
+    fn(params, adapters, tokens, attention_mask) under base + adapters.
 
-    Params laid out as sharding.param_specs says; rows split over (data, fsdp); output the same way.
+    Params (and adapters) laid out as grpo/sharding.py says; rows split over (data, fsdp); output the same way.
+    compute_dtype and num_micro_batches: as the training step uses them (weights cast, each device's rows in
+    M pieces), so old and reference log-probs are bit-identical to the step's own; `make_step_logprobs`
+    reads all of these from a GRPOConfig.
     """
-    specs = sharding.param_specs(cfg, mesh)
+    specs = sharding.param_specs(model_cfg, mesh)
+    adapter_specs = {} if lora_cfg is None else sharding.adapter_specs(model_cfg, lora_cfg, mesh)
+    weight_specs = specs if lora_cfg is None else attach(specs, adapter_specs)
     rows = sharding.batch_spec(2)
 
-    def body(local, tokens, attention_mask):
-        h = fsdp_hidden_states(local, tokens, attention_mask, cfg, specs)
-        embed = sharding.gather(local["embed"], specs["embed"])  # [V, D] for the unembedding
-        return token_logprobs(h, embed, tokens, cfg, chunk=chunk, temperature=temperature, tail=tail)[0]
+    def body(local, local_adapters, tokens, attention_mask):
+        w = local if lora_cfg is None else with_adapters(local, local_adapters, lora_cfg)
+        w = cast_params(w, compute_dtype)
+        split = lambda x: x.reshape(num_micro_batches, -1, x.shape[1])  # [M, b / M, T]
+        one = lambda mb: sharded_token_logprobs(w, *mb, model_cfg, weight_specs, chunk=chunk,
+                                                temperature=temperature, tail=tail)[0]
+        return jax.lax.map(one, (split(tokens), split(attention_mask))).reshape(tokens.shape)
 
-    # in: params per the rules table, tokens and mask split by rows; out: logprobs split by rows.
-    mapped = jax.shard_map(body, mesh=mesh, in_specs=(specs, rows, rows), out_specs=rows, check_vma=True)
+    # in: params (and adapters) per the rules table, tokens and mask split by rows; out: logprobs split by rows.
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=(specs, adapter_specs, rows, rows), out_specs=rows,
+                           check_vma=True)
 
-    @functools.partial(jax.jit, compiler_options=compiler_options)
-    def run(params, tokens, attention_mask):
+    def run(params, adapters, tokens, attention_mask):
         _check_tokens(tokens, attention_mask)
-        _check_rows(tokens.shape[0], mesh.size, "make_sharded_logprobs")
-        return mapped(params, tokens, attention_mask.astype(jnp.int32))
+        _check_rows(tokens.shape[0], mesh.size * num_micro_batches, "make_sharded_logprobs")
+        return mapped(params, adapters, tokens, attention_mask.astype(jnp.int32))
 
-    return run
+    if lora_cfg is None:
+        return jax.jit(lambda params, tokens, attention_mask: run(params, {}, tokens, attention_mask),
+                       compiler_options=compiler_options)
+    return jax.jit(run, compiler_options=compiler_options)
+
+
+def make_step_logprobs(
+    model_cfg: GemmaConfig, grpo_cfg: GRPOConfig, mesh: Mesh, *, lora_cfg: LoraConfig | None = None,
+    compiler_options: dict | None = None,
+):
+    """make_sharded_logprobs with every setting the training step uses taken from grpo_cfg (chunk, temperature,
+    tail, compute dtype, micro-batches): the old- and reference-policy passes of the training loop."""
+    return make_sharded_logprobs(model_cfg, mesh, chunk=grpo_cfg.logits_chunk, temperature=grpo_cfg.temperature,
+                                 tail=grpo_cfg.logprob_tail, compute_dtype=grpo_cfg.compute_dtype,
+                                 num_micro_batches=grpo_cfg.num_micro_batches, lora_cfg=lora_cfg,
+                                 compiler_options=compiler_options)
 
 
 def _check_tokens(tokens, attention_mask) -> None:

@@ -1,4 +1,4 @@
-"""The GRPO objective per token, its three aggregations, and the step's metrics (shared/specs/grpo.md).
+"""The GRPO objective per token, its three aggregations, and the step's metrics.
 
     ratio  = exp(logp - logp_old)
     pg     = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
@@ -19,18 +19,18 @@ import jax
 import jax.numpy as jnp
 
 from grpo.config import GRPOConfig
-from grpo.logprobs import tail_start, token_logprobs
+from grpo.logprobs import cast_params, tail_start, token_logprobs
 from model.config import GemmaConfig
 from model.forward import hidden_states
 
 
 def per_token_loss(
-    logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None, advantages: jax.Array, cfg: GRPOConfig
+    logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None, advantages: jax.Array, grpo_cfg: GRPOConfig
 ) -> dict[str, jax.Array]:
     """[B, T] pieces: loss, pg, clipped (1.0 where the clip is active), kl (only if ref_logp is given)."""
     ratio = jnp.exp(logp - old_logp)
     a = advantages[:, None]  # [B, 1]: every token of a row shares its advantage
-    low, high = 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high
+    low, high = 1.0 - grpo_cfg.epsilon_low, 1.0 + grpo_cfg.epsilon_high
     pg = -jnp.minimum(ratio * a, jnp.clip(ratio, low, high) * a)
     # The clip is active (zero gradient) exactly where the clipped term is the smaller one.
     clipped = ((ratio < low) & (a < 0)) | ((ratio > high) & (a > 0))
@@ -38,31 +38,31 @@ def per_token_loss(
     if ref_logp is not None:
         d = ref_logp - logp
         out["kl"] = jnp.exp(d) - d - 1.0
-        if cfg.beta:
-            out["loss"] = pg + cfg.beta * out["kl"]
-    elif cfg.beta:
-        raise ValueError(f"beta={cfg.beta} needs ref_logprobs; none were given")
+        if grpo_cfg.beta:
+            out["loss"] = pg + grpo_cfg.beta * out["kl"]
+    elif grpo_cfg.beta:
+        raise ValueError(f"beta={grpo_cfg.beta} needs ref_logprobs; none were given")
     return out
 
 
-def aggregate(x: jax.Array, mask: jax.Array, cfg: GRPOConfig, num_tokens: jax.Array, num_rows: int) -> jax.Array:
+def aggregate(x: jax.Array, mask: jax.Array, grpo_cfg: GRPOConfig, num_tokens: jax.Array, num_rows: int) -> jax.Array:
     """This batch slice's share of the loss_type mean of x [B, T] over `mask`, given whole-batch denominators."""
-    if cfg.loss_type == "token_mean":  # DAPO: every completion token weighs the same
+    if grpo_cfg.loss_type == "token_mean":  # DAPO: every completion token weighs the same
         return jnp.sum(x * mask) / jnp.maximum(num_tokens, 1.0)
-    if cfg.loss_type == "sequence_mean":  # original GRPO: every row weighs the same
+    if grpo_cfg.loss_type == "sequence_mean":  # original GRPO: every row weighs the same
         per_row = jnp.sum(x * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
         return jnp.sum(per_row) / num_rows
     # dr_grpo: a constant denominator, so long and short completions are not re-weighted
-    return jnp.sum(x * mask) / (num_rows * cfg.max_completion_length)
+    return jnp.sum(x * mask) / (num_rows * grpo_cfg.max_completion_length)
 
 
-def training_mask(batch: dict, cfg: GRPOConfig) -> jax.Array:
+def training_mask(batch: dict, grpo_cfg: GRPOConfig) -> jax.Array:
     """[B, T] float32: completion tokens that get loss (padding, prompt and, if asked, truncated rows out)."""
     mask = batch["completion_mask"].astype(jnp.float32) * batch["attention_mask"].astype(jnp.float32)
-    if cfg.logprob_tail is not None:  # no log-probs are computed before the tail: those tokens get no loss
+    if grpo_cfg.logprob_tail is not None:  # no log-probs are computed before the tail: those tokens get no loss
         length = mask.shape[1]
-        mask = mask * (jnp.arange(length) >= tail_start(length, cfg.logprob_tail))[None, :]
-    if cfg.mask_truncated_completions:
+        mask = mask * (jnp.arange(length) >= tail_start(length, grpo_cfg.logprob_tail))[None, :]
+    if grpo_cfg.mask_truncated_completions:
         if "truncated" not in batch:
             raise ValueError("mask_truncated_completions=True needs batch['truncated'] [B] bool; it is missing")
         mask = mask * (1.0 - batch["truncated"].astype(jnp.float32))[:, None]
@@ -70,7 +70,7 @@ def training_mask(batch: dict, cfg: GRPOConfig) -> jax.Array:
 
 
 def policy_loss(
-    logp: jax.Array, entropy: jax.Array, batch: dict, mask: jax.Array, cfg: GRPOConfig, num_tokens: jax.Array,
+    logp: jax.Array, entropy: jax.Array, batch: dict, mask: jax.Array, grpo_cfg: GRPOConfig, num_tokens: jax.Array,
     num_rows: int,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(loss, metric shares) for a slice of the batch; shares sum over slices to the batch metrics.
@@ -79,12 +79,12 @@ def policy_loss(
     old = stop_gradient(logp), ratio == 1, and no extra forward pass is needed.
     """
     old = batch["old_logprobs"] if "old_logprobs" in batch else jax.lax.stop_gradient(logp)
-    t = per_token_loss(logp, old, batch.get("ref_logprobs"), batch["advantages"].astype(jnp.float32), cfg)
+    t = per_token_loss(logp, old, batch.get("ref_logprobs"), batch["advantages"].astype(jnp.float32), grpo_cfg)
     token_share = lambda x: jnp.sum(jax.lax.stop_gradient(x) * mask) / jnp.maximum(num_tokens, 1.0)
-    loss = aggregate(t["loss"], mask, cfg, num_tokens, num_rows)
+    loss = aggregate(t["loss"], mask, grpo_cfg, num_tokens, num_rows)
     shares = {
         "loss": jax.lax.stop_gradient(loss),
-        "pg_loss": jax.lax.stop_gradient(aggregate(t["pg"], mask, cfg, num_tokens, num_rows)),
+        "pg_loss": jax.lax.stop_gradient(aggregate(t["pg"], mask, grpo_cfg, num_tokens, num_rows)),
         "clip_frac": token_share(t["clipped"]),
         "entropy": token_share(entropy),
     }
@@ -93,20 +93,18 @@ def policy_loss(
     return loss, shares
 
 
-def compute_params(params: dict, cfg: GRPOConfig) -> dict:
-    """The weights the forward pass uses: cast to cfg.compute_dtype (gradients flow back through the cast)."""
-    if cfg.compute_dtype is None:
-        return params
-    return jax.tree.map(lambda w: w.astype(cfg.compute_dtype), params)
+def compute_params(params: dict, grpo_cfg: GRPOConfig) -> dict:
+    """The weights the forward pass uses: cast to grpo_cfg.compute_dtype (gradients flow back through the cast)."""
+    return cast_params(params, grpo_cfg.compute_dtype)
 
 
 def grpo_loss(
-    params: dict, batch: dict, model_cfg: GemmaConfig, cfg: GRPOConfig
+    params: dict, batch: dict, model_cfg: GemmaConfig, grpo_cfg: GRPOConfig
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The whole-batch loss on one device (no mesh): the reference the sharded step must equal."""
-    mask = training_mask(batch, cfg)
-    params = compute_params(params, cfg)
-    h = hidden_states(params, batch["tokens"], model_cfg, attention_mask=batch["attention_mask"], remat=cfg.remat)
-    logp, ent = token_logprobs(h, params["embed"], batch["tokens"], model_cfg, chunk=cfg.logits_chunk,
-                               temperature=cfg.temperature, tail=cfg.logprob_tail)
-    return policy_loss(logp, ent, batch, mask, cfg, jnp.sum(mask), batch["tokens"].shape[0])
+    mask = training_mask(batch, grpo_cfg)
+    params = compute_params(params, grpo_cfg)
+    h = hidden_states(params, batch["tokens"], model_cfg, attention_mask=batch["attention_mask"], remat=grpo_cfg.remat)
+    logp, ent = token_logprobs(h, params["embed"], batch["tokens"], model_cfg, chunk=grpo_cfg.logits_chunk,
+                               temperature=grpo_cfg.temperature, tail=grpo_cfg.logprob_tail)
+    return policy_loss(logp, ent, batch, mask, grpo_cfg, jnp.sum(mask), batch["tokens"].shape[0])

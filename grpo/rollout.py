@@ -1,4 +1,5 @@
-"""From sampled completions to a training batch: padding layout, masks, and the "aha" phrase counts.
+"""Rollouts: how completions are drawn (RolloutConfig), sampling and scoring a step's groups, and the training
+batch they become (padding layout, masks, advantages), plus the "aha" phrase counts.
 
 Layout of one training row (prompt left-padded into a bucket of Pb tokens, completion right-padded to M):
 
@@ -13,9 +14,17 @@ power-of-two bucket would pad a 150-token prompt to 256 and spend 40% of the ste
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import time
 
 import numpy as np
+
+import model
+from grpo.advantages import compute_advantages
+from grpo.config import GRPOConfig
+from grpo.tasks import Scored, Task
+from model.sampling import SamplingConfig
 
 # Self-verification phrases users watch for (R1-Zero's "aha moment"); counted case-insensitively.
 AHA_PHRASES = (
@@ -26,6 +35,41 @@ _AHA_RE = {p: re.compile(r"\b" + re.escape(p) + r"\b", re.IGNORECASE) for p in A
 
 
 BUCKET = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """How the training loop draws completions: the token budget and the sampling strategy (eval is greedy).
+
+    The GRPO objective must score tokens under the distribution they were drawn from and must know the budget,
+    so GRPOConfig's temperature, max_completion_length and logprob_tail are derived from this config by
+    `align_grpo_config`, never set separately.
+    """
+
+    max_new_tokens: int = 128
+    sampling: SamplingConfig = SamplingConfig()
+    # End a row once its text holds the task's stop string ("</answer>"), inside the decode loop. Not TinyZero's
+    # behaviour (it samples to EOS or the budget): see BUILD.md. Tasks without a stop_table() ignore it.
+    stop_at_answer: bool = True
+    # DAPO's dynamic sampling, as a filter: a group whose G rewards are all equal has zero advantages; with this
+    # on its rows also leave the loss's token count (and the KL term), so they do not dilute the other groups.
+    skip_zero_std_groups: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+
+
+def align_grpo_config(grpo_cfg: GRPOConfig, rollout_cfg: RolloutConfig) -> GRPOConfig:
+    """grpo_cfg with its rollout-derived fields set from rollout_cfg (the one place they are decided):
+
+    - temperature: the sampler's, so log-prob ratios compare like with like (greedy rollouts score at 1.0);
+    - logprob_tail = max_completion_length = max_new_tokens: every completion token sits in the tail
+      (build_batch puts completions after a left-padded prompt) and dr_grpo divides by the budget.
+    """
+    temperature = rollout_cfg.sampling.temperature or 1.0
+    n = rollout_cfg.max_new_tokens
+    return dataclasses.replace(grpo_cfg, temperature=temperature, logprob_tail=n, max_completion_length=n)
 
 
 def bucket_length(n: int, multiple: int = BUCKET) -> int:
@@ -61,10 +105,93 @@ def build_batch(
             "advantages": np.asarray(advantages, np.float32), "truncated": np.asarray(truncated, np.float32)}
 
 
-def aha_counts(texts: list[str]) -> dict[str, float]:
-    """Per-step aha signal: total phrase hits, the fraction of completions with any, and the top phrases."""
+def has_aha(text: str) -> bool:
+    """Does the text contain any self-verification phrase?"""
+    return any(r.search(text) for r in _AHA_RE.values())
+
+
+def aha_counts(texts: list[str], solved: list[bool] | None = None) -> dict[str, float | None]:
+    """Per-step aha signal: total phrase hits, the fraction of completions with any, the top phrases, and (given
+    `solved`) that fraction among solved and among unsolved completions (None where there are none): a phrase
+    count alone proves nothing, since base models say "wait" too; verification that pays off shows as
+    aha_frac_solved > aha_frac_unsolved."""
     hits = {p: sum(len(r.findall(t)) for t in texts) for p, r in _AHA_RE.items()}
-    any_frac = float(np.mean([any(r.search(t) for r in _AHA_RE.values()) for t in texts])) if texts else 0.0
-    out = {"aha_count": float(sum(hits.values())), "aha_frac": any_frac}
+    flags = [has_aha(t) for t in texts]
+    out: dict[str, float | None] = {"aha_count": float(sum(hits.values())),
+                                    "aha_frac": float(np.mean(flags)) if texts else 0.0}
+    if solved is not None:
+        for name, want in (("aha_frac_solved", True), ("aha_frac_unsolved", False)):
+            picked = [f for f, s in zip(flags, solved, strict=True) if bool(s) == want]
+            out[name] = float(np.mean(picked)) if picked else None
     out.update({f"aha/{p}": float(c) for p, c in hits.items() if c})
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    """One step's sampled groups: the training batch (numpy) and what the logs need. Row r answers prompt r // G."""
+
+    batch: dict[str, np.ndarray]
+    metrics: dict
+    scored: list[Scored]  # [B]
+    items: list  # [B] the task item (puzzle) of each row
+    lengths: np.ndarray  # [B] generated tokens per row, the stop token included
+
+
+def sample_groups(params, model_cfg, task: Task, items: list, num_generations: int, rollout_cfg: RolloutConfig,
+                  key, scale_rewards: str) -> Rollout:
+    """G completions per prompt, sampled and scored, as a training batch plus the step's rollout metrics."""
+    expanded = [it for it in items for _ in range(num_generations)]
+    prompts = [task.encode_prompt(it) for it in expanded]
+    sampling = rollout_cfg.sampling
+    t0 = time.perf_counter()
+    res = model.generate(params, model_cfg, prompts, key, max_new_tokens=rollout_cfg.max_new_tokens,
+                         temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                         eos_ids=task.eos_ids, stop_table=task_stop_table(task, rollout_cfg))
+    tokens, lengths, truncated = (np.asarray(x) for x in (res.tokens, res.lengths, res.truncated))
+    sample_s = time.perf_counter() - t0
+    scored = score_rows(task, expanded, tokens, lengths)
+    rewards = np.array([s.reward for s in scored], np.float32)
+    advantages = np.asarray(compute_advantages(rewards, num_generations, scale_rewards), np.float32)
+    batch = build_batch(prompts, tokens, lengths, truncated, advantages, pad_id=model_cfg.pad_id)
+    flat = zero_std_groups(rewards, num_generations)  # [P]
+    if rollout_cfg.skip_zero_std_groups:
+        batch["completion_mask"][np.repeat(flat, num_generations)] = 0
+    metrics = {
+        "frac_zero_std_groups": float(flat.mean()),
+        "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+        "solved_frac": float(np.mean([s.solved for s in scored])),
+        "format_frac": float(np.mean([s.format for s in scored])),
+        "completion_len_mean": float(lengths.mean()), "completion_len_max": int(lengths.max()),
+        "truncated_frac": float(truncated.mean()), "sample_s": sample_s,
+        "sample_tokens_per_s": float(lengths.sum() / max(sample_s, 1e-9)),
+        **aha_counts([s.text for s in scored], [s.solved for s in scored]),
+    }
+    return Rollout(batch, metrics, scored, expanded, lengths)
+
+
+def task_stop_table(task: Task, rollout_cfg: RolloutConfig) -> np.ndarray | None:
+    """The task's stop-string automaton when rollouts stop at the answer, else None (EOS only)."""
+    table = getattr(task, "stop_table", None)
+    return table() if rollout_cfg.stop_at_answer and table is not None else None
+
+
+def zero_std_groups(rewards: np.ndarray, num_generations: int) -> np.ndarray:
+    """[P] bool: groups whose G rewards are all equal (no learning signal: every advantage is 0)."""
+    groups = np.asarray(rewards).reshape(-1, num_generations)
+    return np.all(groups == groups[:, :1], axis=1)
+
+
+def sample_record(task: Task, step: int, group: int, item, scored: Scored, length, truncated) -> dict:
+    """One completion as data: the puzzle's fields (the task's `describe`, else the item's repr), the text and
+    its scores. bin/report reads these lines."""
+    describe = getattr(task, "describe", None)
+    fields = describe(item) if describe else {"item": repr(item)}
+    return {"step": step, "group": group, **fields, "completion": scored.text, "reward": scored.reward,
+            "solved": bool(scored.solved), "format": bool(scored.format), "length": int(length),
+            "truncated": bool(truncated)}
+
+
+def score_rows(task: Task, items: list, tokens: np.ndarray, lengths: np.ndarray) -> list[Scored]:
+    """The task's score of each row's generated tokens (up to its length)."""
+    return [task.score(it, tokens[i, : int(lengths[i])]) for i, it in enumerate(items)]

@@ -9,7 +9,9 @@
                   o [L, N, H, D], down [L, F, D]    D split (last dim)
                   norms                             replicated
                 every matrix is 1/fsdp per device and replicated over data.
-    opt state   Adam's mu / nu copy their param's spec; scalars (count, lr) are replicated.
+    adapters    LoRA (model/lora.py) by the same rules: a [L, D, r] split along D like its weight, b [L, r, D]
+                (o, down) along D, the rank axis and N*H / K*H / F always whole.
+    opt state   Adam's mu / nu copy their param's (or adapter's) spec; scalars (count, lr) are replicated.
 
 Why vocab rows for the embedding: the token lookup can then run on the local rows (grpo/logprobs.py
 `embed_lookup`), so its gradient lands in the local shard and never makes a full [V, D] buffer; the
@@ -33,7 +35,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from model.config import GemmaConfig
-from model.params import map_schema
+from model.lora import LoraConfig, lora_schema
+from model.params import map_schema, map_specs
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # the batch dim is split over both: pure data parallelism across the mesh
@@ -48,6 +51,7 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ("head_dim", None),
     ("layers", None),  # the layer scan slices this dim; it must stay whole on every device
     ("norm", None),
+    ("lora_rank", None),  # adapters' rank axis: small, and every device multiplies by all of it
 )
 
 
@@ -80,9 +84,15 @@ def logical_to_spec(shape: tuple[int, ...], axes: tuple[str, ...], mesh: Mesh, n
     return P(*out)
 
 
-def param_specs(cfg: GemmaConfig, mesh: Mesh) -> dict:
+def param_specs(model_cfg: GemmaConfig, mesh: Mesh) -> dict:
     """PartitionSpec per param leaf, from the one schema and the RULES table."""
-    return map_schema(lambda path, s: logical_to_spec(s.shape, s.axes, mesh, "/".join(path)), cfg)
+    return map_schema(lambda path, s: logical_to_spec(s.shape, s.axes, mesh, "/".join(path)), model_cfg)
+
+
+def adapter_specs(model_cfg: GemmaConfig, lora_cfg: LoraConfig, mesh: Mesh) -> dict:
+    """PartitionSpec per LoRA adapter leaf, from model/lora.py's schema and the same RULES table."""
+    schema = lora_schema(model_cfg, lora_cfg)
+    return map_specs(lambda path, s: logical_to_spec(s.shape, s.axes, mesh, "lora/" + "/".join(path)), schema)
 
 
 def opt_state_specs(opt_state, specs: dict):
@@ -124,10 +134,6 @@ def gather(x: jax.Array, spec: P) -> jax.Array:
         if axis is not None:
             x = jax.lax.all_gather(x, axis, axis=dim, tiled=True)
     return x
-
-
-def gather_tree(tree, specs):
-    return jax.tree.map(gather, tree, specs)
 
 
 def layer_specs(specs: dict) -> dict:

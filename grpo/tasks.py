@@ -1,8 +1,9 @@
 """What the training loop learns from: a Task gives prompts (deterministically by position) and scores completions.
 
 The loop never looks inside a task, so the same loop trains Countdown (CountdownTask) and the toy tasks of the
-learning test. A task's `score` returns the reward and two flags the metrics aggregate:
-`solved` (full marks) and `format` (a well-formed answer).
+learning test. A task's `score` returns the reward and two flags the metrics aggregate: `solved` (full marks)
+and `format` (a well-formed answer). A task may also offer `describe(item) -> dict`: the item as JSON fields
+for the sample logs (Countdown: nums and target).
 """
 
 from __future__ import annotations
@@ -12,8 +13,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from data import countdown, prompts
+from data import curriculum, prompts
+from data.curriculum import Level
 from data.puzzles import Puzzle
+from model.stop_text import cached_stop_table
+
+ANSWER_CLOSE = "</answer>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +30,9 @@ class Scored:
 
 
 class Task(Protocol):
+    """What the loop needs. Optional: `level_names` with train_items(..., level=) and eval_items(level=) (a
+    difficulty ladder), `describe(item)` (sample logs), `stop_table()` (stop rollouts at a string)."""
+
     eos_ids: tuple[int, ...]
 
     def train_items(self, position: int, count: int) -> list[Any]: ...
@@ -49,33 +57,56 @@ def items_at(items: list, position: int, count: int, seed: int) -> list:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class LevelPuzzle:
+    """A Countdown puzzle and the index of the difficulty level it belongs to (its reward depends on it)."""
+
+    puzzle: Puzzle
+    level: int = 0
+
+
 @dataclasses.dataclass
 class CountdownTask:
-    """TinyZero's Countdown: render the template, reward with data.countdown (exact parser, never eval)."""
+    """TinyZero's Countdown on a difficulty ladder (data/curriculum.py): render the template, reward with the
+    level's rule (data.countdown's exact parser, never eval). One level (TinyZero's) without a curriculum.
 
-    train: list[Puzzle]
-    test: list[Puzzle]
+    train[i] / test[i] are level i's puzzles; the loop asks for train items of its current level and evaluates
+    every level's held-out set.
+    """
+
+    train: list[list[Puzzle]]
+    test: list[list[Puzzle]]
     tokenizer: Any  # model.tokenizer.Tokenizer
     template: str = "base"
     seed: int = 0
-    format_score: float = 0.1
-    correct_score: float = 1.0
+    levels: tuple[Level, ...] = curriculum.OFF
+    stop_text: str = ANSWER_CLOSE  # rollouts may stop once the text holds it (RolloutConfig.stop_at_answer)
 
     def __post_init__(self):
+        if not (len(self.train) == len(self.test) == len(self.levels)):
+            raise ValueError(f"{len(self.levels)} levels need as many train and test lists, got "
+                             f"{len(self.train)} and {len(self.test)}")
         self.eos_ids = tuple(self.tokenizer.stop_ids)
         self._prompt_cache: dict[tuple, list[int]] = {}
+        self._stop_table: np.ndarray | None = None
 
-    def train_items(self, position: int, count: int) -> list[Puzzle]:
-        return items_at(self.train, position, count, self.seed)
+    @property
+    def level_names(self) -> tuple[str, ...]:
+        return tuple(level.name for level in self.levels)
 
-    def eval_items(self) -> list[Puzzle]:
-        return list(self.test)
+    def train_items(self, position: int, count: int, level: int = 0) -> list[LevelPuzzle]:
+        return [LevelPuzzle(p, level) for p in items_at(self.train[level], position, count, self.seed)]
 
-    def prompt_text(self, item: Puzzle) -> str:
-        return prompts.render(self.template, list(item.nums), item.target)
+    def eval_items(self, level: int | None = None) -> list[LevelPuzzle]:
+        """Level `level`'s held-out puzzles; None: the top (TinyZero) level's."""
+        level = len(self.levels) - 1 if level is None else level
+        return [LevelPuzzle(p, level) for p in self.test[level]]
 
-    def encode_prompt(self, item: Puzzle) -> list[int]:
-        key = (tuple(item.nums), item.target)
+    def prompt_text(self, item: LevelPuzzle) -> str:
+        return prompts.render(self.template, list(item.puzzle.nums), item.puzzle.target)
+
+    def encode_prompt(self, item: LevelPuzzle) -> list[int]:
+        key = (tuple(item.puzzle.nums), item.puzzle.target)
         if key not in self._prompt_cache:
             self._prompt_cache[key] = self.tokenizer.encode(self.prompt_text(item), add_bos=True)
         return self._prompt_cache[key]
@@ -84,8 +115,18 @@ class CountdownTask:
         ids = [int(t) for t in completion if int(t) not in self.eos_ids]
         return self.tokenizer.decode(ids)
 
-    def score(self, item: Puzzle, completion: np.ndarray) -> Scored:
+    def describe(self, item: LevelPuzzle) -> dict:
+        """The puzzle as JSON fields for the sample logs."""
+        return {"nums": [int(n) for n in item.puzzle.nums], "target": int(item.puzzle.target),
+                "level": self.levels[item.level].name}
+
+    def score(self, item: LevelPuzzle, completion: np.ndarray) -> Scored:
         text = self.decode(completion)
-        b = countdown.breakdown(text, list(item.nums), item.target, format_score=self.format_score,
-                                correct_score=self.correct_score)
-        return Scored(reward=b.score, solved=b.solved, format=b.has_answer, text=text)
+        reward, solved, has_answer = self.levels[item.level].reward.score(text, item.puzzle.nums, item.puzzle.target)
+        return Scored(reward=reward, solved=solved, format=has_answer, text=text)
+
+    def stop_table(self) -> np.ndarray:
+        """The sampler's automaton for stop_text over this tokenizer (built once per process)."""
+        if self._stop_table is None:
+            self._stop_table = cached_stop_table(self.tokenizer.piece_texts(), self.stop_text)
+        return self._stop_table

@@ -1,4 +1,12 @@
-"""The GRPO training loop: sample -> score -> advantages -> (ref log-probs) -> step -> metrics -> eval -> checkpoint.
+"""The GRPO training loop, as phases a test can call one at a time.
+
+One step (`train_step`) runs, in order:
+    rollout_phase     sample G completions per prompt, score them, build the batch (grpo.rollout)
+    logprob_phase     reference / old-policy log-probs, only when the objective needs them
+    update_phase      num_iterations calls of the jitted, sharded step
+    record_step       metrics.jsonl, train_samples.jsonl and the console line
+and around the steps: `start_run` (init, resume), `eval_phase` (greedy eval on the held-out set),
+`checkpoint_phase`, `Profiler` (jax.profiler over --profile_steps) and `finish_run` (close, HF export).
 
 Resumability: everything random is derived from (seed, step) with `fold_in`, and the data stream is a pure
 function of (seed, position), so restoring params, optimizer state, step and data position from the last
@@ -9,31 +17,34 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+import grpo
 import model
 from grpo.checkpoints import TrainCheckpointer
-from grpo.rollout import aha_counts, build_batch
+from grpo.config import GRPOConfig
+from grpo.evaluation import evaluate
+from grpo.loggers import make_loggers
+from grpo.rollout import Rollout, RolloutConfig, align_grpo_config, sample_groups, sample_record
+from grpo.run_files import RunLog, RunWriteError, describe_write_failure, peak_rss_bytes
 from grpo.tasks import Task
+from model.config import GemmaConfig
 
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
+EVAL_SAMPLES_KEPT = 8  # eval completions per held-out set written to eval_samples.jsonl per eval
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """The loop around the GRPO step: length, eval, checkpoints, profiling, export."""
+
     output_dir: str
     steps: int = 10
     prompts_per_step: int = 4
@@ -45,175 +56,292 @@ class TrainConfig:
     resume: bool = True
     profile_steps: tuple[int, int] | None = None  # [A, B] inclusive, wrapped in jax.profiler.trace
     max_bad_steps: int = 3  # this many non-finite steps in a row stop the run
-    samples_per_step: int = 2  # completions written to train_samples.jsonl each step
+    sample_groups_per_step: int = 4  # prompts whose G completions go to train_samples.jsonl each step
     export_hf: bool = True  # write the final params as an HF checkpoint dir (final_hf/)
+    log_to: tuple[str, ...] = ()  # also send the numbers to "tensorboard" and/or "wandb" (grpo/loggers.py)
+    # Difficulty ladder (tasks with level_names): move up a level once the sampled solved rate of the current
+    # level, averaged over the last promote_window steps, reaches promote_at. Never down.
+    promote_at: float = 0.5
+    promote_window: int = 4
 
 
-class RunLog:
-    """Console line + JSON lines per step; only process 0 writes."""
+@dataclasses.dataclass
+class LoopState:
+    """What changes from step to step. (params, opt_state, step, position) is what a checkpoint holds."""
 
-    def __init__(self, out: Path, echo: Callable[[str], None] = print):
-        self.out, self.echo = out, echo
-        self.main = jax.process_index() == 0
-
-    def write(self, file: str, record: dict) -> None:
-        if self.main:
-            with open(self.out / file, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def say(self, line: str) -> None:
-        if self.main:
-            self.echo(line)
+    params: dict
+    opt_state: Any
+    step: int = 0  # GRPO steps done (rollout batches consumed); the next step is step + 1
+    position: int = 0  # prompts consumed from the data stream
+    bad_in_a_row: int = 0  # consecutive non-finite (skipped) steps
+    level: int = 0  # difficulty level feeding the rollouts (index into task.level_names)
+    recent_solved: tuple[float, ...] = ()  # sampled solved rates of the last steps at this level (promotion)
+    last_metrics: dict = dataclasses.field(default_factory=dict)
+    last_eval: dict = dataclasses.field(default_factory=dict)
 
 
-def _score_all(task: Task, items: list, tokens: np.ndarray, lengths: np.ndarray):
-    scored = [task.score(it, tokens[i, : int(lengths[i])]) for i, it in enumerate(items)]
-    rewards = np.array([s.reward for s in scored], np.float32)
-    return scored, rewards
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+    """What stays fixed for a run: configs, the task, the mesh, compiled functions, the reference model, I/O."""
 
-
-def evaluate(params, cfg, task: Task, sampling: SamplingConfig, batch_size: int = 64) -> tuple[dict, list[dict]]:
-    """Greedy accuracy (solved fraction) and format rate on the task's fixed held-out set."""
-    items = task.eval_items()
-    scored = []
-    for lo in range(0, len(items), batch_size):
-        chunk = items[lo : lo + batch_size]
-        res = model.generate(params, cfg, [task.encode_prompt(it) for it in chunk], jax.random.key(0),
-                             max_new_tokens=sampling.max_new_tokens, temperature=0.0, eos_ids=task.eos_ids)
-        scored += _score_all(task, chunk, np.asarray(res.tokens), np.asarray(res.lengths))[0]
-    metrics = {
-        "eval_solved_frac": float(np.mean([s.solved for s in scored])),
-        "eval_format_frac": float(np.mean([s.format for s in scored])),
-        "eval_reward_mean": float(np.mean([s.reward for s in scored])),
-    }
-    samples = [{"item": repr(it), "completion": s.text, "reward": s.reward}
-               for it, s in zip(items, scored, strict=True)]
-    return metrics, samples
-
-
-def _rollout(params, cfg, task: Task, items: list, g: int, sampling: SamplingConfig, key, grpo_cfg):
-    """Sample G completions per prompt and turn them into a training batch (numpy) plus per-step metrics."""
-    from grpo import compute_advantages
-
-    expanded = [it for it in items for _ in range(g)]
-    prompts = [task.encode_prompt(it) for it in expanded]
-    t0 = time.perf_counter()
-    res = model.generate(params, cfg, prompts, key, max_new_tokens=sampling.max_new_tokens,
-                         temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                         eos_ids=task.eos_ids)
-    tokens, lengths, truncated = (np.asarray(x) for x in (res.tokens, res.lengths, res.truncated))
-    sample_s = time.perf_counter() - t0
-    scored, rewards = _score_all(task, expanded, tokens, lengths)
-    advantages = np.asarray(compute_advantages(rewards, g, grpo_cfg.scale_rewards), np.float32)
-    batch = build_batch(prompts, tokens, lengths, truncated, advantages, pad_id=cfg.pad_id)
-    texts = [s.text for s in scored]
-    metrics = {
-        "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-        "solved_frac": float(np.mean([s.solved for s in scored])),
-        "format_frac": float(np.mean([s.format for s in scored])),
-        "completion_len_mean": float(lengths.mean()), "completion_len_max": int(lengths.max()),
-        "truncated_frac": float(truncated.mean()), "sample_s": sample_s,
-        "sample_tokens_per_s": float(lengths.sum() / max(sample_s, 1e-9)),
-        **aha_counts(texts),
-    }
-    return batch, metrics, scored, expanded
+    model_cfg: GemmaConfig
+    task: Task
+    grpo_cfg: GRPOConfig  # aligned with rollout_cfg (align_grpo_config)
+    rollout_cfg: RolloutConfig
+    train_cfg: TrainConfig
+    mesh: Mesh
+    step_fn: Callable
+    logprobs_fn: Callable
+    ref_params: dict | None  # the frozen starting policy; only kept when the KL term is on
+    log: RunLog
+    ckpt: TrainCheckpointer
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_fns(cfg, grpo_cfg, mesh):
+def _compiled_fns(model_cfg: GemmaConfig, grpo_cfg: GRPOConfig, mesh: Mesh):
     """The jitted step and log-prob functions, made once per (model, GRPO config, mesh): a resumed run in the
     same process (tests, notebooks) reuses the compiled code instead of tracing again."""
-    import grpo
+    return (grpo.make_step(model_cfg, grpo_cfg, mesh),
+            grpo.make_sharded_logprobs(model_cfg, mesh, temperature=grpo_cfg.temperature,
+                                       tail=grpo_cfg.logprob_tail))
 
-    return (grpo.make_step(cfg, grpo_cfg, mesh),
-            grpo.make_sharded_logprobs(cfg, mesh, temperature=grpo_cfg.temperature, tail=grpo_cfg.logprob_tail))
 
-
-def train(cfg, params, task: Task, grpo_cfg, sampling: SamplingConfig, tcfg: TrainConfig, mesh,
-          echo: Callable[[str], None] = print) -> dict:
-    """Run GRPO; returns the last step's metrics (and the latest eval metrics)."""
-    import grpo
-
-    out = Path(tcfg.output_dir)
+def start_run(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOConfig, rollout_cfg: RolloutConfig,
+              train_cfg: TrainConfig, mesh: Mesh, echo: Callable[[str], None] = print) -> tuple[RunContext, LoopState]:
+    """Place params on the mesh, build the optimizer state, and restore the latest checkpoint if resuming."""
+    out = Path(train_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    log = RunLog(out, echo)
-    params, opt_state = grpo.init_train_state(params, cfg, grpo_cfg, mesh)
-    # The reference policy is the starting point; only kept (and only run) when the KL term is on.
+    grpo_cfg = align_grpo_config(grpo_cfg, rollout_cfg)
+    params, opt_state = grpo.init_train_state(params, model_cfg, grpo_cfg, mesh)
     ref_params = jax.tree.map(jnp.copy, params) if grpo_cfg.beta > 0 else None
-    step_fn, logprobs_fn = _compiled_fns(cfg, grpo_cfg, mesh)
-    ckpt = TrainCheckpointer(out / "checkpoints", keep=tcfg.keep_checkpoints)
-    start, position = 0, 0
-    if tcfg.resume and ckpt.latest_step() is not None:
-        start = ckpt.latest_step()
-        params, opt_state, record = ckpt.restore(start, params, opt_state)
-        position = int(record["data_position"])
-        log.say(f"resumed from {ckpt.directory}/{start} (data position {position})")
-    base_key = jax.random.key(tcfg.seed)
-    g, last, bad_in_a_row, last_eval = grpo_cfg.num_generations, {}, 0, {}
+    config = {"model": dataclasses.asdict(model_cfg), "grpo": dataclasses.asdict(grpo_cfg),
+              "rollout": dataclasses.asdict(rollout_cfg), "train": dataclasses.asdict(train_cfg)}
+    log = RunLog(out, echo, make_loggers(list(train_cfg.log_to), str(out), config) if jax.process_index() == 0 else [])
+    log.write_config(config)
+    ckpt = TrainCheckpointer(out / "checkpoints", keep=train_cfg.keep_checkpoints)
+    ctx = RunContext(model_cfg, task, grpo_cfg, rollout_cfg, train_cfg, mesh, *_compiled_fns(model_cfg, grpo_cfg, mesh),
+                     ref_params, log, ckpt)
+    state = LoopState(params, opt_state)
+    previous = ctx.log.previous_status()
+    found = ctx.ckpt.restore_latest(params, opt_state, say=ctx.log.say) if train_cfg.resume else None
+    if found:
+        step, params, opt_state, record = found
+        state = LoopState(params, opt_state, step=step, position=int(record["data_position"]),
+                          level=int(record.get("level", 0)), recent_solved=tuple(record.get("recent_solved", ())))
+        ctx.log.say(f"resumed from {ctx.ckpt.directory}/{step} (data position {state.position})")
+    if previous and previous.get("state") == "running":
+        ctx.log.say(_unclean_stop_hint(previous))
+    for note in ctx.log.rewind(state.step):
+        ctx.log.say(f"repaired {note}")
+    ctx.log.set_status("running", state.step)
+    return ctx, state
 
-    def run_eval(step: int) -> None:
-        nonlocal last_eval
-        if tcfg.eval_size <= 0:
-            return
-        t0 = time.perf_counter()
-        last_eval, samples = evaluate(params, cfg, task, sampling)
-        last_eval["eval_s"] = time.perf_counter() - t0
-        log.write("eval.jsonl", {"step": step, **last_eval})
-        for s in samples[:8]:
-            log.write("eval_samples.jsonl", {"step": step, **s})
-        log.say(f"eval step {step}: solved {last_eval['eval_solved_frac']:.3f} "
-                f"format {last_eval['eval_format_frac']:.3f} reward {last_eval['eval_reward_mean']:.3f} "
-                f"({last_eval['eval_s']:.1f}s)")
 
-    if start == 0:
-        run_eval(0)
-    profiling = False
-    for step in range(start, tcfg.steps):
-        if tcfg.profile_steps and step == tcfg.profile_steps[0]:
-            jax.profiler.start_trace(str(out / "profile"))
-            profiling = True
-        key = jax.random.fold_in(base_key, step)
-        items = task.train_items(position, tcfg.prompts_per_step)
-        batch, metrics, scored, expanded = _rollout(params, cfg, task, items, g, sampling, key, grpo_cfg)
-        position += tcfg.prompts_per_step
-        t0 = time.perf_counter()
-        batch = {k: jnp.asarray(v) for k, v in batch.items()}
-        if ref_params is not None:
-            batch["ref_logprobs"] = logprobs_fn(ref_params, batch["tokens"], batch["attention_mask"])
-        if grpo_cfg.num_iterations > 1:  # with mu == 1 the step uses stop_gradient(logp): ratio == 1, no extra pass
-            batch["old_logprobs"] = logprobs_fn(params, batch["tokens"], batch["attention_mask"])
-        for _ in range(grpo_cfg.num_iterations):
-            params, opt_state, step_metrics = step_fn(params, opt_state, batch)
-        step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        train_s = time.perf_counter() - t0
-        n_tokens = float(np.asarray(batch["attention_mask"]).sum())
-        metrics.update(step_metrics, step=step + 1, train_s=train_s, train_tokens_per_s=n_tokens / train_s)
-        metrics.setdefault("kl", None)  # JSON null when beta == 0: no reference pass ran, never a silent nan
-        log.write("metrics.jsonl", metrics)
-        for it, s in list(zip(expanded, scored, strict=True))[: tcfg.samples_per_step]:
-            log.write("train_samples.jsonl", {"step": step + 1, "item": repr(it), "completion": s.text,
-                                              "reward": s.reward})
-        log.say(_console_line(metrics))
-        last = metrics
-        if profiling and step == tcfg.profile_steps[1]:
+def _unclean_stop_hint(previous: dict) -> str:
+    """What to say when the previous process died without its final line (status still "running")."""
+    rss = previous.get("peak_rss_bytes")
+    used = f" (peak RSS {rss / 2**30:.1f} GiB when it last wrote its status)" if rss else ""
+    return (f"the previous run stopped without finishing after step {previous.get('step', '?')}{used}; if the "
+            f"OOM killer ended it, lower the memory: --remat, more --num_micro_batches, fewer --prompts_per_step "
+            f"or --num_generations")
+
+
+def rollout_phase(ctx: RunContext, state: LoopState) -> Rollout:
+    """The next prompts of the data stream, G sampled completions each, scored and turned into a batch."""
+    if _level_names(ctx.task):
+        items = ctx.task.train_items(state.position, ctx.train_cfg.prompts_per_step, level=state.level)
+    else:
+        items = ctx.task.train_items(state.position, ctx.train_cfg.prompts_per_step)
+    key = jax.random.fold_in(jax.random.key(ctx.train_cfg.seed), state.step)
+    return sample_groups(state.params, ctx.model_cfg, ctx.task, items, ctx.grpo_cfg.num_generations,
+                         ctx.rollout_cfg, key, ctx.grpo_cfg.scale_rewards)
+
+
+def logprob_phase(ctx: RunContext, params: dict, batch: dict) -> dict:
+    """The batch on device, plus ref_logprobs (beta > 0) and old_logprobs (num_iterations > 1).
+
+    With num_iterations == 1 the step uses stop_gradient(logp) as the old policy: ratio == 1, no extra pass.
+    """
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    if ctx.ref_params is not None:
+        batch["ref_logprobs"] = ctx.logprobs_fn(ctx.ref_params, batch["tokens"], batch["attention_mask"])
+    if ctx.grpo_cfg.num_iterations > 1:
+        batch["old_logprobs"] = ctx.logprobs_fn(params, batch["tokens"], batch["attention_mask"])
+    return batch
+
+
+def update_phase(ctx: RunContext, params: dict, opt_state, batch: dict) -> tuple[dict, Any, dict[str, float]]:
+    """num_iterations optimizer steps on one rollout batch; metrics of the last one, as Python floats."""
+    metrics = {}
+    for _ in range(ctx.grpo_cfg.num_iterations):
+        params, opt_state, metrics = ctx.step_fn(params, opt_state, batch)
+    return params, opt_state, {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def train_step(ctx: RunContext, state: LoopState) -> LoopState:
+    """One GRPO step: rollout -> log-probs -> update -> logs. Returns the state after it."""
+    rollout = rollout_phase(ctx, state)
+    t0 = time.perf_counter()
+    batch = logprob_phase(ctx, state.params, rollout.batch)
+    params, opt_state, step_metrics = update_phase(ctx, state.params, state.opt_state, batch)
+    train_s = time.perf_counter() - t0
+    n_tokens = float(rollout.batch["attention_mask"].sum())
+    metrics = {**rollout.metrics, **step_metrics, "step": state.step + 1, "train_s": train_s,
+               "train_tokens_per_s": n_tokens / train_s, "peak_rss_bytes": peak_rss_bytes()}
+    metrics.setdefault("kl", None)  # JSON null when beta == 0: no reference pass ran, never a silent nan
+    names = _level_names(ctx.task)
+    if names:
+        metrics["level"] = names[state.level]
+    record_step(ctx, metrics, rollout)
+    skipped = bool(metrics.get("skipped", 0))
+    state = dataclasses.replace(state, params=params, opt_state=opt_state, step=state.step + 1,
+                                position=state.position + ctx.train_cfg.prompts_per_step,
+                                bad_in_a_row=state.bad_in_a_row + 1 if skipped else 0, last_metrics=metrics)
+    return promote(ctx, state, metrics["solved_frac"]) if names else state
+
+
+def _level_names(task: Task) -> tuple[str, ...]:
+    return tuple(getattr(task, "level_names", ()) or ())
+
+
+def promote(ctx: RunContext, state: LoopState, solved_frac: float) -> LoopState:
+    """Record this step's solved rate at the current level; move up once the last promote_window steps average
+    at least promote_at (the window starts afresh on the new level)."""
+    window, names = ctx.train_cfg.promote_window, _level_names(ctx.task)
+    recent = (*state.recent_solved, solved_frac)[-window:]
+    if len(recent) == window and np.mean(recent) >= ctx.train_cfg.promote_at and state.level + 1 < len(names):
+        ctx.log.say(f"promoted to level {names[state.level + 1]} after step {state.step} (solved rate "
+                    f"{np.mean(recent):.2f} over the last {window} steps at {names[state.level]})")
+        return dataclasses.replace(state, level=state.level + 1, recent_solved=())
+    return dataclasses.replace(state, recent_solved=recent)
+
+
+def record_step(ctx: RunContext, metrics: dict, rollout: Rollout) -> None:
+    """metrics.jsonl, the first groups' completions in train_samples.jsonl, and the console line."""
+    ctx.log.write("metrics.jsonl", metrics)
+    ctx.log.scalars(metrics["step"], metrics)
+    g = ctx.grpo_cfg.num_generations
+    truncated = rollout.batch["truncated"]
+    for r in range(min(len(rollout.items), ctx.train_cfg.sample_groups_per_step * g)):
+        ctx.log.write("train_samples.jsonl", sample_record(ctx.task, metrics["step"], r // g, rollout.items[r],
+                                                          rollout.scored[r], rollout.lengths[r], truncated[r]))
+    ctx.log.say(_console_line(metrics))
+
+
+def eval_phase(ctx: RunContext, state: LoopState) -> LoopState:
+    """Greedy eval at state.step: eval.jsonl, a few eval_samples.jsonl lines, the console line."""
+    if ctx.train_cfg.eval_size <= 0:
+        return state
+    t0 = time.perf_counter()
+    metrics, samples = evaluate(state.params, ctx.model_cfg, ctx.task, ctx.rollout_cfg)
+    metrics["eval_s"] = time.perf_counter() - t0
+    ctx.log.write("eval.jsonl", {"step": state.step, **metrics})
+    ctx.log.scalars(state.step, {k: v for k, v in metrics.items() if k != "solved_by_level"})
+    for s in samples:
+        if s["group"] < EVAL_SAMPLES_KEPT:  # the first few of each held-out set
+            ctx.log.write("eval_samples.jsonl", {**s, "step": state.step})
+    by_level = metrics.get("solved_by_level", {})
+    levels = " | by level " + " ".join(f"{k} {v:.2f}" for k, v in by_level.items()) if len(by_level) > 1 else ""
+    ctx.log.say(f"eval step {state.step}: solved {metrics['eval_solved_frac']:.3f} "
+                f"format {metrics['eval_format_frac']:.3f} reward {metrics['eval_reward_mean']:.3f}{levels} "
+                f"({metrics['eval_s']:.1f}s)")
+    return dataclasses.replace(state, last_eval=metrics)
+
+
+def checkpoint_phase(ctx: RunContext, state: LoopState) -> None:
+    """Save the state after state.step updates (asynchronously; orbax renames it into place when complete)."""
+    record = {"step": state.step, "data_position": state.position, "seed": ctx.train_cfg.seed,
+              "level": state.level, "recent_solved": list(state.recent_solved)}
+    try:
+        ctx.ckpt.save(state.step, state.params, state.opt_state, record)
+    except Exception as e:  # noqa: BLE001 (an earlier async save's failure surfaces here, as any type)
+        raise describe_write_failure(e, f"checkpoint {ctx.ckpt.directory}") from None
+
+
+def finish_run(ctx: RunContext, state: LoopState, final_state: str = "finished") -> None:
+    """Wait for pending checkpoint writes, export the final params in the HF layout (process 0), and write the
+    final status line with the peak RSS."""
+    try:
+        ctx.ckpt.close()
+    except Exception as e:  # noqa: BLE001 (the last async save's failure surfaces here, as any type)
+        raise describe_write_failure(e, f"checkpoint {ctx.ckpt.directory}") from None
+    export = Path(ctx.train_cfg.output_dir) / "final_hf"
+    if ctx.train_cfg.export_hf and jax.process_index() == 0:
+        try:
+            model.save_hf_checkpoint(export, ctx.model_cfg, state.params)
+        except Exception as e:  # noqa: BLE001 (safetensors raises its own error type for I/O)
+            raise describe_write_failure(e, str(export)) from None
+    ctx.log.close()
+    ctx.log.set_status(final_state, state.step)
+    ctx.log.say(f"{final_state} at step {state.step}; peak RSS {peak_rss_bytes() / 2**30:.2f} GiB")
+
+
+class Profiler:
+    """jax.profiler.trace over loop steps A..B, counted from 0 (loop step A writes step=A+1 in metrics.jsonl),
+    into <output_dir>/profile."""
+
+    def __init__(self, window: tuple[int, int] | None, out: Path):
+        self.window, self.out, self.active = window, out, False
+
+    def before(self, step: int) -> None:
+        if self.window and step == self.window[0] and not self.active:
+            jax.profiler.start_trace(str(self.out))
+            self.active = True
+
+    def after(self, step: int) -> None:
+        if self.active and step >= self.window[1]:
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
             jax.profiler.stop_trace()
-            profiling = False
-        bad_in_a_row = bad_in_a_row + 1 if metrics.get("skipped", 0) else 0
-        if bad_in_a_row >= tcfg.max_bad_steps:
-            log.say(f"stopping: {bad_in_a_row} non-finite steps in a row; last good state saved at step {step + 1}")
-            ckpt.save(step + 1, params, opt_state, {"step": step + 1, "data_position": position,
-                                                     "seed": tcfg.seed})
+            self.active = False
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return step == last or bool(every) and step % every == 0
+
+
+def train(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOConfig, rollout_cfg: RolloutConfig,
+          train_cfg: TrainConfig, mesh: Mesh, echo: Callable[[str], None] = print) -> dict:
+    """Run GRPO; returns the last step's metrics, the latest eval metrics and the final "params"."""
+    ctx, state = start_run(model_cfg, params, task, grpo_cfg, rollout_cfg, train_cfg, mesh, echo)
+    profiler = Profiler(train_cfg.profile_steps, Path(train_cfg.output_dir) / "profile")
+    try:
+        if state.step == 0:
+            state = eval_phase(ctx, state)
+        state, final_state = _run_steps(ctx, state, profiler)
+        finish_run(ctx, state, final_state)
+    except RunWriteError:
+        profiler.close()
+        try:  # so the next start does not blame the OOM killer; the disk may still refuse this small file
+            ctx.log.set_status("failed", state.step)
+        except OSError:
+            pass
+        raise
+    return {**state.last_metrics, **state.last_eval, "params": state.params}
+
+
+def _run_steps(ctx: RunContext, state: LoopState, profiler: Profiler) -> tuple[LoopState, str]:
+    """The steps from state.step to train_cfg.steps with their evals and checkpoints; returns the final state and
+    how the run ends ("finished", or "stopped" after max_bad_steps non-finite steps in a row)."""
+    train_cfg = ctx.train_cfg
+    final_state = "finished"
+    while state.step < train_cfg.steps:
+        profiler.before(state.step)
+        state = train_step(ctx, state)
+        profiler.after(state.step - 1)
+        if state.bad_in_a_row >= train_cfg.max_bad_steps:
+            ctx.log.say(f"stopping: {state.bad_in_a_row} non-finite steps in a row; state saved at step {state.step}")
+            checkpoint_phase(ctx, state)
+            final_state = "stopped"
             break
-        if tcfg.eval_every and (step + 1) % tcfg.eval_every == 0 or step + 1 == tcfg.steps:
-            run_eval(step + 1)
-        if (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == tcfg.steps:
-            ckpt.save(step + 1, params, opt_state, {"step": step + 1, "data_position": position, "seed": tcfg.seed})
-    if profiling:
-        jax.profiler.stop_trace()
-    ckpt.close()
-    if tcfg.export_hf and jax.process_index() == 0:
-        model.save_hf_checkpoint(out / "final_hf", cfg, params)
-    return {**last, **last_eval, "params": params}
+        if _due(state.step, train_cfg.eval_every, train_cfg.steps):
+            state = eval_phase(ctx, state)
+        if _due(state.step, train_cfg.checkpoint_every, train_cfg.steps):
+            checkpoint_phase(ctx, state)
+    profiler.close()
+    return state, final_state
 
 
 def _console_line(m: dict) -> str:

@@ -1,40 +1,49 @@
 """Load and save HF-layout Gemma checkpoints (config.json + safetensors), one tensor at a time.
 
-Name mapping is one table: our stacked param leaf -> HF tensor name per layer, with the
-transposes between PyTorch's Linear layout [out, in] and ours ([D, N, H] for q etc.).
-A 2B checkpoint never needs two full copies in host memory: each HF tensor is memory-mapped,
-transformed, written into its slot of the stacked leaf, and each finished leaf can be placed
-straight onto a device sharding.
+Name mapping is one table: our stacked param leaf -> HF tensor name per layer, with the transposes between
+PyTorch's Linear layout [out, in] and ours ([D, N, H] for q etc.).
 
-safetensors is read and written by this file directly (an 8-byte header length, a JSON header,
-raw little-endian data): that gives bfloat16 through ml_dtypes, exact truncation checks, and
-streaming writes.
+Reading goes through `safetensors.safe_open(file, framework="numpy")`. Opening parses and checks the header
+(a truncated or corrupt file fails there; we re-raise that as one line naming the file); each tensor is
+copied out of the memory-mapped file only when asked for, transformed, written into its slot of the stacked
+leaf, and each finished leaf is put on its device (or its given sharding) before the next one is read.
+bfloat16 arrives as `ml_dtypes.bfloat16`: safetensors asks numpy for the dtype named "bfloat16", which
+ml_dtypes registers (safetensors >= 0.4.1).
+
+Writing goes through `safetensors.numpy.save_file`, which takes a dict of host arrays, so a whole file's
+tensors sit in host memory at once, in HF layout: transposed copies of every matrix, and a copy of
+everything when params live on an accelerator (a float32 Gemma 2 2B: 2.6B params x 4 bytes = 10.5 GB on top
+of the params). `save_tensors` therefore cuts the tensors into files of at most `MAX_SHARD_BYTES` (2 GiB) in
+transformers' sharded layout (model-0000i-of-0000n.safetensors + model.safetensors.index.json), holding one
+file's tensors at a time; a checkpoint under the limit is a single model.safetensors, as before (the float32
+Gemma 3 270M is 1.07 GB). Measured re-saving the loaded float32 270M on CPU (embedding and norms are
+zero-copy views there; the transposed matrices are copies): peak RSS +0.44 GB as one file, +0.30 GB in
+256 MiB shards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import struct
-import tempfile
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
+import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16", which safetensors asks for)
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
-from model.config import GemmaConfig, config_to_hf, load_config
+from model.config import GemmaConfig, load_config, save_config
 from model.params import map_schema
 
-_DTYPES = {
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F64": np.dtype(np.float64),
-}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 2 << 30
+_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 # Text-tower prefixes: plain CausalLM, multimodal Gemma 3 (transformers >= 4.50), older multimodal files.
 _PREFIXES = ("model.", "model.language_model.", "language_model.model.")
 
@@ -76,55 +85,56 @@ def _name_table(cfg: GemmaConfig) -> dict[str, tuple[str, Callable, Callable]]:
     return table
 
 
-# --- safetensors files ----------------------------------------------------------------------------------------
+def _leaf_key(path: tuple[str, ...]) -> str:
+    return "/".join(path)
 
 
-class _SafetensorsFile:
-    """Memory-mapped read access to one .safetensors file, with its header validated up front."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError(f"{path}: not a safetensors file (only {size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise ValueError(f"{path}: truncated or corrupt (header claims {n} bytes, file has {size})")
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise ValueError(f"{path}: corrupt safetensors header") from None
-        header.pop("__metadata__", None)
-        self.entries = header
-        self.data_start = 8 + n
-        end = max((e["data_offsets"][1] for e in header.values()), default=0)
-        if self.data_start + end > size:
-            raise ValueError(f"{path}: truncated (tensors need {self.data_start + end} bytes, file has {size})")
-        self._mm = np.memmap(path, dtype=np.uint8, mode="r") if size else None
-
-    def get(self, name: str) -> np.ndarray:
-        e = self.entries[name]
-        if e["dtype"] not in _DTYPES:
-            raise ValueError(f"{self.path}: tensor {name} has unsupported dtype {e['dtype']}")
-        lo, hi = e["data_offsets"]
-        raw = self._mm[self.data_start + lo : self.data_start + hi]
-        return raw.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
+def _get(tree, key: str):
+    for part in key.split("/"):
+        tree = tree[part]
+    return tree
 
 
-def _open_tensors(path: Path) -> dict[str, _SafetensorsFile]:
-    """Map every tensor name to the file holding it (single file or sharded with an index)."""
-    index = path / "model.safetensors.index.json"
+def hf_tensor_shapes(cfg: GemmaConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor an HF `Gemma*ForCausalLM` checkpoint of `cfg` holds: `model.`-prefixed name -> shape."""
+    table, out = _name_table(cfg), {}
+
+    def visit(leaf_path, spec):
+        name, _, to_hf = table[_leaf_key(leaf_path)]
+        stacked = "{i}" in name
+        one = jax.ShapeDtypeStruct(spec.shape[1:] if stacked else spec.shape, jnp.float32)
+        shape = tuple(jax.eval_shape(to_hf, one).shape)
+        for i in range(cfg.num_layers if stacked else 1):
+            out["model." + name.format(i=i)] = shape
+
+    map_schema(visit, cfg)
+    return out
+
+
+# --- reading ------------------------------------------------------------------------------------------------
+
+
+def _open(file: Path, stack: contextlib.ExitStack):
+    """A safe_open handle on `file`, closed with `stack`; a bad file is one ValueError naming it."""
+    try:
+        return stack.enter_context(safe_open(file, framework="numpy"))
+    except SafetensorError as e:  # e.g. "incomplete metadata, file not fully covered" for a truncated file
+        raise ValueError(f"{file}: not a readable safetensors file, truncated or corrupt ({e})") from None
+
+
+def _open_tensors(path: Path, stack: contextlib.ExitStack) -> dict:
+    """Map every tensor name to the open file holding it (single file or sharded with an index)."""
+    index = path / INDEX_FILE
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
-        files = {f: _SafetensorsFile(path / f) for f in sorted(set(weight_map.values()))}
-        return {name: files[f] for name, f in weight_map.items()}
-    single = path / "model.safetensors"
+        files = {f: _open(path / f, stack) for f in sorted(set(weight_map.values()))}
+        held = {f: set(h.keys()) for f, h in files.items()}
+        return {name: files[f] for name, f in weight_map.items() if name in held[f]}  # the rest count as missing
+    single = path / SINGLE_FILE
     if not single.is_file():
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    f = _SafetensorsFile(single)
-    return {name: f for name in f.entries}
+        raise FileNotFoundError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
+    f = _open(single, stack)
+    return {name: f for name in f.keys()}
 
 
 def _find_prefix(names) -> str:
@@ -132,10 +142,6 @@ def _find_prefix(names) -> str:
         if p + "embed_tokens.weight" in names:
             return p
     raise ValueError("no embed_tokens.weight under any known prefix " + ", ".join(_PREFIXES))
-
-
-def _leaf_key(path: tuple[str, ...]) -> str:
-    return "/".join(path)
 
 
 def load_hf_checkpoint(path: str | Path, dtype=jnp.float32, shardings=None) -> tuple[GemmaConfig, dict]:
@@ -148,47 +154,57 @@ def load_hf_checkpoint(path: str | Path, dtype=jnp.float32, shardings=None) -> t
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     cfg = load_config(path)
-    tensors = _open_tensors(path)
-    prefix = _find_prefix(tensors)
     table = _name_table(cfg)
-    missing, bad_shape, used = [], [], set()
+    missing, bad_shape, bad_dtype, used = [], [], [], set()
+    with contextlib.ExitStack() as stack:
+        tensors = _open_tensors(path, stack)
+        prefix = _find_prefix(tensors)
 
-    def load_leaf(leaf_path, spec):
-        name, to_ours, _ = table[_leaf_key(leaf_path)]
-        stacked = "{i}" in name
-        out = np.empty(spec.shape, np.dtype(dtype))
-        for i in range(cfg.num_layers if stacked else 1):
-            full = prefix + name.format(i=i)
-            used.add(full)
-            if full not in tensors:
-                missing.append(full)
-                continue
-            raw = tensors[full].get(full)
+        def load_leaf(leaf_path, spec):
+            key = _leaf_key(leaf_path)
+            name, to_ours, _ = table[key]
+            stacked = "{i}" in name
             want = spec.shape[1:] if stacked else spec.shape
-            try:
-                value = to_ours(raw)
-            except ValueError:
-                value = None
-            if value is None or value.shape != want:
-                bad_shape.append(f"{full}: got {list(raw.shape)}, expected {list(want)} in our layout")
-                continue
-            out[i if stacked else ...] = value.astype(out.dtype)
-        return out
+            out = np.empty(spec.shape, np.dtype(dtype)) if stacked else None
+            for i in range(cfg.num_layers if stacked else 1):
+                full = prefix + name.format(i=i)
+                used.add(full)
+                if full not in tensors:
+                    missing.append(full)
+                    continue
+                kind = tensors[full].get_slice(full).get_dtype()
+                if kind not in _FLOAT_DTYPES:
+                    bad_dtype.append(f"{full}: {kind}")
+                    continue
+                raw = tensors[full].get_tensor(full)  # a host copy of this one tensor
+                try:
+                    value = to_ours(raw)
+                except ValueError:
+                    value = None
+                if value is None or value.shape != want:
+                    bad_shape.append(f"{full}: got {list(raw.shape)}, expected {list(want)} in our layout")
+                    continue
+                if stacked:
+                    out[i] = value  # casts while copying: no temporary
+                else:
+                    out = value.astype(np.dtype(dtype), copy=False)  # the copy above is ours to keep
+            if missing or bad_shape or bad_dtype:
+                return None  # we will raise; do not spend device memory on it
+            return jnp.asarray(out) if shardings is None else jax.device_put(out, _get(shardings, key))
 
-    host = map_schema(load_leaf, cfg)
+        params = map_schema(load_leaf, cfg)
     expected_text = {n for n in tensors if n.startswith(prefix)} - {prefix + "lm_head.weight"}
     if prefix == "model.":
         expected_text |= {n for n in tensors if not n.startswith(prefix) and n != "lm_head.weight"}
     unexpected = sorted(expected_text - used)
-    _raise_if_bad(path, missing, unexpected, bad_shape)
-    if shardings is None:
-        return cfg, jax.tree.map(jnp.asarray, host)
-    return cfg, jax.tree.map(lambda x, s: jax.device_put(x, s), host, shardings)
+    _raise_if_bad(path, missing, unexpected, bad_shape, bad_dtype)
+    return cfg, params
 
 
-def _raise_if_bad(path: Path, missing: list, unexpected: list, bad_shape: list) -> None:
+def _raise_if_bad(path: Path, missing: list, unexpected: list, bad_shape: list, bad_dtype: list) -> None:
     problems = []
-    for label, items in (("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", bad_shape)):
+    for label, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
+                         ("wrong shapes", bad_shape), ("unsupported dtypes", bad_dtype)):
         if items:
             shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
             problems.append(f"{label}: {shown}")
@@ -196,51 +212,89 @@ def _raise_if_bad(path: Path, missing: list, unexpected: list, bad_shape: list) 
         raise ValueError(f"{path}: checkpoint does not match its config.json: " + "; ".join(problems))
 
 
-def save_hf_checkpoint(path: str | Path, cfg: GemmaConfig, params: dict) -> Path:
-    """Write config.json + model.safetensors in the HF layout (loadable by transformers, vLLM, llama.cpp)."""
+# --- writing ------------------------------------------------------------------------------------------------
+
+
+def save_hf_checkpoint(path: str | Path, cfg: GemmaConfig, params: dict, *,
+                       max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write config.json + safetensors in the HF layout (loadable by transformers, vLLM, llama.cpp's converter).
+
+    Tensors are fetched to the host one layer at a time, in HF order (embedding, final norm, then layer by
+    layer), and written by `save_tensors`.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     table = _name_table(cfg)
-    tensors: list[tuple[str, jax.ShapeDtypeStruct, Callable[[], np.ndarray]]] = []
 
-    def collect(leaf_path, _spec):
-        name, _, to_hf = table[_leaf_key(leaf_path)]
-        leaf = params
-        for p in leaf_path:
-            leaf = leaf[p]
-        stacked = "{i}" in name
-        one = jax.ShapeDtypeStruct(leaf.shape[1:] if stacked else leaf.shape, leaf.dtype)
-        shape = jax.eval_shape(to_hf, one)  # header first, without materialising anything
-        if stacked:
-            for i in range(cfg.num_layers):
-                tensors.append(("model." + name.format(i=i), shape, lambda leaf=leaf, i=i: to_hf(np.asarray(leaf[i]))))
-        else:
-            tensors.append(("model." + name, shape, lambda leaf=leaf: to_hf(np.asarray(leaf))))
+    def tensors():
+        for key, (name, _, to_hf) in table.items():
+            if "{i}" not in name:
+                yield "model." + name, to_hf(np.asarray(_get(params, key)))
+        for i in range(cfg.num_layers):
+            for key, (name, _, to_hf) in table.items():
+                if "{i}" in name:
+                    yield "model." + name.format(i=i), to_hf(np.asarray(_get(params, key)[i]))
 
-    map_schema(collect, cfg)
-    _write_safetensors(path / "model.safetensors", tensors)
-    (path / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
+    save_tensors(path, tensors(), max_shard_bytes=max_shard_bytes)
+    save_config(path, cfg, torch_dtype=np.dtype(params["embed"].dtype).name)
     return path
 
 
-def _write_safetensors(file: Path, tensors: list[tuple[str, jax.ShapeDtypeStruct, Callable[[], np.ndarray]]]) -> None:
-    """Stream tensors to `file` one at a time; only one tensor is ever materialised on the host."""
-    header, offset = {}, 0
-    for name, shape, _ in tensors:
-        nbytes = int(np.prod(shape.shape)) * np.dtype(shape.dtype).itemsize
-        header[name] = {"dtype": _DTYPE_NAMES[np.dtype(shape.dtype)], "shape": list(shape.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header["__metadata__"] = {"format": "pt"}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # data must start 8-byte aligned
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".tmp-", suffix=".safetensors")
+def save_tensors(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]], *,
+                 max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """Write (HF name, host array) pairs into directory `path`; returns the file names written.
+
+    Consecutive tensors are grouped into files of at most `max_shard_bytes` (a larger tensor gets a file of
+    its own); only the current group is held. One group is written as model.safetensors, more as
+    model-0000i-of-0000n.safetensors plus model.safetensors.index.json, as transformers does. Each file is
+    written under a temporary name and renamed into place; weight files of an earlier save that the new
+    layout does not use are removed, so the directory never mixes two saves' layouts.
+    """
+    path = Path(path)
+    written: list[tuple[Path, list[str], int]] = []  # (temp file, tensor names, bytes)
+    group: dict[str, np.ndarray] = {}
+    group_bytes = 0
+
+    def flush():
+        tmp = _temp_name(path, ".safetensors")
+        written.append((tmp, sorted(group), group_bytes))
+        save_file(group, tmp, metadata={"format": "pt"})  # transformers refuses a file without "format"
+        tmp.chmod(0o644)  # safetensors >= 0.8 writes through a private (0600) temp file; weights are shareable
+        group.clear()
+
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)) + blob)
-            for _, _, get in tensors:
-                f.write(np.ascontiguousarray(get()).tobytes())
-        os.replace(tmp, file)  # never leave a half-written model.safetensors behind
+        for name, x in tensors:
+            x = np.ascontiguousarray(x)
+            if group and group_bytes + x.nbytes > max_shard_bytes:
+                flush()
+                group_bytes = 0
+            group[name] = x
+            group_bytes += x.nbytes
+        if group or not written:
+            flush()
+        n = len(written)
+        names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for (tmp, _, _), name in zip(written, names, strict=True):
+            os.replace(tmp, path / name)
+        if n > 1:
+            index = {"metadata": {"total_size": sum(b for _, _, b in written)},
+                     "weight_map": {t: f for (_, ts, _), f in zip(written, names, strict=True) for t in ts}}
+            _write_text_atomic(path / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _, _ in written:
+            tmp.unlink(missing_ok=True)
         raise
+    stale = {SINGLE_FILE, INDEX_FILE, *(p.name for p in path.glob("model-*-of-*.safetensors"))}
+    for name in stale - set(names) - ({INDEX_FILE} if n > 1 else set()):
+        (path / name).unlink(missing_ok=True)
+    return names + ([INDEX_FILE] if n > 1 else [])
+
+
+def _temp_name(directory: Path, suffix: str) -> Path:
+    return directory / f".tmp-{uuid.uuid4().hex}{suffix}"
+
+
+def _write_text_atomic(file: Path, text: str) -> None:
+    tmp = _temp_name(file.parent, file.suffix)
+    tmp.write_text(text)
+    os.replace(tmp, file)

@@ -1,16 +1,31 @@
-"""Gemma 2 / Gemma 3 text configuration: one frozen dataclass, presets, and the config.json reader.
+"""Gemma 2 / Gemma 3 text configuration: one frozen dataclass, presets, and config.json read and write.
 
-The dataclass is hashable so it can be passed to `jax.jit` as a static argument. Everything a
-forward pass needs is here; nothing is read from a global. Values come from
-shared/specs/gemma.md; `from_hf_config` reads a checkpoint's own `config.json`, which always
-wins over a preset (an old converter wrote query_pre_attn_scalar=224 for 9B; the file says so).
+The dataclass is hashable so it can be passed to `jax.jit` as a static argument. Everything a forward pass
+needs is here; nothing is read from a global.
+
+Where the values come from (public sources):
+- config.json keys and their defaults: transformers' `Gemma2Config` and `Gemma3TextConfig`,
+  https://github.com/huggingface/transformers/blob/main/src/transformers/models/gemma2/configuration_gemma2.py
+  https://github.com/huggingface/transformers/blob/main/src/transformers/models/gemma3/configuration_gemma3.py
+- the presets: each model's released config.json (e.g. https://huggingface.co/google/gemma-2-2b,
+  https://huggingface.co/google/gemma-3-270m), the Gemma 2 report (https://arxiv.org/abs/2408.00118) and the
+  Gemma 3 report (https://arxiv.org/abs/2503.19786).
+- Gemma 2: local (sliding-window 4096) and global attention alternate, layer 0 local; attention logits are
+  soft-capped at 50 and final logits at 30; rope base 10k everywhere.
+- Gemma 3: five local layers then one global (layer i global iff (i + 1) % 6 == 0), no soft-caps, RMSNorm on
+  q and k over the head dim; rope base 1M on global layers (4B and up: positions divided by 8, "linear"
+  scaling) and 10k on local ones; sliding window 512 (270M, 1B) or 1024 (4B and up).
+- scores are scaled by query_pre_attn_scalar**-0.5, which is head_dim except for the 27B models (D / N).
+
+`config_from_hf` reads a checkpoint's own config.json, which always wins over a preset (an old converter wrote
+query_pre_attn_scalar=224 for 9B; the file says so). `config_to_hf` is the one place that spells out the
+config.json keys we write; `save_config` writes it (used by the checkpoint saver and the GGUF importer).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -206,8 +221,12 @@ def _first_id(value, default: int) -> int:
     return int(value[0]) if isinstance(value, list) else int(value)
 
 
-def config_to_hf(cfg: GemmaConfig) -> dict:
-    """The transformers-style config.json for `cfg` (4.x keys, which 5.x also reads)."""
+def config_to_hf(cfg: GemmaConfig, *, max_position_embeddings: int = 32768, torch_dtype: str = "float32") -> dict:
+    """The transformers-style config.json for `cfg` (4.x keys, which 5.x also reads).
+
+    The two keyword arguments are facts about a file, not about the architecture: the context length the
+    source declared and the dtype the weights are stored in (transformers' `dtype="auto"` reads it).
+    """
     gemma3 = cfg.arch == "gemma3"
     out = {
         "architectures": ["Gemma3ForCausalLM" if gemma3 else "Gemma2ForCausalLM"],
@@ -221,7 +240,8 @@ def config_to_hf(cfg: GemmaConfig) -> dict:
         "attn_logit_softcapping": cfg.attn_softcap, "final_logit_softcapping": cfg.final_softcap,
         "rms_norm_eps": cfg.rms_eps, "hidden_activation": "gelu_pytorch_tanh", "hidden_act": "gelu_pytorch_tanh",
         "pad_token_id": cfg.pad_id, "eos_token_id": cfg.eos_id, "bos_token_id": cfg.bos_id,
-        "tie_word_embeddings": True, "attention_bias": False, "max_position_embeddings": 32768,
+        "tie_word_embeddings": True, "attention_bias": False, "max_position_embeddings": max_position_embeddings,
+        "torch_dtype": torch_dtype,
     }
     if gemma3:
         out["rope_local_base_freq"] = cfg.rope_base_local
@@ -234,7 +254,15 @@ def _int_if_integral(x: float) -> int | float:
     return int(x) if float(x).is_integer() else x
 
 
+def save_config(directory: str | Path, cfg: GemmaConfig, **kwargs: Any) -> Path:
+    """Write `directory/config.json` for `cfg`; kwargs go to `config_to_hf`. Returns the file."""
+    file = Path(directory) / "config.json"
+    file.write_text(json.dumps(config_to_hf(cfg, **kwargs), indent=2) + "\n")
+    return file
+
+
 def load_config(path: str | Path) -> GemmaConfig:
+    """The GemmaConfig of a checkpoint directory (its config.json) or of a config.json file."""
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
@@ -244,7 +272,3 @@ def load_config(path: str | Path) -> GemmaConfig:
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from None
     return config_from_hf(hf, name=path.name)
-
-
-def embed_scale(cfg: GemmaConfig) -> float:
-    return math.sqrt(cfg.embed_dim)

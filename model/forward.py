@@ -1,6 +1,8 @@
 """Hand-written Gemma 2 / Gemma 3 text forward pass: pure functions over the param pytree.
 
-Numerics follow shared/specs/gemma.md (reference: HF transformers, eager attention):
+Numerics match HF transformers' eager attention path
+(https://github.com/huggingface/transformers/blob/main/src/transformers/models/gemma2/modeling_gemma2.py and
+https://github.com/huggingface/transformers/blob/main/src/transformers/models/gemma3/modeling_gemma3.py):
 - embed * sqrt(D), the constant rounded to the activation dtype first;
 - RMSNorm(1 + w) computed in float32 and cast back;
 - q/k RMSNorm over H (Gemma 3), then half-split ("rotate_half") RoPE with a per-layer base;
@@ -8,16 +10,25 @@ Numerics follow shared/specs/gemma.md (reference: HF transformers, eager attenti
 - softmax in float32; 4 norms per layer; tanh-GELU gated MLP;
 - final norm, tied unembedding, Gemma 2 final soft-cap 30*tanh(z/30).
 
-Padding: every function takes explicit token positions and a validity mask, and the attention
-mask is built from positions (not buffer slots), so a left- or right-padded row gets the logits
-it would get alone. The KV-cache sampler (model/sampler.py) reuses the same pieces:
+Padding: the layers take explicit token positions and a validity mask, and the attention mask is built
+from positions (not buffer slots), so a left- or right-padded row gets the logits it would get alone.
+
+One layer loop: `scan_layers` runs the stacked layers for `hidden_states`, the sampler's prefill
+(model/sampler.py, which also collects each layer's k, v) and the FSDP training forward (grpo/logprobs.py,
+which all-gathers each layer's weights inside the loop). The sampler's decode step reuses the pieces:
 `layer_constants`, `attention_inputs`, `attend` and `layer_output`.
+
+LoRA: a layer's weights may carry low-rank adapters under lp["lora"][name] = {"a": [in, r], "b": [r, out]}
+(model/lora.py `with_adapters` puts them there, the scale already folded into b). `project` then adds
+(x @ a) @ b to x @ W: W + a @ b is never formed, so the training step holds no second copy of any matrix.
 
 Dimension letters: B batch, T query length, S key length, D model, F mlp, N query heads,
 K kv heads, G = N/K, H head dim, V vocab, L layers.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +39,8 @@ from model.config import GLOBAL, GemmaConfig
 MASK_VALUE = -2.3819763e38
 # Window used for global layers: larger than any sequence, so only causality applies.
 NO_WINDOW = 2**30
+# Key of a layer's LoRA adapters in its weight dict (see the module docstring and model/lora.py).
+LORA = "lora"
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -75,12 +88,27 @@ def embed_tokens(params: dict, tokens: jax.Array, cfg: GemmaConfig) -> jax.Array
     return x * jnp.asarray(cfg.embed_dim**0.5, dtype=x.dtype)
 
 
+def project(x: jax.Array, lp: dict, name: str, equation: str) -> jax.Array:
+    """x times the weight lp[name] (as `equation` says), plus the LoRA update (x @ a) @ b if lp carries one.
+
+    The update runs in x's dtype (float32 adapters meet bf16 activations without promoting them) and is
+    reshaped to the projection's output: in is x's trailing dims flattened (o: N*H), out the weight's (q: N*H).
+    """
+    y = jnp.einsum(equation, x, lp[name])
+    pair = lp.get(LORA, {}).get(name)
+    if pair is None:
+        return y
+    with jax.named_scope(f"lora_{name}"):
+        low = x.reshape(*x.shape[:2], -1) @ pair["a"].astype(x.dtype)  # [B, T, r]
+        return y + (low @ pair["b"].astype(x.dtype)).reshape(y.shape).astype(y.dtype)
+
+
 def attention_inputs(lp: dict, x: jax.Array, c: dict, positions: jax.Array, cfg: GemmaConfig):
     """Pre-attention norm, q/k/v projections, Gemma 3 q/k norms, RoPE. Returns q [B,T,N,H], k, v [B,T,K,H]."""
     h = rms_norm(x, lp["attn_norm"], cfg.rms_eps)
-    q = jnp.einsum("btd,dnh->btnh", h, lp["q"])
-    k = jnp.einsum("btd,dkh->btkh", h, lp["k"])
-    v = jnp.einsum("btd,dkh->btkh", h, lp["v"])
+    q = project(h, lp, "q", "btd,dnh->btnh")
+    k = project(h, lp, "k", "btd,dkh->btkh")
+    v = project(h, lp, "v", "btd,dkh->btkh")
     if cfg.use_qk_norm:  # Gemma 3: RMSNorm over head_dim after projection, before RoPE
         q = rms_norm(q, lp["q_norm"], cfg.rms_eps)
         k = rms_norm(k, lp["k_norm"], cfg.rms_eps)
@@ -112,22 +140,60 @@ def attend(q, k, v, q_pos, k_pos, k_valid, window, cfg: GemmaConfig) -> jax.Arra
 
 def layer_output(lp: dict, x: jax.Array, attn: jax.Array, cfg: GemmaConfig) -> jax.Array:
     """Output projection, the post-attention norm and residual, then the MLP block with its two norms."""
-    a = jnp.einsum("btnh,nhd->btd", attn, lp["o"])
+    a = project(attn, lp, "o", "btnh,nhd->btd")
     x = x + rms_norm(a, lp["post_attn_norm"], cfg.rms_eps)
     with jax.named_scope("mlp"):
         h = rms_norm(x, lp["pre_ffw_norm"], cfg.rms_eps)
-        gate = jax.nn.gelu(jnp.einsum("btd,df->btf", h, lp["gate"]), approximate=True)  # tanh GELU
-        up = jnp.einsum("btd,df->btf", h, lp["up"])
-        m = jnp.einsum("btf,fd->btd", gate * up, lp["down"])
+        gate = jax.nn.gelu(project(h, lp, "gate", "btd,df->btf"), approximate=True)  # tanh GELU
+        up = project(h, lp, "up", "btd,df->btf")
+        m = project(gate * up, lp, "down", "btf,fd->btd")
     return x + rms_norm(m, lp["post_ffw_norm"], cfg.rms_eps)
 
 
-def decoder_layer(lp, x, c, positions, valid, cfg: GemmaConfig) -> jax.Array:
-    """One full-sequence (no cache) decoder layer."""
+def decoder_layer(lp, x, c, positions, valid, cfg: GemmaConfig) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """One full-sequence (no cache) decoder layer: (output [B, T, D], its post-RoPE k, v [B, T, K, H]).
+
+    k and v come back so the sampler's prefill can cache them; callers that do not need them drop them.
+    """
     with jax.named_scope("attention"):
         q, k, v = attention_inputs(lp, x, c, positions, cfg)
         attn = attend(q, k, v, positions, positions, valid, c["window"], cfg)
-    return layer_output(lp, x, attn, cfg)
+    return layer_output(lp, x, attn, cfg), (k, v)
+
+
+def scan_layers(
+    layers: dict,
+    x: jax.Array,
+    positions: jax.Array,
+    valid: jax.Array,
+    cfg: GemmaConfig,
+    *,
+    prepare_layer: Callable[[dict], dict] | None = None,
+    remat_policy: Callable | None = None,
+    collect_kv: bool = False,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """The decoder stack: one lax.scan over the stacked [L, ...] `layers` (one layer compiled, not L).
+
+    x [B, T, D] embedded tokens; positions [B, T] int; valid [B, T] bool. Returns (x [B, T, D] before the
+    final norm, kv): kv is every layer's post-RoPE (k, v), each [L, B, T, K, H], with collect_kv (the
+    sampler's prefill fills its cache from them), else None.
+    prepare_layer: maps one layer's weights to what the layer uses, inside the scan body (FSDP: all-gather
+    the local shards, so only one layer's full weights exist at a time).
+    remat_policy: jax.checkpoint the body with this policy (None: no remat, save everything).
+    """
+
+    def body(x, layer):
+        lp, c = layer
+        lp = lp if prepare_layer is None else prepare_layer(lp)
+        x, kv = decoder_layer(lp, x, c, positions, valid, cfg)
+        return x, (kv if collect_kv else None)
+
+    # prevent_cse=False: inside a scan XLA cannot merge the backward recompute into the forward pass, so the
+    # guard against that (which also blocks other optimisations) is not needed.
+    if remat_policy is not None:
+        body = jax.checkpoint(body, policy=remat_policy, prevent_cse=False)
+    with jax.named_scope("layers"):
+        return jax.lax.scan(body, x, (layers, layer_constants(cfg)))
 
 
 def hidden_states(
@@ -135,23 +201,17 @@ def hidden_states(
     tokens: jax.Array,
     cfg: GemmaConfig,
     *,
-    positions: jax.Array | None = None,
     attention_mask: jax.Array | None = None,
     remat: bool = False,
 ) -> jax.Array:
-    """Final-normed hidden states [B, T, D] (before the unembedding)."""
-    positions = default_positions(tokens, attention_mask) if positions is None else positions
+    """Final-normed hidden states [B, T, D] (before the unembedding).
+
+    remat: keep only each layer's input for the backward pass and recompute the layer's inside there.
+    """
+    positions = default_positions(tokens, attention_mask)
     valid = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
-    x = embed_tokens(params, tokens, cfg)
-
-    def body(x, layer):
-        lp, c = layer
-        return decoder_layer(lp, x, c, positions, valid, cfg), None
-
-    if remat:  # keep only each layer's input; recompute its inside in the backward pass
-        body = jax.checkpoint(body, prevent_cse=False)
-    with jax.named_scope("layers"):
-        x, _ = jax.lax.scan(body, x, (params["layers"], layer_constants(cfg)))
+    policy = jax.checkpoint_policies.nothing_saveable if remat else None
+    x, _ = scan_layers(params["layers"], embed_tokens(params, tokens, cfg), positions, valid, cfg, remat_policy=policy)
     return rms_norm(x, params["final_norm"], cfg.rms_eps)
 
 
@@ -167,7 +227,6 @@ def forward(
     tokens: jax.Array,
     cfg: GemmaConfig,
     *,
-    positions: jax.Array | None = None,
     attention_mask: jax.Array | None = None,
     remat: bool = False,
 ) -> jax.Array:
@@ -177,7 +236,5 @@ def forward(
         raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
     if attention_mask is not None and jnp.shape(attention_mask) != tokens.shape:
         raise ValueError(f"attention_mask shape {jnp.shape(attention_mask)} != tokens shape {tokens.shape}")
-    if positions is not None and jnp.shape(positions) != tokens.shape:
-        raise ValueError(f"positions shape {jnp.shape(positions)} != tokens shape {tokens.shape}")
-    h = hidden_states(params, tokens, cfg, positions=positions, attention_mask=attention_mask, remat=remat)
+    h = hidden_states(params, tokens, cfg, attention_mask=attention_mask, remat=remat)
     return unembed(params, h, cfg)

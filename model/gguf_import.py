@@ -1,17 +1,28 @@
 """Import a llama.cpp GGUF (Gemma 2 or Gemma 3 text) into a plain HF checkpoint directory.
 
-The directory holds `config.json` (transformers' Gemma2Config / Gemma3TextConfig keys), `model.safetensors`
-(float32, HF names, PyTorch [out, in] order, zero-centred norms) and a `tokenizer.model` rebuilt as a
-SentencePiece ModelProto from the GGUF vocabulary, so everything downstream (our loader, HF transformers,
-sentencepiece) reads it like any HF download.
+The directory holds `config.json` (written by `model.config.save_config`), float32 safetensors written by
+`model.checkpoint.save_tensors` (HF names, PyTorch [out, in] order, zero-centred norms; one model.safetensors
+up to 2 GiB, HF-style shards beyond) and a `tokenizer.model` rebuilt as a SentencePiece ModelProto from the
+GGUF vocabulary, so everything downstream (our loader, HF transformers, sentencepiece) reads it like any HF
+download.
 
-Choices, from shared/specs/gemma.md:
-- Every tensor is dequantized to float32 (`gguf.quants.dequantize` already yields [out, in]); no q/k
-  permutation for Gemma. llama.cpp's converter adds 1 to every norm weight, so we subtract it.
-- GGUF metadata lacks query_pre_attn_scalar, the layer pattern and the local rope base; those are filled
-  from the known Gemma conventions (`_query_pre_attn_scalar`, `_layer_types`, `_DEFAULT_LOCAL_ROPE_BASE`).
+What the conversion relies on (llama.cpp's Gemma converter, `convert_hf_to_gguf.py`,
+https://github.com/ggml-org/llama.cpp/blob/master/convert_hf_to_gguf.py, classes Gemma2Model / Gemma3Model;
+GGUF key names: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md):
+- Tensor names map one to one (`_TABLE`); every tensor is dequantized to float32 with
+  `gguf.quants.dequantize`, which already yields PyTorch's [out, in]; Gemma needs no q/k permutation.
+- Gemma's RMSNorm scales by (1 + w); HF stores w, the converter stores 1 + w, so we subtract 1.
+- GGUF metadata lacks query_pre_attn_scalar, the layer pattern and the local rope base; they are filled in from
+  the released configs (https://github.com/huggingface/transformers/blob/main/src/transformers/models/gemma3/
+  configuration_gemma3.py and the Gemma 2 / 3 reports https://arxiv.org/abs/2408.00118,
+  https://arxiv.org/abs/2503.19786): qpas = head_dim, except D / N for the 27B models (the only ones with
+  head_dim 128); Gemma 2 alternates sliding / global from layer 0; Gemma 3 repeats five sliding, one global
+  (unless the GGUF carries the period); the local rope base is 10k.
+- The tensor names and shapes are checked against the config (`model.checkpoint.hf_tensor_shapes`) before any
+  tensor is dequantized; then tensors are dequantized and written one file's worth at a time.
 - The import is atomic: it writes into a temp directory beside `out_dir` and renames it at the end, and a
-  manifest marks a complete import, so importing again is a no-op and a failure leaves nothing behind.
+  manifest (written last, listing the files) marks a complete import, so importing again is a no-op and a
+  failure leaves nothing behind.
 `gguf` (and protobuf, for the tokenizer) are imported lazily: they belong to the `gguf` extra.
 """
 
@@ -22,20 +33,23 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from model.checkpoint import hf_tensor_shapes, save_tensors
+from model.config import GemmaConfig, gemma2_layer_types, gemma3_layer_types, save_config
+
 MANIFEST = "import_manifest.json"
-_OUTPUT_FILES = ("config.json", "model.safetensors", "tokenizer.model")
-_IMPORTER_VERSION = 1
+_OUTPUT_FILES = ("config.json", "model.safetensors", "tokenizer.model")  # for a manifest that lists no files
+_IMPORTER_VERSION = 2  # 2: weights via model.checkpoint.save_tensors (sharded above 2 GiB); 1 dirs stay valid
 _SUPPORTED_ARCHS = ("gemma2", "gemma3")
 _NORM_SHIFT = 1.0  # llama.cpp's Gemma converters store norm weights as 1 + w
 _DEFAULT_LOCAL_ROPE_BASE = 10_000.0  # Gemma 3 sliding layers; GGUF only carries the global base
 _GEMMA3_PATTERN = 6  # Gemma 3: five sliding layers, then one global
-_INSTALL_HINT = "pip install -e '.[gguf]'"
+INSTALL_HINT = "pip install -e '.[gguf]'"
 
 # GGUF token types (llama.cpp) -> SentencePiece ModelProto.SentencePiece.Type; both: 1 normal, 2 unknown,
 # 3 control, 4 user-defined, 5 unused, 6 byte.
@@ -53,28 +67,28 @@ def _unshift_norm(x: np.ndarray) -> np.ndarray:
     return x - np.float32(_NORM_SHIFT)
 
 
-# GGUF name pattern -> (HF name template, transform, shape key). `{0}` is the layer index.
-_TABLE: tuple[tuple[re.Pattern[str], str, Callable[[np.ndarray], np.ndarray], str], ...] = tuple(
-    (re.compile(p), name, fn, shape)
-    for p, name, fn, shape in (
-        (r"token_embd\.weight", "model.embed_tokens.weight", _identity, "embed"),
-        (r"output_norm\.weight", "model.norm.weight", _unshift_norm, "d"),
-        (r"blk\.(\d+)\.attn_q\.weight", "model.layers.{0}.self_attn.q_proj.weight", _identity, "q"),
-        (r"blk\.(\d+)\.attn_k\.weight", "model.layers.{0}.self_attn.k_proj.weight", _identity, "kv"),
-        (r"blk\.(\d+)\.attn_v\.weight", "model.layers.{0}.self_attn.v_proj.weight", _identity, "kv"),
-        (r"blk\.(\d+)\.attn_output\.weight", "model.layers.{0}.self_attn.o_proj.weight", _identity, "o"),
-        (r"blk\.(\d+)\.attn_q_norm\.weight", "model.layers.{0}.self_attn.q_norm.weight", _unshift_norm, "h"),
-        (r"blk\.(\d+)\.attn_k_norm\.weight", "model.layers.{0}.self_attn.k_norm.weight", _unshift_norm, "h"),
-        (r"blk\.(\d+)\.ffn_gate\.weight", "model.layers.{0}.mlp.gate_proj.weight", _identity, "up"),
-        (r"blk\.(\d+)\.ffn_up\.weight", "model.layers.{0}.mlp.up_proj.weight", _identity, "up"),
-        (r"blk\.(\d+)\.ffn_down\.weight", "model.layers.{0}.mlp.down_proj.weight", _identity, "down"),
-        (r"blk\.(\d+)\.attn_norm\.weight", "model.layers.{0}.input_layernorm.weight", _unshift_norm, "d"),
+# GGUF name pattern -> (HF name template, transform). `{0}` is the layer index.
+_TABLE: tuple[tuple[re.Pattern[str], str, Callable[[np.ndarray], np.ndarray]], ...] = tuple(
+    (re.compile(p), name, fn)
+    for p, name, fn in (
+        (r"token_embd\.weight", "model.embed_tokens.weight", _identity),
+        (r"output_norm\.weight", "model.norm.weight", _unshift_norm),
+        (r"blk\.(\d+)\.attn_q\.weight", "model.layers.{0}.self_attn.q_proj.weight", _identity),
+        (r"blk\.(\d+)\.attn_k\.weight", "model.layers.{0}.self_attn.k_proj.weight", _identity),
+        (r"blk\.(\d+)\.attn_v\.weight", "model.layers.{0}.self_attn.v_proj.weight", _identity),
+        (r"blk\.(\d+)\.attn_output\.weight", "model.layers.{0}.self_attn.o_proj.weight", _identity),
+        (r"blk\.(\d+)\.attn_q_norm\.weight", "model.layers.{0}.self_attn.q_norm.weight", _unshift_norm),
+        (r"blk\.(\d+)\.attn_k_norm\.weight", "model.layers.{0}.self_attn.k_norm.weight", _unshift_norm),
+        (r"blk\.(\d+)\.ffn_gate\.weight", "model.layers.{0}.mlp.gate_proj.weight", _identity),
+        (r"blk\.(\d+)\.ffn_up\.weight", "model.layers.{0}.mlp.up_proj.weight", _identity),
+        (r"blk\.(\d+)\.ffn_down\.weight", "model.layers.{0}.mlp.down_proj.weight", _identity),
+        (r"blk\.(\d+)\.attn_norm\.weight", "model.layers.{0}.input_layernorm.weight", _unshift_norm),
         (r"blk\.(\d+)\.post_attention_norm\.weight", "model.layers.{0}.post_attention_layernorm.weight",
-         _unshift_norm, "d"),
+         _unshift_norm),
         # llama.cpp calls the pre-MLP norm `ffn_norm`.
-        (r"blk\.(\d+)\.ffn_norm\.weight", "model.layers.{0}.pre_feedforward_layernorm.weight", _unshift_norm, "d"),
+        (r"blk\.(\d+)\.ffn_norm\.weight", "model.layers.{0}.pre_feedforward_layernorm.weight", _unshift_norm),
         (r"blk\.(\d+)\.post_ffw_norm\.weight", "model.layers.{0}.post_feedforward_layernorm.weight",
-         _unshift_norm, "d"),
+         _unshift_norm),
     )
 )
 
@@ -84,25 +98,24 @@ _TABLE: tuple[tuple[re.Pattern[str], str, Callable[[np.ndarray], np.ndarray], st
 
 def _query_pre_attn_scalar(d: int, heads: int, head_dim: int) -> int:
     # Not in GGUF. Gemma 2 27B and Gemma 3 27B (the only ones with head_dim 128) scale by D / N; all others by H.
-    # An int: transformers 5 rejects a float here.
     return d // heads if head_dim == 128 else head_dim
 
 
-def _layer_types(arch: str, layers: int, pattern: Any) -> list[str]:
-    if arch == "gemma2":  # even layers sliding, odd global
-        return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+def _layer_types(arch: str, layers: int, pattern: Any) -> tuple[str, ...]:
+    if arch == "gemma2":
+        return gemma2_layer_types(layers)
     # Newer GGUFs may carry the period as an int; older ones not at all.
     period = int(pattern) if isinstance(pattern, int | np.integer) and int(pattern) > 0 else _GEMMA3_PATTERN
-    return ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(layers)]
+    return gemma3_layer_types(layers, period)
 
 
 def _f32(x: Any) -> float:
-    # GGUF stores float32; print the shortest decimal that round-trips (9.99999997e-07 -> 1e-06).
+    # GGUF stores float32; keep the shortest decimal that round-trips (9.99999997e-07 -> 1e-06).
     return float(str(np.float32(x)))
 
 
-def hf_config_from_gguf(meta: dict[str, Any], vocab_size: int) -> dict[str, Any]:
-    """transformers-style config.json for the GGUF scalar metadata `meta` (key -> value)."""
+def config_from_gguf(meta: dict[str, Any], vocab_size: int) -> GemmaConfig:
+    """The GemmaConfig described by the GGUF scalar metadata `meta` (key -> value)."""
     arch = meta.get("general.architecture")
     if arch not in _SUPPORTED_ARCHS:
         raise ValueError(f"GGUF architecture {arch!r} is not supported; expected one of {list(_SUPPORTED_ARCHS)}")
@@ -116,92 +129,75 @@ def hf_config_from_gguf(meta: dict[str, Any], vocab_size: int) -> dict[str, Any]
     d, layers, heads = int(get("embedding_length")), int(get("block_count")), int(get("attention.head_count"))
     head_dim = int(get("attention.key_length", d // heads))
     gemma3 = arch == "gemma3"
-    scaling = None
+    rope_global = _f32(get("rope.freq_base", 1_000_000.0 if gemma3 else 10_000.0))
+    scale = 1.0
     if meta.get(f"{arch}.rope.scaling.type", "none") == "linear":
-        scaling = {"rope_type": "linear", "factor": _f32(get("rope.scaling.factor"))}
-    cfg = {
-        "architectures": ["Gemma3ForCausalLM" if gemma3 else "Gemma2ForCausalLM"],
-        "model_type": "gemma3_text" if gemma3 else "gemma2",
-        "vocab_size": vocab_size,
-        "hidden_size": d,
-        "intermediate_size": int(get("feed_forward_length")),
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
-        "head_dim": head_dim,
-        "query_pre_attn_scalar": _query_pre_attn_scalar(d, heads, head_dim),
-        "sliding_window": int(get("attention.sliding_window", 4096)),
-        "layer_types": _layer_types(arch, layers, meta.get(f"{arch}.attention.sliding_window_pattern")),
-        "rope_theta": _f32(get("rope.freq_base", 1_000_000.0 if gemma3 else 10_000.0)),
-        "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        scale = _f32(get("rope.scaling.factor"))
+    return GemmaConfig(
+        name=str(meta.get("general.name", "gguf")), arch=arch, vocab_size=vocab_size, num_layers=layers,
+        embed_dim=d, hidden_dim=int(get("feed_forward_length")), num_heads=heads,
+        num_kv_heads=int(get("attention.head_count_kv", heads)), head_dim=head_dim,
+        query_pre_attn_scalar=_query_pre_attn_scalar(d, heads, head_dim),
+        sliding_window=int(get("attention.sliding_window", 4096)),
+        layer_types=_layer_types(arch, layers, meta.get(f"{arch}.attention.sliding_window_pattern")),
+        rope_base_global=rope_global,
+        rope_base_local=_f32(get("rope.freq_base_swa", _DEFAULT_LOCAL_ROPE_BASE)) if gemma3 else rope_global,
+        rope_scale_global=scale,
         # Gemma 2 soft-caps attention at 50 and logits at 30; Gemma 3 does not.
-        "attn_logit_softcapping": _f32(get("attn_logit_softcapping", 50.0)) if not gemma3 else None,
-        "final_logit_softcapping": _f32(get("final_logit_softcapping", 30.0)) if not gemma3 else None,
-        "hidden_activation": "gelu_pytorch_tanh",
-        "max_position_embeddings": int(get("context_length", 8192)),
-        "bos_token_id": int(meta.get("tokenizer.ggml.bos_token_id", 2)),
-        "eos_token_id": int(meta.get("tokenizer.ggml.eos_token_id", 1)),
-        "pad_token_id": int(meta.get("tokenizer.ggml.padding_token_id", 0)),
-        "attention_bias": False,
-        "tie_word_embeddings": True,
-        "torch_dtype": "float32",
-    }
-    if gemma3:
-        cfg["rope_local_base_freq"] = _f32(get("rope.freq_base_swa", _DEFAULT_LOCAL_ROPE_BASE))
-        cfg["rope_scaling"] = scaling
-    return cfg
-
-
-def _expected_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    d, f, h = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
-    n, k = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    return {"embed": (cfg["vocab_size"], d), "d": (d,), "h": (h,), "q": (n * h, d), "kv": (k * h, d),
-            "o": (d, n * h), "up": (f, d), "down": (d, f)}
-
-
-def _expected_names(cfg: dict[str, Any]) -> set[str]:
-    per_layer = [t for _, t, _, _ in _TABLE if "{0}" in t]
-    if cfg["model_type"] == "gemma2":  # Gemma 2 has no q/k norm
-        per_layer = [t for t in per_layer if "_norm." not in t]
-    names = {t for _, t, _, _ in _TABLE if "{0}" not in t}
-    return names | {t.format(i) for i in range(cfg["num_hidden_layers"]) for t in per_layer}
+        attn_softcap=None if gemma3 else _f32(get("attn_logit_softcapping", 50.0)),
+        final_softcap=None if gemma3 else _f32(get("final_logit_softcapping", 30.0)),
+        rms_eps=_f32(get("attention.layer_norm_rms_epsilon", 1e-6)), use_qk_norm=gemma3,
+        pad_id=int(meta.get("tokenizer.ggml.padding_token_id", 0)),
+        eos_id=int(meta.get("tokenizer.ggml.eos_token_id", 1)),
+        bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 2)),
+    )
 
 
 # --- tensors -----------------------------------------------------------------------------------------------------
 
 
-def _map_name(gguf_name: str) -> tuple[str, Callable[[np.ndarray], np.ndarray], str] | None:
-    for pattern, template, fn, shape in _TABLE:
+def _map_name(gguf_name: str) -> tuple[str, Callable[[np.ndarray], np.ndarray]] | None:
+    for pattern, template, fn in _TABLE:
         m = pattern.fullmatch(gguf_name)
         if m:
-            return template.format(*m.groups()), fn, shape
+            return template.format(*m.groups()), fn
     return None
 
 
-def convert_tensors(reader: Any, cfg: dict[str, Any], *, progress: Callable[[str], None]) -> dict[str, np.ndarray]:
-    """Dequantize every GGUF tensor to float32 HF form; fail listing unexpected, missing and mis-shaped names."""
-    from gguf.quants import dequantize
+def _plan_tensors(reader: Any, cfg: GemmaConfig) -> list[tuple[Any, str, Callable[[np.ndarray], np.ndarray]]]:
+    """(GGUF tensor, HF name, transform) for every tensor, checked against `cfg` from the GGUF header alone.
 
-    shapes, out, unexpected, misshaped = _expected_shapes(cfg), {}, [], []
-    for i, t in enumerate(reader.tensors):
+    Fails listing unexpected, missing and mis-shaped names in one message.
+    """
+    want = hf_tensor_shapes(cfg)
+    plan, seen, unexpected, misshaped = [], set(), [], []
+    for t in reader.tensors:
         mapped = _map_name(t.name)
-        if mapped is None:
+        if mapped is None or mapped[0] not in want:  # e.g. q_norm in a Gemma 2 file
             unexpected.append(t.name)
             continue
-        name, fn, shape_key = mapped
-        x = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)  # [out, in], like PyTorch
-        if x.shape != shapes[shape_key]:
-            misshaped.append(f"{t.name} {x.shape} (expected {shapes[shape_key]})")
+        seen.add(mapped[0])
+        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dims innermost first
+        if shape != want[mapped[0]]:
+            misshaped.append(f"{t.name} {shape} (expected {want[mapped[0]]})")
             continue
-        out[name] = np.ascontiguousarray(fn(x))
-        if (i + 1) % 50 == 0:
-            progress(f"  dequantized {i + 1}/{len(reader.tensors)} tensors")
-    missing = sorted(_expected_names(cfg) - out.keys())
-    extra = sorted(out.keys() - _expected_names(cfg))  # e.g. q_norm in a Gemma 2 file
-    if unexpected or missing or misshaped or extra:
-        raise ValueError(f"GGUF tensors do not match a {cfg['model_type']} model: unexpected {unexpected + extra}, "
+        plan.append((t, *mapped))
+    missing = sorted(want.keys() - seen)
+    if unexpected or missing or misshaped:
+        raise ValueError(f"GGUF tensors do not match a {cfg.arch} model: unexpected {unexpected}, "
                          f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, mis-shaped {misshaped}")
-    return out
+    return plan
+
+
+def _dequantized(plan: list, *, progress: Callable[[str], None]) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (HF name, float32 HF-form array) one tensor at a time."""
+    from gguf.quants import dequantize
+
+    for i, (t, name, fn) in enumerate(plan):
+        x = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)  # [out, in], like PyTorch
+        yield name, fn(x)
+        if (i + 1) % 50 == 0:
+            progress(f"  dequantized {i + 1}/{len(plan)} tensors")
 
 
 # --- tokenizer ---------------------------------------------------------------------------------------------------
@@ -276,7 +272,7 @@ def _open_reader(path: Path) -> Any:
     try:
         import gguf
     except ImportError:
-        raise ImportError(f"importing a GGUF needs the `gguf` package: {_INSTALL_HINT}") from None
+        raise ImportError(f"importing a GGUF needs the `gguf` package: {INSTALL_HINT}") from None
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises assorted types (ValueError, IndexError, ...) on bad bytes
@@ -292,10 +288,20 @@ def _scalar_metadata(reader: Any) -> dict[str, Any]:
     return meta
 
 
+def _manifest_files(out_dir: Path) -> list[str] | None:
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    return list(files) if files else list(_OUTPUT_FILES)
+
+
 def is_complete_import(out_dir: str | Path) -> bool:
     """True when `out_dir` holds a finished import (its manifest and every file it lists)."""
     out_dir = Path(out_dir)
-    return (out_dir / MANIFEST).is_file() and all((out_dir / f).is_file() for f in _OUTPUT_FILES)
+    files = _manifest_files(out_dir)
+    return files is not None and all((out_dir / f).is_file() for f in files)
 
 
 def _check_existing(out_dir: Path, gguf_path: Path) -> bool:
@@ -317,8 +323,6 @@ def _check_existing(out_dir: Path, gguf_path: Path) -> bool:
 
 
 def _write_checkpoint(gguf_path: Path, tmp: Path, progress: Callable[[str], None]) -> dict[str, Any]:
-    from safetensors.numpy import save_file
-
     t0 = time.monotonic()
     progress(f"opening {gguf_path.name} ({gguf_path.stat().st_size / 2**20:.0f} MiB; parsing a large vocab takes "
              "~30 s)")
@@ -328,21 +332,21 @@ def _write_checkpoint(gguf_path: Path, tmp: Path, progress: Callable[[str], None
         embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
         if embed is None:
             raise ValueError("GGUF has no token_embd.weight tensor")
-        cfg = hf_config_from_gguf(meta, vocab_size=int(embed.shape[-1]))  # GGUF shapes are [in, out]
-        progress(f"opened in {time.monotonic() - t0:.0f} s: {meta.get('general.name', '?')}, "
-                 f"{cfg['num_hidden_layers']} layers, {len(reader.tensors)} tensors")
-        tokenizer = _tokenizer_bytes(reader, meta)
-        tensors = convert_tensors(reader, cfg, progress=progress)
+        cfg = config_from_gguf(meta, vocab_size=int(embed.shape[-1]))  # GGUF shapes are [in, out]
+        progress(f"opened in {time.monotonic() - t0:.0f} s: {cfg.name}, {cfg.num_layers} layers, "
+                 f"{len(reader.tensors)} tensors")
+        plan = _plan_tensors(reader, cfg)
+        (tmp / "tokenizer.model").write_bytes(_tokenizer_bytes(reader, meta))
+        context = int(meta.get(f"{cfg.arch}.context_length", 8192))
+        save_config(tmp, cfg, max_position_embeddings=context, torch_dtype="float32")
+        progress(f"writing float32 safetensors ({4 * sum(int(t.n_elements) for t, _, _ in plan) / 2**30:.2f} GiB)")
+        weights = save_tensors(tmp, _dequantized(plan, progress=progress))
     except (IndexError, KeyError, TypeError) as e:  # inconsistent metadata in a file that parsed
         raise ValueError(f"{gguf_path} is not a readable GGUF file ({_one_line(e)})") from None
     except ValueError as e:
         raise ValueError(f"{gguf_path}: {e}") from None
-    (tmp / "tokenizer.model").write_bytes(tokenizer)
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    progress(f"writing model.safetensors ({sum(x.nbytes for x in tensors.values()) / 2**30:.2f} GiB float32)")
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # "pt": transformers needs it
     return {"source": gguf_path.name, "source_bytes": gguf_path.stat().st_size, "importer_version": _IMPORTER_VERSION,
-            "files": list(_OUTPUT_FILES), "seconds": round(time.monotonic() - t0, 1)}
+            "files": ["config.json", *weights, "tokenizer.model"], "seconds": round(time.monotonic() - t0, 1)}
 
 
 def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, progress: Callable[[str], None] = print) -> Path:

@@ -1,7 +1,8 @@
 """The one parameter schema: every weight's path, shape, logical axes and init, for any GemmaConfig.
 
 This table drives random init (`init_params`), checkpoint loading and saving (model/checkpoint.py
-maps each leaf to its HF tensor names) and sharding (grpo/ maps logical axes to mesh axes).
+maps each leaf to its HF tensor names) and sharding (grpo/ maps logical axes to mesh axes). LoRA adapters
+(model/lora.py) are described with the same ParamSpec, so `init_from_schema` and the sharding rules serve them too.
 
 Params are a plain nested dict. Per-layer weights are STACKED along a leading L axis so the
 forward pass is one `lax.scan` over layers (one layer compiled, not L).
@@ -66,11 +67,15 @@ def is_spec(x) -> bool:
     return isinstance(x, ParamSpec)
 
 
+def map_specs(fn: Callable[[tuple[str, ...], ParamSpec], object], schema: dict) -> dict:
+    """Apply fn(path, spec) to every leaf of a schema (this one or model/lora.py's); a dict shaped like it."""
+    return jax.tree_util.tree_map_with_path(lambda path, spec: fn(tuple(p.key for p in path), spec), schema,
+                                            is_leaf=is_spec)
+
+
 def map_schema(fn: Callable[[tuple[str, ...], ParamSpec], object], cfg: GemmaConfig) -> dict:
-    """Apply fn(path, spec) to every leaf of the schema; returns a dict shaped like params."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, spec: fn(tuple(p.key for p in path), spec), param_schema(cfg), is_leaf=is_spec
-    )
+    """Apply fn(path, spec) to every leaf of the param schema; returns a dict shaped like params."""
+    return map_specs(fn, param_schema(cfg))
 
 
 def abstract_params(cfg: GemmaConfig, dtype=jnp.float32) -> dict:
@@ -80,7 +85,12 @@ def abstract_params(cfg: GemmaConfig, dtype=jnp.float32) -> dict:
 
 def init_params(key: jax.Array, cfg: GemmaConfig, dtype=jnp.float32) -> dict:
     """Random weights for any config: normal(0, 1/sqrt(fan_in)) for matrices, zeros for norms."""
-    leaves, treedef = jax.tree_util.tree_flatten(param_schema(cfg), is_leaf=is_spec)
+    return init_from_schema(key, param_schema(cfg), dtype)
+
+
+def init_from_schema(key: jax.Array, schema: dict, dtype=jnp.float32) -> dict:
+    """One array per schema leaf, each from its own split of `key`, drawn as its spec's `init` says."""
+    leaves, treedef = jax.tree_util.tree_flatten(schema, is_leaf=is_spec)
     keys = jax.random.split(key, len(leaves))
 
     def one(k, s: ParamSpec):
@@ -90,3 +100,15 @@ def init_params(key: jax.Array, cfg: GemmaConfig, dtype=jnp.float32) -> dict:
         return (jax.random.normal(k, s.shape, jnp.float32) / jnp.sqrt(s.fan_in)).astype(dtype)
 
     return jax.tree_util.tree_unflatten(treedef, [one(k, s) for k, s in zip(keys, leaves, strict=True)])
+
+
+def check_against_schema(tree: dict, schema: dict, what: str) -> None:
+    """Every schema leaf present with its shape, nothing extra: one ValueError listing all that is wrong,
+    starting with `what` (e.g. "params do not match the gemma2-2b schema")."""
+    leaves = jax.tree_util.tree_leaves_with_path
+    want = {jax.tree_util.keystr(p): s.shape for p, s in leaves(schema, is_leaf=is_spec)}
+    got = {jax.tree_util.keystr(p): tuple(jnp.shape(x)) for p, x in leaves(tree)}
+    missing, unexpected = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+    bad = [f"{k}: expected {want[k]}, got {got[k]}" for k in sorted(want.keys() & got.keys()) if want[k] != got[k]]
+    if missing or unexpected or bad:
+        raise ValueError(f"{what}: missing {missing}, unexpected {unexpected}, wrong shapes {bad}")

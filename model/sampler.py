@@ -10,14 +10,16 @@ Layout (P = prompt bucket, M = max_new_tokens, S = P + M slots):
   `0 <= pos_q - pos_k < W` on the same cache (no ring buffer: the cache is sized for the whole run).
 - KVCache: per layer k, v [B, K, S, H], plus positions / valid [B, S], in the while_loop carry (state
   donated). Each token's k/v is written with dynamic_update_slice, in place.
-- prefill (jit): a forward over [B, P] (a scan over the stacked layers, PREFILL_ROWS rows at a time) that fills
+- prefill (jit): a forward over [B, P] (model.forward.scan_layers, PREFILL_ROWS rows at a time) that fills
   the cache, unembeds only the last slot (the [B, P, V] logits would be GBs for a 262k vocabulary) and samples
   generated token 0.
 - decode (jit): `lax.while_loop(step < M and not all(done))` over DecodeState. Each step feeds the previous
   token, attends over the cache as it was plus the token's own k/v (decode_attend), then writes that k/v
   at its slot, and samples.
-- Stopping: a row is done once it emits any of `eos_ids`; afterwards it gets pad tokens (id 0) and
-  log-prob 0. `lengths` counts generated tokens including the EOS; `truncated` = no EOS within M.
+- Stopping (StopRule): a row is done once it emits any of `eos_ids` (default: cfg.eos_id) or once its decoded
+  text contains a stop string (an automaton over whole tokens, model/stop_text.py; the training loop's
+  `</answer>`); afterwards it gets cfg.pad_id and log-prob 0. `lengths` counts generated tokens including the
+  stopping one; `truncated` = no stop within M. The loop ends when every row is done.
 - Step t uses the key fold_in(key, t): same key -> same samples, whatever the loop's early exit.
 
 Decode speed on CPU (Gemma 3 270M, float32, the 2-core box; bin/bench_sample): at batch 1 a step is bound by
@@ -50,22 +52,22 @@ import numpy as np
 from model.config import GemmaConfig
 from model.forward import (
     MASK_VALUE,
-    attend,
     attention_inputs,
     attention_mask,
     embed_tokens,
     layer_constants,
     layer_output,
     rms_norm,
+    scan_layers,
     softcap,
     unembed,
 )
 from model.sampling import SamplingConfig, sample_tokens
+from model.stop_text import no_stop_table
 
 MIN_BUCKET = 16  # smallest prompt bucket: short prompts share one compile
 BUCKETS_PER_OCTAVE = 4  # prompt buckets between consecutive powers of two (see prompt_bucket)
 MAX_CACHE_LEN = 32_768  # prompt bucket + new tokens: Gemma 3's 32k context (Gemma 2 is trained to 8k)
-PAD_ID = 0  # Gemma's <pad>: what a finished row emits
 PREFILL_ROWS = 8  # prefill runs the prompts in groups of this many rows (see prefill's docstring)
 EOS_SLOTS = 4  # stop-id vectors are padded to a multiple of this, so 1 to 4 stop ids share one compile
 
@@ -95,22 +97,33 @@ class DecodeState:
 
     step: jax.Array  # [] int32: tokens sampled so far; the next goes to column `step`
     last_token: jax.Array  # [B] int32: token sampled at step-1, fed to the model next
-    tokens: jax.Array  # [B, M] int32 generated tokens; PAD_ID after a row's stop and past `step`
+    tokens: jax.Array  # [B, M] int32 generated tokens; cfg.pad_id after a row's stop and past `step`
     logprobs: jax.Array  # [B, M] float32 log-prob of each token under the sampling distribution; 0 on padding
-    done: jax.Array  # [B] bool: the row has emitted an EOS id
-    lengths: jax.Array  # [B] int32 generated tokens per row, EOS included
+    done: jax.Array  # [B] bool: the row has stopped (an EOS id, or its text reached the stop string)
+    lengths: jax.Array  # [B] int32 generated tokens per row, the stopping token included
+    text_state: jax.Array  # [B] int32 stop-string automaton state (model/stop_text.py)
     key: jax.Array  # PRNG key; step t samples with fold_in(key, t)
     cache: KVCache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StopRule:
+    """When a row stops: on any EOS id, or once its decoded text contains a stop string. Traced arrays, so other
+    stop ids or another stop string do not recompile (only a table of another height does)."""
+
+    eos_ids: jax.Array  # [E] int32, padded with -1 (eos_vector)
+    text_table: jax.Array  # [S, V] int8 automaton (model/stop_text.py); state S = matched; [1, V] zeros: none
 
 
 @dataclasses.dataclass(frozen=True)
 class SampleResult:
     """What `generate` returns (numpy, on the host)."""
 
-    tokens: np.ndarray  # [B, max_new_tokens] int32, PAD_ID after the stop
+    tokens: np.ndarray  # [B, max_new_tokens] int32, cfg.pad_id after the stop
     lengths: np.ndarray  # [B] int32 generated tokens, the EOS included when one was emitted
     logprobs: np.ndarray  # [B, max_new_tokens] float32, 0 after the stop
-    truncated: np.ndarray  # [B] bool: no EOS within max_new_tokens
+    truncated: np.ndarray  # [B] bool: no stop (EOS or stop string) within max_new_tokens
 
 
 def prompt_bucket(length: int) -> int:
@@ -148,7 +161,7 @@ def pad_prompts(
     if bucket + max_new_tokens > MAX_CACHE_LEN:
         raise ValueError(f"longest prompt has {longest} tokens (bucket {bucket}); bucket + max_new_tokens "
                          f"{max_new_tokens} must be <= {MAX_CACHE_LEN}")
-    tokens = np.full((len(rows), bucket), PAD_ID, np.int32)
+    tokens = np.full((len(rows), bucket), cfg.pad_id, np.int32)
     for i, row in enumerate(rows):
         tokens[i, bucket - row.size:] = row
     pad = np.array([bucket - r.size for r in rows], np.int32)
@@ -167,21 +180,36 @@ def eos_vector(eos_ids: Sequence[int]) -> np.ndarray:
     return np.array(ids + [-1] * (size - len(ids)), np.int32)
 
 
-def _record(state: DecodeState, token: jax.Array, logprob: jax.Array, eos_ids: jax.Array) -> DecodeState:
-    """Store the step's sample; rows already done get padding and log-prob 0."""
+def stop_rule(cfg: GemmaConfig, eos_ids: Sequence[int], text_table: np.ndarray | None = None) -> StopRule:
+    """The StopRule for these EOS ids and an optional stop-string table ([S, V'] int8, V' <= vocab: ids past the
+    tokenizer's pieces reset the match)."""
+    table = no_stop_table(cfg.vocab_size) if text_table is None else np.asarray(text_table, np.int8)
+    if table.ndim != 2 or table.shape[1] > cfg.vocab_size:
+        raise ValueError(f"text_table must be [S, <= {cfg.vocab_size}], got shape {table.shape}")
+    table = np.pad(table, ((0, 0), (0, cfg.vocab_size - table.shape[1])))
+    return StopRule(jnp.asarray(eos_vector(eos_ids)), jnp.asarray(table))
+
+
+def _record(state: DecodeState, token: jax.Array, logprob: jax.Array, stops: StopRule,
+            pad_id: int) -> DecodeState:
+    """Store the step's sample; rows already done get pad_id and log-prob 0. A row stops on an EOS id or when
+    the token completes the stop string."""
     live = ~state.done
-    token = jnp.where(live, token, PAD_ID)
+    token = jnp.where(live, token, pad_id)
     logprob = jnp.where(live, logprob, 0.0)
     col = (0, state.step)
-    hit_eos = jnp.any(token[:, None] == eos_ids[None, :], axis=-1)  # [B]
+    hit_eos = jnp.any(token[:, None] == stops.eos_ids[None, :], axis=-1)  # [B]
+    text_state = jnp.where(live, stops.text_table[state.text_state, token].astype(jnp.int32), state.text_state)
+    hit_text = text_state >= stops.text_table.shape[0]  # [B]
     return dataclasses.replace(
         state,
         step=state.step + 1,
         last_token=token,
         tokens=jax.lax.dynamic_update_slice(state.tokens, token[:, None], col),
         logprobs=jax.lax.dynamic_update_slice(state.logprobs, logprob[:, None], col),
-        done=state.done | (live & hit_eos),
+        done=state.done | (live & (hit_eos | hit_text)),
         lengths=state.lengths + live.astype(jnp.int32),
+        text_state=text_state,
     )
 
 
@@ -198,19 +226,13 @@ def _prefill_rows(batch: int) -> int:
 
 def _prompt_stack(params: dict, tokens: jax.Array, positions: jax.Array, valid: jax.Array, cfg: GemmaConfig):
     """The layer stack over prompts [b, P]: (last slot's hidden state [b, D], keys, values [L, b, P, K, H])."""
-
-    def body(x, layer):
-        lp, c = layer
-        q, k, v = attention_inputs(lp, x, c, positions, cfg)
-        attn = attend(q, k, v, positions, positions, valid, c["window"], cfg)  # the prompt attends to itself
-        return layer_output(lp, x, attn, cfg), (k, v)
-
-    x, (ks, vs) = jax.lax.scan(body, embed_tokens(params, tokens, cfg), (params["layers"], layer_constants(cfg)))
+    x = embed_tokens(params, tokens, cfg)  # [b, P, D]; the prompt attends only to itself, so no cache is read
+    x, (ks, vs) = scan_layers(params["layers"], x, positions, valid, cfg, collect_kv=True)
     return x[:, -1], ks, vs
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_new_tokens"))
-def prefill(params: dict, tokens: jax.Array, pad: jax.Array, eos_ids: jax.Array, key: jax.Array, *,
+def prefill(params: dict, tokens: jax.Array, pad: jax.Array, stops: StopRule, key: jax.Array, *,
             cfg: GemmaConfig, sampling: SamplingConfig, max_new_tokens: int) -> DecodeState:
     """Run the left-padded prompts [B, P] through the model, fill the cache, sample generated token 0.
 
@@ -241,14 +263,15 @@ def prefill(params: dict, tokens: jax.Array, pad: jax.Array, eos_ids: jax.Array,
         state = DecodeState(
             step=jnp.zeros((), jnp.int32),
             last_token=jnp.zeros((b,), jnp.int32),
-            tokens=jnp.full((b, max_new_tokens), PAD_ID, jnp.int32),
+            tokens=jnp.full((b, max_new_tokens), cfg.pad_id, jnp.int32),
             logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
             done=jnp.zeros((b,), bool),
             lengths=jnp.zeros((b,), jnp.int32),
+            text_state=jnp.zeros((b,), jnp.int32),
             key=key,
             cache=cache,
         )
-        return _record(state, token, logprob, eos_ids)
+        return _record(state, token, logprob, stops, cfg.pad_id)
 
 
 def decode_attend(q, k_cache, v_cache, k_new, v_new, q_pos, k_pos, k_valid, window, cfg: GemmaConfig) -> jax.Array:
@@ -293,7 +316,7 @@ def _unstack_layers(params: dict, cfg: GemmaConfig) -> tuple[dict, ...]:
     return tuple(layer(i) for i in range(cfg.num_layers))
 
 
-def _decode_step(params: dict, layers: tuple[dict, ...], state: DecodeState, eos_ids: jax.Array,
+def _decode_step(params: dict, layers: tuple[dict, ...], state: DecodeState, stops: StopRule,
                  cfg: GemmaConfig, sampling: SamplingConfig) -> DecodeState:
     """Feed last_token at its slot, write its k/v into every layer's cache, sample the next token."""
     cache = state.cache
@@ -315,7 +338,7 @@ def _decode_step(params: dict, layers: tuple[dict, ...], state: DecodeState, eos
     token, logprob = sample_tokens(_last_logits(params, x[:, 0], cfg), jax.random.fold_in(state.key, state.step),
                                    sampling)
     state = dataclasses.replace(state, cache=KVCache(tuple(new_k), tuple(new_v), cache.positions, valid))
-    return _record(state, token, logprob, eos_ids)
+    return _record(state, token, logprob, stops, cfg.pad_id)
 
 
 # XLA:CPU's default copy insertion copies every layer's cache buffer twice per token when the loop body both
@@ -326,7 +349,7 @@ _DECODE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling"), donate_argnames=("state",),
                    compiler_options=_DECODE_COMPILER_OPTIONS)
-def decode(params: dict, state: DecodeState, eos_ids: jax.Array, *, cfg: GemmaConfig,
+def decode(params: dict, state: DecodeState, stops: StopRule, *, cfg: GemmaConfig,
            sampling: SamplingConfig) -> DecodeState:
     """Sample until every row is done or the token budget is spent: one while_loop, no host round trips."""
     TRACE_COUNTS["decode"] += 1
@@ -335,7 +358,7 @@ def decode(params: dict, state: DecodeState, eos_ids: jax.Array, *, cfg: GemmaCo
         layers = _unstack_layers(params, cfg)  # outside the loop: sliced once per call
         return jax.lax.while_loop(
             lambda st: (st.step < budget) & ~jnp.all(st.done),
-            lambda st: _decode_step(params, layers, st, eos_ids, cfg, sampling),
+            lambda st: _decode_step(params, layers, st, stops, cfg, sampling),
             state,
         )
 
@@ -350,17 +373,20 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_ids: Sequence[int] = (1,),
+    eos_ids: Sequence[int] | None = None,
+    stop_table: np.ndarray | None = None,
 ) -> SampleResult:
     """Sample up to max_new_tokens for each prompt (a list of token-id lists; temperature 0 = greedy).
 
-    eos_ids: any of these ends a row (Gemma: 1 and <end_of_turn>); pass () to always run the full budget.
+    eos_ids: any of these ends a row; None: (cfg.eos_id,). Chat models also stop on <end_of_turn>
+    (model/tokenizer.py `stop_ids`). Pass () to always run the full budget. stop_table: a row also ends once its
+    text contains a stop string (model/stop_text.py builds the table, e.g. for "</answer>").
     """
     sampling = SamplingConfig(temperature, top_k, top_p)
     tokens, pad = pad_prompts(prompts, cfg, max_new_tokens)
-    eos = eos_vector(eos_ids)
-    state = prefill(params, tokens, pad, eos, key, cfg=cfg, sampling=sampling, max_new_tokens=max_new_tokens)
-    state = decode(params, state, eos, cfg=cfg, sampling=sampling)
+    stops = stop_rule(cfg, (cfg.eos_id,) if eos_ids is None else eos_ids, stop_table)
+    state = prefill(params, tokens, pad, stops, key, cfg=cfg, sampling=sampling, max_new_tokens=max_new_tokens)
+    state = decode(params, state, stops, cfg=cfg, sampling=sampling)
     return SampleResult(
         tokens=np.asarray(state.tokens),
         lengths=np.asarray(state.lengths),

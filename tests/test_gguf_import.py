@@ -3,7 +3,9 @@ the embedded Gemma 3 270M.
 
 References: the tensors we wrote (float32 ones must come back bit-exact, after removing llama.cpp's +1 on
 norms; Q8_0 ones must equal `gguf.quants.dequantize` of what was written, exactly, and the original within
-Q8_0's error, 1% of the row's max); the model table in shared/specs/gemma.md for the real config.
+Q8_0's error, 1% of the row's max); for the real 270M, the released google/gemma-3-270m config.json
+(https://huggingface.co/google/gemma-3-270m: 18 layers, D 640, F 2048, 4 heads, 1 kv head, head_dim 256,
+sliding window 512, vocab 262144), which is `model.config.PRESETS["gemma3-270m"]`.
 """
 
 import dataclasses
@@ -145,6 +147,34 @@ def test_gemma2_gguf(tmp_path):
     assert (cfg.attn_softcap, cfg.final_softcap) == (50.0, 30.0)
 
 
+def test_sharded_import_loads_like_the_single_file(tiny_gguf, tmp_path, monkeypatch):
+    # Weights go through model.checkpoint.save_tensors; above its shard limit they become HF-style shards,
+    # which the manifest lists (a missing shard makes the import incomplete) and the loader reads.
+    import functools
+
+    import model
+    import model.gguf_import as gi
+    from model.checkpoint import save_tensors
+
+    single = import_gguf(tiny_gguf, tmp_path / "single", progress=_quiet)
+    monkeypatch.setattr(gi, "save_tensors", functools.partial(save_tensors, max_shard_bytes=20_000))
+    sharded = import_gguf(tiny_gguf, tmp_path / "sharded", progress=_quiet)
+    files = json.loads((sharded / MANIFEST).read_text())["files"]
+    assert "model.safetensors.index.json" in files and "model.safetensors" not in files
+    _, a = model.load_hf_checkpoint(single)
+    _, b = model.load_hf_checkpoint(sharded)
+    for x, y in zip(jax_leaves(a), jax_leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    (sharded / files[1]).unlink()
+    assert gi.is_complete_import(single) and not gi.is_complete_import(sharded)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
 def test_second_import_is_a_no_op(tiny_gguf, tmp_path):
     out = import_gguf(tiny_gguf, tmp_path / "ckpt", progress=_quiet)
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
@@ -221,7 +251,7 @@ def real_dir():
 
 
 def test_real_import_matches_preset(real_dir):
-    # The gemma3-270m row of the spec's table (model.config.PRESETS), field for field.
+    # The released gemma-3-270m config (model.config.PRESETS["gemma3-270m"]), field for field.
     from model.config import PRESETS
 
     cfg = load_config(real_dir)

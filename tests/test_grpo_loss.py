@@ -1,6 +1,7 @@
 """Hand-computed GRPO pieces: advantages, the clipped objective, k3 KL, aggregations, chunked logprobs, specs.
 
-References are worked out by hand in the comments (shared/specs/grpo.md formulas); tolerances are
+References are worked out by hand in the comments (the formulas in grpo/loss.py's docstring, as in DeepSeekMath's
+GRPO, https://arxiv.org/abs/2402.03300, and DAPO, https://arxiv.org/abs/2503.14476); tolerances are
 float32 rounding (1e-6) unless stated. The chunked logprobs are checked against a full log_softmax of
 model.forward (1e-5).
 """
@@ -172,9 +173,9 @@ def test_chunked_logprobs_match_full_log_softmax(arch):
     want_lp, want_ent = _full_logprobs(params, tokens, attention, cfg, 0.7)
     h = jax.jit(model.hidden_states, static_argnums=2, compiler_options=FAST)(params, tokens, cfg,
                                                                                attention_mask=attention)
-    chunked = jax.jit(grpo.token_logprobs, static_argnames=("cfg", "chunk", "temperature"), compiler_options=FAST)
+    chunked = jax.jit(grpo.token_logprobs, static_argnames=("model_cfg", "chunk", "temperature"), compiler_options=FAST)
     for chunk in (3, 256):  # 10 targets: 4 chunks with padding, and a single chunk
-        lp, ent = chunked(h, params["embed"], tokens, cfg=cfg, chunk=chunk, temperature=0.7)
+        lp, ent = chunked(h, params["embed"], tokens, model_cfg=cfg, chunk=chunk, temperature=0.7)
         np.testing.assert_allclose(lp, want_lp, atol=1e-5)
         np.testing.assert_allclose(ent, want_ent, atol=1e-5)
     assert float(jnp.abs(lp[:, 0]).max()) == 0.0  # position 0 has no context

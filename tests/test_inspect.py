@@ -4,18 +4,15 @@ Reference: the report's own lines (the numbers are XLA's; here we check they are
 that donates its params must show aliased bytes > 0) and the dumped files.
 """
 
-import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
-BIN = Path(__file__).resolve().parent.parent / "bin" / "inspect"
+from binaries import run_tool
 
 
 def _inspect(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XLA_FLAGS": ""}  # the binary must make its own fake devices
-    return subprocess.run([sys.executable, str(BIN), *args], capture_output=True, text=True, env=env, timeout=300)
+    # Through the bin/inspect path (a contract), with XLA_FLAGS empty: the tool must make its own fake devices.
+    return run_tool("inspect", *args, launcher=True)
 
 
 def _mib(report: str, name: str) -> float:
@@ -45,6 +42,6 @@ def test_step_on_a_fake_mesh_with_hlo_dump(tmp_path):
 
 def test_bad_flags_are_one_line_errors():
     out = _inspect("--mesh", "data=two")
-    assert out.returncode != 0 and "expected entries like data=2,fsdp=4" in out.stderr
+    assert out.returncode == 2 and "expected entries like data=2,fsdp=4" in out.stderr
     out = _inspect("--preset", "gemma9")
-    assert out.returncode != 0 and "unknown preset 'gemma9'" in out.stderr
+    assert out.returncode == 2 and "unknown preset 'gemma9'" in out.stderr

@@ -1,6 +1,10 @@
 """Config parsing, init, checkpoint save/load round trips and the loader's error messages.
 
-References: the config tables in shared/specs/gemma.md; save -> load must be bitwise identical.
+References: the released models' config.json values (transformers' Gemma2Config / Gemma3TextConfig,
+https://github.com/huggingface/transformers/blob/main/src/transformers/models/gemma3/configuration_gemma3.py,
+and e.g. https://huggingface.co/google/gemma-2-27b: 46 layers, D 4608, 32 heads, 16 kv heads, head_dim 128,
+query_pre_attn_scalar 144 = D / N); save -> load must be bitwise identical, and what we save must be a
+safetensors file the library itself reads (`safetensors.safe_open`).
 """
 
 import json
@@ -103,8 +107,12 @@ def test_saved_file_uses_hf_names_and_layout(tmp_path):
     cfg = model.tiny_config("gemma2")
     params = model.init_params(jax.random.key(2), cfg)
     model.save_hf_checkpoint(tmp_path, cfg, params)
+    from safetensors import safe_open
     from safetensors.numpy import load_file
 
+    with safe_open(tmp_path / "model.safetensors", framework="numpy") as f:
+        assert f.metadata() == {"format": "pt"}  # transformers refuses a file without it
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "float32"
     t = load_file(tmp_path / "model.safetensors")
     n, h, d = cfg.num_heads, cfg.head_dim, cfg.embed_dim
     q1 = t["model.layers.1.self_attn.q_proj.weight"]
@@ -172,10 +180,18 @@ def test_unknown_architecture(saved):
         model.load_hf_checkpoint(saved)
 
 
-def test_truncated_safetensors(saved):
+@pytest.mark.parametrize("keep", [0.0, 0.5, 0.999])
+def test_truncated_safetensors(saved, keep):
     f = saved / "model.safetensors"
-    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    with pytest.raises(ValueError, match="truncated"):
+    f.write_bytes(f.read_bytes()[: int(f.stat().st_size * keep)])
+    with pytest.raises(ValueError, match="truncated") as e:
+        model.load_hf_checkpoint(saved)
+    assert str(f) in str(e.value) and "\n" not in str(e.value)  # one line naming the file
+
+
+def test_integer_tensor_is_refused(saved):
+    _rewrite(saved, lambda t: t.update({"model.norm.weight": np.zeros(64, np.int8)}))
+    with pytest.raises(ValueError, match="unsupported dtypes: model.norm.weight: I8"):
         model.load_hf_checkpoint(saved)
 
 
@@ -204,6 +220,29 @@ def test_sharded_index_and_multimodal_prefix(saved, tmp_path):
     _, a = model.load_hf_checkpoint(saved)
     _, b = model.load_hf_checkpoint(out)
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_sharded_save_round_trip_and_resave(tmp_path):
+    # Above max_shard_bytes the saver writes transformers' sharded layout; re-saving smaller removes the shards.
+    from safetensors import safe_open
+
+    cfg = model.tiny_config("gemma3")
+    params = model.init_params(jax.random.key(6), cfg, dtype=jnp.bfloat16)
+    model.save_hf_checkpoint(tmp_path, cfg, params, max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert not (tmp_path / "model.safetensors").exists()
+    assert index["metadata"]["total_size"] == sum(x.nbytes for x in jax.tree.leaves(params))
+    for name in files:
+        with safe_open(tmp_path / name, framework="numpy") as f:
+            assert {k for k, v in index["weight_map"].items() if v == name} == set(f.keys())
+    _, params2 = model.load_hf_checkpoint(tmp_path, dtype=jnp.bfloat16)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, params2)
+    model.save_hf_checkpoint(tmp_path, cfg, params)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    _, params3 = model.load_hf_checkpoint(tmp_path, dtype=jnp.bfloat16)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, params3)
 
 
 def test_bf16_file_loads_as_f32(saved):

@@ -1,15 +1,11 @@
 """bin/plot draws a PNG from metrics.jsonl; a malformed line is a one-line error naming file and line."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("matplotlib", reason="bin/plot needs the plot extra (CI installs it)")
-_spec = importlib.util.spec_from_file_location("plot_bin", Path(__file__).parent.parent / "bin" / "plot.py")
-plot_bin = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(plot_bin)
+from bin import plot as plot_bin  # noqa: E402  (after the skip: bin.plot draws with matplotlib)
 
 
 def test_plot_writes_png(tmp_path):

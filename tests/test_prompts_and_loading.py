@@ -6,12 +6,11 @@ Exact string and value equality throughout.
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from binaries import run_tool
 
 from data.countdown import score
 from data.prompts import TEMPLATES, render
@@ -159,14 +158,13 @@ def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
 def test_make_dataset_writes_loadable_splits(tmp_path):
     """bin/make_dataset end to end: files load back, splits are disjoint, solutions score 1.0."""
     out = tmp_path / "ds"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    cmd = [sys.executable, str(REPO / "bin" / "make_dataset"), "--num_train=30", "--num_test=10", "--seed=3"]
-    result = subprocess.run([*cmd, f"--out={out}"], capture_output=True, text=True, env=env, timeout=120)
+    args = ["--num_train=30", "--num_test=10", "--seed=3"]
+    result = run_tool("make_dataset", *args, f"--out={out}", timeout=120)
     assert result.returncode == 0, result.stderr
     assert "wrote 30 train and 10 test puzzles" in result.stdout and "solution:" in result.stdout
     train, test = load_puzzles(out / "train.jsonl"), load_puzzles(out / "test.jsonl")
     assert len(train) == 30 and len(test) == 10
     assert not {p.key for p in train} & {p.key for p in test}
     assert all(score(f"<answer>{p.solution}</answer>", p.nums, p.target) == 1.0 for p in train + test)
-    missing_out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert missing_out.returncode != 0 and "--out is required" in missing_out.stderr
+    missing_out = run_tool("make_dataset", *args, timeout=120)
+    assert missing_out.returncode == 2 and "--out is required" in missing_out.stderr

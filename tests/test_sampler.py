@@ -12,6 +12,7 @@ sampled prompts in the 20-slot bucket with 10 new tokens wherever possible.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -20,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import model
 from model import sampler
@@ -27,6 +30,7 @@ from model.config import GLOBAL, SLIDING
 from model.forward import attend
 from model.params import map_schema
 from model.sampling import SamplingConfig, nucleus_threshold, sample_tokens
+from model.stop_text import stop_table
 
 NEW = 10
 PROMPT_LENGTHS = (20, 5, 13, 1)  # 20 and 13 exceed the window 8; 1 is bos alone; bucket 20
@@ -228,12 +232,76 @@ def test_eos_stops_a_row_and_the_rest_is_padding(tiny2):
     assert stopped.lengths[0] == j + 1
 
 
+def test_stop_string_ends_a_row_inside_the_loop(tiny2):
+    """Reference: the same greedy run without stops, its text searched on the host. Every token decodes to a
+    distinct piece "<id>"; the stop string spans two tokens of row 0's completion, so matching must cross a
+    token boundary. Each row stops at the token that first completes the string, as an EOS would."""
+    cfg, params = tiny2
+    prompts = _prompts()
+    free = model.generate(params, cfg, prompts, jax.random.key(0), max_new_tokens=NEW, temperature=0, eos_ids=())
+    pieces = [f"<{i}>" for i in range(cfg.vocab_size)]
+    row0 = free.tokens[0].tolist()
+    stop = pieces[row0[2]][1:] + pieces[row0[3]][:-1]  # "12><34": the end of one piece and the start of the next
+    table = stop_table(pieces, stop)
+    traces = sampler.TRACE_COUNTS["decode"]
+    stopped = model.generate(params, cfg, prompts, jax.random.key(0), max_new_tokens=NEW, temperature=0,
+                             eos_ids=(), stop_table=table)
+    other = stop_table(pieces, stop[::-1])  # another stop string of the same length: no recompile
+    model.generate(params, cfg, prompts, jax.random.key(0), max_new_tokens=NEW, temperature=0, eos_ids=(),
+                   stop_table=other)
+    assert sampler.TRACE_COUNTS["decode"] == traces + 1  # only a new table height (no stop -> a stop) compiles
+    for row in range(len(prompts)):
+        texts = ["".join(pieces[t] for t in free.tokens[row, : k + 1]) for k in range(NEW)]
+        n = next((k + 1 for k, text in enumerate(texts) if stop in text), NEW)
+        np.testing.assert_array_equal(stopped.tokens[row, :n], free.tokens[row, :n])
+        np.testing.assert_array_equal(stopped.tokens[row, n:], cfg.pad_id)
+        assert stopped.lengths[row] == n and stopped.truncated[row] == (n == NEW and stop not in texts[-1])
+    assert stopped.lengths[0] <= 4
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text("ab<>/", max_size=4), min_size=1, max_size=6), st.lists(st.integers(0, 5), max_size=12),
+       st.text("ab<>/", min_size=1, max_size=4))
+def test_stop_table_matches_a_substring_search(pieces, ids, stop):
+    """Reference: `stop in text` on the host, after every token. The automaton reaches len(stop) at the first
+    token whose text completes the stop string, and never before."""
+    ids = [i % len(pieces) for i in ids]
+    table, state, text = stop_table(pieces, stop), 0, ""
+    for i in ids:
+        state, text = int(table[state, i]), text + pieces[i]
+        assert (state == len(stop)) == (stop in text)
+        if state == len(stop):
+            break
+
+
+def test_stop_and_pad_ids_default_to_the_config(tiny2):
+    """Reference: the same greedy run with explicit eos_ids=(eos,). With eos_ids left out, generate stops on
+    cfg.eos_id, and both the prompt padding and a finished row's tokens are cfg.pad_id (3 here, not 0)."""
+    cfg, params = tiny2
+    prompts = _prompts()
+    free = model.generate(params, cfg, prompts, jax.random.key(0), max_new_tokens=NEW, temperature=0, eos_ids=())
+    row0 = free.tokens[0].tolist()
+    eos = row0[next(i for i in range(1, NEW) if row0[i] not in row0[:i])]
+    explicit = model.generate(params, cfg, prompts, jax.random.key(0), max_new_tokens=NEW, temperature=0,
+                              eos_ids=(eos,))
+    custom = dataclasses.replace(cfg, eos_id=eos, pad_id=3)
+    tokens, pad = sampler.pad_prompts(prompts, custom, NEW)
+    assert (tokens[1, : pad[1]] == 3).all() and pad[1] > 0
+    default = model.generate(params, custom, prompts, jax.random.key(0), max_new_tokens=NEW, temperature=0)
+    np.testing.assert_array_equal(default.lengths, explicit.lengths)
+    np.testing.assert_array_equal(default.truncated, explicit.truncated)
+    after_stop = np.arange(NEW)[None, :] >= explicit.lengths[:, None]  # [B, NEW]
+    assert after_stop.any()
+    np.testing.assert_array_equal(default.tokens, np.where(after_stop, 3, explicit.tokens))
+    np.testing.assert_allclose(default.logprobs, explicit.logprobs, atol=1e-6)
+
+
 def test_decode_is_one_while_loop_in_the_lowered_hlo(tiny2):
     """Reference: the StableHLO text of the jitted decode. Greedy decoding has exactly one `while` (the token
     loop; the layers are unrolled inside it) in @main, so there is no per-token host round trip."""
     cfg, params = tiny2
     tokens, pad = sampler.pad_prompts(_prompts(), cfg, NEW)
-    eos = sampler.eos_vector(())
+    eos = sampler.stop_rule(cfg, ())
     greedy = SamplingConfig(temperature=0)
     state = jax.eval_shape(lambda: sampler.prefill(params, tokens, pad, eos, jax.random.key(0), cfg=cfg,
                                                    sampling=greedy, max_new_tokens=NEW))

@@ -3,21 +3,14 @@
 Reference: the flag names in the message; each case must fail in setup (well under the time any compile takes).
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from binaries import ROOT, run_tool
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "fixtures" / "gemma3_g2"
 
 
 def _train(*args, timeout=120):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    return subprocess.run([sys.executable, str(ROOT / "bin" / "train"), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+    return run_tool("train", *args, timeout=timeout)
 
 
 def _error_line(out):
@@ -28,6 +21,28 @@ def _error_line(out):
 
 def test_missing_checkpoint(tmp_path):
     assert "--model_dir: checkpoint directory not found" in _error_line(_train("--model_dir", str(tmp_path / "x")))
+
+
+def test_launcher_path_and_module_agree(tmp_path):
+    """`bin/train` (the launcher, from another working directory) and `python -m bin.train` are one program."""
+    missing = str(tmp_path / "x")
+    via_path = run_tool("train", "--model_dir", missing, launcher=True, timeout=120)
+    assert _error_line(via_path) == _error_line(_train("--model_dir", missing))
+
+
+def test_tokenizer_not_sentencepiece(tmp_path):
+    bad = tmp_path / "tokenizer.model"
+    bad.write_text("not a sentencepiece model\n")
+    line = _error_line(_train("--model_dir", str(TINY), "--tokenizer", str(bad)))
+    assert line.startswith("error: --tokenizer:") and "not a SentencePiece model" in line
+
+
+@pytest.mark.parametrize("flag,value", [("learning_rate", "-1"), ("beta", "-0.5"), ("warmup_steps", "-5"),
+                                        ("temperature", "-2"), ("top_p", "1.5"), ("num_micro_batches", "0")])
+def test_bad_knob_names_its_flag(flag, value, tmp_path):
+    out = tmp_path / "run"
+    line = _error_line(_train("--model_dir", str(TINY), f"--{flag}={value}", f"--output_dir={out}"))
+    assert line.startswith(f"error: --{flag}") and not out.exists()
 
 
 def test_missing_tokenizer():

@@ -13,8 +13,10 @@ import pytest
 
 import grpo
 import model
+from grpo.rollout import RolloutConfig, align_grpo_config
 from grpo.tasks import Scored, items_at
-from grpo.trainer import SamplingConfig, TrainConfig, train
+from grpo.trainer import TrainConfig, finish_run, logprob_phase, rollout_phase, start_run, train, update_phase
+from model.sampling import SamplingConfig
 
 TARGET_IDS = 32  # reward: the share of completion tokens with id < 32 (a random policy scores ~32/256)
 
@@ -48,12 +50,11 @@ class LowIdTask:
 def _setup(tmp_path, steps, lr=1e-2, **tkw):
     cfg = model.tiny_config("gemma2", num_layers=2, embed_dim=32, hidden_dim=64)
     params = model.init_params(jax.random.key(0), cfg)
-    gcfg = grpo.GRPOConfig(num_generations=4, beta=0.0, learning_rate=lr, max_grad_norm=1.0, remat=False,
-                           max_completion_length=8, logprob_tail=8)
-    sampling = SamplingConfig(max_new_tokens=8, temperature=1.0)
+    gcfg = grpo.GRPOConfig(num_generations=4, beta=0.0, learning_rate=lr, max_grad_norm=1.0, remat=False)
+    rollout = RolloutConfig(max_new_tokens=8, sampling=SamplingConfig(temperature=1.0))
     tcfg = TrainConfig(output_dir=str(tmp_path), steps=steps, prompts_per_step=8, eval_size=0,
                        checkpoint_every=2, export_hf=False, **tkw)
-    return cfg, params, LowIdTask(max_new=8), gcfg, sampling, tcfg, grpo.make_mesh(data=1, fsdp=1)
+    return cfg, params, LowIdTask(max_new=8), gcfg, rollout, tcfg, grpo.make_mesh(data=1, fsdp=1)
 
 
 def _rewards(out):
@@ -79,3 +80,48 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0),
                  full, resumed)
     assert _rewards(tmp_path / "cut") == pytest.approx(_rewards(tmp_path / "full"))
+    samples = [json.loads(line) for line in (tmp_path / "full" / "train_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 * 4 * 4  # 4 steps x 4 groups stored x G = 4 completions, a group's rows together
+    assert [(s["step"], s["group"]) for s in samples[:5]] == [(1, 0)] * 4 + [(1, 1)]
+    assert {"item", "completion", "reward", "solved", "format", "length", "truncated"} <= samples[0].keys()
+    assert all(s["length"] == 8 for s in samples if s["truncated"])  # truncated: the whole budget, no stop
+
+
+def test_rollout_settings_drive_the_grpo_config():
+    """The rollout is the one place temperature and budget are set: a direct train() call cannot mismatch them."""
+    hand_set = grpo.GRPOConfig(temperature=0.5, logprob_tail=3, max_completion_length=7)
+    aligned = align_grpo_config(hand_set, RolloutConfig(max_new_tokens=16, sampling=SamplingConfig(temperature=0.7)))
+    assert (aligned.temperature, aligned.logprob_tail, aligned.max_completion_length) == (0.7, 16, 16)
+    greedy = align_grpo_config(hand_set, RolloutConfig(max_new_tokens=4, sampling=SamplingConfig(temperature=0.0)))
+    assert greedy.temperature == 1.0  # greedy rollouts are scored under the plain softmax
+
+
+def test_phases_compose_to_one_train_step(tmp_path):
+    """Calling the phases by hand gives exactly the params of train(steps=1) (reference: that run, bitwise)."""
+    args = _setup(tmp_path / "phases", steps=1)
+    ctx, state = start_run(*args, echo=lambda s: None)
+    assert ctx.grpo_cfg.logprob_tail == ctx.rollout_cfg.max_new_tokens == 8
+    rollout = rollout_phase(ctx, state)
+    assert rollout.batch["tokens"].shape[0] == 8 * 4 and len(rollout.scored) == 32
+    batch = logprob_phase(ctx, state.params, rollout.batch)
+    assert "ref_logprobs" not in batch and "old_logprobs" not in batch  # beta 0, one iteration: no extra pass
+    params, _, metrics = update_phase(ctx, state.params, state.opt_state, batch)
+    assert metrics["skipped"] == 0.0
+    finish_run(ctx, state)
+    whole = train(*_setup(tmp_path / "whole", steps=1), echo=lambda s: None)["params"]
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, whole)
+
+
+def test_log_to_tensorboard_mirrors_metrics(tmp_path):
+    """--log_to tensorboard: the loop's step numbers land in event files (reference: metrics.jsonl's values)."""
+    pytest.importorskip("tensorboardX", reason="needs the tensorboard extra (CI installs it)")
+    from tensorboardX.proto.event_pb2 import Event
+    from test_loggers import tfrecords
+
+    train(*_setup(tmp_path, steps=1, log_to=("tensorboard",)), echo=lambda s: None)
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    logged = [v.simple_value for r in tfrecords(events) for v in Event.FromString(r).summary.value
+              if v.tag == "reward_mean"]
+    reward = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["reward_mean"]
+    assert logged == pytest.approx([reward])
+    assert json.loads((tmp_path / "run_config.json").read_text())["rollout"]["max_new_tokens"] == 8

@@ -16,27 +16,25 @@ layer and micro-batch scans: an analytic matmul count is printed beside it.
 
 from __future__ import annotations
 
-import os
-import re
-import sys
 from pathlib import Path
 
-# `bin/inspect` runs this file; it is not called inspect.py because that would shadow the stdlib module.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
 
-from absl import app, flags  # noqa: E402
+from bin import cli
+from bin.cli import FlagError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "gemma2-2b", "model preset (see model.PRESETS), or tiny-gemma2 / tiny-gemma3")
 flags.DEFINE_enum("what", "forward", ["forward", "logprobs", "step"], "which function to lower")
 flags.DEFINE_integer("batch", 8, "rows (sequences) in the global batch")
 flags.DEFINE_integer("seq_len", 1024, "tokens per row (prompt + completion)")
-flags.DEFINE_string("mesh", "data=1,fsdp=8", "mesh for logprobs / step, as data=D,fsdp=F")
+cli.define_mesh_flag("data=1,fsdp=8")
 flags.DEFINE_integer("num_micro_batches", 1, "gradient-accumulation micro-batches (step)")
 flags.DEFINE_bool("remat", False, "recompute layer activations in the backward pass (step)")
-flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "param (and Adam state) dtype")
+cli.define_dtype_flag("bfloat16")
 flags.DEFINE_enum("compute_dtype", None, ["bfloat16", "float32"],
-                  "cast weights to this dtype for forward/backward (step); e.g. float32 params + bfloat16 compute")
+                  "cast weights to this dtype for forward/backward (step); e.g. float32 params + bfloat16 compute. "
+                  "Default: what --dtype implies on an accelerator (auto: bfloat16)")
 flags.DEFINE_float("beta", 0.0, "KL coefficient; > 0 adds the ref_logprobs input (step)")
 flags.DEFINE_integer("logits_chunk", 256, "tokens per unembedding chunk (logprobs, step)")
 flags.DEFINE_string("dump_hlo", None, "directory to write <what>.stablehlo.mlir and <what>.optimized.hlo.txt")
@@ -45,28 +43,6 @@ flags.DEFINE_string("platform", "cpu", "JAX platform; cpu makes as many fake dev
 
 GIB = 2**30
 MIB = 2**20
-
-
-def parse_mesh(text: str) -> tuple[int, int]:
-    """'data=2,fsdp=4' -> (2, 4); either key may be left out (default 1)."""
-    sizes = {"data": 1, "fsdp": 1}
-    for part in filter(None, text.replace(" ", "").split(",")):
-        m = re.fullmatch(r"(data|fsdp)=(\d+)", part)
-        if not m or int(m.group(2)) < 1:
-            raise ValueError(f"--mesh: expected entries like data=2,fsdp=4, got {part!r} in {text!r}")
-        sizes[m.group(1)] = int(m.group(2))
-    return sizes["data"], sizes["fsdp"]
-
-
-def _set_devices(count: int, platform: str) -> None:
-    """Before jax is imported: pick the platform and, on CPU, fake `count` devices."""
-    if "jax" in sys.modules:
-        raise RuntimeError("bin/inspect must configure devices before jax is imported")
-    os.environ["JAX_PLATFORMS"] = platform
-    if platform == "cpu":
-        flag = "--xla_force_host_platform_device_count"
-        kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
-        os.environ["XLA_FLAGS"] = " ".join([*kept, f"{flag}={count}"])
 
 
 def model_config(preset: str):
@@ -89,6 +65,12 @@ def analytic_flops(cfg, rows: int, seq: int, what: str, remat: bool) -> float:
     return 3 * (layers + unembed) + unembed + (layers if remat else 0)
 
 
+def _dtypes():
+    """(param dtype, compute dtype): --dtype as an accelerator would resolve it, --compute_dtype overriding."""
+    dtype, compute_dtype = cli.resolve_dtypes(FLAGS.dtype, backend="accelerator")
+    return dtype, FLAGS.compute_dtype or compute_dtype
+
+
 def lower(cfg, what: str):
     """The jax `Lowered` for --what, from abstract inputs."""
     import jax
@@ -98,13 +80,14 @@ def lower(cfg, what: str):
     import model
     from grpo import sharding
 
-    dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
+    dtype, compute_dtype = _dtypes()
     shape = (FLAGS.batch, FLAGS.seq_len)
     if what == "forward":
         fwd = jax.jit(model.forward, static_argnums=2, static_argnames="remat")
         return fwd.lower(model.abstract_params(cfg, dtype), jax.ShapeDtypeStruct(shape, jnp.int32), cfg,
                          attention_mask=jax.ShapeDtypeStruct(shape, jnp.int32))
-    mesh = grpo.make_mesh(*parse_mesh(FLAGS.mesh))
+    axes = cli.parse_mesh(FLAGS.mesh)
+    mesh = grpo.make_mesh(data=axes["data"], fsdp=axes["fsdp"])
     specs = grpo.param_specs(cfg, mesh)
     with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.NamedSharding(mesh, s))
     params = jax.tree.map(with_sharding, model.abstract_params(cfg, dtype), specs)
@@ -113,7 +96,7 @@ def lower(cfg, what: str):
     if what == "logprobs":
         return grpo.make_sharded_logprobs(cfg, mesh, chunk=FLAGS.logits_chunk).lower(params, tokens, mask)
     gcfg = grpo.GRPOConfig(num_micro_batches=FLAGS.num_micro_batches, remat=FLAGS.remat, beta=FLAGS.beta,
-                           logits_chunk=FLAGS.logits_chunk, compute_dtype=FLAGS.compute_dtype)
+                           logits_chunk=FLAGS.logits_chunk, compute_dtype=compute_dtype)
     state = jax.eval_shape(grpo.make_optimizer(gcfg, cfg).init, params)
     state = jax.tree.map(with_sharding, state, grpo.opt_state_specs(state, specs))
     batch = {"tokens": tokens, "attention_mask": mask, "completion_mask": rows(jnp.float32, *shape),
@@ -137,7 +120,7 @@ def report(cfg, compiled, devices: int) -> str:
         f"preset {cfg.name}: {cfg.num_params() / 1e6:,.1f}M params, {FLAGS.dtype}",
         f"what {FLAGS.what}: batch {FLAGS.batch} x {FLAGS.seq_len} tokens on {devices} device(s)"
         + (f" (mesh {FLAGS.mesh})" if FLAGS.what != "forward" else "")
-        + (f", {FLAGS.num_micro_batches} micro-batches, remat={FLAGS.remat}, compute_dtype={FLAGS.compute_dtype}"
+        + (f", {FLAGS.num_micro_batches} micro-batches, remat={FLAGS.remat}, compute_dtype={_dtypes()[1]}"
            if FLAGS.what == "step" else ""),
         f"cost_analysis flops per device: {cost.get('flops', float('nan')):.4g} (loop bodies counted once)",
         f"analytic matmul flops per device: {flops / devices:.4g}",
@@ -152,19 +135,18 @@ def report(cfg, compiled, devices: int) -> str:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.no_extra_args(argv)
     for name in ("batch", "seq_len", "num_micro_batches", "logits_chunk"):
         if getattr(FLAGS, name) < 1:
-            raise app.UsageError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
+            raise FlagError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
+    axes = cli.parse_mesh(FLAGS.mesh)
+    devices = 1 if FLAGS.what == "forward" else axes["data"] * axes["fsdp"]
+    cli.set_fake_cpu_devices(devices, FLAGS.platform)
     try:
-        data, fsdp = parse_mesh(FLAGS.mesh)
-        devices = 1 if FLAGS.what == "forward" else data * fsdp
-        _set_devices(devices, FLAGS.platform)
         cfg = model_config(FLAGS.preset)
         lowered = lower(cfg, FLAGS.what)
-    except ValueError as e:  # bad preset, mesh or batch shape: one line, not a traceback
-        raise app.UsageError(str(e)) from None
+    except ValueError as e:  # bad preset or batch shape: one line, not a traceback
+        raise FlagError(str(e)) from None
     compiled = lowered.compile()
     if FLAGS.stablehlo:
         print(lowered.as_text())
@@ -177,5 +159,9 @@ def main(argv):
     print(report(cfg, compiled, devices))
 
 
+def run() -> None:
+    cli.run(main)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -1,0 +1,36 @@
+"""Recipes: named sets of bin/train flag defaults (`--recipe NAME`). Explicit flags always win.
+
+A recipe sets algorithm choices (curriculum, group size, learning rate, token budget, ...); the hardware
+choices (mesh, dtype, micro-batches, remat) stay with their own flags. `apply` changes only the flags the
+command line did not set, before any flag is read, so `--recipe laptop --learning_rate 1e-5` means the laptop
+recipe with that learning rate.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from bin.cli import FlagError
+
+RECIPES: dict[str, dict[str, object]] = {
+    # The 2-core CPU recipe (BUILD.md, "A laptop run"): the difficulty ladder with shaped rewards on its easy
+    # levels, rollouts that stop at </answer>, groups of 8 so some completions differ in reward, remat and
+    # micro-batches so the step fits a 16 GB laptop.
+    "laptop": {
+        "curriculum": "countdown", "promote_at": 0.5, "stop_at_answer": True, "skip_zero_std_groups": True,
+        "prompts_per_step": 4, "num_generations": 8, "max_new_tokens": 64, "learning_rate": 2e-5,
+        "steps": 30, "eval_every": 5, "eval_size": 16, "checkpoint_every": 5, "remat": True,
+        "num_micro_batches": 2,
+    },
+}
+
+
+def apply(flag_values: flags.FlagValues, name: str | None) -> None:
+    """Set the recipe's values on every flag not given on the command line. Unknown name: exit-2 FlagError."""
+    if not name:
+        return
+    if name not in RECIPES:
+        raise FlagError(f"--recipe: unknown recipe {name!r}; choose from {', '.join(sorted(RECIPES))}")
+    for flag, value in RECIPES[name].items():
+        if not flag_values[flag].present:
+            flag_values[flag].value = value

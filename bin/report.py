@@ -1,0 +1,54 @@
+"""A run's report as ONE self-contained HTML page: curves, the 'aha' evidence, a completion browser, warnings.
+
+    bin/report --run_dir runs/quickstart          # writes runs/quickstart/report.html; open it in any browser
+
+Rebuilt from the run's files (metrics.jsonl, eval.jsonl, train_samples.jsonl, eval_samples.jsonl) at any time,
+also while the run is still writing them. Images are inline PNGs (matplotlib, the `plot` extra; without it
+the page says so), there is no script and nothing is fetched, so the file can be mailed or attached to an
+issue. What is missing or unreadable (a line cut off by a killed run) is skipped and listed in the page.
+The reading and analysis live in bin/report_data, the charts in bin/report_charts, the page in bin/report_html.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from absl import flags
+
+from bin import cli
+from bin.cli import FlagError
+
+F = flags.FLAGS
+flags.DEFINE_string("run_dir", None, "A bin/train --output_dir (holds metrics.jsonl and the samples files).")
+flags.DEFINE_string("out", None, "HTML path. Default: <run_dir>/report.html.")
+flags.DEFINE_integer("browse_steps", 6, "Steps shown in the completion browser: the first, the last, and evenly "
+                     "spaced ones between.")
+
+
+def main(argv: list[str]) -> None:
+    cli.no_extra_args(argv)
+    if not F.run_dir:
+        raise FlagError("--run_dir is required")
+    run_dir = Path(F.run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise FlagError(f"--run_dir: no such directory {run_dir}")
+    if F.browse_steps < 1:
+        raise FlagError(f"--browse_steps: expected a positive number of steps, got {F.browse_steps}")
+    out = Path(F.out).expanduser() if F.out else run_dir / "report.html"
+    if not out.parent.is_dir():
+        raise FlagError(f"--out: no such directory {out.parent}")
+    from bin.report_html import build  # after the checks: the analysis imports grpo (and so jax)
+
+    try:
+        print(build(run_dir, out, F.browse_steps))
+    except OSError as e:  # an unreadable run file or an unwritable --out
+        flag = "--out" if str(out) in str(e) or str(out) + ".tmp" in str(e) else "--run_dir"
+        raise FlagError(f"{flag}: {e}") from None
+
+
+def run() -> None:
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

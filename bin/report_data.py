@@ -1,0 +1,357 @@
+"""bin/report's reading and analysis: a run directory's files as plain data, and what the report says about them.
+
+Nothing here draws or writes HTML (bin/report_html does) and nothing defines flags, so tests import it freely.
+Every reader is tolerant, because a report is built from whatever a run left behind, also while it is still
+writing: a missing file, a cut-off last line (a run killed mid-write), a missing key or a value of the wrong
+type is skipped and noted, never fatal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+
+from grpo.rollout import AHA_PHRASES
+
+# One pattern for all phrases, longest first, so "let me verify" is marked whole rather than just "verify";
+# word boundaries and case-insensitivity as grpo.rollout counts them.
+AHA_RE = re.compile(r"\b(?:" + "|".join(re.escape(p) for p in sorted(AHA_PHRASES, key=len, reverse=True)) + r")\b",
+                    re.IGNORECASE)
+_NUMS_RE = re.compile(r"nums=\(([-\d,\s]*)\)")
+_TARGET_RE = re.compile(r"target=(-?\d+)")
+
+RUN_FILES = ("metrics.jsonl", "eval.jsonl", "train_samples.jsonl", "eval_samples.jsonl")
+# Warning thresholds. A run is "stuck" after this many consecutive steps of the same symptom.
+STUCK_STEPS = 5
+COLLAPSE_RATIO = 0.25  # mean completion length below this share of its early value
+EARLY_STEPS = 5  # steps whose mean length is "early"
+PINNED_TRUNCATED = 0.95  # truncated_frac at least this: every completion hits the budget
+REPEAT_LINES = 3  # identical consecutive non-empty lines that make a completion repetitive
+REPEAT_SHARE = 0.5  # share of a step's completions that are repetitive before it is a warning
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One stored completion, from either the current or the old (`item` repr) line format."""
+
+    step: int
+    group: int
+    completion: str
+    reward: float | None
+    solved: bool
+    nums: tuple[int, ...] | None = None
+    target: int | None = None
+    item: str = ""  # the old format's repr, shown when nums/target cannot be parsed out of it
+    format: bool | None = None
+    length: int | None = None
+    truncated: bool | None = None
+    level: str | None = None
+
+    @property
+    def prompt(self) -> str:
+        if self.nums is not None and self.target is not None:
+            return f"[{', '.join(map(str, self.nums))}] \u2192 {self.target}"
+        return self.item or f"group {self.group}"
+
+
+@dataclasses.dataclass
+class Run:
+    """What a run directory holds, per step, plus notes on what was missing or skipped."""
+
+    run_dir: Path
+    metrics: list[dict]  # one row per step, sorted by step (a resumed run's later line wins)
+    evals: list[dict]
+    train_samples: list[Sample]
+    eval_samples: list[Sample]
+    config: dict | None
+    notes: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Warn:
+    """Something that went wrong in the run, and the steps where it shows."""
+
+    title: str
+    detail: str
+    steps: tuple[int, ...]
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: Path, notes: list[str]) -> list[dict]:
+    """The JSON objects of a JSON-lines file; unreadable lines are skipped and noted (a run killed mid-write
+    leaves a cut-off last line, a live run may be writing one right now)."""
+    if not path.is_file():
+        notes.append(f"{path.name}: not found")
+        return []
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")
+    rows, bad = [], []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad.append(i)
+    if bad:
+        cut = bad[-1] == len(lines) and not text.endswith("\n")
+        why = " (the last line is cut off: a run killed mid-write, or still writing)" if cut else ""
+        notes.append(f"{path.name}: skipped unreadable line{'s' * (len(bad) > 1)} {format_steps(bad)}{why}")
+    return rows
+
+
+def _int(x) -> int | None:
+    return int(x) if isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def number(x) -> float | None:
+    """x as a finite float, else None (missing keys, JSON null, strings, NaN all read as 'not recorded')."""
+    if isinstance(x, bool):
+        return float(x)
+    return float(x) if isinstance(x, int | float) and math.isfinite(x) else None
+
+
+def by_step(rows: list[dict], name: str, notes: list[str]) -> list[dict]:
+    """Rows keyed by their step, sorted. A resumed run re-writes the steps after its last checkpoint: the later
+    line wins. A row without a step follows the previous one."""
+    out: dict[int, dict] = {}
+    repeated = []
+    step = 0
+    for row in rows:
+        step = _int(row.get("step")) if _int(row.get("step")) is not None else step + 1
+        if step in out:
+            repeated.append(step)
+        out[step] = {**row, "step": step}
+    if repeated:
+        notes.append(f"{name}: step{'s' * (len(repeated) > 1)} {format_steps(repeated)} written more than once "
+                     "(a resumed run); the later lines are shown")
+    return [out[s] for s in sorted(out)]
+
+
+def parse_sample(row: dict) -> Sample | None:
+    """A stored completion in either format; None without a step. Old lines have `item` (a Puzzle repr) and no
+    solved flag: nums/target come out of the repr, and reward 1.0 counts as solved."""
+    step = _int(row.get("step"))
+    if step is None:
+        return None
+    item = str(row.get("item", ""))
+    nums = row.get("nums")
+    nums = tuple(nums) if isinstance(nums, list) and all(_int(n) is not None for n in nums) else None
+    target = _int(row.get("target"))
+    if nums is None and (m := _NUMS_RE.search(item)):
+        nums = tuple(int(n) for n in m.group(1).replace(" ", "").split(",") if n)
+    if target is None and (m := _TARGET_RE.search(item)):
+        target = int(m.group(1))
+    reward = number(row.get("reward"))
+    solved = row["solved"] if isinstance(row.get("solved"), bool) else reward == 1.0
+    group = _int(row.get("group"))
+    flag = lambda k: row[k] if isinstance(row.get(k), bool) else None
+    return Sample(step=step, group=-1 if group is None else group, completion=str(row.get("completion", "")),
+                  reward=reward, solved=solved, nums=nums, target=target, item=item, format=flag("format"),
+                  length=_int(row.get("length")), truncated=flag("truncated"),
+                  level=row["level"] if isinstance(row.get("level"), str) else None)
+
+
+def read_samples(path: Path, notes: list[str]) -> list[Sample]:
+    """A samples file as Samples. Old lines have no group: consecutive lines of one step with the same puzzle
+    are one group."""
+    samples, groups = [], {}
+    for row in read_jsonl(path, notes):
+        s = parse_sample(row)
+        if s is None:
+            continue
+        if s.group < 0:
+            per_step = groups.setdefault(s.step, {})
+            s = dataclasses.replace(s, group=per_step.setdefault(s.item, len(per_step)))
+        samples.append(s)
+    return samples
+
+
+def load_run(run_dir: Path) -> Run:
+    """Everything bin/report shows, read from run_dir (which must exist)."""
+    notes: list[str] = []
+    metrics = by_step(read_jsonl(run_dir / "metrics.jsonl", notes), "metrics.jsonl", notes)
+    evals = by_step(read_jsonl(run_dir / "eval.jsonl", notes), "eval.jsonl", notes)
+    train = read_samples(run_dir / "train_samples.jsonl", notes)
+    evs = read_samples(run_dir / "eval_samples.jsonl", notes)
+    config = None
+    if (run_dir / "config.json").is_file():
+        try:
+            config = json.loads((run_dir / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            notes.append("config.json: not readable JSON, left out")
+    return Run(run_dir, metrics, evals, train, evs, config if isinstance(config, dict) else None, notes)
+
+
+# --- analysis --------------------------------------------------------------------------------------------------
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric, only where it was recorded as a finite number."""
+    pts = [(r["step"], v) for r in rows if (v := number(r.get(key))) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def format_steps(steps) -> str:
+    """[1, 2, 3, 7, 9, 10] -> '1-3, 7, 9-10': short enough to read in a warning."""
+    steps = sorted(set(steps))
+    runs: list[list[int]] = []
+    for s in steps:
+        if runs and s == runs[-1][1] + 1:
+            runs[-1][1] = s
+        else:
+            runs.append([s, s])
+    return ", ".join(str(a) if a == b else f"{a}\u2013{b}" for a, b in runs)
+
+
+def has_aha(text: str) -> bool:
+    return AHA_RE.search(text) is not None
+
+
+def is_repetitive(text: str, run: int = REPEAT_LINES) -> bool:
+    """True when the same non-empty line appears `run` times in a row: a model stuck in a loop."""
+    count, prev = 0, None
+    for line in (ln.strip() for ln in text.splitlines()):
+        if not line:
+            continue
+        count = count + 1 if line == prev else 1
+        prev = line
+        if count >= run:
+            return True
+    return False
+
+
+def stuck_runs(flags_by_step: dict[int, bool], min_len: int = STUCK_STEPS) -> list[int]:
+    """The steps inside runs of at least min_len consecutive recorded steps where the flag holds."""
+    out, current = [], []
+    for step in sorted(flags_by_step):
+        if flags_by_step[step] and (not current or step == current[-1] + 1):
+            current.append(step)
+        else:
+            out += current if len(current) >= min_len else []
+            current = [step] if flags_by_step[step] else []
+    return out + (current if len(current) >= min_len else [])
+
+
+def by_step_samples(samples: list[Sample]) -> dict[int, list[Sample]]:
+    out: dict[int, list[Sample]] = {}
+    for s in samples:
+        out.setdefault(s.step, []).append(s)
+    return out
+
+
+def groups_of(samples: list[Sample]) -> list[list[Sample]]:
+    """One step's samples as prompt groups, in group order."""
+    out: dict[int, list[Sample]] = {}
+    for s in samples:
+        out.setdefault(s.group, []).append(s)
+    return [out[g] for g in sorted(out)]
+
+
+def _share(flags: list[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+def aha_shares(metrics: list[dict], samples: list[Sample]) -> list[tuple[int, float | None, float | None, str]]:
+    """Per step: (step, share of solved completions with a phrase, share of unsolved ones, source). The metrics'
+    aha_frac_solved / aha_frac_unsolved count every completion; stored samples are the fallback."""
+    out = {}
+    for step, rows in by_step_samples(samples).items():
+        out[step] = (step, _share([has_aha(s.completion) for s in rows if s.solved]),
+                     _share([has_aha(s.completion) for s in rows if not s.solved]), "samples")
+    for m in metrics:
+        a, b = number(m.get("aha_frac_solved")), number(m.get("aha_frac_unsolved"))
+        if a is not None or b is not None:
+            out[m["step"]] = (m["step"], a, b, "metrics")
+    return [out[s] for s in sorted(out)]
+
+
+def first_aha(samples: list[Sample]) -> Sample | None:
+    """The earliest solved completion that contains a verification phrase: the 'aha' to look at first."""
+    return min((s for s in samples if s.solved and has_aha(s.completion)), key=lambda s: (s.step, s.group),
+               default=None)
+
+
+def pick_steps(steps, k: int = 6) -> list[int]:
+    """k steps to browse: the first, the last, and evenly spaced ones between."""
+    steps = sorted(set(steps))
+    if len(steps) <= k:
+        return steps
+    return sorted({steps[round(i * (len(steps) - 1) / (k - 1))] for i in range(k)})
+
+
+def _flag(rows: list[dict], test) -> dict[int, bool]:
+    """{step: test(row)} over the rows where test can tell (it returns None when its keys are missing)."""
+    return {r["step"]: bool(t) for r in rows if (t := test(r)) is not None}
+
+
+def _all_truncated(row: dict) -> bool | None:
+    v = number(row.get("truncated_frac"))
+    return None if v is None else v >= PINNED_TRUNCATED
+
+
+def _mean_is_max(row: dict) -> bool | None:
+    mean, top = number(row.get("completion_len_mean")), number(row.get("completion_len_max"))
+    return None if mean is None or top is None else top > 0 and mean == top
+
+
+def _rewards_equal(row: dict) -> bool | None:
+    zero = number(row.get("frac_zero_std_groups"))
+    if zero is not None:
+        return zero == 1.0
+    std = number(row.get("reward_std"))
+    return None if std is None else std == 0.0
+
+
+def _collapse(m: list[dict]) -> list[Warn]:
+    steps, lens = series(m, "completion_len_mean")
+    n = min(EARLY_STEPS, len(lens))
+    if len(lens) <= n or (base := sum(lens[:n]) / n) < 4:
+        return []
+    low = [s for s, v in zip(steps[n:], lens[n:], strict=True) if v < COLLAPSE_RATIO * base]
+    return [Warn("Completion length collapsed", f"mean completion length fell below {COLLAPSE_RATIO:.0%} of its "
+                 f"early value ({base:.0f} tokens over steps {format_steps(steps[:n])})", tuple(low))] if low else []
+
+
+def _pinned(m: list[dict]) -> list[Warn]:
+    trunc, equal = stuck_runs(_flag(m, _all_truncated)), stuck_runs(_flag(m, _mean_is_max))
+    why = [w for w, hit in (("every completion hit the token budget", trunc),
+                            ("mean completion length equalled the max", equal)) if hit]
+    return [Warn("Completion length pinned at the budget", f"{' and '.join(why)} for {STUCK_STEPS}+ steps in a "
+                 "row: answers do not end", tuple(sorted({*trunc, *equal})))] if why else []
+
+
+def _repetition(samples: list[Sample]) -> list[Warn]:
+    rep = [step for step, rows in by_step_samples(samples).items()
+           if _share([is_repetitive(s.completion) for s in rows]) >= REPEAT_SHARE]
+    return [Warn("Repetition", f"in {REPEAT_SHARE:.0%} or more of a step's stored completions one line repeats "
+                 f"{REPEAT_LINES}+ times in a row", tuple(sorted(rep)))] if rep else []
+
+
+def _no_signal(m: list[dict], samples: list[Sample]) -> list[Warn]:
+    equal = _flag(m, _rewards_equal)
+    for step, rows in by_step_samples(samples).items():  # steps whose metrics cannot tell: whole stored groups
+        groups = [g for g in groups_of(rows) if len(g) > 1]
+        if step not in equal and groups:
+            equal[step] = all(len({s.reward for s in g}) == 1 for g in groups)
+    zero = stuck_runs(equal)
+    return [Warn("No learning signal", f"every group's rewards were equal (zero advantage, nothing to learn) for "
+                 f"{STUCK_STEPS}+ steps in a row", tuple(zero))] if zero else []
+
+
+def warnings(run: Run) -> list[Warn]:
+    """Every symptom of a run going wrong that its files show, each naming its steps."""
+    skipped = [r["step"] for r in run.metrics if number(r.get("skipped"))]
+    return [*_collapse(run.metrics), *_pinned(run.metrics), *_repetition(run.train_samples),
+            *_no_signal(run.metrics, run.train_samples),
+            *([Warn("Skipped steps", "non-finite loss or gradients: the update was skipped", tuple(skipped))]
+              if skipped else [])]

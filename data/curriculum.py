@@ -1,0 +1,99 @@
+"""A difficulty ladder for Countdown: levels from one operation on two small numbers up to TinyZero's puzzles.
+
+Why: before any RL the embedded Gemma 3 270M solves 0 of 128 samples even of two numbers in 1..9, so every
+group's solve reward is equal and GRPO has nothing to push on. A ladder starts where a solve is within reach
+and, on the easy levels only, also pays for getting closer (shaped rewards, below); the top level is
+TinyZero's distribution with TinyZero's reward, so results there compare with TinyZero's.
+
+Rewards per level (`Level.reward`; 0 without an <answer> tag on the last line, as in TinyZero):
+
+    answer tag, anything inside                 format_score   (TinyZero: 0.1)
+    an expression using exactly the given numbers   numbers_score  (TinyZero: none, i.e. format_score)
+    ... that reaches the target                 1.0
+
+Ladders (`LADDERS`; bin/train --curriculum NAME). "countdown":
+
+    level        numbers  range  targets  reward (format / numbers / solved)
+    2x1-9        2        1..9   1..18    0.1 / 0.4 / 1.0     a + b, a * b, ...: one operation
+    2x1-30       2        1..30  1..60    0.1 / 0.3 / 1.0
+    3x1-30       3        1..30  10..100  0.1 / 0.2 / 1.0
+    tinyzero     3-4      1..99  10..100  0.1 / -   / 1.0     TinyZero's data and reward
+
+Every level's held-out set is drawn from a seed of its own (not the run's --seed), so two runs evaluate on the
+same puzzles and their eval.jsonl lines compare line by line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Sequence
+
+from data import countdown
+from data.puzzles import Puzzle, PuzzleConfig, make_splits
+
+TINYZERO = "tinyzero"
+
+
+@dataclasses.dataclass(frozen=True)
+class LevelReward:
+    """TinyZero's reward with an optional middle rung for answers that use exactly the given numbers."""
+
+    format_score: float = 0.1
+    numbers_score: float | None = None  # None: no middle rung (TinyZero)
+    correct_score: float = 1.0
+
+    def score(self, completion: str, nums: Sequence[int], target: int) -> tuple[float, bool, bool]:
+        """(reward, solved, has_answer) of one completion; the checks are data.countdown's (never eval)."""
+        b = countdown.breakdown(completion, list(nums), target, format_score=self.format_score,
+                                correct_score=self.correct_score)
+        if b.numbers_valid and not b.solved and self.numbers_score is not None:
+            return float(self.numbers_score), False, True
+        return b.score, b.solved, b.has_answer
+
+
+@dataclasses.dataclass(frozen=True)
+class Level:
+    name: str
+    puzzles: PuzzleConfig
+    reward: LevelReward = LevelReward()
+
+    def heldout_seed(self) -> int:
+        """A seed from the level's name alone: the same held-out puzzles in every run."""
+        return zlib.crc32(self.name.encode())
+
+
+LADDERS: dict[str, tuple[Level, ...]] = {
+    "countdown": (
+        Level("2x1-9", PuzzleConfig(counts=(2,), num_min=1, num_max=9, target_min=1, target_max=18),
+              LevelReward(numbers_score=0.4)),
+        Level("2x1-30", PuzzleConfig(counts=(2,), num_min=1, num_max=30, target_min=1, target_max=60),
+              LevelReward(numbers_score=0.3)),
+        Level("3x1-30", PuzzleConfig(counts=(3,), num_min=1, num_max=30, target_min=10, target_max=100),
+              LevelReward(numbers_score=0.2)),
+        Level(TINYZERO, PuzzleConfig()),
+    ),
+}
+# --curriculum off: the single TinyZero level, today's behaviour.
+OFF = (Level(TINYZERO, PuzzleConfig()),)
+
+
+def ladder(name: str | None) -> tuple[Level, ...]:
+    """The levels of a named ladder, easiest first; None or "off" is TinyZero's level alone."""
+    if name in (None, "off"):
+        return OFF
+    if name not in LADDERS:
+        raise ValueError(f"unknown curriculum {name!r}; choose from off, {', '.join(sorted(LADDERS))}")
+    return LADDERS[name]
+
+
+def level_splits(level: Level, num_train: int, num_heldout: int, seed: int) -> tuple[list[Puzzle], list[Puzzle]]:
+    """(train, held-out): train from the run's seed, held-out from the level's own seed; disjoint."""
+    _, heldout = make_splits(0, num_heldout, level.heldout_seed(), level.puzzles)
+    keys = {p.key for p in heldout}
+    train: list[Puzzle] = []
+    drawn = num_train
+    while len(train) < num_train:  # the run's stream minus the held-out puzzles (a prefix of a longer draw)
+        train = [p for p in make_splits(drawn, 0, seed, level.puzzles)[0] if p.key not in keys][:num_train]
+        drawn *= 2
+    return train, heldout

@@ -1,0 +1,144 @@
+"""The files a run writes next to its checkpoints, and how they survive kills.
+
+    metrics.jsonl        one JSON object per GRPO step ("step" 1, 2, ...)
+    eval.jsonl           one per eval ("step" = updates done when it ran; 0 = before training)
+    train_samples.jsonl  completions of the first groups of each step (bin/report's browser)
+    eval_samples.jsonl   greedy eval completions
+    status.json          {"state": "running" | "finished" | "stopped" | "failed", "step": ..., "peak_rss_bytes": ...}
+    run_config.json      the model, GRPO, rollout and loop configs of the latest start (bin/report shows it)
+
+Only process 0 writes. Lines are appended and flushed one at a time, so a kill can tear at most the last
+line. On resume (`rewind`) every JSON-lines file keeps exactly the lines of the steps the restored checkpoint
+covers: a torn last line is dropped and a step re-run after the kill replaces its line instead of repeating
+it. status.json says whether the previous process got to its final line: "running" at resume time means it
+died (often the OOM killer), and the loop says so with what to change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+
+JSONL_FILES = ("metrics.jsonl", "train_samples.jsonl", "eval.jsonl", "eval_samples.jsonl")
+EVAL_FILES = ("eval.jsonl", "eval_samples.jsonl")
+STATUS_FILE = "status.json"
+
+
+class RunWriteError(RuntimeError):
+    """A file of the run could not be written (disk full, quota, a read-only mount): one line naming it."""
+
+
+def describe_write_failure(error: Exception, what: str) -> RunWriteError:
+    """One line for a failed write of `what`: the file and the OS's reason when the error names them (orbax
+    and tensorstore put both in the message), else the error's first line."""
+    text = " ".join(str(error).split())
+    found = re.search(r'Failed writing: "([^"]+)": (.*?)(?: \[|$)', text)
+    if isinstance(error, OSError) and error.filename:
+        return RunWriteError(f"writing {error.filename}: {error.strerror or text}")
+    if found:
+        return RunWriteError(f"writing {what} ({found.group(1)}): {found.group(2)}")
+    return RunWriteError(f"writing {what}: {text[:300]}")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class RunLog:
+    """Console lines and JSON-lines records of a run, and the optional loggers (grpo/loggers.py) that mirror the
+    numbers; only process 0 writes."""
+
+    def __init__(self, out: Path, echo: Callable[[str], None] = print, loggers: list | None = None):
+        self.out, self.echo = Path(out), echo
+        self.main = jax.process_index() == 0
+        self.loggers = list(loggers or []) if self.main else []
+
+    def scalars(self, step: int, metrics: dict) -> None:
+        """Mirror a step's (or an eval's) numbers to TensorBoard / wandb when asked for."""
+        for logger in self.loggers:
+            logger.log(step, metrics)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+        self.loggers = []
+
+    def write_config(self, config: dict) -> None:
+        if self.main:
+            _write_atomic(self.out / "run_config.json", json.dumps(config, indent=1, default=str) + "\n")
+
+    def write(self, file: str, record: dict) -> None:
+        if self.main:
+            try:
+                with open(self.out / file, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise describe_write_failure(e, str(self.out / file)) from None
+
+    def say(self, line: str) -> None:
+        if self.main:
+            self.echo(line)
+
+    def set_status(self, state: str, step: int) -> None:
+        if self.main:
+            _write_atomic(self.out / STATUS_FILE, json.dumps({"state": state, "step": step,
+                                                              "peak_rss_bytes": peak_rss_bytes()}) + "\n")
+
+    def previous_status(self) -> dict | None:
+        try:
+            return json.loads((self.out / STATUS_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def rewind(self, step: int) -> list[str]:
+        """Keep only the records of steps <= `step` (evals: < 0 when starting over, since eval 0 re-runs).
+
+        Returns one note per file that lost a torn line or lines of steps past the checkpoint.
+        """
+        notes = []
+        for name in JSONL_FILES if self.main else ():
+            last = step if step > 0 or name not in EVAL_FILES else -1
+            note = _rewind_file(self.out / name, last)
+            if note:
+                notes.append(f"{name}: {note}")
+        return notes
+
+
+def _rewind_file(path: Path, last_step: int) -> str | None:
+    if not path.exists():
+        return None
+    kept, torn, dropped = [], 0, 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            step = record.get("step", 0) if isinstance(record, dict) else None
+        except ValueError:
+            step = None
+        if step is None:
+            torn += 1
+        elif step > last_step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if not torn and not dropped:
+        return None
+    _write_atomic(path, "".join(line + "\n" for line in kept))
+    return ", ".join(filter(None, [f"removed {torn} torn line(s)" if torn else "",
+                                   f"removed {dropped} line(s) past step {max(last_step, 0)}" if dropped else ""]))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a kill leaves the old or the new file, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

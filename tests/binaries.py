@@ -1,0 +1,21 @@
+"""How the tests start a tool of bin/: as users do, `python -m bin.<name>` or through the `bin/<name>` launcher."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_tool(name: str, *args: str, launcher: bool = False, env: dict | None = None,
+             timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run bin/<name> with this interpreter on CPU (no fake devices unless the tool makes its own).
+
+    launcher=False: `python -m bin.<name>` from the repo root; True: the `bin/<name>` launcher script.
+    """
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHON": sys.executable, **(env or {})}
+    cmd = [str(ROOT / "bin" / name)] if launcher else [sys.executable, "-m", f"bin.{name}"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)

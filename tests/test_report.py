@@ -1,0 +1,341 @@
+"""bin/report: the page builds from a tiny run's files (current and old line formats), is well-formed HTML with
+decodable inline images, marks verification phrases in the right completion, raises each warning on the runs
+that should trigger it and none on a healthy one, survives missing / cut-off files, and renders in Chromium.
+
+The run files are written here by hand, in the formats bin/train writes (see bin/report_data's docstrings).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from binaries import run_tool
+
+from bin import report_html
+from bin.report_data import load_run, warnings
+
+PNG = b"\x89PNG\r\n\x1a\n"
+SOLVED = ("<think>40 - 12 = 28, 28 + 5 = 33. Wait, that is not 52. Let me try 40 + 12 = 52.</think> "
+          "<answer>40 + 12</answer>")
+PLAIN = "<think>12 + 5 + 40 = 57</think> <answer>12 + 5 + 40</answer>"
+
+
+def write_jsonl(path: Path, rows: list[dict], tail: str = "") -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
+
+
+def metric_row(step: int, **over) -> dict:
+    """A healthy step: every key bin/train writes, nothing alarming."""
+    row = {"step": step, "reward_mean": 0.1 + 0.03 * step, "reward_std": 0.3, "solved_frac": 0.02 * step,
+           "format_frac": min(1.0, 0.2 + 0.1 * step), "completion_len_mean": 60 + step, "completion_len_max": 128,
+           "truncated_frac": 0.1, "sample_s": 2.0, "sample_tokens_per_s": 300.0, "aha_count": step % 3,
+           "aha_frac": 0.1, "aha_frac_solved": 0.5, "aha_frac_unsolved": 0.1, "aha/wait": 1.0, "loss": 0.01,
+           "pg_loss": 0.01, "clip_frac": 0.01, "entropy": 1.2, "kl": None, "grad_norm": 0.5,
+           "learning_rate": 1e-5, "num_completion_tokens": 500, "skipped": 0.0, "train_s": 3.0,
+           "train_tokens_per_s": 900.0, "level": "3 numbers" if step <= 6 else "4 numbers",
+           "frac_zero_std_groups": 0.25}
+    return {**row, **over}
+
+
+def sample_row(step: int, group: int, completion: str = PLAIN, reward: float = 0.1, **over) -> dict:
+    solved = reward == 1.0
+    return {"step": step, "group": group, "nums": [12, 5, 40], "target": 52 + group, "completion": completion,
+            "reward": reward, "solved": solved, "format": True, "length": len(completion) // 4,
+            "truncated": False, **over}
+
+
+def new_run(d: Path, steps: int = 12, g: int = 4) -> Path:
+    """A healthy run in the current format; step 5, group 1, completion 2 is the first solved one with 'Wait'."""
+    d.mkdir(exist_ok=True)
+    write_jsonl(d / "metrics.jsonl", [metric_row(s) for s in range(1, steps + 1)])
+    write_jsonl(d / "eval.jsonl", [{"step": s, "eval_solved_frac": s / 40, "eval_format_frac": 0.5,
+                                    "eval_reward_mean": 0.2, "eval_s": 4.0,
+                                    "solved_by_level": {"3 numbers": s / 40, "4 numbers": s / 80}}
+                                   for s in (0, 6, steps)])
+    rows = []
+    for s in range(1, steps + 1):
+        for grp in range(2):
+            for i in range(g):
+                hit = (s >= 5 and grp == 1 and i == 1)
+                rows.append(sample_row(s, grp, SOLVED if hit else PLAIN, 1.0 if hit else 0.1 * i))
+    write_jsonl(d / "train_samples.jsonl", rows)
+    write_jsonl(d / "eval_samples.jsonl", [sample_row(s, i, PLAIN, 0.1, level="3 numbers")
+                                           for s in (0, 6, steps) for i in range(3)])
+    return d
+
+
+def old_run(d: Path) -> Path:
+    """A run written before samples became data: `item` reprs, two completions per step, no flags."""
+    d.mkdir(exist_ok=True)
+    write_jsonl(d / "metrics.jsonl", [{k: v for k, v in metric_row(s).items()
+                                       if k not in ("level", "frac_zero_std_groups", "aha_frac_solved",
+                                                    "aha_frac_unsolved")} for s in range(1, 6)])
+    item = "Puzzle(nums=(12, 5, 40), target=52, solution='40 + 12')"
+    rows = [{"step": s, "item": item, "completion": SOLVED if s == 3 and i == 0 else PLAIN,
+             "reward": 1.0 if s == 3 and i == 0 else 0.1} for s in range(1, 6) for i in range(2)]
+    rows.append({"step": 5, "item": "Toy(<x & y>)", "completion": "hmm", "reward": 0.0})
+    write_jsonl(d / "train_samples.jsonl", rows)
+    write_jsonl(d / "eval.jsonl", [{"step": 0, "eval_solved_frac": 0.0, "eval_format_frac": 0.1,
+                                    "eval_reward_mean": 0.01, "eval_s": 3.0}])
+    write_jsonl(d / "eval_samples.jsonl", [{"step": 0, "item": item, "completion": PLAIN, "reward": 0.1}])
+    return d
+
+
+class StrictParser(HTMLParser):
+    """Checks that every element is closed in order (void elements excepted) and collects <img> sources."""
+
+    VOID = {"meta", "img", "br", "hr", "link", "input", "wbr"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.stack, self.images, self.errors = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs))
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
+        else:
+            self.stack.pop()
+
+
+def check_html(text: str) -> StrictParser:
+    assert text.startswith("<!DOCTYPE html>")
+    p = StrictParser()
+    p.feed(text)
+    p.close()
+    assert not p.errors and not p.stack, (p.errors, p.stack)
+    return p
+
+
+def build(d: Path) -> str:
+    return report_html.build(d, d / "report.html").read_text()
+
+
+def page(d: Path) -> str:
+    """The page without charts: for the tests that are about text, not images (drawing takes seconds)."""
+    return report_html.page(load_run(d), None, "now")
+
+
+def decode_images(parser: StrictParser) -> list[bytes]:
+    out = []
+    for attrs in parser.images:
+        src = attrs["src"]
+        assert src.startswith("data:image/png;base64,"), src[:40]
+        out.append(base64.b64decode(src.split(",", 1)[1], validate=True))
+        assert out[-1].startswith(PNG)
+    return out
+
+
+def test_report_builds_from_new_format(tmp_path):
+    pytest.importorskip("matplotlib", reason="the curves need the plot extra (CI installs it)")
+    text = build(new_run(tmp_path / "run"))
+    parser = check_html(text)
+    pngs = decode_images(parser)
+    # 11 curve groups + level + per-level eval + aha share; kl is null (beta == 0) so it is left out
+    assert len(pngs) == 13, [a["alt"] for a in parser.images]
+    from PIL import Image  # matplotlib depends on pillow
+
+    assert all(Image.open(io.BytesIO(png)).size == (620, 310) for png in pngs)
+    assert "curriculum level" in text and "eval solved rate per level" in text
+    assert "No warnings" in text
+    # the first solved aha is step 5, group 1, completion #2: its text, marked, inside a solved block
+    first = text.split("First solved training completion with a verification phrase:</b> step 5,")[1]
+    block = re.search(r'<div class="c solved">(.*?)</div></div>|<div class="c solved">.*?</pre></div>', first, re.S)
+    assert block and "<mark>Wait</mark>, that is not 52. <mark>Let me try</mark>" in block.group(0)
+    assert "<pre>&lt;think&gt;12 + 5 + 40 = 57&lt;/think&gt; &lt;answer&gt;12 + 5 + 40&lt;/answer&gt;</pre>" in text
+    assert "[12, 5, 40] \u2192 53 \u00b7 1/4 solved" in text  # group 1 of a browsed step
+
+
+def test_browser_picks_first_last_and_spaced_steps(tmp_path):
+    text = page(new_run(tmp_path / "run", steps=30))
+    assert "Steps 1, 7, 13, 18, 24, 30 of 30" in text
+    assert not re.search(r"<summary>Step 2 ", text)
+
+
+def test_no_external_resources(tmp_path):
+    text = build(new_run(tmp_path / "run"))
+    assert "<script" not in text and not re.search(r"""(src|href)=["']?(https?:|//)""", text)
+
+
+def test_old_format_still_readable(tmp_path):
+    d = old_run(tmp_path / "old")
+    run = load_run(d)
+    assert [s.group for s in run.train_samples if s.step == 5] == [0, 0, 1]
+    text = build(d)
+    check_html(text)
+    assert "[12, 5, 40] \u2192 52" in text  # nums and target parsed out of the Puzzle repr
+    assert "Toy(&lt;x &amp; y&gt;)" in text  # an item that is not a Puzzle is shown as it was, escaped
+    assert "step 3," in text.split("First solved training completion")[1][:200]  # reward 1.0 counts as solved
+    assert "<mark>hmm</mark>" in text
+
+
+def test_model_text_is_escaped(tmp_path):
+    d = new_run(tmp_path / "run", steps=2)
+    evil = "</pre></details><script>alert(1)</script> <img src=x onerror=alert(1)> & wait"
+    write_jsonl(d / "train_samples.jsonl", [sample_row(1, 0, evil, 1.0), sample_row(2, 0, evil, 0.0)])
+    text = page(d)
+    check_html(text)
+    assert "<script" not in text and "<img src=x" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &lt;img src=x onerror=alert(1)&gt; &amp; <mark>wait</mark>" in text
+
+
+def _metrics(d: Path, rows: list[dict]) -> Path:
+    d.mkdir(exist_ok=True)
+    write_jsonl(d / "metrics.jsonl", rows)
+    return d
+
+
+WARNING_RUNS = {
+    "collapse": ([metric_row(s, completion_len_mean=100 if s <= 5 else 12, completion_len_max=128)
+                  for s in range(1, 9)], "Completion length collapsed", (6, 7, 8)),
+    "truncated": ([metric_row(s, truncated_frac=1.0 if s > 2 else 0.2) for s in range(1, 9)],
+                  "Completion length pinned at the budget", (3, 4, 5, 6, 7, 8)),
+    "mean_is_max": ([metric_row(s, completion_len_mean=128, completion_len_max=128) for s in range(1, 6)],
+                    "Completion length pinned at the budget", (1, 2, 3, 4, 5)),
+    "zero_std_groups": ([metric_row(s, frac_zero_std_groups=1.0 if 2 <= s <= 7 else 0.5) for s in range(1, 10)],
+                        "No learning signal", (2, 3, 4, 5, 6, 7)),
+    "reward_std": ([{"step": s, "reward_std": 0.0} for s in range(1, 6)], "No learning signal", (1, 2, 3, 4, 5)),
+    "skipped": ([metric_row(s, skipped=1.0 if s in (4, 9) else 0.0, loss=None) for s in range(1, 10)],
+                "Skipped steps", (4, 9)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WARNING_RUNS))
+def test_each_warning(tmp_path, name):
+    rows, title, steps = WARNING_RUNS[name]
+    d = _metrics(tmp_path / name, rows)
+    got = {w.title: w.steps for w in warnings(load_run(d))}
+    assert got == {title: steps}
+    text = page(d)
+    assert f"<b>{title}</b> at steps " in text
+
+
+def test_repetition_and_sample_only_signals(tmp_path):
+    d = _metrics(tmp_path / "rep", [{"step": s} for s in range(1, 7)])
+    loop = "<think>\n12 + 5 = 17\n12 + 5 = 17\n\n12 + 5 = 17\n</think>"
+    rows = [sample_row(s, grp, loop if s == 3 and i < 3 else PLAIN, 0.1) for s in range(1, 7) for grp in range(2)
+            for i in range(4)]  # every group's rewards equal at every step, seen only in the samples
+    write_jsonl(d / "train_samples.jsonl", rows)
+    got = {w.title: w.steps for w in warnings(load_run(d))}
+    assert got == {"Repetition": (3,), "No learning signal": (1, 2, 3, 4, 5, 6)}
+
+
+def test_short_stretches_do_not_warn(tmp_path):
+    rows = [metric_row(s, frac_zero_std_groups=1.0 if s <= 4 else 0.0, truncated_frac=1.0 if s >= 7 else 0.0)
+            for s in range(1, 11)]
+    assert warnings(load_run(_metrics(tmp_path / "ok", rows))) == []
+    assert warnings(load_run(new_run(tmp_path / "healthy"))) == []
+
+
+def test_cut_off_last_line_is_skipped_and_reported(tmp_path):
+    d = new_run(tmp_path / "run", steps=4)
+    write_jsonl(d / "metrics.jsonl", [metric_row(s) for s in range(1, 4)], tail='{"step": 4, "reward_me')
+    run = load_run(d)
+    assert [m["step"] for m in run.metrics] == [1, 2, 3]
+    assert any("metrics.jsonl: skipped unreadable line 4 (the last line is cut off" in n for n in run.notes)
+    text = build(d)
+    check_html(text)
+    assert "the last line is cut off" in text
+
+
+def test_resumed_run_keeps_the_later_lines(tmp_path):
+    rows = [metric_row(s) for s in (1, 2, 3)] + [metric_row(3, reward_mean=0.9), metric_row(4)]
+    run = load_run(_metrics(tmp_path / "r", rows))
+    assert [m["step"] for m in run.metrics] == [1, 2, 3, 4] and run.metrics[2]["reward_mean"] == 0.9
+    assert any("step 3 written more than once" in n for n in run.notes)
+
+
+def test_no_metrics_and_empty_dir(tmp_path):
+    d = new_run(tmp_path / "samples_only", steps=3)
+    (d / "metrics.jsonl").unlink()
+    text = build(d)
+    check_html(text)
+    assert "No training metrics yet" in text and "metrics.jsonl: not found" in text
+    assert "step 5" not in text and "Steps 1, 2, 3 of 3 with stored training completions" in text
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    text = build(empty)
+    check_html(text)
+    for name in ("metrics.jsonl", "eval.jsonl", "train_samples.jsonl", "eval_samples.jsonl"):
+        assert f"{name}: not found" in text
+    assert "No training samples stored" in text and "No eval points recorded" in text
+
+
+def test_missing_keys_and_wrong_types_do_not_crash(tmp_path):
+    rows = [{"step": 1}, {"reward_mean": "n/a", "kl": None, "level": 3},
+            {"step": 3, "completion_len_mean": float("nan")}, {"step": 4, "solved_frac": True}]
+    d = _metrics(tmp_path / "odd", rows)
+    (d / "eval.jsonl").write_text('{"step": 2, "solved_by_level": [1, 2]}\n[1, 2]\n"x"\n')
+    write_jsonl(d / "train_samples.jsonl", [{"completion": "no step"}, {"step": 2, "nums": "x", "reward": "y"}])
+    check_html(build(d))
+
+
+def test_without_matplotlib(tmp_path, monkeypatch):
+    import sys
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    text = build(new_run(tmp_path / "run", steps=3))
+    parser = check_html(text)
+    assert not parser.images and "matplotlib is not installed" in text
+
+
+def test_cli_writes_report_and_rejects_missing_dir(tmp_path):
+    d = new_run(tmp_path / "run", steps=3)
+    res = run_tool("report", "--run_dir", str(d))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(d / "report.html") and (d / "report.html").is_file()
+    res = run_tool("report", "--run_dir", str(tmp_path / "nope"))
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"error: --run_dir: no such directory {tmp_path / 'nope'}"]
+    res = run_tool("report")
+    assert res.returncode == 2 and res.stderr.strip() == "error: --run_dir is required"
+
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--enable-logging=stderr", "--v=0")
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(chromium() is None, reason="no chromium on PATH (apt-get install -y chromium)")
+def test_renders_in_headless_chromium(tmp_path):
+    pytest.importorskip("matplotlib", reason="the curves need the plot extra (CI installs it)")
+    from PIL import Image
+
+    d = new_run(tmp_path / "run")
+    url = (d / "report.html").resolve().as_uri()
+    build(d)
+    with tempfile.TemporaryDirectory() as profile:
+        shot = tmp_path / "shot.png"
+        res = subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}",
+                              "--window-size=1280,2400", url], capture_output=True, text=True, timeout=120)
+        assert shot.is_file(), res.stderr[-2000:]
+        dom = subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
+                             capture_output=True, text=True, timeout=120)
+    for err in (res.stderr, dom.stderr):
+        assert not re.search(r"Uncaught|ERROR:CONSOLE|Not allowed to load", err), err[-2000:]
+    assert "<h1>GRPO run report: run</h1>" in dom.stdout and dom.stdout.count("<figure") == 13
+    image = Image.open(shot).convert("RGB")
+    colours = image.getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 200, "the page rendered (nearly) blank"
+    white = max(c for c in colours if c[1] == (255, 255, 255))[0] if (255, 255, 255) in {c[1] for c in colours} else 0
+    assert white < 0.97 * image.size[0] * image.size[1]
