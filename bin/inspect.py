@@ -8,6 +8,13 @@ is imported), so a laptop can check whether a TPU v3-8 layout fits in 16 GiB per
     bin/inspect --preset gemma2-2b --what step --batch 64 --seq_len 1024 --mesh data=1,fsdp=8 \\
         --num_micro_batches 8 --remat --dtype float32
 
+With --lora_rank > 0, `step` is the LoRA step (grpo/lora_step.py: adapters and their Adam state trained and
+donated, the base params a read-only input) and `logprobs` the base + adapters pass. --json adds one JSON
+object with every number on the last line of stdout.
+
+    bin/inspect --preset gemma2-2b --what step --batch 16 --seq_len 1024 --mesh data=1,fsdp=1 \
+        --lora_rank 16 --num_micro_batches 4 --remat --dtype bfloat16 --json
+
 Numbers are what XLA's CPU compiler reports for the per-device program: memory_analysis() bytes
 (arguments, outputs, temporaries; the step donates params and optimizer state, so they alias) and
 cost_analysis() FLOPs. XLA counts a while loop's body once, not once per trip, so its FLOPs miss the
@@ -16,6 +23,7 @@ layer and micro-batch scans: an analytic matmul count is printed beside it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from absl import flags
@@ -37,6 +45,10 @@ flags.DEFINE_enum("compute_dtype", None, ["bfloat16", "float32"],
                   "Default: what --dtype implies on an accelerator (auto: bfloat16)")
 flags.DEFINE_float("beta", 0.0, "KL coefficient; > 0 adds the ref_logprobs input (step)")
 flags.DEFINE_integer("logits_chunk", 256, "tokens per unembedding chunk (logprobs, step)")
+flags.DEFINE_integer("lora_rank", 0, "LoRA adapter rank (logprobs, step); 0: full fine-tuning")
+flags.DEFINE_float("lora_alpha", None, "LoRA alpha: the update is scaled by alpha / rank. Default: 2 * rank")
+flags.DEFINE_list("lora_targets", None, "projections that get adapters, from q,k,v,o,gate,up,down. Default: all")
+flags.DEFINE_bool("json", False, "print one JSON object with every reported number as the last line of stdout")
 flags.DEFINE_string("dump_hlo", None, "directory to write <what>.stablehlo.mlir and <what>.optimized.hlo.txt")
 flags.DEFINE_bool("stablehlo", False, "print the StableHLO text to stdout")
 flags.DEFINE_string("platform", "cpu", "JAX platform; cpu makes as many fake devices as the mesh needs")
@@ -53,22 +65,34 @@ def model_config(preset: str):
     return model.get_preset(preset)
 
 
-def analytic_flops(cfg, rows: int, seq: int, what: str, remat: bool) -> float:
-    """Matmul FLOPs for the whole batch: projections, MLP, full [T, T] attention scores (as computed), unembed."""
+def analytic_flops(cfg, rows: int, seq: int, what: str, remat: bool, lora: bool = False) -> float:
+    """Matmul FLOPs for the whole batch: projections, MLP, full [T, T] attention scores (as computed), unembed.
+
+    The step's backward is the activation gradient (1x forward) plus, in full fine-tuning, the weight gradient
+    (1x); LoRA has no base weight gradient (the adapters' own matmuls, ~1% at rank 16, are not counted)."""
     d, f, n, k, h = cfg.embed_dim, cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     per_token_layer = 2 * d * h * (2 * n + 2 * k) + 6 * d * f + 4 * n * h * seq
     layers = rows * seq * cfg.num_layers * per_token_layer
     unembed = rows * seq * 2 * d * cfg.vocab_size
     if what != "step":
         return layers + unembed
-    # backward = 2x forward; the unembedding chunks are always recomputed, the layers only with remat
-    return 3 * (layers + unembed) + unembed + (layers if remat else 0)
+    # backward = 2x forward (1x with LoRA); the unembedding chunks are always recomputed, the layers with remat
+    return (2 if lora else 3) * (layers + unembed) + unembed + (layers if remat else 0)
 
 
 def _dtypes():
     """(param dtype, compute dtype): --dtype as an accelerator would resolve it, --compute_dtype overriding."""
     dtype, compute_dtype = cli.resolve_dtypes(FLAGS.dtype, backend="accelerator")
     return dtype, FLAGS.compute_dtype or compute_dtype
+
+
+def lora_config(cfg):
+    """--lora_* as a LoraConfig (checked against the model), or None for full fine-tuning."""
+    from model.lora import TARGETS, LoraConfig, validate_lora
+
+    lcfg = LoraConfig(FLAGS.lora_rank, FLAGS.lora_alpha, tuple(FLAGS.lora_targets or TARGETS))
+    validate_lora(lcfg, cfg)
+    return lcfg if lcfg.rank else None
 
 
 def lower(cfg, what: str):
@@ -79,8 +103,12 @@ def lower(cfg, what: str):
     import grpo
     import model
     from grpo import sharding
+    from grpo.logprobs import make_sharded_logprobs
+    from grpo.lora_step import make_lora_optimizer, make_lora_step
+    from model.lora import abstract_adapters
 
     dtype, compute_dtype = _dtypes()
+    lcfg = lora_config(cfg)
     shape = (FLAGS.batch, FLAGS.seq_len)
     if what == "forward":
         fwd = jax.jit(model.forward, static_argnums=2, static_argnames="remat")
@@ -93,43 +121,78 @@ def lower(cfg, what: str):
     params = jax.tree.map(with_sharding, model.abstract_params(cfg, dtype), specs)
     rows = lambda dt, *s: jax.ShapeDtypeStruct(s, dt, sharding=jax.NamedSharding(mesh, sharding.batch_spec(len(s))))
     tokens, mask = rows(jnp.int32, *shape), rows(jnp.int32, *shape)
+    adapters = None
+    if lcfg is not None:  # float32 adapters whatever --dtype says: they are the trained weights
+        aspecs = sharding.adapter_specs(cfg, lcfg, mesh)
+        adapters = jax.tree.map(with_sharding, abstract_adapters(cfg, lcfg), aspecs)
     if what == "logprobs":
-        return grpo.make_sharded_logprobs(cfg, mesh, chunk=FLAGS.logits_chunk).lower(params, tokens, mask)
+        fn = make_sharded_logprobs(cfg, mesh, chunk=FLAGS.logits_chunk, compute_dtype=compute_dtype,
+                                   num_micro_batches=FLAGS.num_micro_batches, lora_cfg=lcfg)
+        return fn.lower(params, tokens, mask) if lcfg is None else fn.lower(params, adapters, tokens, mask)
     gcfg = grpo.GRPOConfig(num_micro_batches=FLAGS.num_micro_batches, remat=FLAGS.remat, beta=FLAGS.beta,
                            logits_chunk=FLAGS.logits_chunk, compute_dtype=compute_dtype)
-    state = jax.eval_shape(grpo.make_optimizer(gcfg, cfg).init, params)
-    state = jax.tree.map(with_sharding, state, grpo.opt_state_specs(state, specs))
+    trained, trained_specs = (params, specs) if lcfg is None else (adapters, aspecs)
+    tx = grpo.make_optimizer(gcfg, cfg) if lcfg is None else make_lora_optimizer(gcfg)
+    state = jax.eval_shape(tx.init, trained)
+    state = jax.tree.map(with_sharding, state, grpo.opt_state_specs(state, trained_specs))
     batch = {"tokens": tokens, "attention_mask": mask, "completion_mask": rows(jnp.float32, *shape),
              "advantages": rows(jnp.float32, FLAGS.batch), "old_logprobs": rows(jnp.float32, *shape)}
     if FLAGS.beta:
         batch["ref_logprobs"] = rows(jnp.float32, *shape)
-    return grpo.make_step(cfg, gcfg, mesh).lower(params, state, batch)
+    if lcfg is None:
+        return grpo.make_step(cfg, gcfg, mesh).lower(params, state, batch)
+    return make_lora_step(cfg, lcfg, gcfg, mesh).lower(adapters, state, batch, params)
 
 
 def _size(n: int) -> str:
     return f"{n / GIB:9.3f} GiB" if n >= GIB else f"{n / MIB:9.3f} MiB"
 
 
-def report(cfg, compiled, devices: int) -> str:
+def numbers(cfg, compiled, devices: int) -> dict:
+    """Every number the report prints, by name (bytes are per device)."""
+    from model.lora import num_adapter_params
+
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
-    flops = analytic_flops(cfg, FLAGS.batch, FLAGS.seq_len, FLAGS.what, FLAGS.remat)
+    lcfg = lora_config(cfg)
+    lora = lcfg is not None and FLAGS.what != "forward"
+    out = {
+        "preset": cfg.name, "params": cfg.num_params(), "dtype": FLAGS.dtype, "what": FLAGS.what,
+        "batch": FLAGS.batch, "seq_len": FLAGS.seq_len, "devices": devices,
+        "mesh": FLAGS.mesh if FLAGS.what != "forward" else None,
+        "num_micro_batches": FLAGS.num_micro_batches, "remat": FLAGS.remat, "compute_dtype": _dtypes()[1],
+        "lora_rank": lcfg.rank if lora else 0, "lora_alpha": lcfg.alpha if lora else None,
+        "lora_targets": list(lcfg.targets) if lora else None,
+        "adapter_params": num_adapter_params(cfg, lcfg) if lora else 0,
+        "cost_analysis_flops_per_device": float(cost.get("flops", float("nan"))),
+        "analytic_flops_per_device": analytic_flops(cfg, FLAGS.batch, FLAGS.seq_len, FLAGS.what, FLAGS.remat,
+                                                    lora) / devices,
+        "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
+        "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
+    }
+    out["peak_bytes_per_device"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                    - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+    return out
+
+
+def report(n: dict) -> str:
     lines = [
-        f"preset {cfg.name}: {cfg.num_params() / 1e6:,.1f}M params, {FLAGS.dtype}",
-        f"what {FLAGS.what}: batch {FLAGS.batch} x {FLAGS.seq_len} tokens on {devices} device(s)"
-        + (f" (mesh {FLAGS.mesh})" if FLAGS.what != "forward" else "")
-        + (f", {FLAGS.num_micro_batches} micro-batches, remat={FLAGS.remat}, compute_dtype={_dtypes()[1]}"
-           if FLAGS.what == "step" else ""),
-        f"cost_analysis flops per device: {cost.get('flops', float('nan')):.4g} (loop bodies counted once)",
-        f"analytic matmul flops per device: {flops / devices:.4g}",
+        f"preset {n['preset']}: {n['params'] / 1e6:,.1f}M params, {n['dtype']}"
+        + (f"; LoRA rank {n['lora_rank']}, alpha {n['lora_alpha']:g} on {','.join(n['lora_targets'])}: "
+           f"{n['adapter_params'] / 1e6:,.2f}M trainable" if n["lora_rank"] else ""),
+        f"what {n['what']}: batch {n['batch']} x {n['seq_len']} tokens on {n['devices']} device(s)"
+        + (f" (mesh {n['mesh']})" if n["what"] != "forward" else "")
+        + (f", {n['num_micro_batches']} micro-batches, remat={n['remat']}, compute_dtype={n['compute_dtype']}"
+           if n["what"] == "step" else ""),
+        f"cost_analysis flops per device: {n['cost_analysis_flops_per_device']:.4g} (loop bodies counted once)",
+        f"analytic matmul flops per device: {n['analytic_flops_per_device']:.4g}",
         "memory_analysis per device:",
-        f"  arguments   {_size(mem.argument_size_in_bytes)}",
-        f"  outputs     {_size(mem.output_size_in_bytes)}",
-        f"  aliased     {_size(mem.alias_size_in_bytes)} (donated inputs reused for outputs)",
-        f"  temporaries {_size(mem.temp_size_in_bytes)}",
-        f"  peak ~      {_size(peak)} (arguments + outputs - aliased + temporaries)",
+        f"  arguments   {_size(n['argument_bytes'])}",
+        f"  outputs     {_size(n['output_bytes'])}",
+        f"  aliased     {_size(n['alias_bytes'])} (donated inputs reused for outputs)",
+        f"  temporaries {_size(n['temp_bytes'])}",
+        f"  peak ~      {_size(n['peak_bytes_per_device'])} (arguments + outputs - aliased + temporaries)",
     ]
     return "\n".join(lines)
 
@@ -139,6 +202,8 @@ def main(argv):
     for name in ("batch", "seq_len", "num_micro_batches", "logits_chunk"):
         if getattr(FLAGS, name) < 1:
             raise FlagError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
+    if FLAGS.lora_rank and FLAGS.what == "forward":
+        raise FlagError("--lora_rank applies to --what logprobs or step, not forward")
     axes = cli.parse_mesh(FLAGS.mesh)
     devices = 1 if FLAGS.what == "forward" else axes["data"] * axes["fsdp"]
     cli.set_fake_cpu_devices(devices, FLAGS.platform)
@@ -156,7 +221,10 @@ def main(argv):
         (out / f"{FLAGS.what}.stablehlo.mlir").write_text(lowered.as_text())
         (out / f"{FLAGS.what}.optimized.hlo.txt").write_text(compiled.as_text())
         print(f"wrote {out / FLAGS.what}.stablehlo.mlir and .optimized.hlo.txt")
-    print(report(cfg, compiled, devices))
+    n = numbers(cfg, compiled, devices)
+    print(report(n))
+    if FLAGS.json:
+        print(json.dumps(n))
 
 
 def run() -> None:

@@ -11,7 +11,9 @@ compiles. Re-running the same command resumes from the latest checkpoint in --ou
 
 from __future__ import annotations
 
+import re
 import sys
+import zlib
 
 from absl import flags, logging
 
@@ -42,6 +44,8 @@ flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
 flags.DEFINE_integer("seed", 0, "Seeds data order, sampling and puzzle generation.")
 flags.DEFINE_bool("resume", True, "Continue from the latest checkpoint in --output_dir.")
 flags.DEFINE_list("profile_steps", [], "A,B: wrap steps A..B in jax.profiler.trace into <output_dir>/profile.")
+flags.DEFINE_string("time_limit", None, "Pause before a step would end past this much wall time (e.g. 8h30m, 45m, "
+                    "600s): checkpoint and exit cleanly; re-run to continue. SIGTERM pauses the same way.")
 flags.DEFINE_integer("max_bad_steps", 3, "Stop after this many non-finite steps in a row.")
 flags.DEFINE_list("log_to", [], "Also send the numbers to: tensorboard (<output_dir>/tensorboard), wandb "
                   "(offline run in <output_dir>/wandb). metrics.jsonl is always written.")
@@ -138,6 +142,29 @@ def _check_multihost() -> None:
         raise FlagError(f"--process_id must be in [0, {F.num_processes}), got {F.process_id}")
 
 
+def _our_flags() -> list[str]:
+    """The flags bin/train and bin/cli define (not absl's own), sorted."""
+    ours = ("bin/train", "bin.train", "bin/cli", "bin.cli", "__main__")
+    by_module = F.flags_by_module_dict()
+    return sorted({flag.name for module, defined in by_module.items() if any(o in module for o in ours)
+                   for flag in defined})
+
+
+def _check_processes_agree() -> None:
+    """Every process of a multi-host run must get the same flags (but --process_id): a run whose processes
+    disagree would train on mismatched batches or deadlock in a collective. One line names the first flag."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    names = [n for n in _our_flags() if n != "process_id"]
+    mine = np.array([zlib.crc32(f"{n}={F[n].value!r}".encode()) for n in names], np.int64)
+    every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, flags]
+    differ = [n for n, column in zip(names, every.T, strict=True) if len(set(column.tolist())) > 1]
+    if differ:
+        raise FlagError(f"--{differ[0]}: the {every.shape[0]} processes were given different values (process "
+                        f"{F.process_id} has {F[differ[0]].value!r}); pass the same flags to every process")
+
+
 def _check_budget(task) -> None:
     """The longest prompt's bucket plus --max_new_tokens must fit the sampler's cache."""
     from model.sampler import MAX_CACHE_LEN, prompt_bucket
@@ -185,9 +212,24 @@ def _configs(compute_dtype: str | None):
         eval_size=F.eval_size, checkpoint_every=F.checkpoint_every, keep_checkpoints=F.keep_checkpoints,
         seed=F.seed, resume=F.resume, max_bad_steps=F.max_bad_steps, export_hf=F.export_hf,
         profile_steps=tuple(int(s) for s in F.profile_steps) if F.profile_steps else None,
-        log_to=tuple(_check_loggers()), promote_at=F.promote_at,
+        log_to=tuple(_check_loggers()), promote_at=F.promote_at, time_limit_s=_time_limit_s(),
     )
     return grpo_cfg, rollout_cfg, train_cfg
+
+
+def _time_limit_s() -> float | None:
+    """--time_limit as seconds: h/m/s parts (8h30m, 45m, 90s) or plain seconds."""
+    if F.time_limit is None:
+        return None
+    text = F.time_limit.strip().lower()
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text)
+    if not text or not parts or not any(parts.groups()):
+        raise FlagError(f"--time_limit: expected a duration like 8h30m, 45m or 600s, got {F.time_limit!r}")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in parts.groups())
+    total = 3600 * hours + 60 * minutes + seconds
+    if total <= 0:
+        raise FlagError(f"--time_limit must be positive, got {F.time_limit!r}")
+    return total
 
 
 def _check_loggers() -> list[str]:
@@ -209,6 +251,7 @@ def _setup():
 
     if F.coordinator_address:
         jax.distributed.initialize(F.coordinator_address, F.num_processes, F.process_id)
+        _check_processes_agree()
     dtype, compute_dtype = cli.resolve_dtypes(F.dtype, jax.default_backend())
     grpo_cfg, rollout_cfg, train_cfg = _configs(compute_dtype)
     axes = cli.parse_mesh(F.mesh, len(jax.devices()))

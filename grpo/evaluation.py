@@ -56,3 +56,23 @@ def _rates(records: list[dict]) -> dict:
         "eval_format_frac": float(np.mean([r["format"] for r in records])),
         "eval_reward_mean": float(np.mean([r["reward"] for r in records])),
     }
+
+
+def pass_at_k(params: dict, model_cfg: GemmaConfig, task: Task, items: list, k: int, rollout_cfg: RolloutConfig,
+              key: jax.Array, batch_size: int = EVAL_BATCH) -> dict:
+    """Sampled (rollout_cfg's temperature) k completions per held-out item: the mean solved rate (pass@1), the
+    share of items solved at least once (pass@k), the format rate and the mean reward."""
+    rows = [it for it in items for _ in range(k)]
+    stop_table = task_stop_table(task, rollout_cfg)
+    sampling = rollout_cfg.sampling
+    scored = []
+    for lo in range(0, len(rows), batch_size):
+        chunk = rows[lo : lo + batch_size]
+        res = model.generate(params, model_cfg, [task.encode_prompt(it) for it in chunk], jax.random.fold_in(key, lo),
+                             max_new_tokens=rollout_cfg.max_new_tokens, temperature=sampling.temperature,
+                             top_k=sampling.top_k, top_p=sampling.top_p, eos_ids=task.eos_ids, stop_table=stop_table)
+        scored += score_rows(task, chunk, np.asarray(res.tokens), np.asarray(res.lengths))
+    solved = np.array([s.solved for s in scored]).reshape(len(items), k)
+    return {"pass@1": float(solved.mean()), f"pass@{k}": float(solved.any(axis=1).mean()),
+            "format": float(np.mean([s.format for s in scored])),
+            "reward": float(np.mean([s.reward for s in scored])), "samples": [s.text for s in scored[:k]]}

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +58,7 @@ class TrainConfig:
     resume: bool = True
     profile_steps: tuple[int, int] | None = None  # [A, B] inclusive, wrapped in jax.profiler.trace
     max_bad_steps: int = 3  # this many non-finite steps in a row stop the run
+    time_limit_s: float | None = None  # pause (checkpoint, exit cleanly) before a step would end past this
     sample_groups_per_step: int = 4  # prompts whose G completions go to train_samples.jsonl each step
     export_hf: bool = True  # write the final params as an HF checkpoint dir (final_hf/)
     log_to: tuple[str, ...] = ()  # also send the numbers to "tensorboard" and/or "wandb" (grpo/loggers.py)
@@ -250,6 +253,8 @@ def eval_phase(ctx: RunContext, state: LoopState) -> LoopState:
 
 def checkpoint_phase(ctx: RunContext, state: LoopState) -> None:
     """Save the state after state.step updates (asynchronously; orbax renames it into place when complete)."""
+    if ctx.ckpt.latest_step() == state.step:  # already saved (a pause right after a periodic checkpoint)
+        return
     record = {"step": state.step, "data_position": state.position, "seed": ctx.train_cfg.seed,
               "level": state.level, "recent_solved": list(state.recent_solved)}
     try:
@@ -266,7 +271,7 @@ def finish_run(ctx: RunContext, state: LoopState, final_state: str = "finished")
     except Exception as e:  # noqa: BLE001 (the last async save's failure surfaces here, as any type)
         raise describe_write_failure(e, f"checkpoint {ctx.ckpt.directory}") from None
     export = Path(ctx.train_cfg.output_dir) / "final_hf"
-    if ctx.train_cfg.export_hf and jax.process_index() == 0:
+    if ctx.train_cfg.export_hf and final_state != "paused" and jax.process_index() == 0:
         try:
             model.save_hf_checkpoint(export, ctx.model_cfg, state.params)
         except Exception as e:  # noqa: BLE001 (safetensors raises its own error type for I/O)
@@ -327,9 +332,18 @@ def _run_steps(ctx: RunContext, state: LoopState, profiler: Profiler) -> tuple[L
     how the run ends ("finished", or "stopped" after max_bad_steps non-finite steps in a row)."""
     train_cfg = ctx.train_cfg
     final_state = "finished"
+    clock = StopClock(train_cfg.time_limit_s)
     while state.step < train_cfg.steps:
+        reason = clock.reason_to_stop()
+        if reason:
+            ctx.log.say(f"pausing before step {state.step + 1}: {reason}; checkpoint saved at step {state.step}, "
+                        f"re-run the same command to continue")
+            checkpoint_phase(ctx, state)
+            final_state = "paused"
+            break
         profiler.before(state.step)
         state = train_step(ctx, state)
+        clock.step_done()
         profiler.after(state.step - 1)
         if state.bad_in_a_row >= train_cfg.max_bad_steps:
             ctx.log.say(f"stopping: {state.bad_in_a_row} non-finite steps in a row; state saved at step {state.step}")
@@ -341,7 +355,42 @@ def _run_steps(ctx: RunContext, state: LoopState, profiler: Profiler) -> tuple[L
         if _due(state.step, train_cfg.checkpoint_every, train_cfg.steps):
             checkpoint_phase(ctx, state)
     profiler.close()
+    clock.close()
     return state, final_state
+
+
+class StopClock:
+    """When to pause a run early, checkpointed, so re-running the same command continues: on SIGTERM (notebook
+    and cluster shutdowns send it first), or when the next step would not end before the time limit (free
+    notebooks end sessions after 9-12 h). The signal only sets a flag; the step in flight finishes first."""
+
+    MARGIN = 2.0  # the next step must fit twice over: steps vary, and the checkpoint write needs time too
+
+    def __init__(self, time_limit_s: float | None):
+        self.start, self.limit, self.longest, self.signalled = time.monotonic(), time_limit_s, 0.0, False
+        self._last = self.start
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.signalled = True
+
+    def step_done(self) -> None:
+        now = time.monotonic()
+        self.longest, self._last = max(self.longest, now - self._last), now
+
+    def reason_to_stop(self) -> str | None:
+        if self.signalled:
+            return "SIGTERM received"
+        if self.limit is not None and time.monotonic() - self.start + self.MARGIN * self.longest > self.limit:
+            return f"the next step would end past --time_limit ({self.limit:.0f} s)"
+        return None
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 def _console_line(m: dict) -> str:

@@ -123,19 +123,27 @@ def with_adapters(params: dict, adapters: dict, lora_cfg: LoraConfig) -> dict:
     return attach(params, scaled)
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg", "lora_cfg"))
 def merge(params: dict, adapters: dict, model_cfg: GemmaConfig, lora_cfg: LoraConfig) -> dict:
     """Plain params with W + (a @ b) * alpha / r for every target, in W's shape and dtype (for sampling, export).
 
-    The sum is formed in float32 and rounded once. Leaves without an adapter are passed through (jit returns
-    the input buffers, no copy); on a mesh each merged leaf keeps W's layout (the add is elementwise with W).
+    Only the targeted matrices are new arrays (one jitted call); every other leaf is the input's own array,
+    so merging costs the targets' memory, not a second model. On a mesh the merged leaves keep W's layout.
     """
-    layers = dict(params["layers"])
-    for t, pair in adapters["layers"].items():
-        w = layers[t]
-        delta = jnp.einsum("lir,lro->lio", pair["a"].astype(jnp.float32), pair["b"].astype(jnp.float32))
-        layers[t] = (w.astype(jnp.float32) + lora_cfg.scale * delta.reshape(w.shape)).astype(w.dtype)  # [L, ...]
-    return {**params, "layers": layers}
+    check_adapters(adapters, model_cfg, lora_cfg)
+    targets = {t: params["layers"][t] for t in adapters["layers"]}
+    merged = _merged_targets(targets, adapters["layers"], lora_cfg.scale)
+    return {**params, "layers": {**params["layers"], **merged}}
+
+
+@functools.partial(jax.jit, static_argnames="scale")
+def _merged_targets(weights: dict, pairs: dict, scale: float) -> dict:
+    """W + scale * a @ b per target: the sum formed in float32 and rounded once to W's dtype."""
+    def one(w, pair):
+        delta = jnp.einsum("lir,lro->lio", pair["a"].astype(jnp.float32), pair["b"].astype(jnp.float32))  # [L, in, out]
+        return (w.astype(jnp.float32) + scale * delta.reshape(w.shape)).astype(w.dtype)
+
+    with jax.named_scope("lora_merge"):
+        return {t: one(w, pairs[t]) for t, w in weights.items()}
 
 
 def check_adapters(adapters: dict, model_cfg: GemmaConfig, lora_cfg: LoraConfig) -> None:

@@ -27,9 +27,11 @@ TRAIN_BAD = {
     "num_micro_batches": "0", "warmup_steps": "-5", "lr_schedule": "linear", "weight_decay": "-0.01",
     "max_grad_norm": "0", "remat": "yes please", "max_new_tokens": "100000", "temperature": "-2", "top_k": "0",
     "top_p": "1.5", "mesh": "data=3", "coordinator_address": "localhost", "num_processes": "2", "process_id": "0",
+    "recipe": "fast", "curriculum": "steep", "promote_at": "1.5", "stop_at_answer": "maybe",
+    "skip_zero_std_groups": "often", "time_limit": "soon",
 }
 # Flags whose bad value only shows once an earlier check passes: they need a real model + tokenizer.
-NEEDS_MODEL = {"tokenizer", "data_file", "max_new_tokens", "mesh", "output_dir"}
+NEEDS_MODEL = {"data_file", "max_new_tokens", "output_dir", "curriculum"}
 # The flag the message must name (an alias reports its target).
 NAMED = {"checkpoint": "model_dir"}
 

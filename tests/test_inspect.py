@@ -4,6 +4,7 @@ Reference: the report's own lines (the numbers are XLA's; here we check they are
 that donates its params must show aliased bytes > 0) and the dumped files.
 """
 
+import json
 import re
 import subprocess
 
@@ -40,8 +41,29 @@ def test_step_on_a_fake_mesh_with_hlo_dump(tmp_path):
     assert "stablehlo" in (tmp_path / "step.stablehlo.mlir").read_text()
 
 
+def test_lora_step_json_on_one_device():
+    """--lora_rank: the LoRA step (adapters + their Adam state donated, base params read-only); --json: the last
+    stdout line is one JSON object whose numbers are the printed ones."""
+    out = _inspect("--preset", "tiny-gemma3", "--what", "step", "--batch", "4", "--seq_len", "32", "--mesh",
+                   "data=1,fsdp=1", "--lora_rank", "4", "--lora_targets", "q,v,down", "--remat", "--json")
+    assert out.returncode == 0, out.stderr
+    assert "LoRA rank 4, alpha 8 on q,v,down" in out.stdout
+    n = json.loads(out.stdout.strip().splitlines()[-1])
+    assert n["lora_rank"] == 4 and n["lora_targets"] == ["q", "v", "down"] and n["devices"] == 1
+    assert n["peak_bytes_per_device"] == n["argument_bytes"] + n["output_bytes"] - n["alias_bytes"] + n["temp_bytes"]
+    assert abs(_mib(out.stdout, "peak ~") - n["peak_bytes_per_device"] / 2**20) < 1e-3
+    # donated: the adapters (tiny-gemma3: 6 layers, rank 4) and two Adam moments, float32
+    adapter_bytes = 4 * n["adapter_params"]
+    assert n["adapter_params"] == 6 * 4 * ((64 + 64) + (64 + 32) + (128 + 64))
+    assert 3 * adapter_bytes <= n["alias_bytes"] < 3 * adapter_bytes + 1024
+    assert n["argument_bytes"] > n["params"] * 2  # the bf16 base params are an input
+
+
 def test_bad_flags_are_one_line_errors():
     out = _inspect("--mesh", "data=two")
     assert out.returncode == 2 and "expected entries like data=2,fsdp=4" in out.stderr
     out = _inspect("--preset", "gemma9")
     assert out.returncode == 2 and "unknown preset 'gemma9'" in out.stderr
+    out = _inspect("--preset", "tiny-gemma2", "--what", "step", "--lora_rank", "4", "--lora_targets", "q,ffn")
+    assert out.returncode == 2 and "--lora_targets: unknown target(s) ['ffn']" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1

@@ -40,10 +40,10 @@ def tiny_dir(tmp_path_factory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
 
 
-def _command(model_dir: Path, out: Path) -> list[str]:
+def _command(model_dir: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "bin.train", f"--model_dir={model_dir}", f"--output_dir={out}",
             f"--steps={STEPS}", "--prompts_per_step=2", "--num_generations=2", "--max_new_tokens=8",
-            "--eval_size=2", "--eval_every=3", "--checkpoint_every=2", "--num_train_puzzles=50"]
+            "--eval_size=2", "--eval_every=3", "--checkpoint_every=2", "--num_train_puzzles=50", *extra]
 
 
 def _env(cache: Path) -> dict:
@@ -60,16 +60,19 @@ def _checkpoint_writing(out: Path) -> bool:
     return ckpt.exists() and any("tmp" in p.name for p in ckpt.iterdir())
 
 
-def _run_until(cmd, env, condition=None, deadline_s: float = 600) -> str:
-    """Run cmd; SIGKILL it the moment condition() holds. Returns 'killed' or 'finished'."""
+def _run_until(cmd, env, condition=None, deadline_s: float = 600, sig=signal.SIGKILL) -> str:
+    """Run cmd; send `sig` the moment condition() holds. Returns 'killed' (SIGKILL), or 'finished' after a
+    clean exit (status 0; a SIGTERM'd run pauses and exits cleanly)."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     start = time.monotonic()
     try:
         while proc.poll() is None:
             if condition is not None and condition():
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                return "killed"
+                proc.send_signal(sig)
+                if sig == signal.SIGKILL:
+                    proc.wait()
+                    return "killed"
+                condition = None  # a graceful signal: wait for the process to finish on its own
             if time.monotonic() - start > deadline_s:
                 proc.kill()
                 raise AssertionError("bin/train did not finish in time")
@@ -103,11 +106,17 @@ def _assert_same_run(out: Path, reference: Path) -> None:
         np.testing.assert_allclose(a[name], b[name], atol=1e-6, rtol=0, err_msg=name)
 
 
-def test_sigkill_anywhere_then_rerun_equals_uninterrupted(tiny_dir, tmp_path):
-    env = _env(tmp_path / "jax_cache")
-    reference = tmp_path / "reference"
-    assert _run_until(_command(tiny_dir, reference), env) == "finished"
+@pytest.fixture(scope="module")
+def reference(tiny_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """One uninterrupted run, and the environment (with its compilation cache) the other runs share."""
+    work = tmp_path_factory.mktemp("reference")
+    env = _env(work / "jax_cache")
+    assert _run_until(_command(tiny_dir, work / "run"), env) == "finished"
+    return work / "run", env
 
+
+def test_sigkill_anywhere_then_rerun_equals_uninterrupted(tiny_dir, reference, tmp_path):
+    reference, env = reference
     out = tmp_path / "killed"
     cmd = _command(tiny_dir, out)
     kill_points = [
@@ -121,4 +130,24 @@ def test_sigkill_anywhere_then_rerun_equals_uninterrupted(tiny_dir, tmp_path):
     assert outcomes.count("killed") >= 4, outcomes  # a point may be passed too fast to hit; most must land
     if outcomes[-1] == "killed":
         assert _run_until(cmd, env) == "finished"
+    _assert_same_run(out, reference)
+
+
+def _status(out: Path) -> str:
+    return json.loads((out / "status.json").read_text())["state"]
+
+
+def test_time_limit_and_sigterm_pause_cleanly_and_continue(tiny_dir, reference, tmp_path):
+    """--time_limit pauses before a step would end past it; SIGTERM pauses after the step in flight. Both
+    checkpoint and exit 0 without the final export; the same command then continues to the reference's end."""
+    reference, env = reference
+    out = tmp_path / "paused"
+    assert _run_until(_command(tiny_dir, out, "--time_limit=1s"), env) == "finished"  # exits cleanly, early
+    assert _status(out) == "paused" and not (out / "final_hf").exists()
+    assert 1 <= _lines(out / "metrics.jsonl") < STEPS
+    cmd = _command(tiny_dir, out)
+    start = _lines(out / "metrics.jsonl")
+    assert _run_until(cmd, env, lambda: _lines(out / "metrics.jsonl") > start, sig=signal.SIGTERM) == "finished"
+    assert _status(out) == "paused" and _lines(out / "metrics.jsonl") < STEPS
+    assert _run_until(cmd, env) == "finished" and _status(out) == "finished"
     _assert_same_run(out, reference)

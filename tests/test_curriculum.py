@@ -1,0 +1,144 @@
+"""The difficulty ladder: level data, shaped rewards, promotion, zero-signal groups, recipes.
+
+References: TinyZero's reward (data.countdown.score) for the top level, hand-worked rewards for the shaped
+levels, and the promotion rule stated in grpo/trainer.py (exact comparisons, no tolerances).
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+from absl import flags
+
+from data import countdown, curriculum
+from data.curriculum import LADDERS, TINYZERO, LevelReward, level_splits
+from grpo.rollout import zero_std_groups
+from grpo.trainer import LoopState, TrainConfig, promote
+
+LEVELS = LADDERS["countdown"]
+
+
+def test_ladder_climbs_to_tinyzero_with_tinyzero_reward():
+    assert [lv.name for lv in LEVELS][-1] == TINYZERO and LEVELS[-1].reward == LevelReward()
+    assert LEVELS[0].puzzles.counts == (2,) and LEVELS[0].puzzles.num_max <= 9
+    assert curriculum.ladder("off") == curriculum.ladder(None) == curriculum.OFF
+    with pytest.raises(ValueError, match="unknown curriculum 'steep'"):
+        curriculum.ladder("steep")
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=lambda lv: lv.name)
+def test_heldout_is_fixed_across_runs_and_never_trained_on(level):
+    train0, heldout0 = level_splits(level, 300, 16, seed=0)
+    train1, heldout1 = level_splits(level, 300, 16, seed=1)
+    assert heldout0 == heldout1  # the level's own seed: runs compare line by line
+    assert train0 != train1 and len(train0) == len(train1) == 300
+    assert not {p.key for p in heldout0} & {p.key for p in train0 + train1}
+    cfg = level.puzzles
+    for p in heldout0 + train0:
+        assert len(p.nums) in cfg.counts and cfg.num_min <= min(p.nums) <= max(p.nums) <= cfg.num_max
+        assert cfg.target_min <= p.target <= cfg.target_max
+        assert countdown.score(f"<answer>{p.solution}</answer>", p.nums, p.target) == 1.0
+
+
+@pytest.mark.parametrize("completion,want", [
+    ("</think>\n<answer>3 + 5</answer>", (1.0, True, True)),  # solved
+    ("</think>\n<answer>5 - 3</answer>", (0.4, False, True)),  # the given numbers, wrong value: the middle rung
+    ("</think>\n<answer>3 + 4</answer>", (0.1, False, True)),  # a number not given: format only
+    ("<answer>(1 + 2) / 3</answer>", (0.1, False, True)),  # the prompt's example copied
+    ("no answer", (0.0, False, False)),
+])
+def test_shaped_reward_of_the_easiest_level(completion, want):
+    assert LEVELS[0].reward.score(completion, (3, 5), 8) == want
+
+
+def test_top_level_reward_is_tinyzeros():
+    for text in ("<answer>5 - 3</answer>", "<answer>3 + 5</answer>", "<answer>7</answer>", "x"):
+        reward, _, _ = LEVELS[-1].reward.score(text, (3, 5), 8)
+        assert reward == countdown.score(text, (3, 5), 8)
+
+
+def _ctx(window=3, promote_at=0.5):
+    said = []
+    task = types.SimpleNamespace(level_names=("a", "b", "c"))
+    ctx = types.SimpleNamespace(train_cfg=TrainConfig(output_dir="x", promote_at=promote_at, promote_window=window),
+                                task=task, log=types.SimpleNamespace(say=said.append))
+    return ctx, said
+
+
+def test_promotion_needs_a_full_window_at_the_bar_and_stops_at_the_top():
+    ctx, said = _ctx()
+    state = LoopState(params={}, opt_state=None)
+    for solved in (0.9, 0.9):  # a window of 3 is not full yet
+        state = promote(ctx, state, solved)
+    assert state.level == 0 and state.recent_solved == (0.9, 0.9)
+    state = promote(ctx, state, 0.0)  # mean 0.6 >= 0.5
+    assert state.level == 1 and state.recent_solved == () and "promoted to level b" in said[0]
+    for solved in (0.5, 0.4, 0.5):  # mean 0.467 < 0.5: stays, the window slides
+        state = promote(ctx, state, solved)
+    assert state.level == 1 and state.recent_solved == (0.5, 0.4, 0.5)
+    state = promote(ctx, state, 0.7)  # window (0.4, 0.5, 0.7): mean 0.533
+    assert state.level == 2
+    for _ in range(6):
+        state = promote(ctx, state, 1.0)
+    assert state.level == 2  # the top level is the last
+
+
+def test_zero_std_groups():
+    rewards = np.array([0.1, 0.1, 0.1, 1.0, 0.1, 0.1, 0.0, 0.0])
+    np.testing.assert_array_equal(zero_std_groups(rewards, 2), [True, False, True, True])
+    np.testing.assert_array_equal(zero_std_groups(rewards, 4), [False, False])
+
+
+def test_recipe_sets_only_what_the_command_line_left_alone():
+    from bin import recipes
+
+    fv = flags.FlagValues()
+    flags.DEFINE_integer("num_generations", 4, "", flag_values=fv)
+    flags.DEFINE_float("learning_rate", 1e-5, "", flag_values=fv)
+    fv(["prog", "--learning_rate=3e-6"])
+    recipe = {"num_generations": 8, "learning_rate": 2e-5}
+    recipes.RECIPES["test-only"] = recipe
+    try:
+        recipes.apply(fv, "test-only")
+    finally:
+        del recipes.RECIPES["test-only"]
+    assert (fv.num_generations, fv.learning_rate) == (8, 3e-6)
+    with pytest.raises(recipes.FlagError, match="--recipe: unknown recipe 'fast'"):
+        recipes.apply(fv, "fast")
+
+
+def test_loop_on_the_ladder_logs_levels(tmp_path):
+    """End to end on a tiny random model with a real SentencePiece tokenizer (and the '</answer>' stop table built
+    from it): each metrics line names the level, each eval line holds solved_by_level (easiest first, TinyZero
+    last), and the samples carry their level and puzzle."""
+    import json
+
+    import jax
+    from tiny_model import VOCAB, train_tokenizer
+
+    import grpo
+    import model
+    from grpo.rollout import RolloutConfig
+    from grpo.tasks import CountdownTask
+    from grpo.trainer import train
+    from model.tokenizer import Tokenizer
+
+    tok = Tokenizer(train_tokenizer(tmp_path / "tokenizer.model"))
+    splits = [level_splits(lv, 20, 2, seed=0) for lv in LEVELS]
+    task = CountdownTask(train=[t for t, _ in splits], test=[h for _, h in splits], tokenizer=tok, levels=LEVELS)
+    cfg = model.tiny_config("gemma3", num_layers=2, vocab_size=VOCAB, embed_dim=32, hidden_dim=64)
+    train(cfg, model.init_params(jax.random.key(0), cfg), task,
+          grpo.GRPOConfig(num_generations=2, learning_rate=1e-3), RolloutConfig(max_new_tokens=12),
+          TrainConfig(output_dir=str(tmp_path / "run"), steps=2, prompts_per_step=2, eval_size=2,
+                      checkpoint_every=2, export_hf=False),
+          grpo.make_mesh(data=1, fsdp=1), echo=lambda s: None)
+    run = tmp_path / "run"
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["level"] for m in metrics] == ["2x1-9", "2x1-9"] and "frac_zero_std_groups" in metrics[0]
+    evals = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2]
+    assert list(evals[0]["solved_by_level"]) == [lv.name for lv in LEVELS]
+    samples = [json.loads(x) for x in (run / "train_samples.jsonl").read_text().splitlines()]
+    assert {s["level"] for s in samples} == {"2x1-9"} and all(s["nums"] and s["target"] for s in samples)

@@ -1,0 +1,105 @@
+"""Multi-host bin/train, as several local processes: jax.distributed over localhost, 4 fake CPU devices each.
+
+Reference: one process with 8 fake devices and the same mesh (data=2, fsdp=4) and flags. The two-process run
+must log the same metrics (1e-6; timings and memory excluded) and export the same params (1e-6, in practice
+bitwise), also after one process is killed mid-run and both are restarted from the checkpoint they wrote
+together. An eval set of 3 puzzles (not a multiple of 2 processes) is evaluated once each: no row duplicated
+or dropped. Processes given different flags stop with one line naming the flag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from binaries import ROOT
+from test_kill_resume import STEPS, _assert_same_run, _command
+from tiny_model import make_tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _env(devices: int, cache: Path) -> dict:
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cmd(tiny: Path, out: Path, *extra: str) -> list[str]:
+    return _command(tiny, out, "--mesh=data=2,fsdp=4", "--num_generations=4", "--eval_size=3", *extra)
+
+
+def _start_pair(tiny: Path, out: Path, cache: Path, extra=((), ())) -> list[subprocess.Popen]:
+    port = _free_port()
+    return [subprocess.Popen(_cmd(tiny, out, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                  f"--process_id={i}", *extra[i]),
+                             cwd=ROOT, env=_env(4, cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(2)]
+
+
+def _finish(procs, timeout=900) -> list[tuple[int, str]]:
+    out = []
+    for p in procs:
+        text, _ = p.communicate(timeout=timeout)
+        out.append((p.returncode, text))
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(tiny_dir, tmp_path_factory) -> Path:
+    """The reference: one process, 8 devices, the same mesh."""
+    work = tmp_path_factory.mktemp("single")
+    result = subprocess.run(_cmd(tiny_dir, work / "run"), cwd=ROOT, env=_env(8, work / "cache"), capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return work / "run"
+
+
+def test_two_processes_equal_one(tiny_dir, single, tmp_path):
+    out = tmp_path / "pair"
+    for code, text in _finish(_start_pair(tiny_dir, out, tmp_path / "cache")):
+        assert code == 0, text[-3000:]
+    _assert_same_run(out, single)
+    eval_rows = [json.loads(x) for x in (out / "eval_samples.jsonl").read_text().splitlines()]
+    assert sorted((r["step"], r["group"]) for r in eval_rows) == [(s, g) for s in (0, 3, 6) for g in range(3)]
+
+
+def test_kill_one_process_then_restart_both(tiny_dir, single, tmp_path):
+    out, cache = tmp_path / "pair", tmp_path / "cache"
+    procs = _start_pair(tiny_dir, out, cache)
+    deadline = time.monotonic() + 900
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert time.monotonic() < deadline and procs[0].poll() is None, "the pair did not reach step 3"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)  # one host dies; its peer is stuck in a collective or errors out
+    time.sleep(2)
+    procs[0].kill()  # as a notebook or a scheduler restarts the whole job
+    _finish(procs)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) < STEPS
+    for code, text in _finish(_start_pair(tiny_dir, out, cache)):
+        assert code == 0, text[-3000:]
+    _assert_same_run(out, single)
+
+
+def test_processes_that_disagree_on_flags_stop_with_one_line(tiny_dir, tmp_path):
+    results = _finish(_start_pair(tiny_dir, tmp_path / "pair", tmp_path / "cache",
+                                  extra=(("--learning_rate=1e-5",), ("--learning_rate=3e-5",))))
+    for code, text in results:
+        errors = [line for line in text.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and errors[0].startswith("error: --learning_rate:"), text[-2000:]
+        assert "Traceback" not in text
+    assert not (tmp_path / "pair").exists()
