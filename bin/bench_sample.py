@@ -47,12 +47,12 @@ GREEDY = SamplingConfig(temperature=0.0)
 
 def load_model() -> tuple[model.GemmaConfig, dict, str]:
     if FLAGS.random_270m:
-        cfg = model.get_preset("gemma3-270m")
-        params = jax.jit(model.init_params, static_argnums=1)(jax.random.key(0), cfg)
-        return cfg, params, "random gemma3-270m"
+        model_cfg = model.get_preset("gemma3-270m")
+        params = jax.jit(model.init_params, static_argnums=1)(jax.random.key(0), model_cfg)
+        return model_cfg, params, "random gemma3-270m"
     path = cli.resolve_model_dir(FLAGS.model_dir)
-    cfg, params = cli.load_model(path, jnp.float32)
-    return cfg, params, path.name
+    model_cfg, params = cli.load_model(path, jnp.float32)
+    return model_cfg, params, path.name
 
 
 def _seconds(fn) -> float:
@@ -61,26 +61,26 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def prefill_flops(compiled, cfg, params, tokens) -> float:
+def prefill_flops(compiled, model_cfg, params, tokens) -> float:
     """cost_analysis flops of prefill with its layer scan counted L times, not once."""
-    lp, c = jax.tree.map(lambda a: a[0], (params["layers"], layer_constants(cfg)))
-    x = jax.ShapeDtypeStruct((*tokens.shape, cfg.embed_dim), params["embed"].dtype)
+    lp, c = jax.tree.map(lambda a: a[0], (params["layers"], layer_constants(model_cfg)))
+    x = jax.ShapeDtypeStruct((*tokens.shape, model_cfg.embed_dim), params["embed"].dtype)
     pos = jax.ShapeDtypeStruct(tokens.shape, np.int32)
     valid = jax.ShapeDtypeStruct(tokens.shape, bool)
-    layer = jax.jit(decoder_layer, static_argnames="cfg").lower(lp, x, c, pos, valid, cfg=cfg).compile()
-    return compiled.cost_analysis()["flops"] + (cfg.num_layers - 1) * layer.cost_analysis()["flops"]
+    layer = jax.jit(decoder_layer, static_argnames="cfg").lower(lp, x, c, pos, valid, cfg=model_cfg).compile()
+    return compiled.cost_analysis()["flops"] + (model_cfg.num_layers - 1) * layer.cost_analysis()["flops"]
 
 
-def bench_batch(cfg, params, batch: int) -> dict:
+def bench_batch(model_cfg, params, batch: int) -> dict:
     """Times prefill and decode for one batch size; returns the row of the report."""
-    ids = np.random.default_rng(0).integers(FIRST_FREE_ID, cfg.vocab_size, FLAGS.prompt_len - 1)
-    tokens, pad = sampler.pad_prompts([[BOS, *ids.tolist()]] * batch, cfg, FLAGS.new_tokens)
-    eos = sampler.stop_rule(cfg, ())  # no stop ids: every row decodes the full budget
+    ids = np.random.default_rng(0).integers(FIRST_FREE_ID, model_cfg.vocab_size, FLAGS.prompt_len - 1)
+    tokens, pad = sampler.pad_prompts([[BOS, *ids.tolist()]] * batch, model_cfg, FLAGS.new_tokens)
+    eos = sampler.stop_rule(model_cfg, ())  # no stop ids: every row decodes the full budget
     key = jax.random.key(0)
-    prefill = sampler.prefill.lower(params, tokens, pad, eos, key, cfg=cfg, sampling=GREEDY,
+    prefill = sampler.prefill.lower(params, tokens, pad, eos, key, cfg=model_cfg, sampling=GREEDY,
                                     max_new_tokens=FLAGS.new_tokens).compile()
     state = prefill(params, tokens, pad, eos, key)
-    decode = sampler.decode.lower(params, state, eos, cfg=cfg, sampling=GREEDY).compile()
+    decode = sampler.decode.lower(params, state, eos, cfg=model_cfg, sampling=GREEDY).compile()
     jax.block_until_ready(decode(params, state, eos))  # warm-up (state is donated)
 
     prefill_times, decode_times = [], []
@@ -95,7 +95,7 @@ def bench_batch(cfg, params, batch: int) -> dict:
         "bucket": tokens.shape[1],
         "prefill_s": t_prefill,
         "prefill_tok_s": batch * FLAGS.prompt_len / t_prefill,
-        "prefill_gflop_s": prefill_flops(prefill, cfg, params, tokens) / t_prefill / 1e9,
+        "prefill_gflop_s": prefill_flops(prefill, model_cfg, params, tokens) / t_prefill / 1e9,
         "decode_s": t_decode,
         "decode_tok_s": batch * steps / t_decode,
         "decode_ms_step": t_decode / steps * 1e3,
@@ -111,14 +111,14 @@ def main(argv):
         raise FlagError(f"--batch_sizes must be integers, got {FLAGS.batch_sizes}") from None
     if min(batches) < 1 or FLAGS.prompt_len < 2 or FLAGS.new_tokens < 2 or FLAGS.repeats < 1:
         raise FlagError("need batch sizes >= 1, --prompt_len >= 2, --new_tokens >= 2, --repeats >= 1")
-    cfg, params, name = load_model()
+    model_cfg, params, name = load_model()
     print(f"{name}: float32, prompt {FLAGS.prompt_len}, {FLAGS.new_tokens} new tokens, greedy, no early stop, "
           f"median of {FLAGS.repeats} after a warm-up; {jax.devices()[0].device_kind} x{jax.device_count()}")
     header = ("batch", "bucket", "prefill s", "prefill tok/s", "prefill GFLOP/s", "decode s", "decode tok/s",
               "ms/step", "decode GFLOP/s")
     print(" | ".join(header))
     for batch in batches:
-        r = bench_batch(cfg, params, batch)
+        r = bench_batch(model_cfg, params, batch)
         print(f"{r['batch']} | {r['bucket']} | {r['prefill_s']:.2f} | {r['prefill_tok_s']:.0f} | "
               f"{r['prefill_gflop_s']:.1f} | {r['decode_s']:.2f} | {r['decode_tok_s']:.1f} | "
               f"{r['decode_ms_step']:.0f} | {r['decode_gflop_s']:.1f}", flush=True)

@@ -37,10 +37,10 @@ def main(argv):
     import model
 
     if F.random:
-        cfg = model.get_preset("gemma3-270m")
-        params = model.init_params(jax.random.key(0), cfg)
+        model_cfg = model.get_preset("gemma3-270m")
+        params = model.init_params(jax.random.key(0), model_cfg)
     else:
-        cfg, params = cli.load_model(cli.resolve_model_dir(F.model_dir), jnp.float32)
+        model_cfg, params = cli.load_model(cli.resolve_model_dir(F.model_dir), jnp.float32)
     t = F.prompt_len + F.completion_len
     rng = np.random.default_rng(0)
     batch = {
@@ -50,13 +50,13 @@ def main(argv):
         "advantages": jnp.asarray(rng.normal(size=F.rows), jnp.float32),
     }
     mesh = grpo.make_mesh(data=1, fsdp=len(jax.devices()))
-    print(f"{cfg.name}: {F.rows} rows x {t} tokens ({F.completion_len} completion), remat={F.remat}, "
+    print(f"{model_cfg.name}: {F.rows} rows x {t} tokens ({F.completion_len} completion), remat={F.remat}, "
           f"{jax.device_count()} x {jax.devices()[0].platform}")
     for tail in F.tails:
-        gcfg = grpo.GRPOConfig(num_generations=2, learning_rate=1e-6, remat=F.remat,
+        grpo_cfg = grpo.GRPOConfig(num_generations=2, learning_rate=1e-6, remat=F.remat,
                                logprob_tail=None if tail == "0" else F.completion_len)
-        p, opt = grpo.init_train_state(jax.tree.map(jnp.copy, params), cfg, gcfg, mesh)
-        step = grpo.make_step(cfg, gcfg, mesh)
+        p, opt = grpo.init_train_state(jax.tree.map(jnp.copy, params), model_cfg, grpo_cfg, mesh)
+        step = grpo.make_step(model_cfg, grpo_cfg, mesh)
         t0 = time.perf_counter()
         p, opt, m = step(p, opt, batch)
         jax.block_until_ready(m)

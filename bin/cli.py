@@ -85,6 +85,13 @@ def define_mesh_flag(default: str | None = None) -> None:
                         "Default: fsdp over all devices.")
 
 
+def define_lora_flags() -> None:
+    flags.DEFINE_integer("lora_rank", 0, "LoRA adapter rank; 0: full fine-tuning. Adapters train (use a larger "
+                         "--learning_rate than full fine-tuning, e.g. 1e-5 to 1e-4), the base model stays frozen.")
+    flags.DEFINE_float("lora_alpha", None, "LoRA alpha: the update is scaled by alpha / rank. Default: 2 * rank.")
+    flags.DEFINE_list("lora_targets", None, "Projections that get adapters, from q,k,v,o,gate,up,down. Default: all.")
+
+
 # --- checks and loaders --------------------------------------------------------------------------------------
 
 
@@ -154,6 +161,18 @@ def load_tokenizer(value: str | None, model_dir: Path, model_cfg):
         raise FlagError(f"--tokenizer: {path} has {tok.vocab_size} pieces but the model's vocabulary is "
                         f"{model_cfg.vocab_size}: tokenizer and model do not match")
     return tok
+
+
+def lora_config(model_cfg):
+    """--lora_* as a LoraConfig checked against the model (one line naming the flag), or None for rank 0."""
+    from model.lora import TARGETS, LoraConfig, validate_lora
+
+    try:
+        lora_cfg = LoraConfig(FLAGS.lora_rank, FLAGS.lora_alpha, tuple(FLAGS.lora_targets or TARGETS))
+        validate_lora(lora_cfg, model_cfg)
+    except ValueError as e:  # the message names the flag
+        raise FlagError(" ".join(str(e).split())) from None
+    return lora_cfg if lora_cfg.rank else None
 
 
 def resolve_dtypes(name: str, backend: str):

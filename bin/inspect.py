@@ -45,9 +45,10 @@ flags.DEFINE_enum("compute_dtype", None, ["bfloat16", "float32"],
                   "Default: what --dtype implies on an accelerator (auto: bfloat16)")
 flags.DEFINE_float("beta", 0.0, "KL coefficient; > 0 adds the ref_logprobs input (step)")
 flags.DEFINE_integer("logits_chunk", 256, "tokens per unembedding chunk (logprobs, step)")
-flags.DEFINE_integer("lora_rank", 0, "LoRA adapter rank (logprobs, step); 0: full fine-tuning")
-flags.DEFINE_float("lora_alpha", None, "LoRA alpha: the update is scaled by alpha / rank. Default: 2 * rank")
-flags.DEFINE_list("lora_targets", None, "projections that get adapters, from q,k,v,o,gate,up,down. Default: all")
+cli.define_lora_flags()
+flags.DEFINE_bool("accelerator_estimate", False,
+                  "with --dtype bfloat16 on CPU: also compile the program with float32 weights and report these "
+                  "arguments + ITS temporaries, leaving out XLA:CPU's float32 copies of bf16 weights (see BUILD.md)")
 flags.DEFINE_bool("json", False, "print one JSON object with every reported number as the last line of stdout")
 flags.DEFINE_string("dump_hlo", None, "directory to write <what>.stablehlo.mlir and <what>.optimized.hlo.txt")
 flags.DEFINE_bool("stablehlo", False, "print the StableHLO text to stdout")
@@ -95,8 +96,8 @@ def lora_config(cfg):
     return lcfg if lcfg.rank else None
 
 
-def lower(cfg, what: str):
-    """The jax `Lowered` for --what, from abstract inputs."""
+def lower(cfg, what: str, dtypes: tuple | None = None):
+    """The jax `Lowered` for --what, from abstract inputs; dtypes (param, compute) overrides --dtype's."""
     import jax
     import jax.numpy as jnp
 
@@ -107,7 +108,7 @@ def lower(cfg, what: str):
     from grpo.lora_step import make_lora_optimizer, make_lora_step
     from model.lora import abstract_adapters
 
-    dtype, compute_dtype = _dtypes()
+    dtype, compute_dtype = dtypes or _dtypes()
     lcfg = lora_config(cfg)
     shape = (FLAGS.batch, FLAGS.seq_len)
     if what == "forward":
@@ -194,7 +195,25 @@ def report(n: dict) -> str:
         f"  temporaries {_size(n['temp_bytes'])}",
         f"  peak ~      {_size(n['peak_bytes_per_device'])} (arguments + outputs - aliased + temporaries)",
     ]
+    if "accelerator_estimate_bytes" in n:
+        lines += [f"  float32 program's temporaries {_size(n['float32_temp_bytes'])}",
+                  f"  accelerator ~ {_size(n['accelerator_estimate_bytes'])} (peak with the float32 program's "
+                  f"temporaries: no XLA:CPU float32 copies of bf16 weights; activations sized as float32)"]
     return "\n".join(lines)
+
+
+def accelerator_estimate(cfg, n: dict) -> dict:
+    """XLA:CPU computes bf16 work in float32 and, for dynamic-slice (the layer scan), converts the WHOLE bf16
+    weight stack to float32 and hoists it out of the loops: a float32 copy of the weights that a TPU or GPU
+    never makes. Compiling the same program with float32 weights has no such copies and sizes every activation
+    as float32 (an accelerator's bf16 ones are half), so bf16 arguments + its temporaries is a conservative
+    estimate of the accelerator's peak."""
+    import jax.numpy as jnp
+
+    compiled = lower(cfg, FLAGS.what, dtypes=(jnp.float32, None)).compile()
+    temp32 = compiled.memory_analysis().temp_size_in_bytes
+    return {"float32_temp_bytes": temp32, "accelerator_estimate_bytes": n["peak_bytes_per_device"]
+            - n["temp_bytes"] + temp32}
 
 
 def main(argv):
@@ -204,6 +223,8 @@ def main(argv):
             raise FlagError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
     if FLAGS.lora_rank and FLAGS.what == "forward":
         raise FlagError("--lora_rank applies to --what logprobs or step, not forward")
+    if FLAGS.accelerator_estimate and (FLAGS.dtype != "bfloat16" or FLAGS.compute_dtype or FLAGS.platform != "cpu"):
+        raise FlagError("--accelerator_estimate needs --dtype bfloat16 (no --compute_dtype) on --platform cpu")
     axes = cli.parse_mesh(FLAGS.mesh)
     devices = 1 if FLAGS.what == "forward" else axes["data"] * axes["fsdp"]
     cli.set_fake_cpu_devices(devices, FLAGS.platform)
@@ -213,6 +234,9 @@ def main(argv):
     except ValueError as e:  # bad preset or batch shape: one line, not a traceback
         raise FlagError(str(e)) from None
     compiled = lowered.compile()
+    n = numbers(cfg, compiled, devices)
+    if FLAGS.accelerator_estimate:
+        n.update(accelerator_estimate(cfg, n))
     if FLAGS.stablehlo:
         print(lowered.as_text())
     if FLAGS.dump_hlo:
@@ -221,7 +245,6 @@ def main(argv):
         (out / f"{FLAGS.what}.stablehlo.mlir").write_text(lowered.as_text())
         (out / f"{FLAGS.what}.optimized.hlo.txt").write_text(compiled.as_text())
         print(f"wrote {out / FLAGS.what}.stablehlo.mlir and .optimized.hlo.txt")
-    n = numbers(cfg, compiled, devices)
     print(report(n))
     if FLAGS.json:
         print(json.dumps(n))

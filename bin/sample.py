@@ -61,13 +61,13 @@ def main(argv):
         raise FlagError(f"--{e}") from None
     model_dir = cli.resolve_model_dir(FLAGS.model_dir)
     tokenizer = cli.load_tokenizer(FLAGS.tokenizer, model_dir, cli.load_model_config(model_dir))
-    cfg, params = cli.load_model(model_dir, cli.resolve_dtypes(FLAGS.dtype, jax.default_backend())[0])
+    model_cfg, params = cli.load_model(model_dir, cli.resolve_dtypes(FLAGS.dtype, jax.default_backend())[0])
 
     prompts = [tokenizer.encode(t, add_bos=True) for t in texts for _ in range(FLAGS.num_samples)]
 
     def sample_once():
         return model.generate(
-            params, cfg, prompts, jax.random.key(FLAGS.seed), max_new_tokens=FLAGS.max_new_tokens,
+            params, model_cfg, prompts, jax.random.key(FLAGS.seed), max_new_tokens=FLAGS.max_new_tokens,
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, eos_ids=tokenizer.stop_ids,
         )
 

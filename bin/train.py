@@ -65,6 +65,7 @@ flags.DEFINE_integer("warmup_steps", 0, "Linear warmup steps.")
 flags.DEFINE_enum("lr_schedule", "constant", ["constant", "cosine"], "Learning-rate schedule after warmup.")
 flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay.")
 flags.DEFINE_float("max_grad_norm", 1.0, "Global gradient-norm clip.")
+cli.define_lora_flags()
 flags.DEFINE_bool("remat", False, "Rematerialise each layer in the backward pass (less memory, ~1/3 more FLOPs).")
 # Sampling
 flags.DEFINE_integer("max_new_tokens", 128, "Completion budget.")
@@ -165,6 +166,30 @@ def _check_processes_agree() -> None:
                         f"{F.process_id} has {F[differ[0]].value!r}); pass the same flags to every process")
 
 
+def _check_resume_layout(lora_cfg) -> None:
+    """A run that would resume checkpoints of the other kind (full fine-tuning vs LoRA, or another rank / alpha /
+    targets) is refused here, before anything compiles; the checkpoint signature catches the rest later."""
+    import json
+    from pathlib import Path
+
+    out = Path(F.output_dir)
+    if not F.resume or not (out / "checkpoints").is_dir() or not any((out / "checkpoints").iterdir()):
+        return
+    try:
+        previous = json.loads((out / "run_config.json").read_text()).get("lora")
+    except (OSError, ValueError):
+        return
+    now = None if lora_cfg is None else {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha,
+                                        "targets": list(lora_cfg.targets)}
+    if previous is not None:
+        previous = {**previous, "targets": list(previous.get("targets", ()))}
+    if previous != now:
+        had = "full fine-tuning" if previous is None else f"LoRA rank {previous['rank']}"
+        wants = "full fine-tuning" if now is None else f"LoRA rank {now['rank']}"
+        raise FlagError(f"--lora_rank: {out} holds checkpoints of a {had} run, this is a {wants} run (with its "
+                        f"--lora_alpha / --lora_targets); use another --output_dir or --noresume")
+
+
 def _check_budget(task) -> None:
     """The longest prompt's bucket plus --max_new_tokens must fit the sampler's cache."""
     from model.sampler import MAX_CACHE_LEN, prompt_bucket
@@ -258,18 +283,20 @@ def _setup():
     _check_batch_layout(axes)
     model_dir = cli.resolve_model_dir(F.model_dir)
     model_cfg = cli.load_model_config(model_dir)
+    lora_cfg = cli.lora_config(model_cfg)
+    _check_resume_layout(lora_cfg)
     tok = cli.load_tokenizer(F.tokenizer, model_dir, model_cfg)
     task = _load_task(tok)
     _check_budget(task)
     cli.check_writable_dir("output_dir", F.output_dir)  # last: a bad flag above leaves nothing behind
     mesh = grpo.make_mesh(data=axes["data"], fsdp=axes["fsdp"])
-    return model_dir, dtype, task, grpo_cfg, rollout_cfg, train_cfg, mesh
+    return model_dir, dtype, task, grpo_cfg, rollout_cfg, train_cfg, mesh, lora_cfg
 
 
 def main(argv):
     cli.no_extra_args(argv)
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-    model_dir, dtype, task, grpo_cfg, rollout_cfg, train_cfg, mesh = _setup()
+    model_dir, dtype, task, grpo_cfg, rollout_cfg, train_cfg, mesh, lora_cfg = _setup()
     from grpo.checkpoints import CheckpointMismatch
     from grpo.run_files import RunWriteError
     from grpo.trainer import train
@@ -279,7 +306,7 @@ def main(argv):
           f"levels {', '.join(task.level_names)}; {len(task.train[-1])} train / {len(task.test[-1])} eval puzzles "
           f"per level; mesh {dict(mesh.shape)}")
     try:
-        result = train(model_cfg, params, task, grpo_cfg, rollout_cfg, train_cfg, mesh)
+        result = train(model_cfg, params, task, grpo_cfg, rollout_cfg, train_cfg, mesh, lora_cfg=lora_cfg)
     except CheckpointMismatch as e:
         raise FlagError(f"--output_dir: {e} (use another --output_dir, or --noresume to start over there)") from None
     except RunWriteError as e:  # disk full, quota: what was written before stays valid; re-run to continue

@@ -7,17 +7,22 @@ TinyZero's distribution with TinyZero's reward, so results there compare with Ti
 
 Rewards per level (`Level.reward`; 0 without an <answer> tag on the last line, as in TinyZero):
 
-    answer tag, anything inside                 format_score   (TinyZero: 0.1)
-    an expression using exactly the given numbers   numbers_score  (TinyZero: none, i.e. format_score)
-    ... that reaches the target                 1.0
+    answer tag, anything inside                            format_score   (TinyZero: 0.1)
+    an answer holding some of the given numbers, no others     partial_score  (TinyZero: none)
+    an expression using exactly the given numbers              numbers_score  (TinyZero: none)
+    ... that reaches the target                                1.0
+
+The partial rung exists because a first laptop run (BUILD.md) settled on an EMPTY `<answer> </answer>`: with
+format paid and nothing between it and the exact-numbers rung, no sampled group showed a gradient towards
+writing numbers.
 
 Ladders (`LADDERS`; bin/train --curriculum NAME). "countdown":
 
-    level        numbers  range  targets  reward (format / numbers / solved)
-    2x1-9        2        1..9   1..18    0.1 / 0.4 / 1.0     a + b, a * b, ...: one operation
-    2x1-30       2        1..30  1..60    0.1 / 0.3 / 1.0
-    3x1-30       3        1..30  10..100  0.1 / 0.2 / 1.0
-    tinyzero     3-4      1..99  10..100  0.1 / -   / 1.0     TinyZero's data and reward
+    level        numbers  range  targets  reward (format / partial / numbers / solved)
+    2x1-9        2        1..9   1..18    0.1 / 0.2  / 0.4  / 1.0     a + b, a * b, ...: one operation
+    2x1-30       2        1..30  1..60    0.1 / 0.15 / 0.3  / 1.0
+    3x1-30       3        1..30  10..100  0.1 / 0.15 / 0.25 / 1.0
+    tinyzero     3-4      1..99  10..100  0.1 / -    / -    / 1.0     TinyZero's data and reward
 
 Every level's held-out set is drawn from a seed of its own (not the run's --seed), so two runs evaluate on the
 same puzzles and their eval.jsonl lines compare line by line.
@@ -26,6 +31,7 @@ same puzzles and their eval.jsonl lines compare line by line.
 from __future__ import annotations
 
 import dataclasses
+import re
 import zlib
 from collections.abc import Sequence
 
@@ -37,19 +43,35 @@ TINYZERO = "tinyzero"
 
 @dataclasses.dataclass(frozen=True)
 class LevelReward:
-    """TinyZero's reward with an optional middle rung for answers that use exactly the given numbers."""
+    """TinyZero's reward with optional middle rungs (None: no such rung, as in TinyZero)."""
 
     format_score: float = 0.1
-    numbers_score: float | None = None  # None: no middle rung (TinyZero)
+    partial_score: float | None = None  # some of the given numbers and no others, not all of them
+    numbers_score: float | None = None  # exactly the given numbers, wrong value
     correct_score: float = 1.0
 
     def score(self, completion: str, nums: Sequence[int], target: int) -> tuple[float, bool, bool]:
         """(reward, solved, has_answer) of one completion; the checks are data.countdown's (never eval)."""
         b = countdown.breakdown(completion, list(nums), target, format_score=self.format_score,
                                 correct_score=self.correct_score)
-        if b.numbers_valid and not b.solved and self.numbers_score is not None:
+        if b.solved or not b.has_answer:
+            return b.score, b.solved, b.has_answer
+        if b.numbers_valid and self.numbers_score is not None:
             return float(self.numbers_score), False, True
-        return b.score, b.solved, b.has_answer
+        if self.partial_score is not None and _some_given_numbers(countdown.extract_answer(completion), nums):
+            return float(self.partial_score), False, True
+        return b.score, False, True
+
+
+def _some_given_numbers(answer: str, nums: Sequence[int]) -> bool:
+    """At least one number in the answer, and every one of them is a given number (as a multiset)."""
+    found = [int(run) for run in re.findall(r"\d+", answer[: countdown.MAX_ANSWER_CHARS + 1])]
+    left = list(nums)
+    for n in found:
+        if n not in left:
+            return False
+        left.remove(n)
+    return bool(found)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +88,11 @@ class Level:
 LADDERS: dict[str, tuple[Level, ...]] = {
     "countdown": (
         Level("2x1-9", PuzzleConfig(counts=(2,), num_min=1, num_max=9, target_min=1, target_max=18),
-              LevelReward(numbers_score=0.4)),
+              LevelReward(partial_score=0.2, numbers_score=0.4)),
         Level("2x1-30", PuzzleConfig(counts=(2,), num_min=1, num_max=30, target_min=1, target_max=60),
-              LevelReward(numbers_score=0.3)),
+              LevelReward(partial_score=0.15, numbers_score=0.3)),
         Level("3x1-30", PuzzleConfig(counts=(3,), num_min=1, num_max=30, target_min=10, target_max=100),
-              LevelReward(numbers_score=0.2)),
+              LevelReward(partial_score=0.15, numbers_score=0.25)),
         Level(TINYZERO, PuzzleConfig()),
     ),
 }

@@ -131,7 +131,8 @@ def gather(x: jax.Array, spec: P) -> jax.Array:
     gradient over fsdp happens right where the weight was gathered, one layer at a time.
     """
     for dim, axis in enumerate(spec):
-        if axis is not None:
+        # A size-1 axis holds the whole dim already: no collective (XLA:CPU would also run it in float32).
+        if axis is not None and jax.lax.axis_size(axis) > 1:
             x = jax.lax.all_gather(x, axis, axis=dim, tiled=True)
     return x
 

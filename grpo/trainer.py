@@ -35,10 +35,13 @@ from grpo.checkpoints import TrainCheckpointer
 from grpo.config import GRPOConfig
 from grpo.evaluation import evaluate
 from grpo.loggers import make_loggers
+from grpo.logprobs import make_step_logprobs
+from grpo.lora_step import init_lora_state, make_lora_step
 from grpo.rollout import Rollout, RolloutConfig, align_grpo_config, sample_groups, sample_record
 from grpo.run_files import RunLog, RunWriteError, describe_write_failure, peak_rss_bytes
 from grpo.tasks import Task
 from model.config import GemmaConfig
+from model.lora import LoraConfig, init_adapters, merge
 
 EVAL_SAMPLES_KEPT = 8  # eval completions per held-out set written to eval_samples.jsonl per eval
 
@@ -93,37 +96,64 @@ class RunContext:
     rollout_cfg: RolloutConfig
     train_cfg: TrainConfig
     mesh: Mesh
-    step_fn: Callable
-    logprobs_fn: Callable
-    ref_params: dict | None  # the frozen starting policy; only kept when the KL term is on
+    step_fn: Callable  # full: (params, opt, batch); LoRA: (adapters, opt, batch, base)
+    ref_logprobs_fn: Callable  # (params, tokens, mask): the reference policy's log-probs
+    old_logprobs_fn: Callable  # full: (params, tokens, mask); LoRA: (base, adapters, tokens, mask)
+    ref_params: dict | None  # the frozen starting policy, kept when the KL term is on (LoRA: the base itself)
     log: RunLog
     ckpt: TrainCheckpointer
+    lora_cfg: LoraConfig | None = None  # None: full fine-tuning; else LoopState.params holds the adapters
+    base_params: dict | None = None  # LoRA: the frozen base model, read by every phase, never updated
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_fns(model_cfg: GemmaConfig, grpo_cfg: GRPOConfig, mesh: Mesh):
-    """The jitted step and log-prob functions, made once per (model, GRPO config, mesh): a resumed run in the
-    same process (tests, notebooks) reuses the compiled code instead of tracing again."""
-    return (grpo.make_step(model_cfg, grpo_cfg, mesh),
-            grpo.make_sharded_logprobs(model_cfg, mesh, temperature=grpo_cfg.temperature,
-                                       tail=grpo_cfg.logprob_tail))
+def _compiled_fns(model_cfg: GemmaConfig, grpo_cfg: GRPOConfig, lora_cfg: LoraConfig | None, mesh: Mesh):
+    """(step, reference log-probs, old-policy log-probs), made once per (model, GRPO config, LoRA, mesh): a
+    resumed run in the same process (tests, notebooks) reuses the compiled code. The log-prob passes are the
+    step's own function (same compute dtype, chunks, micro-batches), so iteration 1 has ratio exactly 1 and a
+    step at the reference has KL exactly 0."""
+    ref = make_step_logprobs(model_cfg, grpo_cfg, mesh)  # LoRA: the base alone is the reference
+    if lora_cfg is None:
+        return grpo.make_step(model_cfg, grpo_cfg, mesh), ref, ref
+    return (make_lora_step(model_cfg, lora_cfg, grpo_cfg, mesh), ref,
+            make_step_logprobs(model_cfg, grpo_cfg, mesh, lora_cfg=lora_cfg))
+
+
+def policy_params(ctx: RunContext, state: LoopState) -> dict:
+    """The params the policy samples and evaluates with: base + adapters merged once (LoRA), else the params."""
+    if ctx.lora_cfg is None:
+        return state.params
+    return merge(ctx.base_params, state.params, ctx.model_cfg, ctx.lora_cfg)
 
 
 def start_run(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOConfig, rollout_cfg: RolloutConfig,
-              train_cfg: TrainConfig, mesh: Mesh, echo: Callable[[str], None] = print) -> tuple[RunContext, LoopState]:
-    """Place params on the mesh, build the optimizer state, and restore the latest checkpoint if resuming."""
+              train_cfg: TrainConfig, mesh: Mesh, echo: Callable[[str], None] = print,
+              lora_cfg: LoraConfig | None = None) -> tuple[RunContext, LoopState]:
+    """Place params on the mesh, build the optimizer state, and restore the latest checkpoint if resuming.
+
+    With lora_cfg (rank > 0) the given params become the frozen base and the trained state is fresh adapters
+    (b = 0, drawn from the run's seed); the optimizer state holds adapter moments only.
+    """
     out = Path(train_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     grpo_cfg = align_grpo_config(grpo_cfg, rollout_cfg)
-    params, opt_state = grpo.init_train_state(params, model_cfg, grpo_cfg, mesh)
-    ref_params = jax.tree.map(jnp.copy, params) if grpo_cfg.beta > 0 else None
+    lora_cfg = lora_cfg if lora_cfg is not None and lora_cfg.rank > 0 else None
+    base = None
+    if lora_cfg is None:
+        params, opt_state = grpo.init_train_state(params, model_cfg, grpo_cfg, mesh)
+        ref_params = jax.tree.map(jnp.copy, params) if grpo_cfg.beta > 0 else None
+    else:
+        base = ref_params = grpo.place_params(params, model_cfg, mesh)
+        adapters = init_adapters(jax.random.key(train_cfg.seed), model_cfg, lora_cfg)
+        params, opt_state = init_lora_state(adapters, model_cfg, lora_cfg, grpo_cfg, mesh)
     config = {"model": dataclasses.asdict(model_cfg), "grpo": dataclasses.asdict(grpo_cfg),
-              "rollout": dataclasses.asdict(rollout_cfg), "train": dataclasses.asdict(train_cfg)}
+              "rollout": dataclasses.asdict(rollout_cfg), "train": dataclasses.asdict(train_cfg),
+              "lora": dataclasses.asdict(lora_cfg) if lora_cfg else None}
     log = RunLog(out, echo, make_loggers(list(train_cfg.log_to), str(out), config) if jax.process_index() == 0 else [])
     log.write_config(config)
     ckpt = TrainCheckpointer(out / "checkpoints", keep=train_cfg.keep_checkpoints)
-    ctx = RunContext(model_cfg, task, grpo_cfg, rollout_cfg, train_cfg, mesh, *_compiled_fns(model_cfg, grpo_cfg, mesh),
-                     ref_params, log, ckpt)
+    ctx = RunContext(model_cfg, task, grpo_cfg, rollout_cfg, train_cfg, mesh,
+                     *_compiled_fns(model_cfg, grpo_cfg, lora_cfg, mesh), ref_params, log, ckpt, lora_cfg, base)
     state = LoopState(params, opt_state)
     previous = ctx.log.previous_status()
     found = ctx.ckpt.restore_latest(params, opt_state, say=ctx.log.say) if train_cfg.resume else None
@@ -156,7 +186,7 @@ def rollout_phase(ctx: RunContext, state: LoopState) -> Rollout:
     else:
         items = ctx.task.train_items(state.position, ctx.train_cfg.prompts_per_step)
     key = jax.random.fold_in(jax.random.key(ctx.train_cfg.seed), state.step)
-    return sample_groups(state.params, ctx.model_cfg, ctx.task, items, ctx.grpo_cfg.num_generations,
+    return sample_groups(policy_params(ctx, state), ctx.model_cfg, ctx.task, items, ctx.grpo_cfg.num_generations,
                          ctx.rollout_cfg, key, ctx.grpo_cfg.scale_rewards)
 
 
@@ -166,18 +196,21 @@ def logprob_phase(ctx: RunContext, params: dict, batch: dict) -> dict:
     With num_iterations == 1 the step uses stop_gradient(logp) as the old policy: ratio == 1, no extra pass.
     """
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    if ctx.ref_params is not None:
-        batch["ref_logprobs"] = ctx.logprobs_fn(ctx.ref_params, batch["tokens"], batch["attention_mask"])
+    rows = (batch["tokens"], batch["attention_mask"])
+    if ctx.grpo_cfg.beta > 0:
+        batch["ref_logprobs"] = ctx.ref_logprobs_fn(ctx.ref_params, *rows)
     if ctx.grpo_cfg.num_iterations > 1:
-        batch["old_logprobs"] = ctx.logprobs_fn(params, batch["tokens"], batch["attention_mask"])
+        trained = (params,) if ctx.lora_cfg is None else (ctx.base_params, params)
+        batch["old_logprobs"] = ctx.old_logprobs_fn(*trained, *rows)
     return batch
 
 
 def update_phase(ctx: RunContext, params: dict, opt_state, batch: dict) -> tuple[dict, Any, dict[str, float]]:
     """num_iterations optimizer steps on one rollout batch; metrics of the last one, as Python floats."""
     metrics = {}
+    frozen = () if ctx.lora_cfg is None else (ctx.base_params,)
     for _ in range(ctx.grpo_cfg.num_iterations):
-        params, opt_state, metrics = ctx.step_fn(params, opt_state, batch)
+        params, opt_state, metrics = ctx.step_fn(params, opt_state, batch, *frozen)
     return params, opt_state, {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
@@ -236,7 +269,7 @@ def eval_phase(ctx: RunContext, state: LoopState) -> LoopState:
     if ctx.train_cfg.eval_size <= 0:
         return state
     t0 = time.perf_counter()
-    metrics, samples = evaluate(state.params, ctx.model_cfg, ctx.task, ctx.rollout_cfg)
+    metrics, samples = evaluate(policy_params(ctx, state), ctx.model_cfg, ctx.task, ctx.rollout_cfg)
     metrics["eval_s"] = time.perf_counter() - t0
     ctx.log.write("eval.jsonl", {"step": state.step, **metrics})
     ctx.log.scalars(state.step, {k: v for k, v in metrics.items() if k != "solved_by_level"})
@@ -273,7 +306,7 @@ def finish_run(ctx: RunContext, state: LoopState, final_state: str = "finished")
     export = Path(ctx.train_cfg.output_dir) / "final_hf"
     if ctx.train_cfg.export_hf and final_state != "paused" and jax.process_index() == 0:
         try:
-            model.save_hf_checkpoint(export, ctx.model_cfg, state.params)
+            model.save_hf_checkpoint(export, ctx.model_cfg, policy_params(ctx, state))
         except Exception as e:  # noqa: BLE001 (safetensors raises its own error type for I/O)
             raise describe_write_failure(e, str(export)) from None
     ctx.log.close()
@@ -308,9 +341,11 @@ def _due(step: int, every: int, last: int) -> bool:
 
 
 def train(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOConfig, rollout_cfg: RolloutConfig,
-          train_cfg: TrainConfig, mesh: Mesh, echo: Callable[[str], None] = print) -> dict:
-    """Run GRPO; returns the last step's metrics, the latest eval metrics and the final "params"."""
-    ctx, state = start_run(model_cfg, params, task, grpo_cfg, rollout_cfg, train_cfg, mesh, echo)
+          train_cfg: TrainConfig, mesh: Mesh, echo: Callable[[str], None] = print,
+          lora_cfg: LoraConfig | None = None) -> dict:
+    """Run GRPO; returns the last step's metrics, the latest eval metrics and the final "params" (LoRA: the
+    adapters; "policy" holds base + adapters merged)."""
+    ctx, state = start_run(model_cfg, params, task, grpo_cfg, rollout_cfg, train_cfg, mesh, echo, lora_cfg)
     profiler = Profiler(train_cfg.profile_steps, Path(train_cfg.output_dir) / "profile")
     try:
         if state.step == 0:
@@ -324,7 +359,8 @@ def train(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOConfig
         except OSError:
             pass
         raise
-    return {**state.last_metrics, **state.last_eval, "params": state.params}
+    out = {**state.last_metrics, **state.last_eval, "params": state.params}
+    return out if ctx.lora_cfg is None else {**out, "policy": policy_params(ctx, state)}
 
 
 def _run_steps(ctx: RunContext, state: LoopState, profiler: Profiler) -> tuple[LoopState, str]:

@@ -3,11 +3,13 @@
 from model.checkpoint import load_hf_checkpoint, save_hf_checkpoint
 from model.config import GLOBAL, PRESETS, SLIDING, GemmaConfig, config_from_hf, get_preset, load_config, tiny_config
 from model.forward import forward, hidden_states, unembed
+from model.lora import TARGETS, LoraConfig, abstract_adapters, init_adapters, merge, validate_lora, with_adapters
 from model.params import abstract_params, init_params, param_schema
 from model.sampler import SampleResult, generate
 
 __all__ = [
-    "GLOBAL", "PRESETS", "SLIDING", "GemmaConfig", "SampleResult", "abstract_params", "config_from_hf", "forward",
-    "generate", "get_preset", "hidden_states", "init_params", "load_config", "load_hf_checkpoint", "param_schema",
-    "save_hf_checkpoint", "tiny_config", "unembed",
+    "GLOBAL", "PRESETS", "SLIDING", "TARGETS", "GemmaConfig", "LoraConfig", "SampleResult", "abstract_adapters",
+    "abstract_params", "config_from_hf", "forward", "generate", "get_preset", "hidden_states", "init_adapters",
+    "init_params", "load_config", "load_hf_checkpoint", "merge", "param_schema", "save_hf_checkpoint",
+    "tiny_config", "unembed", "validate_lora", "with_adapters",
 ]

@@ -28,7 +28,8 @@ TRAIN_BAD = {
     "max_grad_norm": "0", "remat": "yes please", "max_new_tokens": "100000", "temperature": "-2", "top_k": "0",
     "top_p": "1.5", "mesh": "data=3", "coordinator_address": "localhost", "num_processes": "2", "process_id": "0",
     "recipe": "fast", "curriculum": "steep", "promote_at": "1.5", "stop_at_answer": "maybe",
-    "skip_zero_std_groups": "often", "time_limit": "soon",
+    "skip_zero_std_groups": "often", "time_limit": "soon", "lora_rank": "-1", "lora_alpha": "-2",
+    "lora_targets": "q,attn",
 }
 # Flags whose bad value only shows once an earlier check passes: they need a real model + tokenizer.
 NEEDS_MODEL = {"data_file", "max_new_tokens", "output_dir", "curriculum"}
@@ -68,6 +69,8 @@ def test_bin_train_bad_value(flag, tmp_path, request):
     args = [f"--model_dir={model_dir}", f"--output_dir={out}"]
     if flag == "num_processes":
         args.append("--process_id=0")  # --num_processes without --coordinator_address
+    if flag == "lora_alpha":
+        args.append("--lora_rank=4")  # alpha is only checked when there are adapters
     if flag == "process_id":
         args += ["--coordinator_address=localhost:1234", "--num_processes=1", "--process_id=1"]
     else:

@@ -46,6 +46,9 @@ def test_heldout_is_fixed_across_runs_and_never_trained_on(level):
     ("</think>\n<answer>3 + 5</answer>", (1.0, True, True)),  # solved
     ("</think>\n<answer>5 - 3</answer>", (0.4, False, True)),  # the given numbers, wrong value: the middle rung
     ("</think>\n<answer>3 + 4</answer>", (0.1, False, True)),  # a number not given: format only
+    ("<answer>3 * 3</answer>", (0.1, False, True)),  # 3 twice: not a sub-multiset of [3, 5]
+    ("<answer>5 </answer>", (0.2, False, True)),  # some of the given numbers: the partial rung
+    ("<answer> </answer>", (0.1, False, True)),  # empty: format only
     ("<answer>(1 + 2) / 3</answer>", (0.1, False, True)),  # the prompt's example copied
     ("no answer", (0.0, False, False)),
 ])

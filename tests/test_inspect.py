@@ -43,9 +43,11 @@ def test_step_on_a_fake_mesh_with_hlo_dump(tmp_path):
 
 def test_lora_step_json_on_one_device():
     """--lora_rank: the LoRA step (adapters + their Adam state donated, base params read-only); --json: the last
-    stdout line is one JSON object whose numbers are the printed ones."""
+    stdout line is one JSON object whose numbers are the printed ones; --accelerator_estimate: the same peak with
+    the float32 program's temporaries."""
     out = _inspect("--preset", "tiny-gemma3", "--what", "step", "--batch", "4", "--seq_len", "32", "--mesh",
-                   "data=1,fsdp=1", "--lora_rank", "4", "--lora_targets", "q,v,down", "--remat", "--json")
+                   "data=1,fsdp=1", "--lora_rank", "4", "--lora_targets", "q,v,down", "--remat", "--json",
+                   "--accelerator_estimate")
     assert out.returncode == 0, out.stderr
     assert "LoRA rank 4, alpha 8 on q,v,down" in out.stdout
     n = json.loads(out.stdout.strip().splitlines()[-1])
@@ -57,6 +59,9 @@ def test_lora_step_json_on_one_device():
     assert n["adapter_params"] == 6 * 4 * ((64 + 64) + (64 + 32) + (128 + 64))
     assert 3 * adapter_bytes <= n["alias_bytes"] < 3 * adapter_bytes + 1024
     assert n["argument_bytes"] > n["params"] * 2  # the bf16 base params are an input
+    assert n["float32_temp_bytes"] > 0
+    assert n["accelerator_estimate_bytes"] == n["peak_bytes_per_device"] - n["temp_bytes"] + n["float32_temp_bytes"]
+    assert "accelerator ~" in out.stdout
 
 
 def test_bad_flags_are_one_line_errors():
@@ -67,3 +72,5 @@ def test_bad_flags_are_one_line_errors():
     out = _inspect("--preset", "tiny-gemma2", "--what", "step", "--lora_rank", "4", "--lora_targets", "q,ffn")
     assert out.returncode == 2 and "--lora_targets: unknown target(s) ['ffn']" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+    out = _inspect("--preset", "tiny-gemma2", "--what", "step", "--dtype", "float32", "--accelerator_estimate")
+    assert out.returncode == 2 and "--accelerator_estimate needs --dtype bfloat16" in out.stderr

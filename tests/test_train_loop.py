@@ -13,6 +13,7 @@ import pytest
 
 import grpo
 import model
+from grpo.checkpoints import CheckpointMismatch
 from grpo.rollout import RolloutConfig, align_grpo_config
 from grpo.tasks import Scored, items_at
 from grpo.trainer import TrainConfig, finish_run, logprob_phase, rollout_phase, start_run, train, update_phase
@@ -125,3 +126,23 @@ def test_log_to_tensorboard_mirrors_metrics(tmp_path):
     reward = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["reward_mean"]
     assert logged == pytest.approx([reward])
     assert json.loads((tmp_path / "run_config.json").read_text())["rollout"]["max_new_tokens"] == 8
+
+
+def test_lora_run_trains_only_adapters_and_resumes_exactly(tmp_path):
+    """LoRA on the toy task: the adapters train (every b leaves 0), the base params never change (bitwise),
+    resume after a stop equals an uninterrupted run (1e-6), and a LoRA run refuses a full-fine-tuning
+    checkpoint dir."""
+    lora = model.LoraConfig(rank=4)
+    cfg, params, task, gcfg, rollout, tcfg, mesh = _setup(tmp_path / "full", steps=4)
+    base = jax.tree.map(np.asarray, params)
+    full = train(cfg, params, task, gcfg, rollout, tcfg, mesh, echo=lambda s: None, lora_cfg=lora)
+    assert set(full["params"]) == {"layers"} and set(full["params"]["layers"]) == set(lora.targets)
+    jax.tree.map(np.testing.assert_array_equal, base, jax.tree.map(np.asarray, params))  # not donated
+    assert all(np.abs(np.asarray(t["b"])).max() > 0 for t in full["params"]["layers"].values())  # b left 0
+    train(*_setup(tmp_path / "cut", steps=2), echo=lambda s: None, lora_cfg=lora)
+    resumed = train(*_setup(tmp_path / "cut", steps=4), echo=lambda s: None, lora_cfg=lora)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0),
+                 full["params"], resumed["params"])
+    train(*_setup(tmp_path / "plain", steps=2), echo=lambda s: None)  # a full-fine-tuning run's checkpoints
+    with pytest.raises(CheckpointMismatch, match="does not match this run"):
+        train(*_setup(tmp_path / "plain", steps=4), echo=lambda s: None, lora_cfg=lora)
