@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import struct
+import time
 
 import pytest
 
@@ -82,6 +83,23 @@ def wandb_records(path) -> list[bytes]:
     return out
 
 
+def _wandb_history(path, record_type) -> tuple[dict, dict]:
+    """({step: {key: value}}, run config) read from a W&B run file."""
+    history, config = {}, {}
+    for raw in wandb_records(path):
+        try:
+            rec = record_type.FromString(raw)
+        except Exception:  # noqa: BLE001 (a record still being written: read again on the next poll)
+            continue
+        if rec.WhichOneof("record_type") == "history":
+            items = {i.key or "/".join(i.nested_key): i.value_json for i in rec.history.item}
+            history[int(items["_step"])] = {k: float(v) for k, v in items.items() if not k.startswith("_")}
+        elif rec.WhichOneof("record_type") == "run":
+            assert rec.run.project == "aha-test"
+            config = {u.key or "/".join(u.nested_key): u.value_json for u in rec.run.config.update}
+    return history, config
+
+
 def test_wandb_offline_run_holds_the_history(tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="the wandb extra (pip install wandb) is not installed")
     from wandb.proto.wandb_internal_pb2 import Record
@@ -96,16 +114,14 @@ def test_wandb_offline_run_holds_the_history(tmp_path, monkeypatch):
     lg.close()
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
-    history, config = {}, {}
-    for raw in wandb_records(runs[0]):
-        rec = Record.FromString(raw)
-        if rec.WhichOneof("record_type") == "history":
-            items = {i.key or "/".join(i.nested_key): i.value_json for i in rec.history.item}
-            history[int(items["_step"])] = {k: float(v) for k, v in items.items() if not k.startswith("_")}
-        elif rec.WhichOneof("record_type") == "run":
-            assert rec.run.project == "aha-test"
-            config = {u.key or "/".join(u.nested_key): u.value_json for u in rec.run.config.update}
-    assert history == {s: {"reward_mean": 0.25 * s, "skipped": 0.0, "aha/wait": 2.0} for s in (1, 2, 3)}
+    want = {s: {"reward_mean": 0.25 * s, "skipped": 0.0, "aha/wait": 2.0} for s in (1, 2, 3)}
+    deadline = time.monotonic() + 60  # wandb's service process may still be flushing when finish() returns
+    while True:
+        history, config = _wandb_history(runs[0], Record)
+        if history == want or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert history == want
     assert config["learning_rate"] == "0.00001" and json.loads(config["mesh"]) == [1, 2]
 
 
