@@ -5,26 +5,62 @@
 
 Median of --repeats timed steps after one warm-up (compile) step, with log-probs on every position
 (`--logprob_tail=0`, what a plain HF step computes) and on the completion tail only (what bin/train does).
+`--json` adds one JSON object on the last line: {"tails": {"completion": {"step_s": ...}, "0": {...}}, ...}.
+
+Before any weight is loaded, each step is compiled from abstract shapes and XLA's memory analysis (params,
+gradients, Adam state, activations) is compared with the memory available: a shape that cannot fit is one
+line naming the flags, not an OOM kill.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 
 from absl import flags
 
 from bin import cli
+from bin.cli import FlagError
 
 F = flags.FLAGS
 cli.define_model_dir_flag()
-flags.DEFINE_bool("random", False, "Random weights of the gemma3-270m preset instead of a checkpoint.")
+flags.DEFINE_bool("random", False, "Random weights of --preset instead of a checkpoint.")
+flags.DEFINE_string("preset", "gemma3-270m", "Model preset for --random (model.PRESETS, or tiny-gemma2 / tiny-gemma3).")
 flags.DEFINE_integer("rows", 16, "Batch rows.")
 flags.DEFINE_integer("prompt_len", 160, "Prompt tokens per row (left part).")
 flags.DEFINE_integer("completion_len", 128, "Completion tokens per row (the tail).")
 flags.DEFINE_bool("remat", False, "Rematerialise layers in the backward pass.")
 flags.DEFINE_integer("repeats", 3, "Timed steps.")
 flags.DEFINE_list("tails", ["0", "completion"], "Log-prob tails to time: 0 = all positions, completion = tail.")
+flags.DEFINE_bool("json", False, "Print one JSON object with every timing on the last line of stdout.")
+
+
+def available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (what can be allocated without swapping), else physical memory."""
+    import os
+
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def compiled_peak_bytes(compiled) -> int:
+    """XLA's memory analysis: arguments + outputs - aliased (donated) + temporaries."""
+    m = compiled.memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+
+
+def check_fits(peak: int, what: str, flags_named: str) -> None:
+    """One line naming the flags when `peak` bytes exceed what this machine has available now."""
+    avail = available_bytes()
+    if peak > avail:
+        raise FlagError(f"{flags_named}: {what} needs about {peak / 2**30:.1f} GiB (XLA's memory analysis) but "
+                        f"{avail / 2**30:.1f} GiB is available; use fewer rows / shorter sequences, or --remat")
 
 
 def main(argv):
@@ -36,12 +72,29 @@ def main(argv):
     import grpo
     import model
 
+    for name in ("rows", "prompt_len", "completion_len", "repeats"):
+        if F[name].value < 1:
+            raise FlagError(f"--{name} must be >= 1, got {F[name].value}")
     if F.random:
-        model_cfg = model.get_preset("gemma3-270m")
+        try:
+            model_cfg = cli.preset_config(F.preset)
+        except ValueError as e:
+            raise FlagError(f"--preset: {e}") from None
+    else:
+        model_dir = cli.resolve_model_dir(F.model_dir)
+        model_cfg = cli.load_model_config(model_dir)
+    t = F.prompt_len + F.completion_len
+    mesh = grpo.make_mesh(data=1, fsdp=len(jax.devices()))
+    configs = {tail: grpo.GRPOConfig(num_generations=2, learning_rate=1e-6, remat=F.remat,
+                                     logprob_tail=None if tail == "0" else F.completion_len) for tail in F.tails}
+    compiled = {tail: _compile_step(model_cfg, cfg, mesh, F.rows, t) for tail, cfg in configs.items()}
+    for tail, c in compiled.items():
+        check_fits(compiled_peak_bytes(c), f"a step of {F.rows} rows x {t} tokens (tail {tail})",
+                   "--rows/--prompt_len/--completion_len")
+    if F.random:
         params = model.init_params(jax.random.key(0), model_cfg)
     else:
-        model_cfg, params = cli.load_model(cli.resolve_model_dir(F.model_dir), jnp.float32)
-    t = F.prompt_len + F.completion_len
+        model_cfg, params = cli.load_model(model_dir, jnp.float32)
     rng = np.random.default_rng(0)
     batch = {
         "tokens": jnp.asarray(rng.integers(4, 1000, (F.rows, t)), jnp.int32),
@@ -49,14 +102,14 @@ def main(argv):
         "completion_mask": jnp.asarray(np.arange(t)[None].repeat(F.rows, 0) >= F.prompt_len, jnp.int32),
         "advantages": jnp.asarray(rng.normal(size=F.rows), jnp.float32),
     }
-    mesh = grpo.make_mesh(data=1, fsdp=len(jax.devices()))
+    batch = {k: jax.device_put(v, jax.NamedSharding(mesh, grpo.sharding.batch_spec(v.ndim))) for k, v in batch.items()}
     print(f"{model_cfg.name}: {F.rows} rows x {t} tokens ({F.completion_len} completion), remat={F.remat}, "
           f"{jax.device_count()} x {jax.devices()[0].platform}")
+    results = {}
     for tail in F.tails:
-        grpo_cfg = grpo.GRPOConfig(num_generations=2, learning_rate=1e-6, remat=F.remat,
-                               logprob_tail=None if tail == "0" else F.completion_len)
+        grpo_cfg = configs[tail]
         p, opt = grpo.init_train_state(jax.tree.map(jnp.copy, params), model_cfg, grpo_cfg, mesh)
-        step = grpo.make_step(model_cfg, grpo_cfg, mesh)
+        step = compiled[tail]
         t0 = time.perf_counter()
         p, opt, m = step(p, opt, batch)
         jax.block_until_ready(m)
@@ -70,8 +123,35 @@ def main(argv):
         med = statistics.median(times)
         label = "all positions" if tail == "0" else f"tail {F.completion_len}"
         print(f"log-probs on {label:14s}: step {med:6.2f} s median of {F.repeats} "
-              f"({F.rows * t / med:6.1f} tokens/s; first step incl. compile {compile_s:.1f} s)")
+              f"({F.rows * t / med:6.1f} tokens/s; first step {compile_s:.1f} s)")
+        results[tail] = {"step_s": med, "steps_s": times, "first_step_s": compile_s,
+                         "tokens_per_s": F.rows * t / med, "peak_bytes": compiled_peak_bytes(step)}
         del p, opt
+    if F.json:
+        print(json.dumps({"model": model_cfg.name, "rows": F.rows, "prompt_len": F.prompt_len,
+                          "completion_len": F.completion_len, "remat": F.remat, "tails": results}))
+
+
+def _compile_step(model_cfg, grpo_cfg, mesh, rows: int, t: int):
+    """The step compiled from abstract params, optimizer state and batch (nothing allocated yet)."""
+    import jax
+    import jax.numpy as jnp
+
+    import grpo
+    import model
+
+    params = model.abstract_params(model_cfg, jnp.float32)
+    specs = grpo.param_specs(model_cfg, mesh)
+    shard = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.NamedSharding(mesh, s))
+    params = jax.tree.map(shard, params, specs)
+    tx = grpo.make_optimizer(grpo_cfg, model_cfg)
+    state = jax.eval_shape(tx.init, params)
+    state = jax.tree.map(shard, state, grpo.opt_state_specs(state, specs))
+    rows_spec = lambda dt, *shape: jax.ShapeDtypeStruct(shape, dt, sharding=jax.NamedSharding(
+        mesh, grpo.sharding.batch_spec(len(shape))))
+    batch = {"tokens": rows_spec(jnp.int32, rows, t), "attention_mask": rows_spec(jnp.int32, rows, t),
+             "completion_mask": rows_spec(jnp.int32, rows, t), "advantages": rows_spec(jnp.float32, rows)}
+    return grpo.make_step(model_cfg, grpo_cfg, mesh).lower(params, state, batch).compile()
 
 
 def run() -> None:

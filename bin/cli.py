@@ -163,6 +163,15 @@ def load_tokenizer(value: str | None, model_dir: Path, model_cfg):
     return tok
 
 
+def preset_config(preset: str):
+    """A model preset by name (model.PRESETS), or tiny-gemma2 / tiny-gemma3; ValueError when unknown."""
+    import model
+
+    if preset.startswith("tiny-"):
+        return model.tiny_config(preset.removeprefix("tiny-"))
+    return model.get_preset(preset)
+
+
 def lora_config(model_cfg):
     """--lora_* as a LoraConfig checked against the model (one line naming the flag), or None for rank 0."""
     from model.lora import TARGETS, LoraConfig, validate_lora

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from absl import flags
 
-from bin import cli
+from bin import cli, machines
 from bin.cli import FlagError
 
 FLAGS = flags.FLAGS
@@ -49,6 +49,12 @@ cli.define_lora_flags()
 flags.DEFINE_bool("accelerator_estimate", False,
                   "with --dtype bfloat16 on CPU: also compile the program with float32 weights and report these "
                   "arguments + ITS temporaries, leaving out XLA:CPU's float32 copies of bf16 weights (see BUILD.md)")
+flags.DEFINE_string("machine", None, "A machine preset (bin/machines.py): its mesh, dtype, micro-batches, remat, "
+                    "LoRA rank and checked batch shape (explicit flags win); adds device_bytes, the rollout's "
+                    "estimate and fits. Choose from " + ", ".join(machines.MACHINES))
+flags.DEFINE_integer("rollout_batch_size", None, "With --machine: rows per sampler call (default: the machine's).")
+flags.DEFINE_integer("max_new_tokens", None, "With --machine: completion budget inside --seq_len for the rollout "
+                     f"estimate (default: --seq_len - {machines.PROMPT_TOKENS}).")
 flags.DEFINE_bool("json", False, "print one JSON object with every reported number as the last line of stdout")
 flags.DEFINE_string("dump_hlo", None, "directory to write <what>.stablehlo.mlir and <what>.optimized.hlo.txt")
 flags.DEFINE_bool("stablehlo", False, "print the StableHLO text to stdout")
@@ -59,11 +65,7 @@ MIB = 2**20
 
 
 def model_config(preset: str):
-    import model
-
-    if preset.startswith("tiny-"):
-        return model.tiny_config(preset.removeprefix("tiny-"))
-    return model.get_preset(preset)
+    return cli.preset_config(preset)
 
 
 def analytic_flops(cfg, rows: int, seq: int, what: str, remat: bool, lora: bool = False) -> float:
@@ -195,6 +197,14 @@ def report(n: dict) -> str:
         f"  temporaries {_size(n['temp_bytes'])}",
         f"  peak ~      {_size(n['peak_bytes_per_device'])} (arguments + outputs - aliased + temporaries)",
     ]
+    if "machine" in n:
+        bar = n["fit_fraction"] * n["device_bytes"]
+        lines += [f"machine {n['machine']}: {_size(n['device_bytes'])} per device, bar {_size(int(bar))} "
+                  f"({n['fit_fraction']:.2f}x); {n['compiled_as']}",
+                  f"  step     {_size(n['peak_bytes_per_device'])}  fits: {n['step_fits']}",
+                  f"  rollout  {_size(n['rollout_bytes_per_device'])}  fits: {n['rollout_fits']} "
+                  f"({n['rollout_rows']} rows per sampler call; upper bound, see bin/machines.py)",
+                  f"fits: {n['fits']}"]
     if "accelerator_estimate_bytes" in n:
         lines += [f"  float32 program's temporaries {_size(n['float32_temp_bytes'])}",
                   f"  accelerator ~ {_size(n['accelerator_estimate_bytes'])} (peak with the float32 program's "
@@ -216,6 +226,51 @@ def accelerator_estimate(cfg, n: dict) -> dict:
             - n["temp_bytes"] + temp32}
 
 
+def stored_bytes_per_device(cfg, dtype, shards: int, lora: bool) -> int:
+    """What the step keeps between steps on one device: params as stored (FSDP-split), plus for full fine-tuning
+    the two float32 Adam moments (and a reference copy when --beta > 0); LoRA's adapters are a rounding error."""
+    import numpy as np
+
+    stored = cfg.num_params() * np.dtype(dtype).itemsize
+    if not lora:
+        stored += cfg.num_params() * 8 + (stored if FLAGS.beta else 0)
+    return stored // shards
+
+
+def machine_check(cfg, machine, devices: int) -> dict:
+    """The machine's fit: the step compiled with float32 compute (no XLA:CPU bf16 copies; activations sized as
+    float32, at least an accelerator's bf16 ones), its parameter arguments counted at the machine's storage
+    dtype; plus the rollout's upper bound (bin/machines.py `rollout_bytes`) at the machine's rollout rows."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    dtype, compute_dtype = _dtypes()
+    compiled = lower(cfg, FLAGS.what, dtypes=(jnp.float32, None)).compile()
+    n = numbers(cfg, compiled, devices)
+    lora = n["lora_rank"] > 0
+    shards = cli.parse_mesh(FLAGS.mesh)["fsdp"]
+    if np.dtype(dtype).itemsize < 4:  # bf16 storage: the compiled float32 params are twice the real ones
+        n["peak_bytes_per_device"] -= cfg.num_params() * (4 - np.dtype(dtype).itemsize) // shards * (
+            1 + int(bool(FLAGS.beta) and not lora))
+    seq = FLAGS.seq_len
+    new_tokens = FLAGS.max_new_tokens or max(1, seq - machines.PROMPT_TOKENS)
+    rollout_rows = FLAGS.rollout_batch_size or min(machine.rollout_rows, FLAGS.batch)
+    sample_bytes = 2 if (compute_dtype == "bfloat16" or np.dtype(dtype).itemsize == 2) else 4
+    rollout = machines.rollout_bytes(cfg, rollout_rows, min(seq, machines.PROMPT_TOKENS + new_tokens),
+                                     sample_dtype_bytes=sample_bytes,
+                                     stored_bytes_per_device=stored_bytes_per_device(cfg, dtype, shards, lora))
+    n.update({
+        "machine": machine.name, "dtype": FLAGS.dtype, "compute_dtype": compute_dtype,
+        "compiled_as": "float32 compute (an upper bound for bfloat16 compute), params counted as stored",
+        "device_bytes": machine.device_bytes(), "fit_fraction": machines.FIT_FRACTION,
+        "rollout_rows": rollout_rows, "rollout_bytes_per_device": rollout,
+        "step_fits": machines.fits(n["peak_bytes_per_device"], machine),
+        "rollout_fits": machines.fits(rollout, machine),
+    })
+    n["fits"] = n["step_fits"] and n["rollout_fits"]
+    return n
+
+
 def main(argv):
     cli.no_extra_args(argv)
     for name in ("batch", "seq_len", "num_micro_batches", "logits_chunk"):
@@ -225,21 +280,36 @@ def main(argv):
         raise FlagError("--lora_rank applies to --what logprobs or step, not forward")
     if FLAGS.accelerator_estimate and (FLAGS.dtype != "bfloat16" or FLAGS.compute_dtype or FLAGS.platform != "cpu"):
         raise FlagError("--accelerator_estimate needs --dtype bfloat16 (no --compute_dtype) on --platform cpu")
+    machine = machines.get(FLAGS.machine) if FLAGS.machine else None
+    if machine:
+        if FLAGS.what == "forward" or FLAGS.accelerator_estimate or FLAGS.platform != "cpu":
+            raise FlagError("--machine: needs --what step or logprobs, on --platform cpu, without "
+                            "--accelerator_estimate (a machine's check is its own estimate)")
+        machines.apply(FLAGS, machine, machine.inspect_flags())
     axes = cli.parse_mesh(FLAGS.mesh)
     devices = 1 if FLAGS.what == "forward" else axes["data"] * axes["fsdp"]
+    if machine and machine.devices is not None and devices != machine.devices:
+        raise FlagError(f"--mesh: {FLAGS.mesh} uses {devices} devices; {machine.name} has {machine.devices}")
     cli.set_fake_cpu_devices(devices, FLAGS.platform)
     try:
         cfg = model_config(FLAGS.preset)
-        lowered = lower(cfg, FLAGS.what)
+        if machine:
+            n = machine_check(cfg, machine, devices)
+            lowered = None
+        else:
+            lowered = lower(cfg, FLAGS.what)
     except ValueError as e:  # bad preset or batch shape: one line, not a traceback
         raise FlagError(str(e)) from None
-    compiled = lowered.compile()
-    n = numbers(cfg, compiled, devices)
-    if FLAGS.accelerator_estimate:
-        n.update(accelerator_estimate(cfg, n))
-    if FLAGS.stablehlo:
+    if lowered is not None:
+        compiled = lowered.compile()
+        n = numbers(cfg, compiled, devices)
+        if FLAGS.accelerator_estimate:
+            n.update(accelerator_estimate(cfg, n))
+    else:
+        compiled = None
+    if FLAGS.stablehlo and lowered is not None:
         print(lowered.as_text())
-    if FLAGS.dump_hlo:
+    if FLAGS.dump_hlo and lowered is not None:
         out = Path(FLAGS.dump_hlo)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{FLAGS.what}.stablehlo.mlir").write_text(lowered.as_text())

@@ -17,7 +17,7 @@ import zlib
 
 from absl import flags, logging
 
-from bin import cli, recipes
+from bin import cli, machines, recipes
 from bin.cli import FlagError
 
 F = flags.FLAGS
@@ -28,7 +28,10 @@ cli.define_dtype_flag("auto")
 flags.DEFINE_string("data_file", None, "TinyZero Countdown-Tasks-3to4 file (JSONL or Parquet). Default: generate.")
 flags.DEFINE_integer("num_train_puzzles", 20_000, "Generated puzzles for training (without --data_file).")
 flags.DEFINE_enum("template", "base", ["base", "chat"], "Prompt template: TinyZero's base, or Gemma chat turns.")
-flags.DEFINE_string("recipe", None, "A named set of flag defaults (bin/recipes.py): laptop. Explicit flags win.")
+flags.DEFINE_string("recipe", None, "A named set of algorithm flag defaults (bin/recipes.py): laptop, tinyzero. "
+                    "Explicit flags win.")
+flags.DEFINE_string("machine", None, "A named set of hardware flag defaults (bin/machines.py): "
+                    + ", ".join(machines.MACHINES) + ". Explicit flags win.")
 flags.DEFINE_string("curriculum", "off", "Difficulty ladder (data/curriculum.py): off (TinyZero's puzzles only) or "
                     "countdown (two small numbers up to TinyZero's puzzles; shaped rewards on the easy levels).")
 flags.DEFINE_float("promote_at", 0.5, "Move up a level once the sampled solved rate over the last 4 steps reaches "
@@ -73,6 +76,8 @@ flags.DEFINE_bool("stop_at_answer", True, "End a rollout (and an eval) once its 
                   "the decode loop. TinyZero samples on to EOS or the budget.")
 flags.DEFINE_bool("skip_zero_std_groups", False, "Groups whose rewards are all equal neither enter the loss nor "
                   "dilute its token count (DAPO's dynamic sampling, as a filter).")
+flags.DEFINE_integer("rollout_batch_size", 0, "Rows per sampler call (0: the whole batch at once); a --machine "
+                     "caps it so one call's KV cache fits a device.")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature for rollouts (eval is greedy).")
 flags.DEFINE_integer("top_k", None, "Top-k for rollouts.")
 flags.DEFINE_float("top_p", None, "Top-p for rollouts.")
@@ -111,7 +116,7 @@ def _load_task(tok):
 # Lower bounds of the integer flags: one message per flag (exit 2 before anything is loaded).
 MIN_VALUES = {"steps": 0, "prompts_per_step": 1, "num_generations": 2, "max_new_tokens": 1, "eval_every": 0,
               "eval_size": 0, "checkpoint_every": 1, "keep_checkpoints": 1, "seed": 0, "max_bad_steps": 1,
-              "num_micro_batches": 1, "num_train_puzzles": 1}
+              "num_micro_batches": 1, "num_train_puzzles": 1, "rollout_batch_size": 0}
 WHY_MIN = {"num_generations": "GRPO compares at least 2 completions per prompt"}
 
 
@@ -229,7 +234,8 @@ def _configs(compute_dtype: str | None):
         )
         sampling = SamplingConfig(temperature=F.temperature, top_k=F.top_k, top_p=F.top_p)
         rollout_cfg = RolloutConfig(max_new_tokens=F.max_new_tokens, sampling=sampling,
-                                    stop_at_answer=F.stop_at_answer, skip_zero_std_groups=F.skip_zero_std_groups)
+                                    stop_at_answer=F.stop_at_answer, skip_zero_std_groups=F.skip_zero_std_groups,
+                                    batch_rows=F.rollout_batch_size)
     except ValueError as e:  # the configs name the field, which is the flag's name
         raise FlagError(f"--{e}") from None
     train_cfg = TrainConfig(
@@ -269,6 +275,7 @@ def _check_loggers() -> list[str]:
 def _setup():
     """Everything that can fail on user input, before any compile. Returns what train() needs."""
     recipes.apply(F, F.recipe)
+    machine, given = _apply_machine()
     _check_flags()
     import jax
 
@@ -277,12 +284,18 @@ def _setup():
     if F.coordinator_address:
         jax.distributed.initialize(F.coordinator_address, F.num_processes, F.process_id)
         _check_processes_agree()
+    if machine:
+        machines.check_devices(machine, len(jax.devices()), jax.default_backend())
+    axes = cli.parse_mesh(F.mesh, len(jax.devices()))
+    if machine:
+        _plan_for_machine(machine, axes, given)
     dtype, compute_dtype = cli.resolve_dtypes(F.dtype, jax.default_backend())
     grpo_cfg, rollout_cfg, train_cfg = _configs(compute_dtype)
-    axes = cli.parse_mesh(F.mesh, len(jax.devices()))
     _check_batch_layout(axes)
     model_dir = cli.resolve_model_dir(F.model_dir)
     model_cfg = cli.load_model_config(model_dir)
+    if machine:
+        machines.check_full_fine_tuning(machine, model_cfg, axes["fsdp"], F.lora_rank)
     lora_cfg = cli.lora_config(model_cfg)
     _check_resume_layout(lora_cfg)
     tok = cli.load_tokenizer(F.tokenizer, model_dir, model_cfg)
@@ -291,6 +304,29 @@ def _setup():
     cli.check_writable_dir("output_dir", F.output_dir)  # last: a bad flag above leaves nothing behind
     mesh = grpo.make_mesh(data=axes["data"], fsdp=axes["fsdp"])
     return model_dir, dtype, task, grpo_cfg, rollout_cfg, train_cfg, mesh, lora_cfg
+
+
+def _apply_machine():
+    """--machine's hardware defaults on the flags not given. Returns (machine or None, the explicitly given
+    --num_micro_batches / --rollout_batch_size, which the plan keeps if they fit)."""
+    if not F.machine:
+        return None, {}
+    machine = machines.get(F.machine)
+    given = {name: F[name].value for name in ("num_micro_batches", "rollout_batch_size") if F[name].present}
+    machines.apply(F, machine, machine.train_flags())
+    return machine, given
+
+
+def _plan_for_machine(machine, axes: dict[str, int], given: dict) -> None:
+    """Micro-batches and rollout rows so each device stays within the machine's checked shape (bin/machines.py)."""
+    rows = F.prompts_per_step * F.num_generations
+    seq = machines.PROMPT_TOKENS + F.max_new_tokens
+    shards = axes["data"] * axes["fsdp"]
+    F.num_micro_batches = machines.plan_micro_batches(machine, rows, seq, shards, given.get("num_micro_batches"))
+    F.rollout_batch_size = machines.plan_rollout_rows(machine, rows, seq, given.get("rollout_batch_size"))
+    print(f"machine {machine.name}: mesh {F.mesh or 'fsdp over all devices'}, dtype {F.dtype}, "
+          f"{F.num_micro_batches} micro-batches, remat={F.remat}, lora_rank {F.lora_rank}, "
+          f"{F.rollout_batch_size} rollout rows per sampler call")
 
 
 def main(argv):

@@ -36,6 +36,7 @@ import zlib
 from collections.abc import Sequence
 
 from data import countdown
+from data.prompts import WorkedExample
 from data.puzzles import Puzzle, PuzzleConfig, make_splits
 
 TINYZERO = "tinyzero"
@@ -79,20 +80,26 @@ class Level:
     name: str
     puzzles: PuzzleConfig
     reward: LevelReward = LevelReward()
+    example: WorkedExample | None = None  # a solved puzzle shown before the question (easy levels only)
 
     def heldout_seed(self) -> int:
         """A seed from the level's name alone: the same held-out puzzles in every run."""
         return zlib.crc32(self.name.encode())
 
 
+# Worked examples of the easy levels: a small search written out (try, check against the target, try again),
+# so the model sees the answer format filled with the given numbers, and a check that rejects a wrong try.
+TWO_NUMBERS = WorkedExample((7, 3), 4, "Try 7 + 3 = 10. Not 4. Try 7 - 3 = 4. Yes.", "7 - 3")
+THREE_NUMBERS = WorkedExample((2, 3, 4), 14, "Try 2 + 3 + 4 = 9. Not 14. Try 3 * 4 = 12, 12 + 2 = 14. Yes.",
+                              "3 * 4 + 2")
 LADDERS: dict[str, tuple[Level, ...]] = {
     "countdown": (
         Level("2x1-9", PuzzleConfig(counts=(2,), num_min=1, num_max=9, target_min=1, target_max=18),
-              LevelReward(partial_score=0.2, numbers_score=0.4)),
+              LevelReward(partial_score=0.2, numbers_score=0.4), TWO_NUMBERS),
         Level("2x1-30", PuzzleConfig(counts=(2,), num_min=1, num_max=30, target_min=1, target_max=60),
-              LevelReward(partial_score=0.15, numbers_score=0.3)),
+              LevelReward(partial_score=0.15, numbers_score=0.3), TWO_NUMBERS),
         Level("3x1-30", PuzzleConfig(counts=(3,), num_min=1, num_max=30, target_min=10, target_max=100),
-              LevelReward(partial_score=0.15, numbers_score=0.25)),
+              LevelReward(partial_score=0.15, numbers_score=0.25), THREE_NUMBERS),
         Level(TINYZERO, PuzzleConfig()),
     ),
 }

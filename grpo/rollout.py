@@ -18,6 +18,7 @@ import dataclasses
 import re
 import time
 
+import jax
 import numpy as np
 
 import model
@@ -54,10 +55,16 @@ class RolloutConfig:
     # DAPO's dynamic sampling, as a filter: a group whose G rewards are all equal has zero advantages; with this
     # on its rows also leave the loss's token count (and the KL term), so they do not dilute the other groups.
     skip_zero_std_groups: bool = False
+    # Rows per sampler call (0: the whole batch in one call), rounded down to whole groups (at least one). A
+    # machine preset caps it so the KV cache of one call fits a device (bin/machines.py); the calls draw from
+    # keys folded from the step's key.
+    batch_rows: int = 0
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.batch_rows < 0:
+            raise ValueError(f"rollout_batch_size must be >= 0, got {self.batch_rows}")
 
 
 def align_grpo_config(grpo_cfg: GRPOConfig, rollout_cfg: RolloutConfig) -> GRPOConfig:
@@ -142,13 +149,22 @@ def sample_groups(params, model_cfg, task: Task, items: list, num_generations: i
                   key, scale_rewards: str) -> Rollout:
     """G completions per prompt, sampled and scored, as a training batch plus the step's rollout metrics."""
     expanded = [it for it in items for _ in range(num_generations)]
-    prompts = [task.encode_prompt(it) for it in expanded]
+    unique = [task.encode_prompt(it) for it in items]  # one prefill per prompt, its cache rows replicated G times
+    prompts = [p for p in unique for _ in range(num_generations)]
     sampling = rollout_cfg.sampling
     t0 = time.perf_counter()
-    res = model.generate(params, model_cfg, prompts, key, max_new_tokens=rollout_cfg.max_new_tokens,
-                         temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                         eos_ids=task.eos_ids, stop_table=task_stop_table(task, rollout_cfg))
-    tokens, lengths, truncated = (np.asarray(x) for x in (res.tokens, res.lengths, res.truncated))
+    stop_table = task_stop_table(task, rollout_cfg)
+    # whole groups per sampler call (at least one)
+    chunk = max(1, rollout_cfg.batch_rows // num_generations) if rollout_cfg.batch_rows else len(unique)
+    parts = []
+    for i, start in enumerate(range(0, len(unique), chunk)):
+        part_key = key if chunk >= len(unique) else jax.random.fold_in(key, i)
+        parts.append(model.generate(params, model_cfg, unique[start : start + chunk], part_key,
+                                    max_new_tokens=rollout_cfg.max_new_tokens, temperature=sampling.temperature,
+                                    top_k=sampling.top_k, top_p=sampling.top_p, eos_ids=task.eos_ids,
+                                    stop_table=stop_table, num_repeats=num_generations))
+    tokens, lengths, truncated = (np.concatenate([np.asarray(getattr(r, name)) for r in parts])
+                                  for name in ("tokens", "lengths", "truncated"))
     sample_s = time.perf_counter() - t0
     scored = score_rows(task, expanded, tokens, lengths)
     rewards = np.array([s.reward for s in scored], np.float32)

@@ -103,10 +103,11 @@ class CountdownTask:
         return [LevelPuzzle(p, level) for p in self.test[level]]
 
     def prompt_text(self, item: LevelPuzzle) -> str:
-        return prompts.render(self.template, list(item.puzzle.nums), item.puzzle.target)
+        example = self.levels[item.level].example
+        return prompts.render(self.template, list(item.puzzle.nums), item.puzzle.target, example)
 
     def encode_prompt(self, item: LevelPuzzle) -> list[int]:
-        key = (tuple(item.puzzle.nums), item.puzzle.target)
+        key = (tuple(item.puzzle.nums), item.puzzle.target, item.level)
         if key not in self._prompt_cache:
             self._prompt_cache[key] = self.tokenizer.encode(self.prompt_text(item), add_bos=True)
         return self._prompt_cache[key]

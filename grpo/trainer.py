@@ -35,7 +35,7 @@ from grpo.checkpoints import TrainCheckpointer
 from grpo.config import GRPOConfig
 from grpo.evaluation import evaluate
 from grpo.loggers import make_loggers
-from grpo.logprobs import make_step_logprobs
+from grpo.logprobs import cast_params, make_step_logprobs
 from grpo.lora_step import init_lora_state, make_lora_step
 from grpo.rollout import Rollout, RolloutConfig, align_grpo_config, sample_groups, sample_record
 from grpo.run_files import RunLog, RunWriteError, describe_write_failure, peak_rss_bytes
@@ -120,10 +120,11 @@ def _compiled_fns(model_cfg: GemmaConfig, grpo_cfg: GRPOConfig, lora_cfg: LoraCo
 
 
 def policy_params(ctx: RunContext, state: LoopState) -> dict:
-    """The params the policy samples and evaluates with: base + adapters merged once (LoRA), else the params."""
-    if ctx.lora_cfg is None:
-        return state.params
-    return merge(ctx.base_params, state.params, ctx.model_cfg, ctx.lora_cfg)
+    """The params the policy samples and evaluates with: base + adapters merged once (LoRA), else the params; in
+    the step's compute dtype (bf16 compute samples from a bf16 copy: half the weight and KV-cache bytes)."""
+    params = state.params if ctx.lora_cfg is None else merge(ctx.base_params, state.params, ctx.model_cfg,
+                                                             ctx.lora_cfg)
+    return cast_params(params, ctx.grpo_cfg.compute_dtype)
 
 
 def start_run(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOConfig, rollout_cfg: RolloutConfig,

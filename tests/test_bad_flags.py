@@ -29,7 +29,7 @@ TRAIN_BAD = {
     "top_p": "1.5", "mesh": "data=3", "coordinator_address": "localhost", "num_processes": "2", "process_id": "0",
     "recipe": "fast", "curriculum": "steep", "promote_at": "1.5", "stop_at_answer": "maybe",
     "skip_zero_std_groups": "often", "time_limit": "soon", "lora_rank": "-1", "lora_alpha": "-2",
-    "lora_targets": "q,attn",
+    "lora_targets": "q,attn", "machine": "tpu-v9", "rollout_batch_size": "-1",
 }
 # Flags whose bad value only shows once an earlier check passes: they need a real model + tokenizer.
 NEEDS_MODEL = {"data_file", "max_new_tokens", "output_dir", "curriculum"}

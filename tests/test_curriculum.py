@@ -145,3 +145,58 @@ def test_loop_on_the_ladder_logs_levels(tmp_path):
     assert list(evals[0]["solved_by_level"]) == [lv.name for lv in LEVELS]
     samples = [json.loads(x) for x in (run / "train_samples.jsonl").read_text().splitlines()]
     assert {s["level"] for s in samples} == {"2x1-9"} and all(s["nums"] and s["target"] for s in samples)
+
+
+@pytest.mark.parametrize("template", ["base", "chat"])
+def test_worked_examples_on_easy_levels_only(template):
+    """Easy levels show one solved puzzle first (its answer really solves it, by TinyZero's reward); TinyZero's level
+    keeps TinyZero's prompt verbatim."""
+    from data import prompts
+    from data.puzzles import Puzzle
+    from grpo.tasks import LevelPuzzle
+
+    puzzle = Puzzle((5, 6), 11)
+    for i, lv in enumerate(LEVELS):
+        text = prompts.render(template, puzzle.nums, puzzle.target, lv.example)
+        plain = prompts.render(template, puzzle.nums, puzzle.target)
+        if lv.name == TINYZERO:
+            assert lv.example is None and text == plain
+            continue
+        ex = lv.example
+        assert text != plain and text.endswith(plain.rsplit("User: ", 1)[-1] if template == "base" else plain)
+        assert f"Using the numbers {list(ex.nums)}, create an equation that equals {ex.target}" in text
+        assert text.count("Let me solve this step by step.\n<think>") == 2
+        assert countdown.score(f"<think>{ex.work}</think>\n<answer> {ex.answer} </answer>", list(ex.nums),
+                               ex.target) == 1.0
+        assert len(ex.nums) == LEVELS[i].puzzles.counts[0]
+        task = types.SimpleNamespace(levels=LEVELS, template=template)
+        from grpo.tasks import CountdownTask
+
+        assert CountdownTask.prompt_text(task, LevelPuzzle(puzzle, i)) == text
+
+
+def test_chunked_rollout_equals_one_call_when_greedy(tmp_path):
+    """--rollout_batch_size splits the sampler call; greedy rows do not depend on which call drew them."""
+    import jax
+    from tiny_model import VOCAB, train_tokenizer
+
+    import model
+    from grpo.rollout import RolloutConfig, sample_groups
+    from grpo.tasks import CountdownTask
+    from model.sampling import SamplingConfig
+    from model.tokenizer import Tokenizer
+
+    tok = Tokenizer(train_tokenizer(tmp_path / "tokenizer.model"))
+    splits = [level_splits(lv, 20, 2, seed=0) for lv in LEVELS]
+    task = CountdownTask(train=[t for t, _ in splits], test=[h for _, h in splits], tokenizer=tok, levels=LEVELS)
+    cfg = model.tiny_config("gemma3", num_layers=2, vocab_size=VOCAB, embed_dim=32, hidden_dim=64)
+    params = model.init_params(jax.random.key(0), cfg)
+    items = task.train_items(0, 3, level=0)
+    greedy = SamplingConfig(temperature=0.0)
+    runs = [sample_groups(params, cfg, task, items, 2, RolloutConfig(max_new_tokens=10, sampling=greedy,
+                                                                     batch_rows=rows), jax.random.key(1), "group")
+            for rows in (0, 4, 1)]
+    for other in runs[1:]:
+        np.testing.assert_array_equal(other.batch["tokens"], runs[0].batch["tokens"])
+        np.testing.assert_array_equal(other.lengths, runs[0].lengths)
+    assert runs[0].batch["tokens"].shape[0] == 6

@@ -107,3 +107,21 @@ def test_lora_old_logprobs_and_base_reference_equal_the_steps(setup):
         metrics = run_step(trained, {**_signed(batch, sign), "old_logprobs": old, "ref_logprobs": ref})
         assert float(metrics["clip_frac"]) == 0.0 and float(metrics["pg_loss"]) == -sign
         assert float(metrics["kl"]) > 0
+
+
+def test_rollouts_sample_in_the_compute_dtype(setup):
+    """Under bf16 compute the sampler gets a bf16 copy (half the weight and KV-cache bytes; the machine presets'
+    rollout bound counts on it); without a compute dtype it gets the params as stored. LoRA: merged, then cast."""
+    import types
+
+    from grpo.trainer import LoopState, policy_params
+
+    params, adapters = setup[0], setup[1]
+    for compute, want in (("bfloat16", jnp.bfloat16), (None, jnp.float32)):
+        ctx = types.SimpleNamespace(lora_cfg=None, grpo_cfg=grpo.GRPOConfig(compute_dtype=compute))
+        got = policy_params(ctx, LoopState(params=params, opt_state=None))
+        assert {leaf.dtype for leaf in jax.tree.leaves(got)} == {jnp.dtype(want)}
+    ctx = types.SimpleNamespace(lora_cfg=LCFG, grpo_cfg=GCFG, base_params=params, model_cfg=CFG)
+    got = policy_params(ctx, LoopState(params=adapters, opt_state=None))
+    assert {leaf.dtype for leaf in jax.tree.leaves(got)} == {jnp.dtype(jnp.bfloat16)}
+    assert jax.tree.structure(got) == jax.tree.structure(params)

@@ -197,6 +197,24 @@ def test_a_row_does_not_depend_on_other_rows_or_its_padding(tiny2, sampled):
     assert (batch.tokens[8] != mixed.tokens[8]).any()  # the neighbours really differ
 
 
+def test_shared_prefill_equals_repeated_prompts(tiny2):
+    """num_repeats=G prefills each prompt once and replicates its cache rows. Reference: the same 4 prompts each
+    written out 4 times (16 rows, 16 prefills), same key: identical tokens, log-probs within 1e-5 (the rows'
+    prefill arithmetic may be grouped differently); rows of one prompt still draw different samples."""
+    cfg, params = tiny2
+    unique = _prompts(SAMPLED_LENGTHS[:4], seed=5)
+    expanded = [p for p in unique for _ in range(4)]
+    written_out = _sample(tiny2, expanded, 7)
+    shared = model.generate(params, cfg, unique, jax.random.key(7), max_new_tokens=NEW, eos_ids=(),
+                            temperature=SAMPLING.temperature, top_k=SAMPLING.top_k, top_p=SAMPLING.top_p,
+                            num_repeats=4)
+    np.testing.assert_array_equal(shared.tokens, written_out.tokens)
+    np.testing.assert_allclose(shared.logprobs, written_out.logprobs, atol=1e-5)
+    assert (shared.tokens[0] != shared.tokens[1]).any() or (shared.tokens[0] != shared.tokens[2]).any()
+    with pytest.raises(ValueError, match="num_repeats"):
+        model.generate(params, cfg, unique, jax.random.key(7), max_new_tokens=NEW, num_repeats=0)
+
+
 def test_same_key_same_samples_other_key_other_samples(tiny2, sampled):
     """Reference: the sampler itself. Same key -> bit-identical tokens and log-probs; another key -> the 160
     sampled tokens differ somewhere."""

@@ -1,0 +1,45 @@
+"""Benchmark binaries' contracts (not their speed: targets live in BUILD.md, never in timed tests).
+
+Reference: the documented output format (`bin/bench_train --json`: {"tails": {"completion": {"step_s": ...}}}
+on the last line) and the one-line refusal of a shape that cannot fit, decided from XLA's memory analysis of
+the abstractly compiled step before any weight is allocated.
+"""
+
+from __future__ import annotations
+
+import json
+
+from binaries import run_tool
+
+
+def test_bench_train_json_has_step_seconds_per_tail():
+    out = run_tool("bench_train", "--random", "--preset", "tiny-gemma3", "--rows", "4", "--prompt_len", "8",
+                   "--completion_len", "8", "--repeats", "2", "--json", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(result["tails"]) == {"0", "completion"}
+    for timing in result["tails"].values():
+        assert timing["step_s"] > 0 and len(timing["steps_s"]) == 2 and timing["peak_bytes"] > 0
+
+
+def test_bench_train_refuses_a_shape_that_cannot_fit_before_allocating():
+    out = run_tool("bench_train", "--random", "--rows", "100000", "--tails", "completion", timeout=600)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+    assert lines[0].startswith("error: --rows") and "GiB (XLA's memory analysis)" in lines[0]
+    assert "available" in lines[0]
+
+
+def test_bench_grpo_splits_the_step_into_its_phases(tmp_path):
+    from tiny_model import make_tiny_model_dir
+
+    model_dir = make_tiny_model_dir(tmp_path / "model")
+    out = run_tool("bench_grpo", f"--model_dir={model_dir}", "--max_new_tokens", "8", "--repeats", "2", "--json",
+                   timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (result["prompts"], result["num_generations"], result["beta"]) == (4, 4, 0.04)
+    median = result["median"]
+    assert all(median[k] > 0 for k in ("rollout_s", "reference_s", "update_s"))
+    assert abs(median["total_s"] - sum(t["total_s"] for t in result["steps"]) / 2) < 1e-9  # median of 2 = mean
+    assert all(0 < t["completion_tokens"] <= 16 * 8 for t in result["steps"])
