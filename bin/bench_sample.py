@@ -40,6 +40,11 @@ flags.DEFINE_list("batch_sizes", ["1", "8", "32"], "Batch sizes to measure.")
 flags.DEFINE_integer("prompt_len", 150, "Prompt tokens per row.")
 flags.DEFINE_integer("new_tokens", 128, "Generated tokens per row.")
 flags.DEFINE_integer("repeats", 3, "Timed repeats after the warm-up (the median is reported).")
+flags.DEFINE_integer("num_repeats", 1, "Rows per distinct prompt sharing ONE prefill (GRPO's G; prefill 'repeats'): "
+                     "the batch is batch / num_repeats prompts, each prefilled once and its cache rows replicated.")
+flags.DEFINE_bool("json", False, "Print one JSON object with every row on the last line of stdout.")
+flags.DEFINE_bool("compare_hf", False, "Then run HF transformers' generate on the same shapes in the same invocation "
+                  "(tests/bench_hf_generate.py; needs the reference extra) and print end-to-end ratios.")
 
 BOS, FIRST_FREE_ID = 2, 4
 GREEDY = SamplingConfig(temperature=0.0)
@@ -74,11 +79,12 @@ def prefill_flops(compiled, model_cfg, params, tokens) -> float:
 def bench_batch(model_cfg, params, batch: int) -> dict:
     """Times prefill and decode for one batch size; returns the row of the report."""
     ids = np.random.default_rng(0).integers(FIRST_FREE_ID, model_cfg.vocab_size, FLAGS.prompt_len - 1)
-    tokens, pad = sampler.pad_prompts([[BOS, *ids.tolist()]] * batch, model_cfg, FLAGS.new_tokens)
+    repeats = FLAGS.num_repeats
+    tokens, pad = sampler.pad_prompts([[BOS, *ids.tolist()]] * (batch // repeats), model_cfg, FLAGS.new_tokens)
     eos = sampler.stop_rule(model_cfg, ())  # no stop ids: every row decodes the full budget
     key = jax.random.key(0)
     prefill = sampler.prefill.lower(params, tokens, pad, eos, key, cfg=model_cfg, sampling=GREEDY,
-                                    max_new_tokens=FLAGS.new_tokens).compile()
+                                    max_new_tokens=FLAGS.new_tokens, repeats=repeats).compile()
     state = prefill(params, tokens, pad, eos, key)
     decode = sampler.decode.lower(params, state, eos, cfg=model_cfg, sampling=GREEDY).compile()
     jax.block_until_ready(decode(params, state, eos))  # warm-up (state is donated)
@@ -100,6 +106,7 @@ def bench_batch(model_cfg, params, batch: int) -> dict:
         "decode_tok_s": batch * steps / t_decode,
         "decode_ms_step": t_decode / steps * 1e3,
         "decode_gflop_s": decode.cost_analysis()["flops"] * steps / t_decode / 1e9,
+        "end_to_end_tok_s": batch * FLAGS.new_tokens / (t_prefill + t_decode),
     }
 
 
@@ -111,17 +118,54 @@ def main(argv):
         raise FlagError(f"--batch_sizes must be integers, got {FLAGS.batch_sizes}") from None
     if min(batches) < 1 or FLAGS.prompt_len < 2 or FLAGS.new_tokens < 2 or FLAGS.repeats < 1:
         raise FlagError("need batch sizes >= 1, --prompt_len >= 2, --new_tokens >= 2, --repeats >= 1")
+    if FLAGS.num_repeats < 1 or any(b % FLAGS.num_repeats for b in batches):
+        raise FlagError(f"--num_repeats: {FLAGS.num_repeats} must be >= 1 and divide every batch size {batches}")
     model_cfg, params, name = load_model()
     print(f"{name}: float32, prompt {FLAGS.prompt_len}, {FLAGS.new_tokens} new tokens, greedy, no early stop, "
           f"median of {FLAGS.repeats} after a warm-up; {jax.devices()[0].device_kind} x{jax.device_count()}")
     header = ("batch", "bucket", "prefill s", "prefill tok/s", "prefill GFLOP/s", "decode s", "decode tok/s",
               "ms/step", "decode GFLOP/s")
     print(" | ".join(header))
+    rows = []
     for batch in batches:
         r = bench_batch(model_cfg, params, batch)
+        rows.append(r)
         print(f"{r['batch']} | {r['bucket']} | {r['prefill_s']:.2f} | {r['prefill_tok_s']:.0f} | "
               f"{r['prefill_gflop_s']:.1f} | {r['decode_s']:.2f} | {r['decode_tok_s']:.1f} | "
               f"{r['decode_ms_step']:.0f} | {r['decode_gflop_s']:.1f}", flush=True)
+    out = {"model": name, "prompt_len": FLAGS.prompt_len, "new_tokens": FLAGS.new_tokens,
+           "num_repeats": FLAGS.num_repeats, "rows": rows}
+    if FLAGS.compare_hf:
+        if FLAGS.random_270m:
+            raise FlagError("--compare_hf: needs a checkpoint both sides can load (drop --random_270m)")
+        del params
+        out["hf"] = [_hf_generate(batch) for batch in batches]
+        for ours, hf in zip(rows, out["hf"], strict=True):
+            ours["ratio_to_hf"] = ours["end_to_end_tok_s"] / hf["end_to_end_tok_s"]
+            print(f"batch {ours['batch']}: ours {ours['end_to_end_tok_s']:.1f} tok/s end to end (prefill included), "
+                  f"HF {hf['end_to_end_tok_s']:.1f}: {ours['ratio_to_hf']:.2f}x, same invocation")
+    if FLAGS.json:
+        import json
+
+        print(json.dumps(out))
+
+
+def _hf_generate(batch: int) -> dict:
+    """tests/bench_hf_generate.py at this batch, in a subprocess (torch and our buffers never coexist)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "tests" / "bench_hf_generate.py"
+    cmd = [sys.executable, str(script), "--model_dir", str(cli.resolve_model_dir(FLAGS.model_dir)), "--batch",
+           str(batch), "--prompt_len", str(FLAGS.prompt_len), "--new_tokens", str(FLAGS.new_tokens), "--repeats",
+           str(FLAGS.repeats), "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    print(done.stdout, end="")
+    if done.returncode != 0:
+        raise FlagError(f"--compare_hf: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'failed'}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run() -> None:

@@ -34,6 +34,8 @@ flags.DEFINE_bool("remat", False, "Rematerialise layers in the backward pass.")
 flags.DEFINE_integer("repeats", 3, "Timed steps.")
 flags.DEFINE_list("tails", ["0", "completion"], "Log-prob tails to time: 0 = all positions, completion = tail.")
 flags.DEFINE_bool("json", False, "Print one JSON object with every timing on the last line of stdout.")
+flags.DEFINE_bool("compare_hf", False, "Then time HF transformers' step on the same shape in the same invocation "
+                  "(tests/bench_hf_train.py; needs the reference extra) and print the ratio.")
 
 
 def available_bytes() -> int:
@@ -75,6 +77,10 @@ def main(argv):
     for name in ("rows", "prompt_len", "completion_len", "repeats"):
         if F[name].value < 1:
             raise FlagError(f"--{name} must be >= 1, got {F[name].value}")
+    if F.compare_hf and F.random:
+        raise FlagError("--compare_hf: needs a checkpoint both sides can load (drop --random)")
+    if F.compare_hf and "completion" not in F.tails:
+        raise FlagError("--compare_hf: compares the completion tail; keep 'completion' in --tails")
     if F.random:
         try:
             model_cfg = cli.preset_config(F.preset)
@@ -127,9 +133,34 @@ def main(argv):
         results[tail] = {"step_s": med, "steps_s": times, "first_step_s": compile_s,
                          "tokens_per_s": F.rows * t / med, "peak_bytes": compiled_peak_bytes(step)}
         del p, opt
+    out = {"model": model_cfg.name, "rows": F.rows, "prompt_len": F.prompt_len, "completion_len": F.completion_len,
+           "remat": F.remat, "tails": results}
+    if F.compare_hf:
+        del params
+        out["hf"] = _hf_step(model_dir)
+        for tail, timing in results.items():
+            if tail == "completion":
+                timing["ratio_to_hf"] = timing["step_s"] / out["hf"]["step_s"]
+                print(f"ours / HF (completion tail): {timing['ratio_to_hf']:.2f}x "
+                      f"({timing['step_s']:.2f} s vs {out['hf']['step_s']:.2f} s, same invocation)")
     if F.json:
-        print(json.dumps({"model": model_cfg.name, "rows": F.rows, "prompt_len": F.prompt_len,
-                          "completion_len": F.completion_len, "remat": F.remat, "tails": results}))
+        print(json.dumps(out))
+
+
+def _hf_step(model_dir) -> dict:
+    """tests/bench_hf_train.py on the same shape, in a subprocess (torch and our JAX buffers never coexist)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "tests" / "bench_hf_train.py"
+    cmd = [sys.executable, str(script), "--model_dir", str(model_dir), "--rows", str(F.rows), "--prompt_len",
+           str(F.prompt_len), "--completion_len", str(F.completion_len), "--repeats", str(F.repeats), "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    print(done.stdout, end="")
+    if done.returncode != 0:
+        raise FlagError(f"--compare_hf: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'failed'}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _compile_step(model_cfg, grpo_cfg, mesh, rows: int, t: int):

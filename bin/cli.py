@@ -85,9 +85,10 @@ def define_mesh_flag(default: str | None = None) -> None:
                         "Default: fsdp over all devices.")
 
 
-def define_lora_flags() -> None:
-    flags.DEFINE_integer("lora_rank", 0, "LoRA adapter rank; 0: full fine-tuning. Adapters train (use a larger "
-                         "--learning_rate than full fine-tuning, e.g. 1e-5 to 1e-4), the base model stays frozen.")
+def define_lora_flags(default_rank: int = 0) -> None:
+    flags.DEFINE_integer("lora_rank", default_rank, "LoRA adapter rank; 0: full fine-tuning. Adapters train (use a "
+                         "larger --learning_rate than full fine-tuning, e.g. 1e-5 to 1e-4), the base model stays "
+                         "frozen.")
     flags.DEFINE_float("lora_alpha", None, "LoRA alpha: the update is scaled by alpha / rank. Default: 2 * rank.")
     flags.DEFINE_list("lora_targets", None, "Projections that get adapters, from q,k,v,o,gate,up,down. Default: all.")
 

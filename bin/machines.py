@@ -58,8 +58,7 @@ class Machine:
                "rollout_batch_size": self.rollout_rows}
         if self.mesh:
             out["mesh"] = self.mesh
-        if self.lora_rank:
-            out["lora_rank"] = self.lora_rank
+        out["lora_rank"] = self.lora_rank  # 0 too: full fine-tuning where it fits, whatever bin/train's default
         return out
 
     def inspect_flags(self) -> dict[str, object]:

@@ -1,8 +1,8 @@
 """GRPO on Countdown, end to end: the main job.
 
     bin/train --output_dir runs/quickstart                 # or: python -m bin.train --output_dir ...
-    bin/train --model_dir ~/gemma-2-2b --dtype bfloat16 --mesh data=1,fsdp=8 --prompts_per_step 16 \\
-        --num_generations 8 --max_new_tokens 512 --steps 500 --learning_rate 1e-6 --output_dir runs/2b
+    bin/train --recipe laptop --output_dir runs/laptop    # the recorded 2-core run (BUILD.md), ~1 hour
+    bin/train --recipe tinyzero --machine kaggle-tpu-v5e-8 --model_dir ~/gemma-2-2b --output_dir runs/2b
 
 Every flag is turned into a config at this edge; every bad input (paths, tokenizer/model mismatch, mesh that
 does not divide the batch, malformed data file) is reported as one line naming the flag, before anything
@@ -21,6 +21,14 @@ from bin import cli, machines, recipes
 from bin.cli import FlagError
 
 F = flags.FLAGS
+# README's first command is bin/train with these defaults: the shortest version of the laptop recipe
+# (bin/recipes.py) that shows puzzles solved on the 2-core box within ~15 minutes and 8 GB (BUILD.md, "The
+# main job"): the difficulty ladder, G = 8, 64 new tokens, stop at </answer>, zero-signal groups skipped, and
+# LoRA rank 16 (full fine-tuning's gradients and Adam state alone are 3.2 GB of the 270M's 8.5 GB peak).
+DEFAULT_STEPS = 6
+# With LoRA and no explicit --learning_rate: 10x the full-fine-tuning rate, the usual ratio for LoRA (e.g.
+# Schulman et al., "LoRA Without Regret", 2025: https://thinkingmachines.ai/blog/lora/).
+LORA_LR_SCALE = 10.0
 # Model and data
 cli.define_model_dir_flag()
 cli.define_tokenizer_flag()
@@ -32,16 +40,17 @@ flags.DEFINE_string("recipe", None, "A named set of algorithm flag defaults (bin
                     "Explicit flags win.")
 flags.DEFINE_string("machine", None, "A named set of hardware flag defaults (bin/machines.py): "
                     + ", ".join(machines.MACHINES) + ". Explicit flags win.")
-flags.DEFINE_string("curriculum", "off", "Difficulty ladder (data/curriculum.py): off (TinyZero's puzzles only) or "
-                    "countdown (two small numbers up to TinyZero's puzzles; shaped rewards on the easy levels).")
+flags.DEFINE_string("curriculum", "countdown", "Difficulty ladder (data/curriculum.py): off (TinyZero's puzzles only) "
+                    "or countdown (two small numbers up to TinyZero's puzzles; shaped rewards and a worked example "
+                    "on the easy levels).")
 flags.DEFINE_float("promote_at", 0.5, "Move up a level once the sampled solved rate over the last 4 steps reaches "
                    "this, in (0, 1].")
 flags.DEFINE_string("output_dir", "runs/countdown", "Metrics, samples, checkpoints, the final HF export.")
 # Loop
-flags.DEFINE_integer("steps", 5, "GRPO steps (rollout batches).")
+flags.DEFINE_integer("steps", DEFAULT_STEPS, "GRPO steps (rollout batches).")
 flags.DEFINE_integer("prompts_per_step", 4, "Prompts per step; each gets --num_generations completions.")
 flags.DEFINE_integer("eval_every", 0, "Greedy eval on the held-out set every N steps (0: only at start and end).")
-flags.DEFINE_integer("eval_size", 32, "Held-out puzzles for eval (0: no eval).")
+flags.DEFINE_integer("eval_size", 16, "Held-out puzzles per level for eval (0: no eval).")
 flags.DEFINE_integer("checkpoint_every", 2, "Checkpoint every N steps (and at the end).")
 flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
 flags.DEFINE_integer("seed", 0, "Seeds data order, sampling and puzzle generation.")
@@ -54,8 +63,9 @@ flags.DEFINE_list("log_to", [], "Also send the numbers to: tensorboard (<output_
                   "(offline run in <output_dir>/wandb). metrics.jsonl is always written.")
 flags.DEFINE_bool("export_hf", True, "Write the final params as an HF checkpoint in <output_dir>/final_hf.")
 # GRPO knobs (names as in TRL / Tunix)
-flags.DEFINE_integer("num_generations", 4, "G: completions per prompt.")
-flags.DEFINE_float("learning_rate", 1e-5, "Peak learning rate (AdamW).")
+flags.DEFINE_integer("num_generations", 8, "G: completions per prompt.")
+flags.DEFINE_float("learning_rate", 2e-5, "Peak learning rate (AdamW) for full fine-tuning. With LoRA, when this flag "
+                   f"is not given on the command line, {LORA_LR_SCALE:g}x the value (a recipe's or this default).")
 flags.DEFINE_float("beta", 0.0, "KL coefficient (TinyZero 0.001; 0 skips the reference pass).")
 flags.DEFINE_float("epsilon_low", 0.2, "PPO clip, lower.")
 flags.DEFINE_float("epsilon_high", 0.28, "PPO clip, upper (DAPO clip-higher).")
@@ -68,13 +78,13 @@ flags.DEFINE_integer("warmup_steps", 0, "Linear warmup steps.")
 flags.DEFINE_enum("lr_schedule", "constant", ["constant", "cosine"], "Learning-rate schedule after warmup.")
 flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay.")
 flags.DEFINE_float("max_grad_norm", 1.0, "Global gradient-norm clip.")
-cli.define_lora_flags()
+cli.define_lora_flags(default_rank=16)
 flags.DEFINE_bool("remat", False, "Rematerialise each layer in the backward pass (less memory, ~1/3 more FLOPs).")
 # Sampling
-flags.DEFINE_integer("max_new_tokens", 128, "Completion budget.")
+flags.DEFINE_integer("max_new_tokens", 64, "Completion budget.")
 flags.DEFINE_bool("stop_at_answer", True, "End a rollout (and an eval) once its text has produced </answer>, inside "
                   "the decode loop. TinyZero samples on to EOS or the budget.")
-flags.DEFINE_bool("skip_zero_std_groups", False, "Groups whose rewards are all equal neither enter the loss nor "
+flags.DEFINE_bool("skip_zero_std_groups", True, "Groups whose rewards are all equal neither enter the loss nor "
                   "dilute its token count (DAPO's dynamic sampling, as a filter).")
 flags.DEFINE_integer("rollout_batch_size", 0, "Rows per sampler call (0: the whole batch at once); a --machine "
                      "caps it so one call's KV cache fits a device.")
@@ -227,7 +237,7 @@ def _configs(compute_dtype: str | None):
         grpo_cfg = grpo.GRPOConfig(
             num_generations=F.num_generations, beta=F.beta, epsilon_low=F.epsilon_low, epsilon_high=F.epsilon_high,
             loss_type=F.loss_type, scale_rewards=F.scale_rewards, num_micro_batches=F.num_micro_batches,
-            mask_truncated_completions=F.mask_truncated_completions, learning_rate=F.learning_rate,
+            mask_truncated_completions=F.mask_truncated_completions, learning_rate=_learning_rate(),
             warmup_steps=F.warmup_steps, lr_schedule=F.lr_schedule, total_steps=max(F.steps * F.num_iterations, 1),
             weight_decay=F.weight_decay, max_grad_norm=F.max_grad_norm, remat=F.remat,
             num_iterations=F.num_iterations, compute_dtype=compute_dtype,
@@ -246,6 +256,13 @@ def _configs(compute_dtype: str | None):
         log_to=tuple(_check_loggers()), promote_at=F.promote_at, time_limit_s=_time_limit_s(),
     )
     return grpo_cfg, rollout_cfg, train_cfg
+
+
+def _learning_rate() -> float:
+    """--learning_rate as given; else the recipe's / default full-fine-tuning rate, x LORA_LR_SCALE with LoRA."""
+    if F["learning_rate"].present or not F.lora_rank:
+        return F.learning_rate
+    return F.learning_rate * LORA_LR_SCALE
 
 
 def _time_limit_s() -> float | None:

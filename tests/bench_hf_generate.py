@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--prompt_len", type=int, default=150)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1, help="timed repeats after the warm-up (median)")
+    parser.add_argument("--json", action="store_true", help="one JSON object on the last line")
     args = parser.parse_args()
     model_dir = args.model_dir or _default_model_dir()
     if not (model_dir / "config.json").is_file():
@@ -100,6 +101,12 @@ def main() -> None:
     steps = args.new_tokens - 1
     print(f"prefill tok/s {args.batch * args.prompt_len / tp:.1f}")
     print(f"decode tok/s {args.batch * steps / td:.1f} ({td / steps * 1e3:.0f} ms/step)")
+    if args.json:
+        import json
+
+        print(json.dumps({"batch": args.batch, "prefill_s": tp, "decode_s": td,
+                          "prefill_tok_s": args.batch * args.prompt_len / tp, "decode_tok_s": args.batch * steps / td,
+                          "end_to_end_tok_s": args.batch * args.new_tokens / (tp + td)}))
 
 
 if __name__ == "__main__":

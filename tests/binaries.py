@@ -19,3 +19,9 @@ def run_tool(name: str, *args: str, launcher: bool = False, env: dict | None = N
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHON": sys.executable, **(env or {})}
     cmd = [str(ROOT / "bin" / name)] if launcher else [sys.executable, "-m", f"bin.{name}"]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+
+
+# The resilience tests (kill/resume, damage, multi-host) pin the loop they were written for: TinyZero's puzzles,
+# full fine-tuning, every group in the loss. bin/train's defaults moved on (the ladder, LoRA rank 16, the
+# zero-std filter); test_train_cli.py runs those defaults end to end.
+CLASSIC_LOOP = ("--curriculum=off", "--lora_rank=0", "--noskip_zero_std_groups")

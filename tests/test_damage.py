@@ -15,7 +15,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from binaries import ROOT
+from binaries import CLASSIC_LOOP, ROOT
 from tiny_model import make_tiny_model_dir
 
 from grpo.checkpoints import DAMAGED_DIR, CheckpointMismatch, TrainCheckpointer
@@ -109,7 +109,7 @@ def _train(model_dir: Path, out: Path, steps: int, file_size_blocks: int | None 
         env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
     cmd = [sys.executable, "-m", "bin.train", f"--model_dir={model_dir}", f"--output_dir={out}", f"--steps={steps}",
            "--prompts_per_step=2", "--num_generations=2", "--max_new_tokens=8", "--eval_size=2",
-           "--checkpoint_every=2", "--num_train_puzzles=50"]
+           "--checkpoint_every=2", "--num_train_puzzles=50", *CLASSIC_LOOP]
     if file_size_blocks:  # a full disk for this process only: writes past the limit fail with EFBIG
         cmd = ["sh", "-c", f'trap "" XFSZ; ulimit -f {file_size_blocks}; exec "$@"', "sh", *cmd]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

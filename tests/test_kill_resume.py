@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from binaries import ROOT
+from binaries import CLASSIC_LOOP, ROOT
 from safetensors.numpy import load_file
 from tiny_model import make_tiny_model_dir
 
@@ -43,7 +43,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 def _command(model_dir: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "bin.train", f"--model_dir={model_dir}", f"--output_dir={out}",
             f"--steps={STEPS}", "--prompts_per_step=2", "--num_generations=2", "--max_new_tokens=8",
-            "--eval_size=2", "--eval_every=3", "--checkpoint_every=2", "--num_train_puzzles=50", *extra]
+            "--eval_size=2", "--eval_every=3", "--checkpoint_every=2", "--num_train_puzzles=50", *CLASSIC_LOOP, *extra]
 
 
 def _env(cache: Path) -> dict:

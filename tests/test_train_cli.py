@@ -75,3 +75,29 @@ def test_malformed_data_file(real_tokenizer, tmp_path):
     bad.write_text('{"target": 10, "nums": [1, 2, 3]}\n{"target": oops}\n')
     line = _error_line(_train("--model_dir", str(real_tokenizer.parent), "--data_file", str(bad)))
     assert line.startswith("error: --data_file:") and "countdown.jsonl" in line
+
+
+def test_the_defaults_run_the_ladder_with_lora_end_to_end(tmp_path):
+    """README's first command is bin/train with its defaults: the ladder (every level evaluated, the easiest
+    trained first), LoRA rank 16 at 10x the full-fine-tuning learning rate, G = 8, 64 new tokens, the zero-std
+    filter. Here on a tiny checkpoint, shortened with flags that do not change any of those choices."""
+    import json
+
+    from tiny_model import make_tiny_model_dir
+
+    from bin.train import LORA_LR_SCALE
+
+    model_dir = make_tiny_model_dir(tmp_path / "model")
+    out = tmp_path / "run"
+    result = _train(f"--model_dir={model_dir}", f"--output_dir={out}", "--steps=2", "--prompts_per_step=1",
+                    "--eval_size=2", "--num_train_puzzles=40", "--max_new_tokens=8", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["lora"]["rank"] == 16 and config["grpo"]["learning_rate"] == 2e-5 * LORA_LR_SCALE
+    assert config["grpo"]["num_generations"] == 8 and config["rollout"]["skip_zero_std_groups"] is True
+    assert config["rollout"]["stop_at_answer"] is True
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["level"] for m in metrics] == ["2x1-9", "2x1-9"]
+    evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    assert list(evals[-1]["solved_by_level"]) == ["2x1-9", "2x1-30", "3x1-30", "tinyzero"]
+    assert (out / "final_hf" / "config.json").is_file()  # merged export
