@@ -357,7 +357,8 @@ def main(argv):
     model_cfg, params = cli.load_model(model_dir, dtype)
     print(f"model {model_dir}: {model_cfg.arch}, {model_cfg.num_params() / 1e6:.0f}M params, {dtype.__name__}; "
           f"levels {', '.join(task.level_names)}; {len(task.train[-1])} train / {len(task.test[-1])} eval puzzles "
-          f"per level; mesh {dict(mesh.shape)}")
+          f"per level; mesh {dict(mesh.shape)}; "
+          + (f"LoRA rank {lora_cfg.rank}" if lora_cfg else "full fine-tuning") + f", lr {grpo_cfg.learning_rate:g}")
     try:
         result = train(model_cfg, params, task, grpo_cfg, rollout_cfg, train_cfg, mesh, lora_cfg=lora_cfg)
     except CheckpointMismatch as e:

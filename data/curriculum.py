@@ -7,10 +7,14 @@ TinyZero's distribution with TinyZero's reward, so results there compare with Ti
 
 Rewards per level (`Level.reward`; 0 without an <answer> tag on the last line, as in TinyZero):
 
-    answer tag, anything inside                            format_score   (TinyZero: 0.1)
-    an answer holding some of the given numbers, no others     partial_score  (TinyZero: none)
-    an expression using exactly the given numbers              numbers_score  (TinyZero: none)
-    ... that reaches the target                                1.0
+    answer tag, anything inside                                      format_score   (TinyZero: 0.1)
+    a well-formed expression of some of the given numbers, no others  partial_score  (TinyZero: none)
+    a well-formed expression using exactly the given numbers          numbers_score  (TinyZero: none)
+    ... that reaches the target                                       1.0
+
+"Well-formed" is data.countdown's own parser (numbers, + - * /, parentheses): the middle rungs pay for an
+arithmetic expression, not for numbers in any text. A laptop run (BUILD.md, run 3) found `<answer>3, 9</answer>`
+and `7 – 8` (an en dash) earning the exact-numbers rung before this rule.
 
 The partial rung exists because a first laptop run (BUILD.md) settled on an EMPTY `<answer> </answer>`: with
 format paid and nothing between it and the exact-numbers rung, no sampled group showed a gradient towards
@@ -57,9 +61,12 @@ class LevelReward:
                                 correct_score=self.correct_score)
         if b.solved or not b.has_answer:
             return b.score, b.solved, b.has_answer
+        answer = countdown.extract_answer(completion)
+        if countdown.evaluate(answer) is None:  # not an arithmetic expression: no middle rung
+            return b.score, False, True
         if b.numbers_valid and self.numbers_score is not None:
             return float(self.numbers_score), False, True
-        if self.partial_score is not None and _some_given_numbers(countdown.extract_answer(completion), nums):
+        if self.partial_score is not None and _some_given_numbers(answer, nums):
             return float(self.partial_score), False, True
         return b.score, False, True
 

@@ -50,6 +50,9 @@ def test_heldout_is_fixed_across_runs_and_never_trained_on(level):
     ("<answer>5 </answer>", (0.2, False, True)),  # some of the given numbers: the partial rung
     ("<answer> </answer>", (0.1, False, True)),  # empty: format only
     ("<answer>(1 + 2) / 3</answer>", (0.1, False, True)),  # the prompt's example copied
+    ("<answer>3, 5</answer>", (0.1, False, True)),  # the numbers, but not an expression (run 3's hack)
+    ("<answer>5 \u2013 3</answer>", (0.1, False, True)),  # an en dash is not a minus sign
+    ("<answer>5 -</answer>", (0.1, False, True)),  # malformed: no middle rung
     ("no answer", (0.0, False, False)),
 ])
 def test_shaped_reward_of_the_easiest_level(completion, want):
