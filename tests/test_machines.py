@@ -98,3 +98,22 @@ def test_bin_train_impossible_fit_names_the_flag(tmp_path):
     _one_line(run_tool("train", f"--model_dir={model_dir}", f"--output_dir={out}", "--machine=colab-tpu-v5e-1",
                        "--lora_rank=0"), "lora_rank")
     assert not out.exists()
+
+
+def test_bin_train_on_the_cpu_machine_prints_its_plan_and_runs(tmp_path):
+    """--machine cpu on a tiny checkpoint: the machine's hardware choices reach the run (float32, 2 micro-batches,
+    remat, full fine-tuning, rollout rows), a --recipe-sized batch is micro-batched, and the run finishes."""
+    from tiny_model import make_tiny_model_dir
+
+    model_dir = make_tiny_model_dir(tmp_path / "model")
+    out = tmp_path / "run"
+    result = run_tool("train", f"--model_dir={model_dir}", f"--output_dir={out}", "--machine=cpu", "--steps=1",
+                      "--prompts_per_step=8", "--eval_size=1", "--num_train_puzzles=40", "--max_new_tokens=64",
+                      "--noexport_hf", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 64 rows x (256 + 64) tokens against the cpu machine's checked 32 x 320 in 2 micro-batches: 4 micro-batches
+    assert "machine cpu: mesh fsdp over all devices, dtype float32, 4 micro-batches, remat=True, lora_rank 0, " \
+           "32 rollout rows per sampler call" in result.stdout
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["lora"] is None and config["grpo"]["num_micro_batches"] == 4 and config["grpo"]["remat"]
+    assert config["rollout"]["batch_rows"] == 32
