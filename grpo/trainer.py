@@ -67,7 +67,7 @@ class TrainConfig:
     log_to: tuple[str, ...] = ()  # also send the numbers to "tensorboard" and/or "wandb" (grpo/loggers.py)
     # Difficulty ladder (tasks with level_names): move up a level once the sampled solved rate of the current
     # level, averaged over the last promote_window steps, reaches promote_at. Never down.
-    promote_at: float = 0.5
+    promote_at: float = 0.35
     promote_window: int = 4
 
 

@@ -93,7 +93,7 @@ def test_the_defaults_run_the_ladder_with_lora_end_to_end(tmp_path):
                     "--eval_size=2", "--num_train_puzzles=40", "--max_new_tokens=8", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((out / "run_config.json").read_text())
-    assert config["lora"]["rank"] == 16 and config["grpo"]["learning_rate"] == 2e-5 * LORA_LR_SCALE
+    assert config["lora"]["rank"] == 16 and config["grpo"]["learning_rate"] == 1e-5 * LORA_LR_SCALE
     assert config["grpo"]["num_generations"] == 8 and config["rollout"]["skip_zero_std_groups"] is True
     assert config["rollout"]["stop_at_answer"] is True
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
