@@ -21,7 +21,7 @@ RECIPES: dict[str, dict[str, object]] = {
     "laptop": {
         "curriculum": "countdown", "promote_at": 0.35, "stop_at_answer": True, "skip_zero_std_groups": True,
         "prompts_per_step": 6, "num_generations": 8, "max_new_tokens": 64, "learning_rate": 1e-5,
-        "steps": 25, "eval_every": 5, "eval_size": 16, "checkpoint_every": 5, "remat": True,
+        "steps": 20, "eval_every": 5, "eval_size": 16, "checkpoint_every": 5, "remat": True,
     },
     # TinyZero's GRPO run on Countdown (BUILD.md lists each value with the file it comes from): 128 prompts x
     # 5 completions, lr 1e-6, k3 KL at 0.001, PPO clip 0.2 both sides, 1,024 new tokens, temperature 1, its

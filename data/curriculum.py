@@ -87,7 +87,15 @@ class Level:
     name: str
     puzzles: PuzzleConfig
     reward: LevelReward = LevelReward()
-    example: WorkedExample | None = None  # a solved puzzle shown before the question (easy levels only)
+    # Solved puzzles, ONE of which is shown before each question (easy levels only); `example_for` picks it.
+    examples: tuple[WorkedExample, ...] = ()
+
+    def example_for(self, puzzle: Puzzle) -> WorkedExample | None:
+        """The worked example shown with this puzzle: fixed per puzzle (a hash of its numbers and target, not
+        Python's salted hash), so held-out prompts are the same in every run; None without examples."""
+        if not self.examples:
+            return None
+        return self.examples[zlib.crc32(repr((tuple(puzzle.nums), puzzle.target)).encode()) % len(self.examples)]
 
     def heldout_seed(self) -> int:
         """A seed from the level's name alone: the same held-out puzzles in every run."""
@@ -95,10 +103,19 @@ class Level:
 
 
 # Worked examples of the easy levels: a small search written out (try, check against the target, try again),
-# so the model sees the answer format filled with the given numbers, and a check that rejects a wrong try.
-TWO_NUMBERS = WorkedExample((7, 3), 4, "Try 7 + 3 = 10. Not 4. Try 7 - 3 = 4. Yes.", "7 - 3")
-THREE_NUMBERS = WorkedExample((2, 3, 4), 14, "Try 2 + 3 + 4 = 9. Not 14. Try 3 * 4 = 12, 12 + 2 = 14. Yes.",
-                              "3 * 4 + 2")
+# so the model sees the answer format filled with the given numbers and a check that rejects a wrong try. One
+# per operation: with a single example (7 - 3, run 4 in BUILD.md) the model copied its operation.
+TWO_NUMBERS = (
+    WorkedExample((7, 3), 10, "Try 7 + 3 = 10. Yes.", "7 + 3"),
+    WorkedExample((7, 3), 4, "Try 7 + 3 = 10. Not 4. Try 7 - 3 = 4. Yes.", "7 - 3"),
+    WorkedExample((6, 4), 24, "Try 6 + 4 = 10. Not 24. Try 6 * 4 = 24. Yes.", "6 * 4"),
+    WorkedExample((8, 2), 4, "Try 8 + 2 = 10. Not 4. Try 8 - 2 = 6. Not 4. Try 8 / 2 = 4. Yes.", "8 / 2"),
+)
+THREE_NUMBERS = (
+    WorkedExample((2, 3, 4), 14, "Try 2 + 3 + 4 = 9. Not 14. Try 3 * 4 = 12, 12 + 2 = 14. Yes.", "3 * 4 + 2"),
+    WorkedExample((5, 2, 6), 16, "Try 5 + 2 + 6 = 13. Not 16. Try 5 * 2 = 10, 10 + 6 = 16. Yes.", "5 * 2 + 6"),
+    WorkedExample((9, 3, 2), 5, "Try 9 + 3 + 2 = 14. Not 5. Try 9 / 3 = 3, 3 + 2 = 5. Yes.", "9 / 3 + 2"),
+)
 LADDERS: dict[str, tuple[Level, ...]] = {
     "countdown": (
         Level("2x1-9", PuzzleConfig(counts=(2,), num_min=1, num_max=9, target_min=1, target_max=18),

@@ -103,7 +103,7 @@ class CountdownTask:
         return [LevelPuzzle(p, level) for p in self.test[level]]
 
     def prompt_text(self, item: LevelPuzzle) -> str:
-        example = self.levels[item.level].example
+        example = self.levels[item.level].example_for(item.puzzle)
         return prompts.render(self.template, list(item.puzzle.nums), item.puzzle.target, example)
 
     def encode_prompt(self, item: LevelPuzzle) -> list[int]:

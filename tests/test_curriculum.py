@@ -152,29 +152,35 @@ def test_loop_on_the_ladder_logs_levels(tmp_path):
 
 @pytest.mark.parametrize("template", ["base", "chat"])
 def test_worked_examples_on_easy_levels_only(template):
-    """Easy levels show one solved puzzle first (its answer really solves it, by TinyZero's reward); TinyZero's level
-    keeps TinyZero's prompt verbatim."""
+    """Easy levels show one solved puzzle first, picked per puzzle from one example per operation (each answer
+    really solves its puzzle, by TinyZero's reward); the pick is fixed per puzzle and covers every example;
+    TinyZero's level keeps TinyZero's prompt verbatim."""
     from data import prompts
     from data.puzzles import Puzzle
-    from grpo.tasks import LevelPuzzle
+    from grpo.tasks import CountdownTask, LevelPuzzle
 
-    puzzle = Puzzle((5, 6), 11)
     for i, lv in enumerate(LEVELS):
-        text = prompts.render(template, puzzle.nums, puzzle.target, lv.example)
-        plain = prompts.render(template, puzzle.nums, puzzle.target)
+        pool = level_splits(lv, 200, 0, seed=0)[0]
         if lv.name == TINYZERO:
-            assert lv.example is None and text == plain
+            assert lv.examples == () and lv.example_for(pool[0]) is None
+            p = pool[0]
+            assert CountdownTask.prompt_text(types.SimpleNamespace(levels=LEVELS, template=template),
+                                             LevelPuzzle(p, i)) == prompts.render(template, p.nums, p.target)
             continue
-        ex = lv.example
+        for ex in lv.examples:
+            assert len(ex.nums) == lv.puzzles.counts[0]
+            assert countdown.score(f"<think>{ex.work}</think>\n<answer> {ex.answer} </answer>", list(ex.nums),
+                                   ex.target) == 1.0
+        assert {lv.example_for(p) for p in pool} == set(lv.examples)  # every example is used
+        puzzle = Puzzle((5, 6) if lv.puzzles.counts[0] == 2 else (5, 6, 7), 11)
+        ex = lv.example_for(puzzle)
+        assert ex is lv.example_for(Puzzle(puzzle.nums, puzzle.target))  # fixed per puzzle
+        text = prompts.render(template, puzzle.nums, puzzle.target, ex)
+        plain = prompts.render(template, puzzle.nums, puzzle.target)
         assert text != plain and text.endswith(plain.rsplit("User: ", 1)[-1] if template == "base" else plain)
         assert f"Using the numbers {list(ex.nums)}, create an equation that equals {ex.target}" in text
         assert text.count("Let me solve this step by step.\n<think>") == 2
-        assert countdown.score(f"<think>{ex.work}</think>\n<answer> {ex.answer} </answer>", list(ex.nums),
-                               ex.target) == 1.0
-        assert len(ex.nums) == LEVELS[i].puzzles.counts[0]
         task = types.SimpleNamespace(levels=LEVELS, template=template)
-        from grpo.tasks import CountdownTask
-
         assert CountdownTask.prompt_text(task, LevelPuzzle(puzzle, i)) == text
 
 
