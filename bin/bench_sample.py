@@ -139,7 +139,11 @@ def main(argv):
         if FLAGS.random_270m:
             raise FlagError("--compare_hf: needs a checkpoint both sides can load (drop --random_270m)")
         del params
-        out["hf"] = [_hf_generate(batch) for batch in batches]
+        model_dir = str(cli.resolve_model_dir(FLAGS.model_dir))
+        out["hf"] = [cli.run_reference_script("bench_hf_generate.py", "--model_dir", model_dir, "--batch", str(batch),
+                                              "--prompt_len", str(FLAGS.prompt_len), "--new_tokens",
+                                              str(FLAGS.new_tokens), "--repeats", str(FLAGS.repeats))
+                     for batch in batches]
         for ours, hf in zip(rows, out["hf"], strict=True):
             ours["ratio_to_hf"] = ours["end_to_end_tok_s"] / hf["end_to_end_tok_s"]
             print(f"batch {ours['batch']}: ours {ours['end_to_end_tok_s']:.1f} tok/s end to end (prefill included), "
@@ -148,24 +152,6 @@ def main(argv):
         import json
 
         print(json.dumps(out))
-
-
-def _hf_generate(batch: int) -> dict:
-    """tests/bench_hf_generate.py at this batch, in a subprocess (torch and our buffers never coexist)."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parent.parent / "tests" / "bench_hf_generate.py"
-    cmd = [sys.executable, str(script), "--model_dir", str(cli.resolve_model_dir(FLAGS.model_dir)), "--batch",
-           str(batch), "--prompt_len", str(FLAGS.prompt_len), "--new_tokens", str(FLAGS.new_tokens), "--repeats",
-           str(FLAGS.repeats), "--json"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    print(done.stdout, end="")
-    if done.returncode != 0:
-        raise FlagError(f"--compare_hf: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'failed'}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run() -> None:

@@ -51,12 +51,6 @@ def available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def compiled_peak_bytes(compiled) -> int:
-    """XLA's memory analysis: arguments + outputs - aliased (donated) + temporaries."""
-    m = compiled.memory_analysis()
-    return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-
-
 def check_fits(peak: int, what: str, flags_named: str) -> None:
     """One line naming the flags when `peak` bytes exceed what this machine has available now."""
     avail = available_bytes()
@@ -95,7 +89,7 @@ def main(argv):
                                      logprob_tail=None if tail == "0" else F.completion_len) for tail in F.tails}
     compiled = {tail: _compile_step(model_cfg, cfg, mesh, F.rows, t) for tail, cfg in configs.items()}
     for tail, c in compiled.items():
-        check_fits(compiled_peak_bytes(c), f"a step of {F.rows} rows x {t} tokens (tail {tail})",
+        check_fits(cli.compiled_peak_bytes(c), f"a step of {F.rows} rows x {t} tokens (tail {tail})",
                    "--rows/--prompt_len/--completion_len")
     if F.random:
         params = model.init_params(jax.random.key(0), model_cfg)
@@ -103,7 +97,7 @@ def main(argv):
         model_cfg, params = cli.load_model(model_dir, jnp.float32)
     rng = np.random.default_rng(0)
     batch = {
-        "tokens": jnp.asarray(rng.integers(4, 1000, (F.rows, t)), jnp.int32),
+        "tokens": jnp.asarray(rng.integers(4, min(1000, model_cfg.vocab_size), (F.rows, t)), jnp.int32),
         "attention_mask": jnp.ones((F.rows, t), jnp.int32),
         "completion_mask": jnp.asarray(np.arange(t)[None].repeat(F.rows, 0) >= F.prompt_len, jnp.int32),
         "advantages": jnp.asarray(rng.normal(size=F.rows), jnp.float32),
@@ -131,13 +125,15 @@ def main(argv):
         print(f"log-probs on {label:14s}: step {med:6.2f} s median of {F.repeats} "
               f"({F.rows * t / med:6.1f} tokens/s; first step {compile_s:.1f} s)")
         results[tail] = {"step_s": med, "steps_s": times, "first_step_s": compile_s,
-                         "tokens_per_s": F.rows * t / med, "peak_bytes": compiled_peak_bytes(step)}
+                         "tokens_per_s": F.rows * t / med, "peak_bytes": cli.compiled_peak_bytes(step)}
         del p, opt
     out = {"model": model_cfg.name, "rows": F.rows, "prompt_len": F.prompt_len, "completion_len": F.completion_len,
            "remat": F.remat, "tails": results}
     if F.compare_hf:
         del params
-        out["hf"] = _hf_step(model_dir)
+        out["hf"] = cli.run_reference_script(
+            "bench_hf_train.py", "--model_dir", str(model_dir), "--rows", str(F.rows), "--prompt_len",
+            str(F.prompt_len), "--completion_len", str(F.completion_len), "--repeats", str(F.repeats))
         for tail, timing in results.items():
             if tail == "completion":
                 timing["ratio_to_hf"] = timing["step_s"] / out["hf"]["step_s"]
@@ -145,22 +141,6 @@ def main(argv):
                       f"({timing['step_s']:.2f} s vs {out['hf']['step_s']:.2f} s, same invocation)")
     if F.json:
         print(json.dumps(out))
-
-
-def _hf_step(model_dir) -> dict:
-    """tests/bench_hf_train.py on the same shape, in a subprocess (torch and our JAX buffers never coexist)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parent.parent / "tests" / "bench_hf_train.py"
-    cmd = [sys.executable, str(script), "--model_dir", str(model_dir), "--rows", str(F.rows), "--prompt_len",
-           str(F.prompt_len), "--completion_len", str(F.completion_len), "--repeats", str(F.repeats), "--json"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    print(done.stdout, end="")
-    if done.returncode != 0:
-        raise FlagError(f"--compare_hf: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'failed'}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _compile_step(model_cfg, grpo_cfg, mesh, rows: int, t: int):

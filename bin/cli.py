@@ -164,6 +164,28 @@ def load_tokenizer(value: str | None, model_dir: Path, model_cfg):
     return tok
 
 
+def compiled_peak_bytes(compiled) -> int:
+    """XLA's memory analysis of a compiled program: arguments + outputs - aliased (donated) + temporaries."""
+    m = compiled.memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+
+
+def run_reference_script(name: str, *args: str) -> dict:
+    """tests/<name> (an HF transformers baseline, the reference extra) in a subprocess, so torch and our JAX
+    buffers never share memory; echoes its output and returns the JSON object on its last line. A failure is
+    one line naming --compare_hf."""
+    import json
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "tests" / name
+    done = subprocess.run([sys.executable, str(script), *args, "--json"], capture_output=True, text=True)
+    print(done.stdout, end="")
+    if done.returncode != 0:
+        last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"
+        raise FlagError(f"--compare_hf: {name}: {last}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def preset_config(preset: str):
     """A model preset by name (model.PRESETS), or tiny-gemma2 / tiny-gemma3; ValueError when unknown."""
     import model

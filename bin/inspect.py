@@ -174,8 +174,7 @@ def numbers(cfg, compiled, devices: int) -> dict:
         "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
         "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
     }
-    out["peak_bytes_per_device"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                                    - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+    out["peak_bytes_per_device"] = cli.compiled_peak_bytes(compiled)
     return out
 
 

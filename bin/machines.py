@@ -52,19 +52,20 @@ class Machine:
             return int(self.device_gib * GIB)
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
+    def hardware_flags(self) -> dict[str, object]:
+        """The hardware flags both tools take from the machine (lora_rank 0 too: full fine-tuning where it fits,
+        whatever bin/train's default)."""
+        return {"dtype": self.dtype, "num_micro_batches": self.num_micro_batches, "remat": self.remat,
+                "lora_rank": self.lora_rank}
+
     def train_flags(self) -> dict[str, object]:
-        """The bin/train flags this machine sets (when not given on the command line)."""
-        out = {"dtype": self.dtype, "num_micro_batches": self.num_micro_batches, "remat": self.remat,
-               "rollout_batch_size": self.rollout_rows}
-        if self.mesh:
-            out["mesh"] = self.mesh
-        out["lora_rank"] = self.lora_rank  # 0 too: full fine-tuning where it fits, whatever bin/train's default
-        return out
+        """bin/train: the hardware flags and rows per sampler call (mesh None: fsdp over all devices)."""
+        return {**self.hardware_flags(), "rollout_batch_size": self.rollout_rows,
+                **({"mesh": self.mesh} if self.mesh else {})}
 
     def inspect_flags(self) -> dict[str, object]:
-        """The bin/inspect flags this machine sets: its hardware choices and its checked batch shape."""
-        return {"dtype": self.dtype, "num_micro_batches": self.num_micro_batches, "remat": self.remat,
-                "mesh": self.mesh or "data=1,fsdp=1", "lora_rank": self.lora_rank, "batch": self.rows,
+        """bin/inspect: the hardware flags and the checked batch shape."""
+        return {**self.hardware_flags(), "mesh": self.mesh or "data=1,fsdp=1", "batch": self.rows,
                 "seq_len": self.seq_len}
 
 

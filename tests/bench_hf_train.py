@@ -55,7 +55,8 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
     t = args.prompt_len + args.completion_len
     rng = np.random.default_rng(0)
-    tokens = torch.tensor(rng.integers(4, 1000, (args.rows, t)), dtype=torch.long)
+    ids = min(1000, model.config.vocab_size)  # bench_train's ids, within a small vocabulary too
+    tokens = torch.tensor(rng.integers(4, ids, (args.rows, t)), dtype=torch.long)
     advantages = torch.tensor(rng.normal(size=args.rows), dtype=torch.float32)
     mask = torch.ones_like(tokens)
     print(f"HF transformers train step: {model_dir.name}, float32, {args.rows} rows x {t} tokens "
