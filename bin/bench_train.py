@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from pathlib import Path
 
 from absl import flags
 
-from bin import cli
+from bin import cli, profile_ops
 from bin.cli import FlagError
 
 F = flags.FLAGS
@@ -31,9 +32,13 @@ flags.DEFINE_integer("rows", 16, "Batch rows.")
 flags.DEFINE_integer("prompt_len", 160, "Prompt tokens per row (left part).")
 flags.DEFINE_integer("completion_len", 128, "Completion tokens per row (the tail).")
 flags.DEFINE_bool("remat", False, "Rematerialise layers in the backward pass.")
+flags.DEFINE_bool("fused_unembed", True, "The loss's unembedding gradient made in the forward pass (GRPOConfig."
+                  "fused_unembed); --nofused_unembed times the autodiff path through checkpointed chunks.")
 flags.DEFINE_integer("repeats", 3, "Timed steps.")
 flags.DEFINE_list("tails", ["0", "completion"], "Log-prob tails to time: 0 = all positions, completion = tail.")
 flags.DEFINE_bool("json", False, "Print one JSON object with every timing on the last line of stdout.")
+flags.DEFINE_string("profile_dir", None, "Trace the timed steps with jax.profiler into <dir>/<tail>/ and print the "
+                    "top ops by time (bin/profile_ops.py), with the compiled HLO saved beside as step.hlo.txt.")
 flags.DEFINE_bool("compare_hf", False, "Then time HF transformers' step on the same shape in the same invocation "
                   "(tests/bench_hf_train.py; needs the reference extra) and print the ratio.")
 
@@ -68,6 +73,8 @@ def main(argv):
     import grpo
     import model
 
+    if F.profile_dir is not None:
+        cli.check_writable_dir("profile_dir", F.profile_dir)
     for name in ("rows", "prompt_len", "completion_len", "repeats"):
         if F[name].value < 1:
             raise FlagError(f"--{name} must be >= 1, got {F[name].value}")
@@ -86,6 +93,7 @@ def main(argv):
     t = F.prompt_len + F.completion_len
     mesh = grpo.make_mesh(data=1, fsdp=len(jax.devices()))
     configs = {tail: grpo.GRPOConfig(num_generations=2, learning_rate=1e-6, remat=F.remat,
+                                     fused_unembed=F.fused_unembed,
                                      logprob_tail=None if tail == "0" else F.completion_len) for tail in F.tails}
     compiled = {tail: _compile_step(model_cfg, cfg, mesh, F.rows, t) for tail, cfg in configs.items()}
     for tail, c in compiled.items():
@@ -115,11 +123,20 @@ def main(argv):
         jax.block_until_ready(m)
         compile_s = time.perf_counter() - t0
         times = []
+        trace = None if F.profile_dir is None else Path(F.profile_dir) / tail
+        if trace is not None:
+            trace.mkdir(parents=True, exist_ok=True)
+            (trace / "step.hlo.txt").write_text(step.as_text())
+            jax.profiler.start_trace(str(trace), create_perfetto_trace=True)
         for _ in range(F.repeats):
             t0 = time.perf_counter()
             p, opt, m = step(p, opt, batch)
             jax.block_until_ready(m)
             times.append(time.perf_counter() - t0)
+        if trace is not None:
+            jax.profiler.stop_trace()
+            print(f"profile of {F.repeats} step(s), tail {tail}, in {trace}:")
+            print(profile_ops.summary(profile_ops.top_ops(trace), profile_ops.scope_names(step.as_text())))
         med = statistics.median(times)
         label = "all positions" if tail == "0" else f"tail {F.completion_len}"
         print(f"log-probs on {label:14s}: step {med:6.2f} s median of {F.repeats} "
@@ -128,7 +145,7 @@ def main(argv):
                          "tokens_per_s": F.rows * t / med, "peak_bytes": cli.compiled_peak_bytes(step)}
         del p, opt
     out = {"model": model_cfg.name, "rows": F.rows, "prompt_len": F.prompt_len, "completion_len": F.completion_len,
-           "remat": F.remat, "tails": results}
+           "remat": F.remat, "fused_unembed": F.fused_unembed, "tails": results}
     if F.compare_hf:
         del params
         out["hf"] = cli.run_reference_script(

@@ -45,6 +45,8 @@ flags.DEFINE_enum("compute_dtype", None, ["bfloat16", "float32"],
                   "Default: what --dtype implies on an accelerator (auto: bfloat16)")
 flags.DEFINE_float("beta", 0.0, "KL coefficient; > 0 adds the ref_logprobs input (step)")
 flags.DEFINE_integer("logits_chunk", 256, "tokens per unembedding chunk (logprobs, step)")
+flags.DEFINE_integer("logprob_tail", None, "log-probs only for the last N positions, as bin/train does with its "
+                     "completion budget (logprobs, step); default: every position")
 cli.define_lora_flags()
 flags.DEFINE_bool("accelerator_estimate", False,
                   "with --dtype bfloat16 on CPU: also compile the program with float32 weights and report these "
@@ -130,10 +132,12 @@ def lower(cfg, what: str, dtypes: tuple | None = None):
         adapters = jax.tree.map(with_sharding, abstract_adapters(cfg, lcfg), aspecs)
     if what == "logprobs":
         fn = make_sharded_logprobs(cfg, mesh, chunk=FLAGS.logits_chunk, compute_dtype=compute_dtype,
+                                   tail=FLAGS.logprob_tail,
                                    num_micro_batches=FLAGS.num_micro_batches, lora_cfg=lcfg)
         return fn.lower(params, tokens, mask) if lcfg is None else fn.lower(params, adapters, tokens, mask)
     gcfg = grpo.GRPOConfig(num_micro_batches=FLAGS.num_micro_batches, remat=FLAGS.remat, beta=FLAGS.beta,
-                           logits_chunk=FLAGS.logits_chunk, compute_dtype=compute_dtype)
+                           logits_chunk=FLAGS.logits_chunk, compute_dtype=compute_dtype,
+                           logprob_tail=FLAGS.logprob_tail)
     trained, trained_specs = (params, specs) if lcfg is None else (adapters, aspecs)
     tx = grpo.make_optimizer(gcfg, cfg) if lcfg is None else make_lora_optimizer(gcfg)
     state = jax.eval_shape(tx.init, trained)
@@ -275,6 +279,8 @@ def main(argv):
     for name in ("batch", "seq_len", "num_micro_batches", "logits_chunk"):
         if getattr(FLAGS, name) < 1:
             raise FlagError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
+    if FLAGS.logprob_tail is not None and not 1 <= FLAGS.logprob_tail < FLAGS.seq_len:
+        raise FlagError(f"--logprob_tail must be in 1..{FLAGS.seq_len - 1} (--seq_len - 1), got {FLAGS.logprob_tail}")
     if FLAGS.lora_rank and FLAGS.what == "forward":
         raise FlagError("--lora_rank applies to --what logprobs or step, not forward")
     if FLAGS.accelerator_estimate and (FLAGS.dtype != "bfloat16" or FLAGS.compute_dtype or FLAGS.platform != "cpu"):

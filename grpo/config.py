@@ -49,6 +49,9 @@ class GRPOConfig:
     # in params and Adam, compute and all-gathers run in bf16). None computes in the params' own dtype.
     compute_dtype: str | None = None
     logits_chunk: int = 256  # tokens per unembedding chunk: [rows, chunk, V] logits live at a time
+    # The loss's gradient through the unembedding made in the forward pass (grpo/fused_unembed.py): 3 vocabulary
+    # matmuls instead of 4. False: autodiff through checkpointed chunks (the reference path; same math).
+    fused_unembed: bool = True
     # Log-probs only for the last N positions of each row (None: all). The training loop puts every completion
     # there (prompt left-padded, completion after it) and sets N = max_new_tokens: the 262k-vocab unembedding
     # is then not spent on prompt tokens. Completion tokens before the tail get no loss.

@@ -19,6 +19,7 @@ The passes cast the weights to the step's compute dtype and run its micro-batch 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -49,31 +50,69 @@ def token_logprobs(
 
     tail: compute only the last `tail` positions (others get 0); None: every position after the first.
     """
-    b, t, d = h.shape
-    start = tail_start(t, tail)  # first position that gets a log-prob
-    n = t - start
-    c = max(1, min(chunk, n, LOGITS_BUDGET // (b * embed.shape[0])))
-    pad = (-n) % c
-    hs = jnp.pad(h[:, start - 1 : -1], ((0, 0), (0, pad), (0, 0)))  # [B, n + pad, D]: position t-1 predicts t
-    targets = jnp.pad(tokens[:, start:], ((0, 0), (0, pad)))  # [B, n + pad]
-    hs = hs.reshape(b, -1, c, d).swapaxes(0, 1)  # [C, B, c, D]
-    targets = targets.reshape(b, -1, c).swapaxes(0, 1)  # [C, B, c]
+    layout = ChunkLayout.of(h.shape, embed.shape[0], chunk, tail)
+    hs, targets = layout.split(h, tokens)
 
     @jax.checkpoint
     def one_chunk(hc, tc):
-        logits = model_unembed({"embed": embed}, hc, model_cfg) / temperature  # [B, c, V] float32
-        logz = jax.nn.logsumexp(logits, axis=-1)  # [B, c]
-        lp = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0] - logz
+        logits, logz, lp = chunk_logprobs(hc, tc, embed, model_cfg, temperature)
         z = jax.lax.stop_gradient(logits)  # entropy is a metric: no backward through it
         ent = jax.lax.stop_gradient(logz) - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
         return lp, ent
 
     with jax.named_scope("logprobs"):
         _, (lp, ent) = jax.lax.scan(lambda _, xs: (None, one_chunk(*xs)), None, (hs, targets))
-    first = jnp.zeros((b, start), jnp.float32)
-    lp = jnp.concatenate([first, lp.swapaxes(0, 1).reshape(b, -1)[:, :n]], axis=1)  # [B, T]
-    ent = jnp.concatenate([first, ent.swapaxes(0, 1).reshape(b, -1)[:, :n]], axis=1)
-    return lp, ent
+    return layout.join(lp), layout.join(ent)
+
+
+def chunk_logprobs(hc, tc, embed, model_cfg: GemmaConfig, temperature: float):
+    """One chunk's (logits [B, c, V] float32 at the temperature, logz [B, c], log-prob of tc [B, c]). The one
+    definition of a log-prob, shared by every pass, so all of them compute the same numbers."""
+    logits = model_unembed({"embed": embed}, hc, model_cfg) / temperature  # [B, c, V] float32
+    logz = jax.nn.logsumexp(logits, axis=-1)  # [B, c]
+    lp = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0] - logz
+    return logits, logz, lp
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkLayout:
+    """How [B, T] positions are cut into chunks: positions start..T-1 get log-probs (position t is predicted by
+    h at t - 1), in n_chunks chunks of c (the last padded), each chunk's logits [B, c, V] within LOGITS_BUDGET."""
+
+    rows: int
+    length: int
+    start: int
+    c: int
+
+    @staticmethod
+    def of(h_shape, vocab: int, chunk: int, tail: int | None) -> ChunkLayout:
+        b, t = h_shape[0], h_shape[1]
+        start = tail_start(t, tail)  # first position that gets a log-prob
+        c = max(1, min(chunk, t - start, LOGITS_BUDGET // (b * vocab)))
+        return ChunkLayout(b, t, start, c)
+
+    @property
+    def pad(self) -> int:
+        return (-(self.length - self.start)) % self.c
+
+    def split(self, h: jax.Array, *per_token: jax.Array) -> tuple[jax.Array, ...]:
+        """h [B, T, D] -> [C, B, c, D] (the states that predict positions start..T-1), then each [B, T] array
+        (tokens, weights, ...) -> [C, B, c] at the positions they score."""
+        d = h.shape[-1]
+        hs = jnp.pad(h[:, self.start - 1 : -1], ((0, 0), (0, self.pad), (0, 0)))  # [B, n + pad, D]
+        hs = hs.reshape(self.rows, -1, self.c, d).swapaxes(0, 1)  # [C, B, c, D]
+        return (hs, *(self.cut(x) for x in per_token))
+
+    def cut(self, x: jax.Array) -> jax.Array:
+        """[B, T] -> [C, B, c]: the positions start..T-1, padded to whole chunks."""
+        x = jnp.pad(x[:, self.start :], ((0, 0), (0, self.pad)))
+        return x.reshape(self.rows, -1, self.c).swapaxes(0, 1)
+
+    def join(self, x: jax.Array) -> jax.Array:
+        """[C, B, c] per-chunk values -> [B, T] float32, 0 before `start`."""
+        n = self.length - self.start
+        first = jnp.zeros((self.rows, self.start), x.dtype)
+        return jnp.concatenate([first, x.swapaxes(0, 1).reshape(self.rows, -1)[:, :n]], axis=1)
 
 
 def tail_start(length: int, tail: int | None) -> int:

@@ -29,7 +29,7 @@ def per_token_loss(
 ) -> dict[str, jax.Array]:
     """[B, T] pieces: loss, pg, clipped (1.0 where the clip is active), kl (only if ref_logp is given)."""
     ratio = jnp.exp(logp - old_logp)
-    a = advantages[:, None]  # [B, 1]: every token of a row shares its advantage
+    a = advantages[:, None] if advantages.ndim == 1 else advantages  # [B, 1] (a row's tokens share it) or [B, T]
     low, high = 1.0 - grpo_cfg.epsilon_low, 1.0 + grpo_cfg.epsilon_high
     pg = -jnp.minimum(ratio * a, jnp.clip(ratio, low, high) * a)
     # The clip is active (zero gradient) exactly where the clipped term is the smaller one.
@@ -54,6 +54,36 @@ def aggregate(x: jax.Array, mask: jax.Array, grpo_cfg: GRPOConfig, num_tokens: j
         return jnp.sum(per_row) / num_rows
     # dr_grpo: a constant denominator, so long and short completions are not re-weighted
     return jnp.sum(x * mask) / (num_rows * grpo_cfg.max_completion_length)
+
+
+def token_weights(mask: jax.Array, grpo_cfg: GRPOConfig, num_tokens: jax.Array, num_rows: int) -> jax.Array:
+    """[B, T] w with sum(w * x) == aggregate(x, mask, ...) for any x: the loss_type as a weight per token."""
+    if grpo_cfg.loss_type == "token_mean":
+        return mask / jnp.maximum(num_tokens, 1.0)
+    if grpo_cfg.loss_type == "sequence_mean":
+        return mask / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0) / num_rows
+    return mask / (num_rows * grpo_cfg.max_completion_length)
+
+
+def token_loss_fn(grpo_cfg: GRPOConfig, has_old: bool):
+    """The per-token loss L(lp, aux) for grpo/fused_unembed.py: aux holds [B, c] "advantage", "old" (if
+    has_old; else old = stop_gradient(lp), ratio 1) and "ref" (if given)."""
+    def token_loss(lp: jax.Array, aux: dict) -> jax.Array:
+        old = aux["old"] if has_old else jax.lax.stop_gradient(lp)
+        return per_token_loss(lp, old, aux.get("ref"), aux["advantage"], grpo_cfg)["loss"]
+
+    return token_loss
+
+
+def fused_aux(batch: dict, mask: jax.Array, grpo_cfg: GRPOConfig, num_tokens: jax.Array, num_rows: int) -> dict:
+    """The [B, T] inputs of token_loss_fn, plus "weight": what fused_token_loss needs besides the states."""
+    aux = {"weight": token_weights(mask, grpo_cfg, num_tokens, num_rows),
+           "advantage": jnp.broadcast_to(batch["advantages"].astype(jnp.float32)[:, None], mask.shape)}
+    if "old_logprobs" in batch:
+        aux["old"] = batch["old_logprobs"]
+    if "ref_logprobs" in batch:
+        aux["ref"] = batch["ref_logprobs"]
+    return aux
 
 
 def training_mask(batch: dict, grpo_cfg: GRPOConfig) -> jax.Array:

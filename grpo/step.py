@@ -47,7 +47,8 @@ from jax.sharding import PartitionSpec as P
 from grpo import loss as objective
 from grpo import sharding
 from grpo.config import GRPOConfig
-from grpo.logprobs import sharded_token_logprobs
+from grpo.fused_unembed import fused_token_loss
+from grpo.logprobs import fsdp_hidden_states, sharded_token_logprobs
 from model.config import GemmaConfig
 from model.params import check_against_schema, map_schema, param_schema
 
@@ -127,10 +128,21 @@ def policy_loss_on(weights: dict, mb: dict, num_tokens: jax.Array, num_rows: int
     """Inside shard_map: (loss, metric shares) of one micro-batch under the local shards of `weights`
     (params, or params with adapters attached), laid out as `specs`."""
     w = objective.compute_params(weights, grpo_cfg)
-    logp, ent = sharded_token_logprobs(w, mb["tokens"], mb["attention_mask"], model_cfg, specs,
-                                       chunk=grpo_cfg.logits_chunk, temperature=grpo_cfg.temperature,
-                                       tail=grpo_cfg.logprob_tail, remat=grpo_cfg.remat)
-    return objective.policy_loss(logp, ent, mb, mb["mask"], grpo_cfg, num_tokens, num_rows)
+    if not grpo_cfg.fused_unembed:
+        logp, ent = sharded_token_logprobs(w, mb["tokens"], mb["attention_mask"], model_cfg, specs,
+                                           chunk=grpo_cfg.logits_chunk, temperature=grpo_cfg.temperature,
+                                           tail=grpo_cfg.logprob_tail, remat=grpo_cfg.remat)
+        return objective.policy_loss(logp, ent, mb, mb["mask"], grpo_cfg, num_tokens, num_rows)
+    # The same loss with its gradient through the unembedding made in the forward pass (grpo/fused_unembed.py);
+    # logp and ent come back without gradients and only feed the metrics.
+    h = fsdp_hidden_states(w, mb["tokens"], mb["attention_mask"], model_cfg, specs, remat=grpo_cfg.remat)
+    embed = sharding.gather(w["embed"], specs["embed"])  # [V, D]
+    aux = objective.fused_aux(mb, mb["mask"], grpo_cfg, num_tokens, num_rows)
+    loss, logp, ent = fused_token_loss(h, embed, mb["tokens"], aux, objective.token_loss_fn(grpo_cfg, "old" in aux),
+                                       model_cfg, chunk=grpo_cfg.logits_chunk, temperature=grpo_cfg.temperature,
+                                       tail=grpo_cfg.logprob_tail)
+    _, shares = objective.policy_loss(logp, ent, mb, mb["mask"], grpo_cfg, num_tokens, num_rows)
+    return loss, shares
 
 
 def sharded_step(loss_of: Callable, specs: dict, frozen_specs: tuple, tx: optax.GradientTransformation,

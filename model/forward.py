@@ -28,6 +28,8 @@ K kv heads, G = N/K, H head dim, V vocab, L layers.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 
 import jax
@@ -88,13 +90,73 @@ def embed_tokens(params: dict, tokens: jax.Array, cfg: GemmaConfig) -> jax.Array
     return x * jnp.asarray(cfg.embed_dim**0.5, dtype=x.dtype)
 
 
+def dense(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
+    """x's last n_in dims contracted with w's first n_in: [B, T, *in] x [*in, *out] -> [B, T, *out].
+
+    One matmul [B*T, IN] @ [IN, OUT]. The custom backward writes the weight gradient as x^T @ dy with x^T
+    materialised first (a [IN, B*T] transpose of the narrow side): left to itself, XLA:CPU transposed the
+    WIDE side (dy, e.g. [B*T, 2048] for gate/up) inside the elementwise fusion that produces it, a
+    cache-hostile strided write that the step's profile showed as its costliest elementwise ops, and fed the
+    result to a slower dot path (BUILD.md, "Training-step speed").
+
+    Inside shard_map both operands are first made varying over the same mesh axes (what the plain einsum
+    does implicitly), so the custom backward returns cotangents of the operands' own types and the
+    transpose of that cast sums the weight gradient over the axes the weight is replicated on.
+    """
+    x_axes, w_axes = varying_axes(x), varying_axes(w)
+    if w_axes - x_axes:
+        x = jax.lax.pcast(x, tuple(sorted(w_axes - x_axes)), to="varying")
+    if x_axes - w_axes:
+        w = jax.lax.pcast(w, tuple(sorted(x_axes - w_axes)), to="varying")
+    return _dense_vjp(x, w, n_in)
+
+
+def varying_axes(a: jax.Array) -> frozenset[str]:
+    """The shard_map mesh axes `a` varies over (empty outside shard_map)."""
+    aval = jax.typeof(a)
+    manual = getattr(aval, "manual_axis_type", None)
+    return manual.varying if manual is not None else frozenset(getattr(aval, "vma", ()))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense_vjp(x, w, n_in):
+    return _dense(x, w, n_in)
+
+
+def _dense(x, w, n_in):
+    lead, inner = x.shape[: x.ndim - n_in], w.shape[:n_in]
+    out = w.shape[n_in:]
+    y = x.reshape(-1, math.prod(inner)) @ w.reshape(math.prod(inner), -1)  # [B*T, OUT]
+    return y.reshape(*lead, *out)
+
+
+def _dense_fwd(x, w, n_in):
+    return _dense(x, w, n_in), (x, w)
+
+
+def _dense_bwd(n_in, res, dy):
+    x, w = res
+    k = math.prod(w.shape[:n_in])
+    x2 = x.reshape(-1, k)  # [B*T, IN]
+    g = dy.reshape(x2.shape[0], -1)  # [B*T, OUT]
+    dx = (g @ w.reshape(k, -1).T).reshape(x.shape)
+    # The barrier keeps XLA from folding this transpose into the dot as a layout change of dy (see above).
+    x_t = jax.lax.optimization_barrier(x2.T)  # [IN, B*T]
+    dw = (x_t @ g).reshape(w.shape)
+    return dx, dw
+
+
+_dense_vjp.defvjp(_dense_fwd, _dense_bwd)
+
+
 def project(x: jax.Array, lp: dict, name: str, equation: str) -> jax.Array:
-    """x times the weight lp[name] (as `equation` says), plus the LoRA update (x @ a) @ b if lp carries one.
+    """x times the weight lp[name] (as `equation` says, x's trailing dims against w's leading ones), plus the LoRA update (x @ a) @ b if lp carries one.
 
     The update runs in x's dtype (float32 adapters meet bf16 activations without promoting them) and is
     reshaped to the projection's output: in is x's trailing dims flattened (o: N*H), out the weight's (q: N*H).
     """
-    y = jnp.einsum(equation, x, lp[name])
+    n_in = len(equation.split(",")[0]) - 2  # "btnh,nhd->btd": contract x's trailing n and h with w's leading
+    y = dense(x, lp[name], n_in)
     pair = lp.get(LORA, {}).get(name)
     if pair is None:
         return y
@@ -138,13 +200,34 @@ def attend(q, k, v, q_pos, k_pos, k_valid, window, cfg: GemmaConfig) -> jax.Arra
     return out.reshape(b, t, n, h)
 
 
+@jax.custom_jvp
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """tanh-approximate GELU, 0.5 x (1 + tanh(c (x + 0.044715 x^3))), with c = sqrt(2 / pi).
+
+    Same values as jax.nn.gelu(approximate=True); the custom derivative makes the backward pass keep ONE
+    array (gelu'(x)) per MLP instead of the ~6 intermediates autodiff saves for tanh's chain, which the
+    profile of the training step showed as its most expensive elementwise op (BUILD.md, "Training-step speed").
+    """
+    return jax.nn.gelu(x, approximate=True)
+
+
+@gelu_tanh.defjvp
+def _gelu_tanh_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    c = jnp.asarray((2.0 / jnp.pi) ** 0.5, x.dtype)
+    t = jnp.tanh(c * (x + 0.044715 * x**3))
+    y = jax.nn.gelu(x, approximate=True)  # the primal exactly as without derivatives (log-prob passes match)
+    slope = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * x * x)
+    return y, slope * dx
+
+
 def layer_output(lp: dict, x: jax.Array, attn: jax.Array, cfg: GemmaConfig) -> jax.Array:
     """Output projection, the post-attention norm and residual, then the MLP block with its two norms."""
     a = project(attn, lp, "o", "btnh,nhd->btd")
     x = x + rms_norm(a, lp["post_attn_norm"], cfg.rms_eps)
     with jax.named_scope("mlp"):
         h = rms_norm(x, lp["pre_ffw_norm"], cfg.rms_eps)
-        gate = jax.nn.gelu(project(h, lp, "gate", "btd,df->btf"), approximate=True)  # tanh GELU
+        gate = gelu_tanh(project(h, lp, "gate", "btd,df->btf"))
         up = project(h, lp, "up", "btd,df->btf")
         m = project(gate * up, lp, "down", "btf,fd->btd")
     return x + rms_norm(m, lp["post_ffw_norm"], cfg.rms_eps)

@@ -95,6 +95,7 @@ def test_the_table_covers_every_flag():
     ("sample", "model_dir", "/nonexistent/model"), ("sample", "checkpoint", "/nonexistent/model"),
     ("sample", "dtype", "int8"), ("sample", "temperature", "-1"), ("sample", "top_p", "2"),
     ("inspect", "mesh", "data=x"), ("inspect", "dtype", "fp8"), ("inspect", "batch", "0"),
+    ("inspect", "logprob_tail", "1024"), ("bench_train", "profile_dir", "/proc/no_such_dir"),
     ("plot", "run_dir", "/nonexistent/run"), ("report", "run_dir", "/nonexistent/run"),
     ("make_dataset", "counts", "3,x"), ("import_gguf", "gguf", "/nonexistent.gguf"),
 ])

@@ -1,0 +1,119 @@
+"""The training loss through the unembedding with its gradient made in the forward pass: 3 vocabulary matmuls, not 4.
+
+`token_logprobs` (grpo/logprobs.py) checkpoints each chunk of logits, so differentiating it costs four
+[tokens x V x D] matmuls: the logits, the same logits again in the backward pass, d(hidden) and d(embedding);
+with V = 262k they are the largest ops of the training step (BUILD.md, "Training-step speed"). But every
+GRPO loss here is a weighted sum over completion tokens of a function of that token's log-prob alone,
+
+    loss = sum_t w_t * L(lp_t; old_t, ref_t, A_row)       (w_t: the loss_type's token weight, grpo/loss.py)
+
+so dloss/dlp_t = w_t L'(lp_t) is known the moment lp_t is, and d(logits_t) = g_t (onehot(target_t) - p_t) / T.
+Each chunk makes its logits once and leaves with its share of the loss, its log-probs and entropy (metrics),
+d(hidden) and its part of d(embedding); the custom VJP's backward only scales those by the loss's cotangent.
+Peak memory is unchanged: one chunk's [B, c, V] logits at a time, plus the [V, D] embedding gradient that
+the checkpointed path accumulates too. (Liger-Kernel's fused linear cross-entropy does this for plain
+cross-entropy: https://github.com/linkedin/Liger-Kernel.)
+
+The log-probs come out of `chunk_logprobs`, the one definition every log-prob pass uses, so the ratio to
+old log-probs from `make_step_logprobs` is exactly 1 at the first iteration. The lp and entropy outputs are
+metrics: their cotangents are ignored (the caller stops their gradients).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import CustomVJPPrimal
+
+from grpo.logprobs import ChunkLayout, chunk_logprobs
+from model.config import GemmaConfig
+from model.forward import varying_axes
+
+# token_loss(lp [B, c], aux {name: [B, c]}) -> per-token loss L [B, c] (unweighted); aux["weight"] is w_t.
+TokenLoss = Callable[[jax.Array, dict], jax.Array]
+
+
+def fused_token_loss(
+    h: jax.Array, embed: jax.Array, tokens: jax.Array, aux: dict[str, jax.Array], token_loss: TokenLoss,
+    model_cfg: GemmaConfig, *, chunk: int, temperature: float = 1.0, tail: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(loss = sum_t aux["weight"]_t * token_loss(lp)_t, logprobs [B, T], entropy [B, T]) from hidden states
+    h [B, T, D], differentiable in h and embed [V, D]. aux: [B, T] float arrays (the weight among them)."""
+    layout = ChunkLayout.of(h.shape, embed.shape[0], chunk, tail)
+    names = sorted(aux)
+    hs, targets, *cut = layout.split(h, tokens, *(aux[k].astype(jnp.float32) for k in names))
+    # The custom backward returns cotangents of its inputs' own types: make h and the embedding vary over the
+    # same mesh axes first (what a plain einsum does implicitly; the cast's transpose sums over the rest).
+    hs, embed = _match_varying(hs, embed)
+    loss, lp, ent = _fused(hs, embed, targets, dict(zip(names, cut, strict=True)), token_loss, model_cfg,
+                           temperature)
+    return loss, jax.lax.stop_gradient(layout.join(lp)), jax.lax.stop_gradient(layout.join(ent))
+
+
+def _match_varying(*arrays: jax.Array) -> list[jax.Array]:
+    union = frozenset().union(*(varying_axes(a) for a in arrays))
+    return [a if not (union - varying_axes(a)) else jax.lax.pcast(a, tuple(sorted(union - varying_axes(a))),
+                                                                  to="varying") for a in arrays]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused(hs, embed, targets, aux, token_loss, model_cfg, temperature):
+    loss, lp, ent, _, _ = _forward(hs, embed, targets, aux, token_loss, model_cfg, temperature, embed_grad=False)
+    return loss, lp, ent
+
+
+def _fused_fwd(hs, embed, targets, aux, token_loss, model_cfg, temperature):
+    # symbolic_zeros: each argument arrives as CustomVJPPrimal(value, perturbed); LoRA's frozen embedding is
+    # not perturbed, so its [V, D] gradient is never made.
+    embed_grad = embed.perturbed
+    value = lambda tree: jax.tree.map(lambda a: a.value, tree, is_leaf=lambda a: isinstance(a, CustomVJPPrimal))
+    hs, embed, targets, aux = value(hs), value(embed), value(targets), value(aux)
+    loss, lp, ent, dh, de = _forward(hs, embed, targets, aux, token_loss, model_cfg, temperature, embed_grad)
+    return (loss, lp, ent), (dh, de)
+
+
+def _fused_bwd(token_loss, model_cfg, temperature, res, cts):
+    dh, de = res
+    ct = cts[0]  # the loss's cotangent; those of the lp / entropy metrics are ignored
+    scale = lambda g: None if g is None else (g * ct).astype(g.dtype)
+    return scale(dh), scale(de), None, None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
+
+
+def _forward(hs, embed, targets, aux, token_loss, model_cfg: GemmaConfig, temperature: float, embed_grad: bool):
+    """Scan over chunks: (loss, lp [C, B, c], entropy, d(loss)/d(hs) [C, B, c, D], d(loss)/d(embed) or None)."""
+    vocab = embed.shape[0]
+
+    def one_chunk(de_t, xs):
+        hc, tc, ac = xs  # [B, c, D], [B, c], {name: [B, c]}
+        logits, logz, lp = chunk_logprobs(hc, tc, embed, model_cfg, temperature)  # [B, c, V], [B, c], [B, c]
+        p = jnp.exp(logits - logz[..., None])  # softmax at the temperature
+        ent = logz - jnp.sum(p * logits, axis=-1)
+        weighted = lambda x: ac["weight"] * token_loss(x, ac)
+        per_token, vjp = jax.vjp(weighted, lp)
+        (g,) = vjp(jnp.ones_like(per_token))  # [B, c]: d(loss)/d(lp)
+        onehot = jnp.arange(vocab, dtype=tc.dtype) == tc[..., None]  # [B, c, V]
+        dlogits = g[..., None] * (onehot.astype(jnp.float32) - p) / temperature  # [B, c, V]
+        if model_cfg.final_softcap is not None:  # logits = cap * tanh(z / cap): dz = dlogits * (1 - (logits/cap)^2)
+            capped = logits * temperature / model_cfg.final_softcap
+            dlogits = dlogits * (1.0 - capped * capped)
+        dlogits = dlogits.astype(embed.dtype)
+        dh = jnp.einsum("bcv,vd->bcd", dlogits, embed, preferred_element_type=jnp.float32).astype(hc.dtype)
+        if de_t is not None:  # d(embed) accumulated TRANSPOSED, [D, V], from an explicit h^T [D, B*c]: XLA would
+            # otherwise transpose the wide [B*c, V] dlogits inside the fusion that makes them (a strided write),
+            # as in model/forward.py `dense`; the [D, V] sum is transposed once, after the last chunk.
+            h_t = jax.lax.optimization_barrier(hc.reshape(-1, hc.shape[-1]).T)  # [D, B*c]
+            de_t = de_t + jnp.matmul(h_t, dlogits.reshape(-1, vocab), preferred_element_type=jnp.float32)
+        return de_t, (jnp.sum(per_token), lp, ent, dh)
+
+    de0 = jnp.zeros(embed.shape[::-1], jnp.float32) if embed_grad else None
+    if de0 is not None and varying_axes(embed):
+        de0 = jax.lax.pcast(de0, tuple(sorted(varying_axes(embed))), to="varying")
+    with jax.named_scope("fused_unembed"):
+        de_t, (losses, lp, ent, dh) = jax.lax.scan(one_chunk, de0, (hs, targets, aux))
+    return jnp.sum(losses), lp, ent, dh, None if de_t is None else de_t.T.astype(embed.dtype)
