@@ -131,26 +131,30 @@ def _dense(x, w, n_in):
 
 
 def _dense_fwd(x, w, n_in):
-    return _dense(x, w, n_in), (x, w)
+    # symbolic_zeros: a frozen weight (LoRA's base) is not perturbed, so its gradient is never computed.
+    return _dense(x.value, w.value, n_in), (x.value, w.value, w.perturbed)
 
 
 def _dense_bwd(n_in, res, dy):
-    x, w = res
+    x, w, w_grad = res
     k = math.prod(w.shape[:n_in])
     x2 = x.reshape(-1, k)  # [B*T, IN]
     g = dy.reshape(x2.shape[0], -1)  # [B*T, OUT]
     dx = (g @ w.reshape(k, -1).T).reshape(x.shape)
+    if not w_grad:
+        return dx, None
     # The barrier keeps XLA from folding this transpose into the dot as a layout change of dy (see above).
     x_t = jax.lax.optimization_barrier(x2.T)  # [IN, B*T]
     dw = (x_t @ g).reshape(w.shape)
     return dx, dw
 
 
-_dense_vjp.defvjp(_dense_fwd, _dense_bwd)
+_dense_vjp.defvjp(_dense_fwd, _dense_bwd, symbolic_zeros=True)
 
 
 def project(x: jax.Array, lp: dict, name: str, equation: str) -> jax.Array:
-    """x times the weight lp[name] (as `equation` says, x's trailing dims against w's leading ones), plus the LoRA update (x @ a) @ b if lp carries one.
+    """x times the weight lp[name] (as `equation` says: x's trailing dims against w's leading ones), plus the
+    LoRA update (x @ a) @ b if lp carries one.
 
     The update runs in x's dtype (float32 adapters meet bf16 activations without promoting them) and is
     reshaped to the projection's output: in is x's trailing dims flattened (o: N*H), out the weight's (q: N*H).

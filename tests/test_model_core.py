@@ -258,3 +258,26 @@ def test_forward_rejects_bad_shapes():
         model.forward(params, jnp.zeros((5,), jnp.int32), cfg)
     with pytest.raises(ValueError, match="attention_mask shape"):
         model.forward(params, jnp.zeros((2, 5), jnp.int32), cfg, attention_mask=jnp.ones((2, 4)))
+
+
+@pytest.mark.parametrize("equation,x_shape,w_shape", [
+    ("btd,df->btf", (2, 3, 4), (4, 5)),  # gate / up / down
+    ("btd,dnh->btnh", (2, 3, 4), (4, 2, 3)),  # q / k / v
+    ("btnh,nhd->btd", (2, 3, 2, 3), (2, 3, 4)),  # o: two contracted dims
+])
+def test_dense_and_its_custom_backward_match_einsum(equation, x_shape, w_shape):
+    """model.forward.dense (the projections' matmul, with a hand-written backward) against jnp.einsum and
+    autodiff: values and both gradients to float32 rounding (1e-6); a frozen weight costs no weight-gradient dot."""
+    from model.forward import dense, gelu_tanh
+
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    w = jax.random.normal(jax.random.key(1), w_shape)
+    n_in = len(equation.split(",")[0]) - 2
+    ours = lambda x, w: jnp.sum(gelu_tanh(dense(x, w, n_in)) ** 2)
+    ref = lambda x, w: jnp.sum(jax.nn.gelu(jnp.einsum(equation, x, w), approximate=True) ** 2)
+    np.testing.assert_allclose(dense(x, w, n_in), jnp.einsum(equation, x, w), rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(ref, (0, 1))(x, w), strict=True):
+        assert float(jnp.max(jnp.abs(b))) > 1e-3
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    count = lambda f, *argnums: jax.jit(jax.grad(f, argnums)).lower(x, w).as_text().count("dot_general")
+    assert count(ours, 0) == 2 and count(ours, 0, 1) == 3  # forward + d(x), then + d(w) only when asked
