@@ -162,24 +162,10 @@ def main(argv):
 
 def _compile_step(model_cfg, grpo_cfg, mesh, rows: int, t: int):
     """The step compiled from abstract params, optimizer state and batch (nothing allocated yet)."""
-    import jax
-    import jax.numpy as jnp
-
     import grpo
-    import model
 
-    params = model.abstract_params(model_cfg, jnp.float32)
-    specs = grpo.param_specs(model_cfg, mesh)
-    shard = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.NamedSharding(mesh, s))
-    params = jax.tree.map(shard, params, specs)
-    tx = grpo.make_optimizer(grpo_cfg, model_cfg)
-    state = jax.eval_shape(tx.init, params)
-    state = jax.tree.map(shard, state, grpo.opt_state_specs(state, specs))
-    rows_spec = lambda dt, *shape: jax.ShapeDtypeStruct(shape, dt, sharding=jax.NamedSharding(
-        mesh, grpo.sharding.batch_spec(len(shape))))
-    batch = {"tokens": rows_spec(jnp.int32, rows, t), "attention_mask": rows_spec(jnp.int32, rows, t),
-             "completion_mask": rows_spec(jnp.int32, rows, t), "advantages": rows_spec(jnp.float32, rows)}
-    return grpo.make_step(model_cfg, grpo_cfg, mesh).lower(params, state, batch).compile()
+    return grpo.make_step(model_cfg, grpo_cfg, mesh).lower(
+        *grpo.abstract_step_args(model_cfg, grpo_cfg, mesh, rows, t)).compile()
 
 
 def run() -> None:

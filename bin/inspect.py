@@ -107,10 +107,7 @@ def lower(cfg, what: str, dtypes: tuple | None = None):
 
     import grpo
     import model
-    from grpo import sharding
-    from grpo.logprobs import make_sharded_logprobs
-    from grpo.lora_step import make_lora_optimizer, make_lora_step
-    from model.lora import abstract_adapters
+    from grpo.logprobs import make_step_logprobs
 
     dtype, compute_dtype = dtypes or _dtypes()
     lcfg = lora_config(cfg)
@@ -121,34 +118,16 @@ def lower(cfg, what: str, dtypes: tuple | None = None):
                          attention_mask=jax.ShapeDtypeStruct(shape, jnp.int32))
     axes = cli.parse_mesh(FLAGS.mesh)
     mesh = grpo.make_mesh(data=axes["data"], fsdp=axes["fsdp"])
-    specs = grpo.param_specs(cfg, mesh)
-    with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.NamedSharding(mesh, s))
-    params = jax.tree.map(with_sharding, model.abstract_params(cfg, dtype), specs)
-    rows = lambda dt, *s: jax.ShapeDtypeStruct(s, dt, sharding=jax.NamedSharding(mesh, sharding.batch_spec(len(s))))
-    tokens, mask = rows(jnp.int32, *shape), rows(jnp.int32, *shape)
-    adapters = None
-    if lcfg is not None:  # float32 adapters whatever --dtype says: they are the trained weights
-        aspecs = sharding.adapter_specs(cfg, lcfg, mesh)
-        adapters = jax.tree.map(with_sharding, abstract_adapters(cfg, lcfg), aspecs)
-    if what == "logprobs":
-        fn = make_sharded_logprobs(cfg, mesh, chunk=FLAGS.logits_chunk, compute_dtype=compute_dtype,
-                                   tail=FLAGS.logprob_tail,
-                                   num_micro_batches=FLAGS.num_micro_batches, lora_cfg=lcfg)
-        return fn.lower(params, tokens, mask) if lcfg is None else fn.lower(params, adapters, tokens, mask)
     gcfg = grpo.GRPOConfig(num_micro_batches=FLAGS.num_micro_batches, remat=FLAGS.remat, beta=FLAGS.beta,
                            logits_chunk=FLAGS.logits_chunk, compute_dtype=compute_dtype,
                            logprob_tail=FLAGS.logprob_tail)
-    trained, trained_specs = (params, specs) if lcfg is None else (adapters, aspecs)
-    tx = grpo.make_optimizer(gcfg, cfg) if lcfg is None else make_lora_optimizer(gcfg)
-    state = jax.eval_shape(tx.init, trained)
-    state = jax.tree.map(with_sharding, state, grpo.opt_state_specs(state, trained_specs))
-    batch = {"tokens": tokens, "attention_mask": mask, "completion_mask": rows(jnp.float32, *shape),
-             "advantages": rows(jnp.float32, FLAGS.batch), "old_logprobs": rows(jnp.float32, *shape)}
-    if FLAGS.beta:
-        batch["ref_logprobs"] = rows(jnp.float32, *shape)
-    if lcfg is None:
-        return grpo.make_step(cfg, gcfg, mesh).lower(params, state, batch)
-    return make_lora_step(cfg, lcfg, gcfg, mesh).lower(adapters, state, batch, params)
+    keys = ("old_logprobs", "ref_logprobs") if FLAGS.beta else ("old_logprobs",)
+    args = grpo.abstract_step_args(cfg, gcfg, mesh, *shape, lora_cfg=lcfg, param_dtype=dtype, optional_keys=keys)
+    if what == "step":
+        return grpo.make_any_step(cfg, gcfg, mesh, lcfg).lower(*args)
+    fn = make_step_logprobs(cfg, gcfg, mesh, lora_cfg=lcfg)  # the old-policy / reference pass of this step
+    rows = (args[2]["tokens"], args[2]["attention_mask"])
+    return fn.lower(args[0], *rows) if lcfg is None else fn.lower(args[3], args[0], *rows)
 
 
 def _size(n: int) -> str:

@@ -18,12 +18,13 @@ params, no second copy. The old policy (num_iterations > 1) is base + adapters:
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
 from grpo import sharding
 from grpo.config import GRPOConfig
-from grpo.step import adamw, init_opt_state, policy_loss_on, sharded_step
+from grpo.step import adamw, init_opt_state, make_optimizer, make_step, policy_loss_on, sharded_step
 from model.config import GemmaConfig
 from model.lora import LoraConfig, attach, check_adapters, validate_lora, with_adapters
 
@@ -71,3 +72,41 @@ def make_lora_step(model_cfg: GemmaConfig, lora_cfg: LoraConfig, grpo_cfg: GRPOC
 
     step = sharded_step(loss_of, specs, (base_specs,), make_lora_optimizer(grpo_cfg), grpo_cfg, mesh)
     return jax.jit(step, donate_argnums=(0, 1), compiler_options=compiler_options)
+
+
+def make_any_step(model_cfg: GemmaConfig, grpo_cfg: GRPOConfig, mesh: Mesh, lora_cfg: LoraConfig | None = None,
+                  **kwargs):
+    """make_step (lora_cfg None: full fine-tuning) or make_lora_step: the step bin/train would run."""
+    if lora_cfg is None:
+        return make_step(model_cfg, grpo_cfg, mesh, **kwargs)
+    return make_lora_step(model_cfg, lora_cfg, grpo_cfg, mesh, **kwargs)
+
+
+def abstract_step_args(model_cfg: GemmaConfig, grpo_cfg: GRPOConfig, mesh: Mesh, rows: int, length: int, *,
+                       lora_cfg: LoraConfig | None = None, param_dtype=jnp.float32,
+                       optional_keys: tuple[str, ...] = ()) -> tuple:
+    """make_any_step's arguments as shapes laid out on the mesh (jax.ShapeDtypeStruct with shardings), to lower,
+    compile and memory-analyse a step before any weight exists: (params, opt_state, batch), or with LoRA
+    (adapters, opt_state, batch, params). The batch is [rows, length] plus optional_keys (old_logprobs,
+    ref_logprobs, truncated)."""
+    from model.lora import abstract_adapters
+    from model.params import abstract_params
+
+    shaped = lambda tree, specs: jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.NamedSharding(mesh, s)), tree, specs)
+    specs = sharding.param_specs(model_cfg, mesh)
+    params = shaped(abstract_params(model_cfg, param_dtype), specs)
+    if lora_cfg is None:
+        trained, trained_specs, tx = params, specs, make_optimizer(grpo_cfg, model_cfg)
+    else:  # float32 adapters whatever the base's dtype: they are the trained weights
+        trained_specs = sharding.adapter_specs(model_cfg, lora_cfg, mesh)
+        trained, tx = shaped(abstract_adapters(model_cfg, lora_cfg), trained_specs), make_lora_optimizer(grpo_cfg)
+    state = jax.eval_shape(tx.init, trained)
+    state = shaped(state, sharding.opt_state_specs(state, trained_specs))
+    row = lambda dtype, *shape: jax.ShapeDtypeStruct(shape, dtype, sharding=jax.NamedSharding(
+        mesh, sharding.batch_spec(len(shape))))
+    batch = {"tokens": row(jnp.int32, rows, length), "attention_mask": row(jnp.int32, rows, length),
+             "completion_mask": row(jnp.int32, rows, length), "advantages": row(jnp.float32, rows)}
+    for key in optional_keys:
+        batch[key] = row(jnp.bool_, rows) if key == "truncated" else row(jnp.float32, rows, length)
+    return (trained, state, batch) if lora_cfg is None else (trained, state, batch, params)
