@@ -32,6 +32,9 @@ class GRPOConfig:
     epsilon_high: float = 0.2  # ... and above at 1 + epsilon_high (DAPO "clip higher": 0.28)
     loss_type: str = "token_mean"
     num_iterations: int = 1  # mu: optimizer steps per rollout batch (the loop calls step mu times)
+    # Entropy bonus (verl's entropy_coeff, default 0.001 there): loss -= coef * the loss_type's mean of each
+    # completion token's policy entropy, against entropy collapse. Needs fused_unembed (it makes the gradient).
+    entropy_coef: float = 0.0
     # --- optimizer ---
     learning_rate: float = 1e-6
     lr_schedule: str = "constant"
@@ -64,8 +67,8 @@ class GRPOConfig:
         for name in ("num_generations", "num_iterations", "num_micro_batches", "logits_chunk", "total_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("beta", "epsilon_low", "epsilon_high", "weight_decay", "learning_rate", "warmup_steps",
-                     "adam_eps"):
+        for name in ("beta", "entropy_coef", "epsilon_low", "epsilon_high", "weight_decay", "learning_rate",
+                     "warmup_steps", "adam_eps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.compute_dtype not in (None, "bfloat16", "float32"):
@@ -74,6 +77,8 @@ class GRPOConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.logprob_tail is not None and self.logprob_tail < 1:
             raise ValueError(f"logprob_tail must be >= 1 or None, got {self.logprob_tail}")
+        if self.entropy_coef and not self.fused_unembed:
+            raise ValueError("entropy_coef > 0 needs fused_unembed=True (the fused path makes the entropy's gradient)")
         if self.loss_type == "dr_grpo" and not self.max_completion_length:
             raise ValueError("loss_type='dr_grpo' divides by max_completion_length; set it (got None)")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:

@@ -32,7 +32,8 @@ from grpo.logprobs import ChunkLayout, chunk_logprobs
 from model.config import GemmaConfig
 from model.forward import varying_axes
 
-# token_loss(lp [B, c], aux {name: [B, c]}) -> per-token loss L [B, c] (unweighted); aux["weight"] is w_t.
+# token_loss(lp [B, c], aux {name: [B, c]}) -> per-token loss L [B, c] (unweighted); aux["weight"] is w_t, and
+# an optional aux["entropy_weight"] e_t adds the entropy bonus -e_t * H_t (GRPOConfig.entropy_coef).
 TokenLoss = Callable[[jax.Array, dict], jax.Array]
 
 
@@ -99,6 +100,11 @@ def _forward(hs, embed, targets, aux, token_loss, model_cfg: GemmaConfig, temper
         (g,) = vjp(jnp.ones_like(per_token))  # [B, c]: d(loss)/d(lp)
         onehot = jnp.arange(vocab, dtype=tc.dtype) == tc[..., None]  # [B, c, V]
         dlogits = g[..., None] * (onehot.astype(jnp.float32) - p) / temperature  # [B, c, V]
+        if "entropy_weight" in ac:  # loss -= ew * H, and dH/dz = -p (log p + H)
+            ew = ac["entropy_weight"]
+            per_token = per_token - ew * ent
+            log_p = logits - logz[..., None]
+            dlogits = dlogits + (ew / temperature)[..., None] * p * (log_p + ent[..., None])
         if model_cfg.final_softcap is not None:  # logits = cap * tanh(z / cap): dz = dlogits * (1 - (logits/cap)^2)
             capped = logits * temperature / model_cfg.final_softcap
             dlogits = dlogits * (1.0 - capped * capped)

@@ -76,13 +76,16 @@ def token_loss_fn(grpo_cfg: GRPOConfig, has_old: bool):
 
 
 def fused_aux(batch: dict, mask: jax.Array, grpo_cfg: GRPOConfig, num_tokens: jax.Array, num_rows: int) -> dict:
-    """The [B, T] inputs of token_loss_fn, plus "weight": what fused_token_loss needs besides the states."""
+    """The [B, T] inputs of token_loss_fn, plus "weight" (and "entropy_weight" with an entropy bonus): what
+    fused_token_loss needs besides the states."""
     aux = {"weight": token_weights(mask, grpo_cfg, num_tokens, num_rows),
            "advantage": jnp.broadcast_to(batch["advantages"].astype(jnp.float32)[:, None], mask.shape)}
     if "old_logprobs" in batch:
         aux["old"] = batch["old_logprobs"]
     if "ref_logprobs" in batch:
         aux["ref"] = batch["ref_logprobs"]
+    if grpo_cfg.entropy_coef:  # the bonus, weighted like the loss: loss -= sum_t entropy_weight_t * H_t
+        aux["entropy_weight"] = grpo_cfg.entropy_coef * aux["weight"]
     return aux
 
 

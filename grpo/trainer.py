@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import shutil
 import signal
 import threading
 import time
@@ -298,8 +299,8 @@ def checkpoint_phase(ctx: RunContext, state: LoopState) -> None:
 
 
 def finish_run(ctx: RunContext, state: LoopState, final_state: str = "finished") -> None:
-    """Wait for pending checkpoint writes, export the final params in the HF layout (process 0), and write the
-    final status line with the peak RSS."""
+    """Wait for pending checkpoint writes, export the final params in the HF layout with the run's tokenizer
+    (process 0), and write the final status line with the peak RSS."""
     try:
         ctx.ckpt.close()
     except Exception as e:  # noqa: BLE001 (the last async save's failure surfaces here, as any type)
@@ -308,6 +309,9 @@ def finish_run(ctx: RunContext, state: LoopState, final_state: str = "finished")
     if ctx.train_cfg.export_hf and final_state != "paused" and jax.process_index() == 0:
         try:
             model.save_hf_checkpoint(export, ctx.model_cfg, policy_params(ctx, state))
+            tokenizer_file = getattr(getattr(ctx.task, "tokenizer", None), "file", None)
+            if tokenizer_file is not None:  # the export loads alone: bin/sample, bin/pass_at_k --model_dir
+                shutil.copyfile(tokenizer_file, export / "tokenizer.model")
         except Exception as e:  # noqa: BLE001 (safetensors raises its own error type for I/O)
             raise describe_write_failure(e, str(export)) from None
     ctx.log.close()

@@ -23,6 +23,7 @@ class Tokenizer:
         file = path / "tokenizer.model" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"no SentencePiece tokenizer.model at {file}")
+        self.file: Path = file  # copied next to exported checkpoints, so they load on their own
         self._sp = spm.SentencePieceProcessor(model_file=str(file))
         self.bos_id: int = self._sp.bos_id()
         self.eos_id: int = self._sp.eos_id()

@@ -91,3 +91,40 @@ def test_frozen_embedding_gets_no_gradient_work():
     assert not embed_grad.search(fused.lower(x["h"]).as_text())
     both = jax.jit(jax.grad(lambda h, e: _fused(h, e, x["batch"], cfg, gcfg, 8)[0], argnums=(0, 1)))
     assert embed_grad.search(both.lower(x["h"], x["embed"]).as_text())  # the control: there when it is needed
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "gemma2"])
+def test_entropy_bonus_matches_autodiff(arch):
+    """entropy_coef: the fused loss minus coef x the loss_type mean of each completion token's entropy, whose
+    gradient (-p (log p + H) per logit) is checked against jax.grad of the entropy of full log_softmax logits."""
+    from model.forward import unembed
+
+    cfg = model.tiny_config(arch, vocab_size=V, embed_dim=D)
+    coef, tail, temp = 0.3, 8, 0.7
+    gcfg = grpo.GRPOConfig(num_generations=2, entropy_coef=coef, temperature=temp, logits_chunk=3)
+    x = _inputs(3, True, False)
+
+    def reference(h, e):
+        loss, _ = _reference(h, e, x["batch"], cfg, gcfg, tail)
+        logp = jax.nn.log_softmax(unembed({"embed": e}, h[:, :-1], cfg) / temp, axis=-1)  # [B, T-1, V]
+        ent = jnp.pad(-jnp.sum(jnp.exp(logp) * logp, axis=-1), ((0, 0), (1, 0)))  # [B, T]: position t's entropy
+        mask = x["batch"]["completion_mask"] * (jnp.arange(T) >= T - tail)[None, :]
+        return loss - coef * jnp.sum(objective.token_weights(mask, gcfg, jnp.sum(mask), B) * ent)
+
+    def fused(h, e):
+        mask = x["batch"]["completion_mask"] * (jnp.arange(T) >= T - tail)[None, :]
+        aux = objective.fused_aux(x["batch"], mask, gcfg, jnp.sum(mask), B)
+        return fused_token_loss(h, e, x["batch"]["tokens"], aux, objective.token_loss_fn(gcfg, True), cfg,
+                                chunk=3, temperature=temp, tail=tail)[0]
+
+    (lr, gr), (lf, gf) = (jax.jit(jax.value_and_grad(f, (0, 1)))(x["h"], x["embed"]) for f in (reference, fused))
+    without = jax.jit(lambda h, e: _reference(h, e, x["batch"], cfg, gcfg, tail)[0])(x["h"], x["embed"])
+    assert abs(float(lr - without)) > 1e-3  # the bonus is really in the reference
+    np.testing.assert_allclose(lf, lr, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gf, gr, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_entropy_bonus_needs_the_fused_path():
+    with pytest.raises(ValueError, match="entropy_coef > 0 needs fused_unembed"):
+        grpo.GRPOConfig(entropy_coef=0.01, fused_unembed=False)

@@ -100,4 +100,5 @@ def test_the_defaults_run_the_ladder_with_lora_end_to_end(tmp_path):
     assert [m["level"] for m in metrics] == ["2x1-9", "2x1-9"]
     evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
     assert list(evals[-1]["solved_by_level"]) == ["2x1-9", "2x1-30", "3x1-30", "tinyzero"]
-    assert (out / "final_hf" / "config.json").is_file()  # merged export
+    assert (out / "final_hf" / "config.json").is_file()  # merged export, with its tokenizer: it loads alone
+    assert (out / "final_hf" / "tokenizer.model").read_bytes() == (model_dir / "tokenizer.model").read_bytes()
