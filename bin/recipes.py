@@ -24,11 +24,12 @@ RECIPES: dict[str, dict[str, object]] = {
         "steps": 20, "eval_every": 5, "eval_size": 16, "checkpoint_every": 5, "remat": True,
     },
     # TinyZero's GRPO run on Countdown (BUILD.md lists each value with the file it comes from): 128 prompts x
-    # 5 completions, lr 1e-6, k3 KL at 0.001, PPO clip 0.2 both sides, 1,024 new tokens, temperature 1, its
-    # reward and puzzles only, sampling on to EOS.
+    # 5 completions, lr 1e-6, k3 KL at 0.001, verl's entropy bonus 0.001, PPO clip 0.2 both sides, 1,024 new
+    # tokens, temperature 1, its reward and puzzles only, sampling on to EOS.
     "tinyzero": {
         "curriculum": "off", "stop_at_answer": False, "skip_zero_std_groups": False, "prompts_per_step": 128,
-        "num_generations": 5, "learning_rate": 1e-6, "beta": 0.001, "epsilon_low": 0.2, "epsilon_high": 0.2,
+        "num_generations": 5, "learning_rate": 1e-6, "beta": 0.001, "entropy_coef": 0.001, "epsilon_low": 0.2,
+        "epsilon_high": 0.2,
         "max_new_tokens": 1024, "temperature": 1.0, "loss_type": "token_mean", "scale_rewards": "group",
         "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
     },
