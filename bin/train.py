@@ -68,8 +68,8 @@ flags.DEFINE_integer("num_generations", 8, "G: completions per prompt.")
 flags.DEFINE_float("learning_rate", 1e-5, "Peak learning rate (AdamW) for full fine-tuning. With LoRA, when this flag "
                    f"is not given on the command line, {LORA_LR_SCALE:g}x the value (a recipe's or this default).")
 flags.DEFINE_float("beta", 0.0, "KL coefficient (TinyZero 0.001; 0 skips the reference pass).")
-flags.DEFINE_float("entropy_coef", 0.0, "Entropy bonus: loss -= coef x mean completion-token entropy (verl's "
-                   "entropy_coeff, 0.001 there), against entropy collapse. 0: off.")
+flags.DEFINE_float("entropy_coef", 0.0, "Entropy bonus: loss -= coef x the --loss_type mean of the completion "
+                   "tokens' entropy (verl's entropy_coeff, 0.001 there), against entropy collapse. 0: off.")
 flags.DEFINE_float("epsilon_low", 0.2, "PPO clip, lower.")
 flags.DEFINE_float("epsilon_high", 0.28, "PPO clip, upper (DAPO clip-higher).")
 flags.DEFINE_enum("loss_type", "token_mean", ["token_mean", "sequence_mean", "dr_grpo"], "Loss aggregation.")

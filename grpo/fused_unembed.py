@@ -10,9 +10,10 @@ GRPO loss here is a weighted sum over completion tokens of a function of that to
 so dloss/dlp_t = w_t L'(lp_t) is known the moment lp_t is, and d(logits_t) = g_t (onehot(target_t) - p_t) / T.
 Each chunk makes its logits once and leaves with its share of the loss, its log-probs and entropy (metrics),
 d(hidden) and its part of d(embedding); the custom VJP's backward only scales those by the loss's cotangent.
-Peak memory is unchanged: one chunk's [B, c, V] logits at a time, plus the [V, D] embedding gradient that
-the checkpointed path accumulates too. (Liger-Kernel's fused linear cross-entropy does this for plain
-cross-entropy: https://github.com/linkedin/Liger-Kernel.)
+Memory: still one chunk at a time, but a chunk holds three [B, c, V] float32 arrays at once (logits, softmax,
+d(logits)) where the checkpointed path held one plus its recompute: +0.5 GB on README's main job (BUILD.md), plus
+one float32 [D, V] embedding-gradient sum (full fine-tuning only). (Liger-Kernel's fused linear cross-entropy
+does this for plain cross-entropy: https://github.com/linkedin/Liger-Kernel.)
 
 The log-probs come out of `chunk_logprobs`, the one definition every log-prob pass uses, so the ratio to
 old log-probs from `make_step_logprobs` is exactly 1 at the first iteration. The lp and entropy outputs are
@@ -30,7 +31,7 @@ from jax.custom_derivatives import CustomVJPPrimal
 
 from grpo.logprobs import ChunkLayout, chunk_logprobs
 from model.config import GemmaConfig
-from model.forward import varying_axes
+from model.forward import cpu_barrier, varying_axes
 
 # token_loss(lp [B, c], aux {name: [B, c]}) -> per-token loss L [B, c] (unweighted); aux["weight"] is w_t, and
 # an optional aux["entropy_weight"] e_t adds the entropy bonus -e_t * H_t (GRPOConfig.entropy_coef).
@@ -72,22 +73,24 @@ def _fused_fwd(hs, embed, targets, aux, token_loss, model_cfg, temperature):
     embed_grad = embed.perturbed
     value = lambda tree: jax.tree.map(lambda a: a.value, tree, is_leaf=lambda a: isinstance(a, CustomVJPPrimal))
     hs, embed, targets, aux = value(hs), value(embed), value(targets), value(aux)
-    loss, lp, ent, dh, de = _forward(hs, embed, targets, aux, token_loss, model_cfg, temperature, embed_grad)
-    return (loss, lp, ent), (dh, de)
+    loss, lp, ent, dh, de_t = _forward(hs, embed, targets, aux, token_loss, model_cfg, temperature, embed_grad)
+    # de_t stays the one float32 [D, V] buffer until the backward pass transposes, scales and casts it in one go.
+    return (loss, lp, ent), (dh, de_t, jnp.zeros((), embed.dtype))
 
 
 def _fused_bwd(token_loss, model_cfg, temperature, res, cts):
-    dh, de = res
+    dh, de_t, embed_dtype = res
     ct = cts[0]  # the loss's cotangent; those of the lp / entropy metrics are ignored
-    scale = lambda g: None if g is None else (g * ct).astype(g.dtype)
-    return scale(dh), scale(de), None, None
+    d_embed = None if de_t is None else (de_t.T * ct).astype(embed_dtype.dtype)
+    return (dh * ct).astype(dh.dtype), d_embed, None, None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
 
 
 def _forward(hs, embed, targets, aux, token_loss, model_cfg: GemmaConfig, temperature: float, embed_grad: bool):
-    """Scan over chunks: (loss, lp [C, B, c], entropy, d(loss)/d(hs) [C, B, c, D], d(loss)/d(embed) or None)."""
+    """Scan over chunks: (loss, lp [C, B, c], entropy, d(loss)/d(hs) [C, B, c, D], d(loss)/d(embed) TRANSPOSED
+    [D, V] float32, or None)."""
     vocab = embed.shape[0]
 
     def one_chunk(de_t, xs):
@@ -113,7 +116,7 @@ def _forward(hs, embed, targets, aux, token_loss, model_cfg: GemmaConfig, temper
         if de_t is not None:  # d(embed) accumulated TRANSPOSED, [D, V], from an explicit h^T [D, B*c]: XLA would
             # otherwise transpose the wide [B*c, V] dlogits inside the fusion that makes them (a strided write),
             # as in model/forward.py `dense`; the [D, V] sum is transposed once, after the last chunk.
-            h_t = jax.lax.optimization_barrier(hc.reshape(-1, hc.shape[-1]).T)  # [D, B*c]
+            h_t = cpu_barrier(hc.reshape(-1, hc.shape[-1]).T)  # [D, B*c]
             de_t = de_t + jnp.matmul(h_t, dlogits.reshape(-1, vocab), preferred_element_type=jnp.float32)
         return de_t, (jnp.sum(per_token), lp, ent, dh)
 
@@ -122,4 +125,4 @@ def _forward(hs, embed, targets, aux, token_loss, model_cfg: GemmaConfig, temper
         de0 = jax.lax.pcast(de0, tuple(sorted(varying_axes(embed))), to="varying")
     with jax.named_scope("fused_unembed"):
         de_t, (losses, lp, ent, dh) = jax.lax.scan(one_chunk, de0, (hs, targets, aux))
-    return jnp.sum(losses), lp, ent, dh, None if de_t is None else de_t.T.astype(embed.dtype)
+    return jnp.sum(losses), lp, ent, dh, de_t

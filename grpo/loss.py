@@ -10,7 +10,9 @@ a micro-batch on one device contributes sum(its loss_t) / global denominator, so
 pieces over micro-batches and devices gives exactly the full-batch loss and gradient.
 
 Metrics (kl, clip_frac, entropy) are token means over completion tokens whatever the loss_type;
-loss and pg_loss use the loss_type's aggregation. kl exists only when reference logprobs were given.
+loss and pg_loss use the loss_type's aggregation. kl exists only when reference logprobs were given. The
+entropy bonus (GRPOConfig.entropy_coef, grpo/fused_unembed.py) is not in the `loss` metric: that stays the
+policy loss, and `entropy` shows what the bonus pushes on.
 """
 
 from __future__ import annotations
@@ -134,7 +136,10 @@ def compute_params(params: dict, grpo_cfg: GRPOConfig) -> dict:
 def grpo_loss(
     params: dict, batch: dict, model_cfg: GemmaConfig, grpo_cfg: GRPOConfig
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The whole-batch loss on one device (no mesh): the reference the sharded step must equal."""
+    """The whole-batch loss on one device (no mesh): the reference the sharded step must equal. It has no entropy
+    bonus (that term exists only in the fused path; tests/test_fused_unembed.py checks it against autodiff)."""
+    if grpo_cfg.entropy_coef:
+        raise ValueError("grpo_loss has no entropy bonus: entropy_coef must be 0 for the reference loss")
     mask = training_mask(batch, grpo_cfg)
     params = compute_params(params, grpo_cfg)
     h = hidden_states(params, batch["tokens"], model_cfg, attention_mask=batch["attention_mask"], remat=grpo_cfg.remat)

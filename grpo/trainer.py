@@ -310,8 +310,11 @@ def finish_run(ctx: RunContext, state: LoopState, final_state: str = "finished")
         try:
             model.save_hf_checkpoint(export, ctx.model_cfg, policy_params(ctx, state))
             tokenizer_file = getattr(getattr(ctx.task, "tokenizer", None), "file", None)
-            if tokenizer_file is not None:  # the export loads alone: bin/sample, bin/pass_at_k --model_dir
-                shutil.copyfile(tokenizer_file, export / "tokenizer.model")
+            target = export / "tokenizer.model"
+            # the export loads alone (bin/sample, bin/pass_at_k --model_dir); a run started from its own export
+            # already reads its tokenizer from there
+            if tokenizer_file is not None and Path(tokenizer_file).resolve() != target.resolve():
+                shutil.copyfile(tokenizer_file, target)
         except Exception as e:  # noqa: BLE001 (safetensors raises its own error type for I/O)
             raise describe_write_failure(e, str(export)) from None
     ctx.log.close()

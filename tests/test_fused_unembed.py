@@ -128,3 +128,6 @@ def test_entropy_bonus_matches_autodiff(arch):
 def test_entropy_bonus_needs_the_fused_path():
     with pytest.raises(ValueError, match="entropy_coef > 0 needs fused_unembed"):
         grpo.GRPOConfig(entropy_coef=0.01, fused_unembed=False)
+    cfg = model.tiny_config("gemma3", vocab_size=V, embed_dim=D)
+    with pytest.raises(ValueError, match="grpo_loss has no entropy bonus"):  # the reference cannot silently drop it
+        grpo.grpo_loss({}, _inputs(0, False, False)["batch"], cfg, grpo.GRPOConfig(entropy_coef=0.01))
