@@ -13,15 +13,17 @@ from absl import flags
 from bin.cli import FlagError
 
 RECIPES: dict[str, dict[str, object]] = {
-    # The 2-core CPU recipe (BUILD.md, "A laptop run"): the difficulty ladder (worked example and shaped rewards on
-    # its easy levels), rollouts that stop at </answer>, 6 prompts x 8 completions so several groups per step
-    # differ in reward, zero-signal groups skipped, LoRA rank 16 (bin/train's default; 1e-4 = 10 x 1e-5), remat
-    # (without it the 48 x 256 step's activations need ~30 GiB, LoRA or not), promotion at a rolling sampled
-    # solved rate of 0.35. bin/train's defaults are this recipe shortened to 5 steps (README's first command).
+    # The 2-core CPU recipe (BUILD.md, "Laptop runs", run 7): the difficulty ladder (worked examples and shaped
+    # rewards on its easy levels), rollouts that stop at </answer>, 6 prompts x 8 completions so several groups per
+    # step differ in reward, LoRA rank 16 (bin/train's default; 1e-4 = 10 x 1e-5), remat (without it the 48 x 384
+    # step's activations need ~30 GiB, LoRA or not), promotion at a rolling sampled solved rate of 0.35, 15 steps.
+    # Against entropy collapse (runs 5-6): an entropy bonus of 0.01, and zero-signal groups KEPT in the loss (a
+    # skipped group would get no entropy push). bin/train's defaults are this recipe's first 5 steps without those
+    # two, which only matter from step ~6 (README's first command).
     "laptop": {
-        "curriculum": "countdown", "promote_at": 0.35, "stop_at_answer": True, "skip_zero_std_groups": True,
-        "prompts_per_step": 6, "num_generations": 8, "max_new_tokens": 64, "learning_rate": 1e-5,
-        "steps": 20, "eval_every": 5, "eval_size": 16, "checkpoint_every": 5, "remat": True,
+        "curriculum": "countdown", "promote_at": 0.35, "stop_at_answer": True, "skip_zero_std_groups": False,
+        "entropy_coef": 0.01, "prompts_per_step": 6, "num_generations": 8, "max_new_tokens": 64,
+        "learning_rate": 1e-5, "steps": 15, "eval_every": 5, "eval_size": 16, "checkpoint_every": 5, "remat": True,
     },
     # TinyZero's GRPO run on Countdown (BUILD.md lists each value with the file it comes from): 128 prompts x
     # 5 completions, lr 1e-6, k3 KL at 0.001, verl's entropy bonus 0.001, PPO clip 0.2 both sides, 1,024 new
