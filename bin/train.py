@@ -24,8 +24,8 @@ F = flags.FLAGS
 # README's first command is bin/train with these defaults: the shortest version of the laptop recipe
 # (bin/recipes.py) that shows puzzles solved on the 2-core box within ~15 minutes and 8 GB (BUILD.md, "The
 # main job"): the difficulty ladder, 6 prompts x G = 8, 64 new tokens, stop at </answer>, zero-signal groups
-# skipped and no entropy bonus (the recipe's anti-collapse pair matters from step ~6), remat, and LoRA rank 16 (full fine-tuning's gradients and Adam state alone are 3.2 GB of the 270M's
-# 8-10 GB peak).
+# skipped and no entropy bonus (the recipe's anti-collapse pair matters from step ~6), remat, and LoRA rank 16
+# (full fine-tuning's gradients and Adam state alone are 3.2 GB of the 270M's 8-10 GB peak).
 DEFAULT_STEPS = 5
 # With LoRA and no explicit --learning_rate: 10x the full-fine-tuning rate, the usual ratio for LoRA (e.g.
 # Schulman et al., "LoRA Without Regret", 2025: https://thinkingmachines.ai/blog/lora/).

@@ -31,7 +31,7 @@ from jax.custom_derivatives import CustomVJPPrimal
 
 from grpo.logprobs import ChunkLayout, chunk_logprobs
 from model.config import GemmaConfig
-from model.forward import cpu_barrier, varying_axes
+from model.forward import cpu_barrier, match_varying
 
 # token_loss(lp [B, c], aux {name: [B, c]}) -> per-token loss L [B, c] (unweighted); aux["weight"] is w_t, and
 # an optional aux["entropy_weight"] e_t adds the entropy bonus -e_t * H_t (GRPOConfig.entropy_coef).
@@ -49,16 +49,10 @@ def fused_token_loss(
     hs, targets, *cut = layout.split(h, tokens, *(aux[k].astype(jnp.float32) for k in names))
     # The custom backward returns cotangents of its inputs' own types: make h and the embedding vary over the
     # same mesh axes first (what a plain einsum does implicitly; the cast's transpose sums over the rest).
-    hs, embed = _match_varying(hs, embed)
+    hs, embed = match_varying(hs, embed)
     loss, lp, ent = _fused(hs, embed, targets, dict(zip(names, cut, strict=True)), token_loss, model_cfg,
                            temperature)
     return loss, jax.lax.stop_gradient(layout.join(lp)), jax.lax.stop_gradient(layout.join(ent))
-
-
-def _match_varying(*arrays: jax.Array) -> list[jax.Array]:
-    union = frozenset().union(*(varying_axes(a) for a in arrays))
-    return [a if not (union - varying_axes(a)) else jax.lax.pcast(a, tuple(sorted(union - varying_axes(a))),
-                                                                  to="varying") for a in arrays]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -121,8 +115,8 @@ def _forward(hs, embed, targets, aux, token_loss, model_cfg: GemmaConfig, temper
         return de_t, (jnp.sum(per_token), lp, ent, dh)
 
     de0 = jnp.zeros(embed.shape[::-1], jnp.float32) if embed_grad else None
-    if de0 is not None and varying_axes(embed):
-        de0 = jax.lax.pcast(de0, tuple(sorted(varying_axes(embed))), to="varying")
+    if de0 is not None:  # the scan's carry varies over the mesh axes its updates do
+        de0 = match_varying(de0, embed)[0]
     with jax.named_scope("fused_unembed"):
         de_t, (losses, lp, ent, dh) = jax.lax.scan(one_chunk, de0, (hs, targets, aux))
     return jnp.sum(losses), lp, ent, dh, de_t

@@ -103,12 +103,17 @@ def dense(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
     does implicitly), so the custom backward returns cotangents of the operands' own types and the
     transpose of that cast sums the weight gradient over the axes the weight is replicated on.
     """
-    x_axes, w_axes = varying_axes(x), varying_axes(w)
-    if w_axes - x_axes:
-        x = jax.lax.pcast(x, tuple(sorted(w_axes - x_axes)), to="varying")
-    if x_axes - w_axes:
-        w = jax.lax.pcast(w, tuple(sorted(x_axes - w_axes)), to="varying")
+    x, w = match_varying(x, w)
     return _dense_vjp(x, w, n_in)
+
+
+def match_varying(*arrays: jax.Array) -> list[jax.Array]:
+    """Inside shard_map: each array pcast to varying over the union of the mesh axes any of them varies over
+    (a no-op outside shard_map). What a plain binary op does implicitly, made explicit for custom VJPs, whose
+    backward must return cotangents of their inputs' own types."""
+    union = frozenset().union(*(varying_axes(a) for a in arrays))
+    missing = [tuple(sorted(union - varying_axes(a))) for a in arrays]
+    return [jax.lax.pcast(a, m, to="varying") if m else a for a, m in zip(arrays, missing, strict=True)]
 
 
 def cpu_barrier(x: jax.Array) -> jax.Array:
