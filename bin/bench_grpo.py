@@ -29,6 +29,8 @@ flags.DEFINE_integer("max_new_tokens", 64, "Completion budget.")
 flags.DEFINE_float("beta", 0.04, "KL coefficient (> 0: the reference pass runs).")
 flags.DEFINE_bool("stop_at_answer", False, "Stop rollouts at </answer> (bin/train's default; Tunix did not).")
 flags.DEFINE_bool("remat", False, "Rematerialise layers in the backward pass.")
+flags.DEFINE_bool("shared_prompt", True, "Each group's prompt run once in the reference pass and the update "
+                  "(bin/train's default); --noshared_prompt runs every row whole.")
 flags.DEFINE_integer("repeats", 3, "Timed steps (after one warm-up step).")
 flags.DEFINE_bool("json", False, "Print one JSON object with every timing on the last line of stdout.")
 
@@ -58,7 +60,8 @@ def main(argv):
     rollout_cfg = RolloutConfig(max_new_tokens=F.max_new_tokens, sampling=SamplingConfig(temperature=1.0),
                                 stop_at_answer=F.stop_at_answer)
     grpo_cfg = align_grpo_config(grpo.GRPOConfig(num_generations=F.num_generations, beta=F.beta,
-                                                 learning_rate=1e-6, remat=F.remat), rollout_cfg)
+                                                 learning_rate=1e-6, remat=F.remat,
+                                                 shared_prompt=F.shared_prompt), rollout_cfg)
     mesh = grpo.make_mesh(data=1, fsdp=len(jax.devices()))
     step_fn, ref_fn, _ = _compiled_fns(model_cfg, grpo_cfg, None, mesh)
     params, opt = grpo.init_train_state(params, model_cfg, grpo_cfg, mesh)

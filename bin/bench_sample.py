@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ import numpy as np
 from absl import flags
 
 import model
-from bin import cli
+from bin import cli, profile_ops
 from bin.cli import FlagError
 from model import sampler
 from model.forward import decoder_layer, layer_constants
@@ -42,6 +43,8 @@ flags.DEFINE_integer("new_tokens", 128, "Generated tokens per row.")
 flags.DEFINE_integer("repeats", 3, "Timed repeats after the warm-up (the median is reported).")
 flags.DEFINE_integer("num_repeats", 1, "Rows per distinct prompt sharing ONE prefill (GRPO's G; prefill 'repeats'): "
                      "the batch is batch / num_repeats prompts, each prefilled once and its cache rows replicated.")
+flags.DEFINE_string("profile_dir", None, "Trace one decode per batch size with jax.profiler into <dir>/b<batch>/ "
+                    "and print its top HLO ops by named scope (bin/profile_ops.py).")
 flags.DEFINE_bool("json", False, "Print one JSON object with every row on the last line of stdout.")
 flags.DEFINE_bool("compare_hf", False, "Then run HF transformers' generate on the same shapes in the same invocation "
                   "(tests/bench_hf_generate.py; needs the reference extra) and print end-to-end ratios.")
@@ -94,6 +97,15 @@ def bench_batch(model_cfg, params, batch: int) -> dict:
         prefill_times.append(_seconds(lambda: prefill(params, tokens, pad, eos, key)))
         state = jax.block_until_ready(prefill(params, tokens, pad, eos, key))
         decode_times.append(_seconds(lambda: decode(params, state, eos)))  # noqa: B023 (called at once)
+    if FLAGS.profile_dir is not None:
+        trace = Path(FLAGS.profile_dir) / f"b{batch}"
+        trace.mkdir(parents=True, exist_ok=True)
+        state = jax.block_until_ready(prefill(params, tokens, pad, eos, key))
+        jax.profiler.start_trace(str(trace), create_perfetto_trace=True)
+        jax.block_until_ready(decode(params, state, eos))
+        jax.profiler.stop_trace()
+        print(f"profile of one decode ({FLAGS.new_tokens - 1} steps), batch {batch}, in {trace}:")
+        print(profile_ops.summary(profile_ops.top_ops(trace), profile_ops.scope_names(decode.as_text())))
     t_prefill, t_decode = statistics.median(prefill_times), statistics.median(decode_times)
     steps = FLAGS.new_tokens - 1
     return {
@@ -120,6 +132,8 @@ def main(argv):
         raise FlagError("need batch sizes >= 1, --prompt_len >= 2, --new_tokens >= 2, --repeats >= 1")
     if FLAGS.num_repeats < 1 or any(b % FLAGS.num_repeats for b in batches):
         raise FlagError(f"--num_repeats: {FLAGS.num_repeats} must be >= 1 and divide every batch size {batches}")
+    if FLAGS.profile_dir is not None:
+        cli.check_writable_dir("profile_dir", FLAGS.profile_dir)
     model_cfg, params, name = load_model()
     print(f"{name}: float32, prompt {FLAGS.prompt_len}, {FLAGS.new_tokens} new tokens, greedy, no early stop, "
           f"median of {FLAGS.repeats} after a warm-up; {jax.devices()[0].device_kind} x{jax.device_count()}")

@@ -34,6 +34,10 @@ flags.DEFINE_integer("completion_len", 128, "Completion tokens per row (the tail
 flags.DEFINE_bool("remat", False, "Rematerialise layers in the backward pass.")
 flags.DEFINE_bool("fused_unembed", True, "The loss's unembedding gradient made in the forward pass (GRPOConfig."
                   "fused_unembed); --nofused_unembed times the autodiff path through checkpointed chunks.")
+flags.DEFINE_integer("num_generations", 4, "Rows per prompt (GRPO's G): each group of this many rows shares its "
+                     "prompt columns, as in a GRPO batch (4 prompts x 4 at 16 rows).")
+flags.DEFINE_bool("shared_prompt", True, "Run each group's prompt once in the step (GRPOConfig.shared_prompt, "
+                  "what bin/train does); --noshared_prompt runs every row whole.")
 flags.DEFINE_integer("repeats", 3, "Timed steps.")
 flags.DEFINE_list("tails", ["0", "completion"], "Log-prob tails to time: 0 = all positions, completion = tail.")
 flags.DEFINE_bool("json", False, "Print one JSON object with every timing on the last line of stdout.")
@@ -75,9 +79,11 @@ def main(argv):
 
     if F.profile_dir is not None:
         cli.check_writable_dir("profile_dir", F.profile_dir)
-    for name in ("rows", "prompt_len", "completion_len", "repeats"):
+    for name in ("rows", "prompt_len", "completion_len", "repeats", "num_generations"):
         if F[name].value < 1:
             raise FlagError(f"--{name} must be >= 1, got {F[name].value}")
+    if F.rows % F.num_generations:
+        raise FlagError(f"--rows ({F.rows}) must be a multiple of --num_generations ({F.num_generations})")
     if F.compare_hf and F.random:
         raise FlagError("--compare_hf: needs a checkpoint both sides can load (drop --random)")
     if F.compare_hf and "completion" not in F.tails:
@@ -92,8 +98,8 @@ def main(argv):
         model_cfg = cli.load_model_config(model_dir)
     t = F.prompt_len + F.completion_len
     mesh = grpo.make_mesh(data=1, fsdp=len(jax.devices()))
-    configs = {tail: grpo.GRPOConfig(num_generations=2, learning_rate=1e-6, remat=F.remat,
-                                     fused_unembed=F.fused_unembed,
+    configs = {tail: grpo.GRPOConfig(num_generations=F.num_generations, learning_rate=1e-6, remat=F.remat,
+                                     fused_unembed=F.fused_unembed, shared_prompt=F.shared_prompt,
                                      logprob_tail=None if tail == "0" else F.completion_len) for tail in F.tails}
     compiled = {tail: _compile_step(model_cfg, cfg, mesh, F.rows, t) for tail, cfg in configs.items()}
     for tail, c in compiled.items():
@@ -104,15 +110,17 @@ def main(argv):
     else:
         model_cfg, params = cli.load_model(model_dir, jnp.float32)
     rng = np.random.default_rng(0)
+    tokens = rng.integers(4, min(1000, model_cfg.vocab_size), (F.rows, t))
+    tokens[:, : F.prompt_len] = np.repeat(tokens[:: F.num_generations, : F.prompt_len], F.num_generations, axis=0)
     batch = {
-        "tokens": jnp.asarray(rng.integers(4, min(1000, model_cfg.vocab_size), (F.rows, t)), jnp.int32),
+        "tokens": jnp.asarray(tokens, jnp.int32),
         "attention_mask": jnp.ones((F.rows, t), jnp.int32),
         "completion_mask": jnp.asarray(np.arange(t)[None].repeat(F.rows, 0) >= F.prompt_len, jnp.int32),
         "advantages": jnp.asarray(rng.normal(size=F.rows), jnp.float32),
     }
     batch = {k: jax.device_put(v, jax.NamedSharding(mesh, grpo.sharding.batch_spec(v.ndim))) for k, v in batch.items()}
     print(f"{model_cfg.name}: {F.rows} rows x {t} tokens ({F.completion_len} completion), remat={F.remat}, "
-          f"{jax.device_count()} x {jax.devices()[0].platform}")
+          f"{jax.device_count()} x {jax.devices()[0].platform}, G {F.num_generations}, shared prompt {F.shared_prompt}")
     results = {}
     for tail in F.tails:
         grpo_cfg = configs[tail]
@@ -145,12 +153,14 @@ def main(argv):
                          "tokens_per_s": F.rows * t / med, "peak_bytes": cli.compiled_peak_bytes(step)}
         del p, opt
     out = {"model": model_cfg.name, "rows": F.rows, "prompt_len": F.prompt_len, "completion_len": F.completion_len,
-           "remat": F.remat, "fused_unembed": F.fused_unembed, "tails": results}
+           "remat": F.remat, "fused_unembed": F.fused_unembed, "num_generations": F.num_generations,
+           "shared_prompt": F.shared_prompt, "tails": results}
     if F.compare_hf:
         del params
         out["hf"] = cli.run_reference_script(
             "bench_hf_train.py", "--model_dir", str(model_dir), "--rows", str(F.rows), "--prompt_len",
-            str(F.prompt_len), "--completion_len", str(F.completion_len), "--repeats", str(F.repeats))
+            str(F.prompt_len), "--completion_len", str(F.completion_len), "--repeats", str(F.repeats),
+            "--num_generations", str(F.num_generations))
         for tail, timing in results.items():
             if tail == "completion":
                 timing["ratio_to_hf"] = timing["step_s"] / out["hf"]["step_s"]

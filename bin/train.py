@@ -70,6 +70,8 @@ flags.DEFINE_float("learning_rate", 1e-5, "Peak learning rate (AdamW) for full f
 flags.DEFINE_float("beta", 0.0, "KL coefficient (TinyZero 0.001; 0 skips the reference pass).")
 flags.DEFINE_float("entropy_coef", 0.0, "Entropy bonus: loss -= coef x the --loss_type mean of the completion "
                    "tokens' entropy (verl's entropy_coeff, 0.001 there), against entropy collapse. 0: off.")
+flags.DEFINE_bool("shared_prompt", True, "Run each group's prompt once in the training step and the log-prob passes "
+                  "(same numbers, fewer FLOPs: BUILD.md 'Training-step speed'); --noshared_prompt: every row whole.")
 flags.DEFINE_float("epsilon_low", 0.2, "PPO clip, lower.")
 flags.DEFINE_float("epsilon_high", 0.28, "PPO clip, upper (DAPO clip-higher).")
 flags.DEFINE_enum("loss_type", "token_mean", ["token_mean", "sequence_mean", "dr_grpo"], "Loss aggregation.")
@@ -245,7 +247,7 @@ def _configs(compute_dtype: str | None):
             mask_truncated_completions=F.mask_truncated_completions, learning_rate=_learning_rate(),
             warmup_steps=F.warmup_steps, lr_schedule=F.lr_schedule, total_steps=max(F.steps * F.num_iterations, 1),
             weight_decay=F.weight_decay, max_grad_norm=F.max_grad_norm, remat=F.remat,
-            num_iterations=F.num_iterations, compute_dtype=compute_dtype,
+            num_iterations=F.num_iterations, compute_dtype=compute_dtype, shared_prompt=F.shared_prompt,
         )
         sampling = SamplingConfig(temperature=F.temperature, top_k=F.top_k, top_p=F.top_p)
         rollout_cfg = RolloutConfig(max_new_tokens=F.max_new_tokens, sampling=sampling,

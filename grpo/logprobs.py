@@ -33,6 +33,7 @@ from model.config import GemmaConfig
 from model.forward import default_positions, embed_tokens, hidden_states, rms_norm, scan_layers
 from model.forward import unembed as model_unembed
 from model.lora import LoraConfig, attach, with_adapters
+from model.shared_prompt import PromptSharing, pack, prompt_sharing, shared_prompt_layer, tail_states
 
 DEFAULT_CHUNK = 256
 # Cap on the logits one chunk holds, in elements (64M floats = 256 MiB): with V = 262k and 16 rows a chunk of
@@ -152,17 +153,23 @@ def embed_lookup(local_embed: jax.Array, tokens: jax.Array, spec, model_cfg: Gem
 
 def fsdp_hidden_states(
     local: dict, tokens: jax.Array, attention_mask: jax.Array, model_cfg: GemmaConfig, specs: dict, *,
-    remat: bool = False,
+    remat: bool = False, sharing: PromptSharing | None = None,
 ) -> jax.Array:
     """model.hidden_states inside shard_map: each layer's weights are all-gathered over fsdp as it runs.
 
     `local` holds this device's param shards. Only one layer's full weights exist at a time. The
     gathered weights are never saved for the backward pass (re-gathered there instead, as FSDP does);
     with remat, nothing inside a layer is saved either.
+    Returns [b, T, D]; with `sharing` (model/shared_prompt.py: each group's prompt run once) only the states of
+    columns Tp - 1 .. T - 1, [b, 1 + Tc, D]: `first_column(sharing)` is the column they start at.
     """
     positions = default_positions(tokens, attention_mask)  # [b, T]
     valid = attention_mask.astype(bool)
-    x = embed_lookup(local["embed"], tokens, specs["embed"], model_cfg)  # [b, T, D]
+    layer = None
+    if sharing is not None:  # one packed row [1, P*Tp + b*Tc]
+        tokens, positions, valid = (pack(a, sharing) for a in (tokens, positions, valid))
+        layer = functools.partial(shared_prompt_layer, sharing=sharing)
+    x = embed_lookup(local["embed"], tokens, specs["embed"], model_cfg)  # [b, T, D] (packed: [1, N, D])
     per_layer = sharding.layer_specs(specs)
 
     def gather_layer(lp_local: dict) -> dict:  # one layer's full weights, tagged so the policy never saves them
@@ -170,23 +177,41 @@ def fsdp_hidden_states(
 
     policy = (jax.checkpoint_policies.nothing_saveable if remat
               else jax.checkpoint_policies.save_anything_except_these_names(GATHERED))
-    x, _ = scan_layers(local["layers"], x, positions, valid, model_cfg, prepare_layer=gather_layer, remat_policy=policy)
+    x, _ = scan_layers(local["layers"], x, positions, valid, model_cfg, prepare_layer=gather_layer, remat_policy=policy,
+                       layer=layer)
     final_norm = sharding.gather(local["final_norm"], specs["final_norm"])
-    return rms_norm(x, final_norm, model_cfg.rms_eps)
+    h = rms_norm(x, final_norm, model_cfg.rms_eps)
+    return h if sharing is None else tail_states(h, sharing)
+
+
+def first_column(sharing: PromptSharing | None) -> int:
+    """The column of [b, T] that fsdp_hidden_states' first output column belongs to."""
+    return 0 if sharing is None else sharing.prompt_len - 1
+
+
+def pad_columns(x: jax.Array, n: int) -> jax.Array:
+    """[b, t] -> [b, n + t] with n zero columns in front (per-token values of the columns skipped)."""
+    return jnp.pad(x, ((0, 0), (n, 0))) if n else x
 
 
 def sharded_token_logprobs(
     local: dict, tokens: jax.Array, attention_mask: jax.Array, model_cfg: GemmaConfig, specs: dict, *,
     chunk: int = DEFAULT_CHUNK, temperature: float = 1.0, tail: int | None = None, remat: bool = False,
+    group: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """Inside shard_map: (logprobs, entropy) [b, T] of this device's rows under the local weight shards.
 
     The one definition shared by the training step's loss and the old / reference log-prob passes, so for
     the same weights, rows and settings they compute the same numbers (the ratio is 1, the KL 0, exactly).
+    group > 1: the rows are GRPO groups of that many rows sharing the columns before the tail, each group's
+    prompt run once (model/shared_prompt.py) when the rows are whole groups.
     """
-    h = fsdp_hidden_states(local, tokens, attention_mask, model_cfg, specs, remat=remat)  # [b, T, D]
+    sharing = prompt_sharing(tokens.shape[0], tokens.shape[1], group, tail)
+    h = fsdp_hidden_states(local, tokens, attention_mask, model_cfg, specs, remat=remat, sharing=sharing)
     embed = sharding.gather(local["embed"], specs["embed"])  # [V, D], only for the chunked unembedding
-    return token_logprobs(h, embed, tokens, model_cfg, chunk=chunk, temperature=temperature, tail=tail)
+    col = first_column(sharing)
+    lp, ent = token_logprobs(h, embed, tokens[:, col:], model_cfg, chunk=chunk, temperature=temperature, tail=tail)
+    return pad_columns(lp, col), pad_columns(ent, col)
 
 
 def cast_params(params: dict, dtype: str | None) -> dict:
@@ -200,7 +225,7 @@ def cast_params(params: dict, dtype: str | None) -> dict:
 def make_sharded_logprobs(
     model_cfg: GemmaConfig, mesh: Mesh, *, chunk: int = DEFAULT_CHUNK, temperature: float = 1.0,
     tail: int | None = None, compute_dtype: str | None = None, num_micro_batches: int = 1,
-    lora_cfg: LoraConfig | None = None, compiler_options: dict | None = None,
+    lora_cfg: LoraConfig | None = None, compiler_options: dict | None = None, group: int = 1,
 ):
     """Jitted fn(params, tokens, attention_mask) -> [B, T] float32 logprobs on the mesh; with lora_cfg,
     fn(params, adapters, tokens, attention_mask) under base + adapters.
@@ -208,7 +233,8 @@ def make_sharded_logprobs(
     Params (and adapters) laid out as grpo/sharding.py says; rows split over (data, fsdp); output the same way.
     compute_dtype and num_micro_batches: as the training step uses them (weights cast, each device's rows in
     M pieces), so old and reference log-probs are bit-identical to the step's own; `make_step_logprobs`
-    reads all of these from a GRPOConfig.
+    reads all of these from a GRPOConfig. group > 1: rows come in GRPO groups of that many sharing their
+    columns before the tail, and each group's prompt is run once (see sharded_token_logprobs).
     """
     specs = sharding.param_specs(model_cfg, mesh)
     adapter_specs = {} if lora_cfg is None else sharding.adapter_specs(model_cfg, lora_cfg, mesh)
@@ -220,7 +246,7 @@ def make_sharded_logprobs(
         w = cast_params(w, compute_dtype)
         split = lambda x: x.reshape(num_micro_batches, -1, x.shape[1])  # [M, b / M, T]
         one = lambda mb: sharded_token_logprobs(w, *mb, model_cfg, weight_specs, chunk=chunk,
-                                                temperature=temperature, tail=tail)[0]
+                                                temperature=temperature, tail=tail, group=group)[0]
         return jax.lax.map(one, (split(tokens), split(attention_mask))).reshape(tokens.shape)
 
     # in: params (and adapters) per the rules table, tokens and mask split by rows; out: logprobs split by rows.
@@ -243,11 +269,17 @@ def make_step_logprobs(
     compiler_options: dict | None = None,
 ):
     """make_sharded_logprobs with every setting the training step uses taken from grpo_cfg (chunk, temperature,
-    tail, compute dtype, micro-batches): the old- and reference-policy passes of the training loop."""
+    tail, compute dtype, micro-batches, shared prompts): the old- and reference-policy passes of the training
+    loop."""
     return make_sharded_logprobs(model_cfg, mesh, chunk=grpo_cfg.logits_chunk, temperature=grpo_cfg.temperature,
                                  tail=grpo_cfg.logprob_tail, compute_dtype=grpo_cfg.compute_dtype,
                                  num_micro_batches=grpo_cfg.num_micro_batches, lora_cfg=lora_cfg,
-                                 compiler_options=compiler_options)
+                                 compiler_options=compiler_options, group=sharing_group(grpo_cfg))
+
+
+def sharing_group(grpo_cfg: GRPOConfig) -> int:
+    """The row-group size whose prompts the step's passes run once: num_generations with shared_prompt, else 1."""
+    return grpo_cfg.num_generations if grpo_cfg.shared_prompt else 1
 
 
 def _check_tokens(tokens, attention_mask) -> None:

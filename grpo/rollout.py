@@ -112,6 +112,21 @@ def build_batch(
             "advantages": np.asarray(advantages, np.float32), "truncated": np.asarray(truncated, np.float32)}
 
 
+def check_shared_prompts(batch: dict, group: int, tail: int | None) -> None:
+    """Raise unless every group of `group` consecutive rows has the same tokens and mask before the last `tail`
+    columns: what GRPOConfig.shared_prompt assumes (the step reads only a group's first row there)."""
+    tokens, mask = np.asarray(batch["tokens"]), np.asarray(batch["attention_mask"])
+    if tail is None or group < 2 or tokens.shape[0] % group or tail >= tokens.shape[1]:
+        return
+    cut = tokens.shape[1] - tail
+    for name, a in (("tokens", tokens), ("attention_mask", mask)):
+        g = a[:, :cut].reshape(-1, group, cut)
+        bad = np.flatnonzero((g != g[:, :1]).any(axis=(1, 2)))
+        if bad.size:
+            raise ValueError(f"shared_prompt: rows of group {int(bad[0])} differ in {name} before the last {tail} "
+                             f"columns; each group of {group} rows must share its prompt (or set shared_prompt=False)")
+
+
 def has_aha(text: str) -> bool:
     """Does the text contain any self-verification phrase?"""
     return any(r.search(text) for r in _AHA_RE.values())

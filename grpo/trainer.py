@@ -38,7 +38,14 @@ from grpo.evaluation import evaluate
 from grpo.loggers import make_loggers
 from grpo.logprobs import cast_params, make_step_logprobs
 from grpo.lora_step import init_lora_state, make_lora_step
-from grpo.rollout import Rollout, RolloutConfig, align_grpo_config, sample_groups, sample_record
+from grpo.rollout import (
+    Rollout,
+    RolloutConfig,
+    align_grpo_config,
+    check_shared_prompts,
+    sample_groups,
+    sample_record,
+)
 from grpo.run_files import RunLog, RunWriteError, describe_write_failure, peak_rss_bytes
 from grpo.tasks import Task
 from model.config import GemmaConfig
@@ -197,6 +204,8 @@ def logprob_phase(ctx: RunContext, params: dict, batch: dict) -> dict:
 
     With num_iterations == 1 the step uses stop_gradient(logp) as the old policy: ratio == 1, no extra pass.
     """
+    if ctx.grpo_cfg.shared_prompt:  # the step reads each group's prompt from its first row only
+        check_shared_prompts(batch, ctx.grpo_cfg.num_generations, ctx.grpo_cfg.logprob_tail)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     rows = (batch["tokens"], batch["attention_mask"])
     if ctx.grpo_cfg.beta > 0:

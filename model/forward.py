@@ -269,6 +269,7 @@ def scan_layers(
     prepare_layer: Callable[[dict], dict] | None = None,
     remat_policy: Callable | None = None,
     collect_kv: bool = False,
+    layer: Callable | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """The decoder stack: one lax.scan over the stacked [L, ...] `layers` (one layer compiled, not L).
 
@@ -278,12 +279,15 @@ def scan_layers(
     prepare_layer: maps one layer's weights to what the layer uses, inside the scan body (FSDP: all-gather
     the local shards, so only one layer's full weights exist at a time).
     remat_policy: jax.checkpoint the body with this policy (None: no remat, save everything).
+    layer: the layer function, decoder_layer's signature (default decoder_layer; model/shared_prompt.py passes
+    one whose tokens are a GRPO batch with each group's prompt stored once).
     """
+    layer_fn = decoder_layer if layer is None else layer
 
-    def body(x, layer):
-        lp, c = layer
+    def body(x, weights):
+        lp, c = weights
         lp = lp if prepare_layer is None else prepare_layer(lp)
-        x, kv = decoder_layer(lp, x, c, positions, valid, cfg)
+        x, kv = layer_fn(lp, x, c, positions, valid, cfg)
         return x, (kv if collect_kv else None)
 
     # prevent_cse=False: inside a scan XLA cannot merge the backward recompute into the forward pass, so the

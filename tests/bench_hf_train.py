@@ -6,7 +6,8 @@ runs it in the same invocation, after our own steps, so the ratio comes from one
     python tests/bench_hf_train.py                          # embedded Gemma 3 270M, 16 rows x (160 + 128)
     python tests/bench_hf_train.py --rows 16 --prompt_len 160 --completion_len 128 --repeats 3 --json
 
-Method (mirrors bin/bench_train's completion tail): random token ids (numpy seed 0), full attention mask;
+Method (mirrors bin/bench_train's completion tail): random token ids (numpy seed 0), each group of
+--num_generations rows with the same prompt columns (bench_train's batch; HF runs every row whole), full attention mask;
 forward of the whole row, log-softmax of the logits at the completion positions only (the last
 completion_len positions predict the completion tokens), loss = -mean(advantage x token log-prob) (GRPO's
 token-mean policy loss at ratio 1), backward, AdamW step (lr 1e-6, as bench_train). HF's default attention
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--prompt_len", type=int, default=160)
     parser.add_argument("--completion_len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--num_generations", type=int, default=4, help="rows per shared prompt (bench_train's G)")
     parser.add_argument("--json", action="store_true", help="one JSON object on the last line")
     args = parser.parse_args()
     model_dir = args.model_dir or _default_model_dir()
@@ -56,7 +58,10 @@ def main() -> None:
     t = args.prompt_len + args.completion_len
     rng = np.random.default_rng(0)
     ids = min(1000, model.config.vocab_size)  # bench_train's ids, within a small vocabulary too
-    tokens = torch.tensor(rng.integers(4, ids, (args.rows, t)), dtype=torch.long)
+    raw = rng.integers(4, ids, (args.rows, t))
+    g = args.num_generations  # bench_train's batch: each group of g rows shares its prompt columns
+    raw[:, : args.prompt_len] = np.repeat(raw[::g, : args.prompt_len], g, axis=0)
+    tokens = torch.tensor(raw, dtype=torch.long)
     advantages = torch.tensor(rng.normal(size=args.rows), dtype=torch.float32)
     mask = torch.ones_like(tokens)
     print(f"HF transformers train step: {model_dir.name}, float32, {args.rows} rows x {t} tokens "

@@ -29,7 +29,8 @@ TRAIN_BAD = {
     "max_grad_norm": "0", "remat": "yes please", "max_new_tokens": "100000", "temperature": "-2", "top_k": "0",
     "top_p": "1.5", "mesh": "data=3", "coordinator_address": "localhost", "num_processes": "2", "process_id": "0",
     "recipe": "fast", "curriculum": "steep", "promote_at": "1.5", "stop_at_answer": "maybe",
-    "skip_zero_std_groups": "often", "time_limit": "soon", "lora_rank": "-1", "lora_alpha": "-2",
+    "skip_zero_std_groups": "often", "shared_prompt": "sometimes", "time_limit": "soon", "lora_rank": "-1",
+    "lora_alpha": "-2",
     "lora_targets": "q,attn", "machine": "tpu-v9", "rollout_batch_size": "-1",
 }
 # Flags whose bad value only shows once an earlier check passes: they need a real model + tokenizer.
@@ -97,6 +98,7 @@ def test_the_table_covers_every_flag():
     ("sample", "dtype", "int8"), ("sample", "temperature", "-1"), ("sample", "top_p", "2"),
     ("inspect", "mesh", "data=x"), ("inspect", "dtype", "fp8"), ("inspect", "batch", "0"),
     ("inspect", "logprob_tail", "1024"), ("bench_train", "profile_dir", "/proc/no_such_dir"),
+    ("bench_train", "num_generations", "3"), ("bench_sample", "profile_dir", "/proc/no_such_dir"),
     ("plot", "run_dir", "/nonexistent/run"), ("report", "run_dir", "/nonexistent/run"),
     ("make_dataset", "counts", "3,x"), ("import_gguf", "gguf", "/nonexistent.gguf"),
 ])
