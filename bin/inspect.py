@@ -44,6 +44,10 @@ flags.DEFINE_enum("compute_dtype", None, ["bfloat16", "float32"],
                   "cast weights to this dtype for forward/backward (step); e.g. float32 params + bfloat16 compute. "
                   "Default: what --dtype implies on an accelerator (auto: bfloat16)")
 flags.DEFINE_float("beta", 0.0, "KL coefficient; > 0 adds the ref_logprobs input (step)")
+flags.DEFINE_integer("num_generations", 8, "rows per prompt (G) of the batch (step, logprobs; with --shared_prompt)")
+flags.DEFINE_bool("shared_prompt", False, "each group of --num_generations rows shares the columns before "
+                  "--logprob_tail, run once (GRPOConfig.shared_prompt; bin/train's default). Off: every row whole, "
+                  "an upper bound (the --machine fit checks use it)")
 flags.DEFINE_integer("logits_chunk", 256, "tokens per unembedding chunk (logprobs, step)")
 flags.DEFINE_integer("logprob_tail", None, "log-probs only for the last N positions, as bin/train does with its "
                      "completion budget (logprobs, step); default: every position")
@@ -120,7 +124,8 @@ def lower(cfg, what: str, dtypes: tuple | None = None):
     mesh = grpo.make_mesh(data=axes["data"], fsdp=axes["fsdp"])
     gcfg = grpo.GRPOConfig(num_micro_batches=FLAGS.num_micro_batches, remat=FLAGS.remat, beta=FLAGS.beta,
                            logits_chunk=FLAGS.logits_chunk, compute_dtype=compute_dtype,
-                           logprob_tail=FLAGS.logprob_tail)
+                           logprob_tail=FLAGS.logprob_tail, num_generations=FLAGS.num_generations,
+                           shared_prompt=FLAGS.shared_prompt)
     keys = ("old_logprobs", "ref_logprobs") if FLAGS.beta else ("old_logprobs",)
     args = grpo.abstract_step_args(cfg, gcfg, mesh, *shape, lora_cfg=lcfg, param_dtype=dtype, optional_keys=keys)
     if what == "step":
@@ -255,7 +260,7 @@ def machine_check(cfg, machine, devices: int) -> dict:
 
 def main(argv):
     cli.no_extra_args(argv)
-    for name in ("batch", "seq_len", "num_micro_batches", "logits_chunk"):
+    for name in ("batch", "seq_len", "num_micro_batches", "logits_chunk", "num_generations"):
         if getattr(FLAGS, name) < 1:
             raise FlagError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
     if FLAGS.logprob_tail is not None and not 1 <= FLAGS.logprob_tail < FLAGS.seq_len:

@@ -93,8 +93,9 @@ def embed_tokens(params: dict, tokens: jax.Array, cfg: GemmaConfig) -> jax.Array
 def dense(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
     """x's last n_in dims contracted with w's first n_in: [B, T, *in] x [*in, *out] -> [B, T, *out].
 
-    One matmul [B*T, IN] @ [IN, OUT]. The custom backward writes the weight gradient as x^T @ dy with x^T
-    materialised first (a [IN, B*T] transpose of the narrow side): left to itself, XLA:CPU transposed the
+    One matmul [B*T, IN] @ [IN, OUT]. The custom backward writes the weight gradient with the NARROW side of
+    (x, dy) transposed explicitly: x^T @ dy when IN <= OUT (q/k/v, gate/up), (dy^T @ x)^T otherwise (o, down),
+    whose [OUT, IN] result is weight-sized and cheap to transpose. Left to itself, XLA:CPU transposed the
     WIDE side (dy, e.g. [B*T, 2048] for gate/up) inside the elementwise fusion that produces it, a
     cache-hostile strided write that the step's profile showed as its costliest elementwise ops, and fed the
     result to a slower dot path (BUILD.md, "Training-step speed").
@@ -155,9 +156,11 @@ def _dense_bwd(n_in, res, dy):
     dx = (g @ w.reshape(k, -1).T).reshape(x.shape)
     if not w_grad:
         return dx, None
-    x_t = cpu_barrier(x2.T)  # [IN, B*T]
-    dw = (x_t @ g).reshape(w.shape)
-    return dx, dw
+    if k <= g.shape[1]:  # x is the narrow side (q/k/v, gate/up): dw = x^T @ dy
+        dw = cpu_barrier(x2.T) @ g  # [IN, B*T] @ [B*T, OUT]
+    else:  # dy is (down [.., 2048] -> 640, o 1024 -> 640): dw = (dy^T @ x)^T, the small [OUT, IN] result transposed
+        dw = cpu_barrier(cpu_barrier(g.T) @ x2).T  # the outer barrier keeps XLA from folding the .T back into the dot
+    return dx, dw.reshape(w.shape)
 
 
 _dense_vjp.defvjp(_dense_fwd, _dense_bwd, symbolic_zeros=True)
