@@ -86,11 +86,14 @@ def _forward(hs, embed, targets, aux, token_loss, model_cfg: GemmaConfig, temper
     """Scan over chunks: (loss, lp [C, B, c], entropy, d(loss)/d(hs) [C, B, c, D], d(loss)/d(embed) TRANSPOSED
     [D, V] float32, or None)."""
     vocab = embed.shape[0]
+    # On XLA:CPU d(hidden) = dlogits @ E ([B*c, 262k] x [262k, D]) ran at ~2/3 the rate of the logits' own dot;
+    # as E^T @ dlogits^T (both operands contracted on their minor axis) it matches it, for one transposed copy of
+    # the embedding per step (+[D, V] float32 while the scan runs). GPU / TPU dots take either layout natively.
+    embed_t = cpu_barrier(embed.T) if jax.default_backend() == "cpu" else None
 
     def one_chunk(de_t, xs):
         hc, tc, ac = xs  # [B, c, D], [B, c], {name: [B, c]}
-        logits, logz, lp = chunk_logprobs(hc, tc, embed, model_cfg, temperature)  # [B, c, V], [B, c], [B, c]
-        p = jnp.exp(logits - logz[..., None])  # softmax at the temperature
+        logits, logz, lp, p = chunk_logprobs(hc, tc, embed, model_cfg, temperature)  # p: softmax [B, c, V]
         ent = logz - jnp.sum(p * logits, axis=-1)
         weighted = lambda x: ac["weight"] * token_loss(x, ac)
         per_token, vjp = jax.vjp(weighted, lp)
@@ -106,7 +109,12 @@ def _forward(hs, embed, targets, aux, token_loss, model_cfg: GemmaConfig, temper
             capped = logits * temperature / model_cfg.final_softcap
             dlogits = dlogits * (1.0 - capped * capped)
         dlogits = dlogits.astype(embed.dtype)
-        dh = jnp.einsum("bcv,vd->bcd", dlogits, embed, preferred_element_type=jnp.float32).astype(hc.dtype)
+        if embed_t is None:
+            dh = jnp.einsum("bcv,vd->bcd", dlogits, embed, preferred_element_type=jnp.float32)
+        else:  # d(hidden)^T = E^T @ dlogits^T, both contracted on their last (262k) axis; the [D, B*c] result is tiny
+            dh_t = jnp.einsum("dv,mv->dm", embed_t, dlogits.reshape(-1, vocab), preferred_element_type=jnp.float32)
+            dh = cpu_barrier(dh_t).T.reshape(hc.shape)  # the barrier keeps XLA from folding .T back into the dot
+        dh = dh.astype(hc.dtype)
         if de_t is not None:  # d(embed) accumulated TRANSPOSED, [D, V], from an explicit h^T [D, B*c]: XLA would
             # otherwise transpose the wide [B*c, V] dlogits inside the fusion that makes them (a strided write),
             # as in model/forward.py `dense`; the [D, V] sum is transposed once, after the last chunk.

@@ -56,9 +56,9 @@ def token_logprobs(
 
     @jax.checkpoint
     def one_chunk(hc, tc):
-        logits, logz, lp = chunk_logprobs(hc, tc, embed, model_cfg, temperature)
-        z = jax.lax.stop_gradient(logits)  # entropy is a metric: no backward through it
-        ent = jax.lax.stop_gradient(logz) - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
+        logits, logz, lp, probs = chunk_logprobs(hc, tc, embed, model_cfg, temperature)
+        z, p = jax.lax.stop_gradient((logits, probs))  # entropy is a metric: no backward through it
+        ent = jax.lax.stop_gradient(logz) - jnp.sum(p * z, axis=-1)
         return lp, ent
 
     with jax.named_scope("logprobs"):
@@ -67,12 +67,18 @@ def token_logprobs(
 
 
 def chunk_logprobs(hc, tc, embed, model_cfg: GemmaConfig, temperature: float):
-    """One chunk's (logits [B, c, V] float32 at the temperature, logz [B, c], log-prob of tc [B, c]). The one
-    definition of a log-prob, shared by every pass, so all of them compute the same numbers."""
+    """One chunk's (logits [B, c, V] float32 at the temperature, logz [B, c], log-prob of tc [B, c], softmax
+    [B, c, V]). The one definition of a log-prob, shared by every pass, so all of them compute the same numbers.
+
+    logz is jax.nn.logsumexp written out so that its exponentials are also the softmax: one exp per logit, not
+    two (callers that only need lp never materialise the softmax)."""
     logits = model_unembed({"embed": embed}, hc, model_cfg) / temperature  # [B, c, V] float32
-    logz = jax.nn.logsumexp(logits, axis=-1)  # [B, c]
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # [B, c, 1]
+    e = jnp.exp(logits - top)  # [B, c, V]
+    total = jnp.sum(e, axis=-1, keepdims=True)  # [B, c, 1]
+    logz = (top + jnp.log(total))[..., 0]  # [B, c]
     lp = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0] - logz
-    return logits, logz, lp
+    return logits, logz, lp, e / total
 
 
 @dataclasses.dataclass(frozen=True)
