@@ -1,11 +1,15 @@
-"""Time one GRPO training step on the 270M model: the number to compare with HF transformers' 59.8 s.
+"""Time one GRPO training step on the 270M model, and HF transformers' step on the same rows (--compare_hf).
 
     bin/bench_train                              # embedded Gemma 3 270M, 16 rows x 288 tokens, float32
+    bin/bench_train --repeats 3 --tails completion --compare_hf --json   # BUILD.md's "Training-step speed"
     bin/bench_train --random --rows 16 --prompt_len 160 --completion_len 128 --remat
 
-Median of --repeats timed steps after one warm-up (compile) step, with log-probs on every position
-(`--logprob_tail=0`, what a plain HF step computes) and on the completion tail only (what bin/train does).
-`--json` adds one JSON object on the last line: {"tails": {"completion": {"step_s": ...}, "0": {...}}, ...}.
+The batch is GRPO-shaped: groups of --num_generations rows (4 prompts x 4 at 16 rows) with the same prompt
+columns, and by default the step runs each group's prompt once (GRPOConfig.shared_prompt, what bin/train does;
+--noshared_prompt runs every row whole, as HF's step does). Median of --repeats timed steps after one warm-up
+(compile) step, with log-probs on every position (`--tails 0`) and/or on the completion tail only (`completion`,
+what bin/train does). `--json` adds one JSON object on the last line:
+{"tails": {"completion": {"step_s": ...}, "0": {...}}, "hf": {...}, ...}.
 
 Before any weight is loaded, each step is compiled from abstract shapes and XLA's memory analysis (params,
 gradients, Adam state, activations) is compared with the memory available: a shape that cannot fit is one

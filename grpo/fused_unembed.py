@@ -12,7 +12,8 @@ Each chunk makes its logits once and leaves with its share of the loss, its log-
 d(hidden) and its part of d(embedding); the custom VJP's backward only scales those by the loss's cotangent.
 Memory: still one chunk at a time, but a chunk holds three [B, c, V] float32 arrays at once (logits, softmax,
 d(logits)) where the checkpointed path held one plus its recompute: +0.5 GB on README's main job (BUILD.md), plus
-one float32 [D, V] embedding-gradient sum (full fine-tuning only). (Liger-Kernel's fused linear cross-entropy
+one float32 [D, V] embedding-gradient sum (full fine-tuning only) and, on CPU, the embedding transposed [D, V] for
+d(hidden) (see `_forward`). (Liger-Kernel's fused linear cross-entropy
 does this for plain cross-entropy: https://github.com/linkedin/Liger-Kernel.)
 
 The log-probs come out of `chunk_logprobs`, the one definition every log-prob pass uses, so the ratio to

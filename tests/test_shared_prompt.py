@@ -15,7 +15,9 @@ import pytest
 
 import grpo
 import model
+from grpo.lora_step import init_lora_state, make_lora_step
 from grpo.rollout import check_shared_prompts
+from model.lora import LoraConfig, init_adapters
 from model.shared_prompt import prompt_sharing
 
 FAST = {"xla_backend_optimization_level": 0}
@@ -80,6 +82,27 @@ def test_step_with_shared_prompts_equals_whole_rows(arch, fused):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=TOL, rtol=0), p1, p0)
     for k in ("loss", "grad_norm", "entropy", "num_completion_tokens"):
         np.testing.assert_allclose(m1[k], m0[k], atol=TOL, rtol=1e-5, err_msg=k)
+
+
+def test_lora_step_with_shared_prompts_equals_whole_rows():
+    """LoRA (frozen base), remat and 2 micro-batches of 2 groups each on a 2-device fsdp mesh."""
+    cfg, lcfg = model.tiny_config("gemma3"), LoraConfig(rank=4, alpha=8.0)
+    mesh = grpo.make_mesh(data=1, fsdp=2)
+    batch = _batch(cfg, groups=8, seed=2)
+    params = _params(cfg)
+    adapters = jax.jit(init_adapters, static_argnums=(1, 2))(jax.random.key(1), cfg, lcfg)
+    out = {}
+    for shared in (False, True):
+        gcfg = grpo.GRPOConfig(num_generations=G, learning_rate=0.1, adam_eps=1.0, logits_chunk=4, logprob_tail=TAIL,
+                               num_micro_batches=2, remat=True, shared_prompt=shared)
+        base = grpo.place_params(jax.tree.map(jnp.copy, params), cfg, mesh)
+        ad, opt = init_lora_state(jax.tree.map(jnp.copy, adapters), cfg, lcfg, gcfg, mesh)
+        new, _, metrics = make_lora_step(cfg, lcfg, gcfg, mesh, compiler_options=FAST)(ad, opt, batch, base)
+        out[shared] = (jax.device_get(new), jax.device_get(metrics))
+    (a0, m0), (a1, m1) = out[False], out[True]
+    assert max(jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), a0, adapters))) > 1e-3
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=TOL, rtol=0), a1, a0)
+    np.testing.assert_allclose(m1["loss"], m0["loss"], atol=TOL, rtol=1e-5)
 
 
 def test_shared_step_does_less_work():
