@@ -23,6 +23,7 @@ layer and micro-batch scans: an analytic matmul count is printed beside it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -280,22 +281,27 @@ def main(argv):
     if machine and machine.devices is not None and devices != machine.devices:
         raise FlagError(f"--mesh: {FLAGS.mesh} uses {devices} devices; {machine.name} has {machine.devices}")
     cli.set_fake_cpu_devices(devices, FLAGS.platform)
-    try:
-        cfg = model_config(FLAGS.preset)
-        if machine:
-            n = machine_check(cfg, machine, devices)
-            lowered = None
+    from model.forward import compiling_for_accelerator
+
+    # An accelerator's estimate traces the accelerator's program: without the XLA:CPU-only layout choices.
+    for_accelerator = FLAGS.accelerator_estimate or (machine is not None and machine.platform != "cpu")
+    with compiling_for_accelerator() if for_accelerator else contextlib.nullcontext():
+        try:
+            cfg = model_config(FLAGS.preset)
+            if machine:
+                n = machine_check(cfg, machine, devices)
+                lowered = None
+            else:
+                lowered = lower(cfg, FLAGS.what)
+        except ValueError as e:  # bad preset or batch shape: one line, not a traceback
+            raise FlagError(str(e)) from None
+        if lowered is not None:
+            compiled = lowered.compile()
+            n = numbers(cfg, compiled, devices)
+            if FLAGS.accelerator_estimate:
+                n.update(accelerator_estimate(cfg, n))
         else:
-            lowered = lower(cfg, FLAGS.what)
-    except ValueError as e:  # bad preset or batch shape: one line, not a traceback
-        raise FlagError(str(e)) from None
-    if lowered is not None:
-        compiled = lowered.compile()
-        n = numbers(cfg, compiled, devices)
-        if FLAGS.accelerator_estimate:
-            n.update(accelerator_estimate(cfg, n))
-    else:
-        compiled = None
+            compiled = None
     if FLAGS.stablehlo and lowered is not None:
         print(lowered.as_text())
     if FLAGS.dump_hlo and lowered is not None:

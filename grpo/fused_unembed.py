@@ -32,7 +32,7 @@ from jax.custom_derivatives import CustomVJPPrimal
 
 from grpo.logprobs import ChunkLayout, chunk_logprobs
 from model.config import GemmaConfig
-from model.forward import cpu_barrier, match_varying
+from model.forward import cpu_barrier, cpu_layouts, match_varying
 
 # token_loss(lp [B, c], aux {name: [B, c]}) -> per-token loss L [B, c] (unweighted); aux["weight"] is w_t, and
 # an optional aux["entropy_weight"] e_t adds the entropy bonus -e_t * H_t (GRPOConfig.entropy_coef).
@@ -90,7 +90,7 @@ def _forward(hs, embed, targets, aux, token_loss, model_cfg: GemmaConfig, temper
     # On XLA:CPU d(hidden) = dlogits @ E ([B*c, 262k] x [262k, D]) ran at ~2/3 the rate of the logits' own dot;
     # as E^T @ dlogits^T (both operands contracted on their minor axis) it matches it, for one transposed copy of
     # the embedding per step (+[D, V] float32 while the scan runs). GPU / TPU dots take either layout natively.
-    embed_t = cpu_barrier(embed.T) if jax.default_backend() == "cpu" else None
+    embed_t = cpu_barrier(embed.T) if cpu_layouts() else None
 
     def one_chunk(de_t, xs):
         hc, tc, ac = xs  # [B, c, D], [B, c], {name: [B, c]}

@@ -28,6 +28,7 @@ K kv heads, G = N/K, H head dim, V vocab, L layers.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable
@@ -121,7 +122,28 @@ def cpu_barrier(x: jax.Array) -> jax.Array:
     """On XLA:CPU, an optimization barrier: keeps an explicit transpose from being folded into the next dot as a
     layout change of the dot's OTHER, wider operand (see `dense`). Elsewhere x itself: GPU and TPU dots read
     transposed operands natively, and the barrier would only force a copy."""
-    return jax.lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
+    return jax.lax.optimization_barrier(x) if cpu_layouts() else x
+
+
+# Whether the XLA:CPU-only layout choices apply (cpu_barrier; the fused unembedding's transposed embedding).
+# None: when jax's default backend is CPU. bin/inspect compiles on CPU to estimate a TPU's or GPU's memory, and
+# turns them off there (`compiling_for_accelerator`), so its numbers describe the accelerator's program.
+_CPU_LAYOUTS: bool | None = None
+
+
+def cpu_layouts() -> bool:
+    return jax.default_backend() == "cpu" if _CPU_LAYOUTS is None else _CPU_LAYOUTS
+
+
+@contextlib.contextmanager
+def compiling_for_accelerator():
+    """Within: trace as for a TPU / GPU (no CPU-only layout choices), even on XLA:CPU."""
+    global _CPU_LAYOUTS
+    saved, _CPU_LAYOUTS = _CPU_LAYOUTS, False
+    try:
+        yield
+    finally:
+        _CPU_LAYOUTS = saved
 
 
 def varying_axes(a: jax.Array) -> frozenset[str]:

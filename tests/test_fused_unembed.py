@@ -6,6 +6,7 @@ tolerances are float32 rounding of sums over a 384-row vocabulary (rtol 1e-4 on 
 the log-probs match to float32 rounding (1e-6), the entropy metric to 1e-5 (a cancelling sum).
 """
 
+import contextlib
 import re
 
 import jax
@@ -17,6 +18,7 @@ import grpo
 import model
 from grpo import loss as objective
 from grpo.fused_unembed import fused_token_loss
+from model.forward import compiling_for_accelerator
 
 B, T, V, D = 4, 12, 384, 16
 
@@ -77,6 +79,25 @@ def test_fused_loss_and_gradients_match_autodiff(arch, loss_type, with_old, beta
     assert float(jnp.max(jnp.abs(dh_r))) > 1e-4 and float(jnp.max(jnp.abs(de_r))) > 1e-4  # a real gradient
     np.testing.assert_allclose(dh_f, dh_r, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(de_f, de_r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("for_accelerator", [False, True])
+def test_both_layouts_of_d_hidden_match_autodiff(for_accelerator):
+    """d(hidden) as E^T @ dlogits^T with the embedding transposed once (XLA:CPU's layout) and as dlogits @ E (what
+    TPU / GPU run, and what bin/inspect's accelerator estimates trace): both equal autodiff's."""
+    cfg = model.tiny_config("gemma3", vocab_size=V, embed_dim=D)
+    gcfg = grpo.GRPOConfig(num_generations=2, logits_chunk=4)
+    x = _inputs(3, True, False)
+    grad = lambda fn: jax.jit(jax.grad(lambda h, e: fn(h, e, x["batch"], cfg, gcfg, 8)[0], argnums=(0, 1)))
+    with compiling_for_accelerator() if for_accelerator else contextlib.nullcontext():
+        fused = grad(_fused)
+        text = fused.lower(x["h"], x["embed"]).as_text()
+        got = fused(x["h"], x["embed"])
+    want = grad(_reference)(x["h"], x["embed"])
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+    transposed_embed = re.compile(rf"stablehlo.transpose .*\(tensor<{V}x{D}xf32>\) -> tensor<{D}x{V}xf32>")
+    assert bool(transposed_embed.search(text)) == (not for_accelerator)  # the layout really switched
 
 
 def test_frozen_embedding_gets_no_gradient_work():
