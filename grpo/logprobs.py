@@ -33,7 +33,7 @@ from model.config import GemmaConfig
 from model.forward import default_positions, embed_tokens, hidden_states, rms_norm, scan_layers
 from model.forward import unembed as model_unembed
 from model.lora import LoraConfig, attach, with_adapters
-from model.shared_prompt import PromptSharing, pack, prompt_sharing, shared_prompt_layer, tail_states
+from model.shared_prompt import pack, prompt_sharing, shared_prompt_layer, tail_states
 
 DEFAULT_CHUNK = 256
 # Cap on the logits one chunk holds, in elements (64M floats = 256 MiB): with V = 262k and 16 rows a chunk of
@@ -159,18 +159,20 @@ def embed_lookup(local_embed: jax.Array, tokens: jax.Array, spec, model_cfg: Gem
 
 def fsdp_hidden_states(
     local: dict, tokens: jax.Array, attention_mask: jax.Array, model_cfg: GemmaConfig, specs: dict, *,
-    remat: bool = False, sharing: PromptSharing | None = None,
-) -> jax.Array:
+    remat: bool = False, group: int = 1, tail: int | None = None,
+) -> tuple[jax.Array, int]:
     """model.hidden_states inside shard_map: each layer's weights are all-gathered over fsdp as it runs.
 
     `local` holds this device's param shards. Only one layer's full weights exist at a time. The
     gathered weights are never saved for the backward pass (re-gathered there instead, as FSDP does);
     with remat, nothing inside a layer is saved either.
-    Returns [b, T, D]; with `sharing` (model/shared_prompt.py: each group's prompt run once) only the states of
-    columns Tp - 1 .. T - 1, [b, 1 + Tc, D]: `first_column(sharing)` is the column they start at.
+    Returns (h, col): the final-normed states of columns col .. T - 1, [b, T - col, D]. col is 0, unless the rows
+    are whole GRPO groups of `group` > 1 rows sharing their columns before the last `tail` (model/shared_prompt.py):
+    then each group's prompt runs once and col = Tp - 1 (the last prompt state, then the completion's).
     """
     positions = default_positions(tokens, attention_mask)  # [b, T]
     valid = attention_mask.astype(bool)
+    sharing = prompt_sharing(*tokens.shape, group, tail)
     layer = None
     if sharing is not None:  # one packed row [1, P*Tp + b*Tc]
         tokens, positions, valid = (pack(a, sharing) for a in (tokens, positions, valid))
@@ -187,12 +189,7 @@ def fsdp_hidden_states(
                        layer=layer)
     final_norm = sharding.gather(local["final_norm"], specs["final_norm"])
     h = rms_norm(x, final_norm, model_cfg.rms_eps)
-    return h if sharing is None else tail_states(h, sharing)
-
-
-def first_column(sharing: PromptSharing | None) -> int:
-    """The column of [b, T] that fsdp_hidden_states' first output column belongs to."""
-    return 0 if sharing is None else sharing.prompt_len - 1
+    return (h, 0) if sharing is None else (tail_states(h, sharing), sharing.prompt_len - 1)
 
 
 def pad_columns(x: jax.Array, n: int) -> jax.Array:
@@ -212,10 +209,8 @@ def sharded_token_logprobs(
     group > 1: the rows are GRPO groups of that many rows sharing the columns before the tail, each group's
     prompt run once (model/shared_prompt.py) when the rows are whole groups.
     """
-    sharing = prompt_sharing(tokens.shape[0], tokens.shape[1], group, tail)
-    h = fsdp_hidden_states(local, tokens, attention_mask, model_cfg, specs, remat=remat, sharing=sharing)
+    h, col = fsdp_hidden_states(local, tokens, attention_mask, model_cfg, specs, remat=remat, group=group, tail=tail)
     embed = sharding.gather(local["embed"], specs["embed"])  # [V, D], only for the chunked unembedding
-    col = first_column(sharing)
     lp, ent = token_logprobs(h, embed, tokens[:, col:], model_cfg, chunk=chunk, temperature=temperature, tail=tail)
     return pad_columns(lp, col), pad_columns(ent, col)
 

@@ -26,6 +26,7 @@ from grpo.advantages import compute_advantages
 from grpo.config import GRPOConfig
 from grpo.tasks import Scored, Task
 from model.sampling import SamplingConfig
+from model.shared_prompt import prompt_sharing
 
 # Self-verification phrases users watch for (R1-Zero's "aha moment"); counted case-insensitively.
 AHA_PHRASES = (
@@ -116,9 +117,10 @@ def check_shared_prompts(batch: dict, group: int, tail: int | None) -> None:
     """Raise unless every group of `group` consecutive rows has the same tokens and mask before the last `tail`
     columns: what GRPOConfig.shared_prompt assumes (the step reads only a group's first row there)."""
     tokens, mask = np.asarray(batch["tokens"]), np.asarray(batch["attention_mask"])
-    if tail is None or group < 2 or tokens.shape[0] % group or tail >= tokens.shape[1]:
+    sharing = prompt_sharing(*tokens.shape, group, tail)
+    if sharing is None:  # the step will not share prompts: nothing to check
         return
-    cut = tokens.shape[1] - tail
+    cut = sharing.prompt_len
     for name, a in (("tokens", tokens), ("attention_mask", mask)):
         g = a[:, :cut].reshape(-1, group, cut)
         bad = np.flatnonzero((g != g[:, :1]).any(axis=(1, 2)))

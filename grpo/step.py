@@ -48,16 +48,9 @@ from grpo import loss as objective
 from grpo import sharding
 from grpo.config import GRPOConfig
 from grpo.fused_unembed import fused_token_loss
-from grpo.logprobs import (
-    first_column,
-    fsdp_hidden_states,
-    pad_columns,
-    sharded_token_logprobs,
-    sharing_group,
-)
+from grpo.logprobs import fsdp_hidden_states, pad_columns, sharded_token_logprobs, sharing_group
 from model.config import GemmaConfig
 from model.params import check_against_schema, map_schema, param_schema
-from model.shared_prompt import prompt_sharing
 
 ROW_KEYS = ("advantages", "truncated")  # [B]
 TOKEN_KEYS = ("tokens", "attention_mask", "completion_mask", "old_logprobs", "ref_logprobs")  # [B, T]
@@ -143,12 +136,10 @@ def policy_loss_on(weights: dict, mb: dict, num_tokens: jax.Array, num_rows: int
         return objective.policy_loss(logp, ent, mb, mb["mask"], grpo_cfg, num_tokens, num_rows)
     # The same loss with its gradient through the unembedding made in the forward pass (grpo/fused_unembed.py);
     # logp and ent come back without gradients and only feed the metrics. With shared prompts h holds the
-    # columns from first_column on (model/shared_prompt.py), and the per-token inputs are cut to match.
-    sharing = prompt_sharing(*mb["tokens"].shape, sharing_group(grpo_cfg), grpo_cfg.logprob_tail)
-    h = fsdp_hidden_states(w, mb["tokens"], mb["attention_mask"], model_cfg, specs, remat=grpo_cfg.remat,
-                           sharing=sharing)
+    # columns from col on (model/shared_prompt.py), and the per-token inputs are cut to match.
+    h, col = fsdp_hidden_states(w, mb["tokens"], mb["attention_mask"], model_cfg, specs, remat=grpo_cfg.remat,
+                                group=sharing_group(grpo_cfg), tail=grpo_cfg.logprob_tail)
     embed = sharding.gather(w["embed"], specs["embed"])  # [V, D]
-    col = first_column(sharing)
     aux = {k: v[:, col:] for k, v in objective.fused_aux(mb, mb["mask"], grpo_cfg, num_tokens, num_rows).items()}
     loss, logp, ent = fused_token_loss(h, embed, mb["tokens"][:, col:], aux,
                                        objective.token_loss_fn(grpo_cfg, "old" in aux), model_cfg,
