@@ -1,11 +1,16 @@
 """Turn a run's metrics.jsonl (and eval.jsonl) into one PNG of the training curves.
 
     bin/plot --run_dir runs/quickstart            # writes runs/quickstart/curves.png
+
+The curves are bin/report's (bin/report_charts.chart_specs: the same lines, the entropy band, the best eval's
+step), drawn as panels of one figure; only what the run recorded gets a panel. Unlike bin/report, a malformed
+line is an error here, naming file and line.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from absl import flags
@@ -17,14 +22,9 @@ F = flags.FLAGS
 flags.DEFINE_string("run_dir", None, "A bin/train --output_dir (holds metrics.jsonl).")
 flags.DEFINE_string("out", None, "PNG path. Default: <run_dir>/curves.png.")
 
-PANELS = (
-    ("reward_mean", "reward (mean)"),
-    ("solved_frac", "solved fraction"),
-    ("format_frac", "format rate"),
-    ("completion_len_mean", "completion length (tokens)"),
-    ("kl", "KL to reference (k3)"),
-    ("aha_count", "self-verification phrases"),
-)
+COLUMNS = 3  # panels per row
+PANEL = (5.4, 3.0)  # inches per panel (width, height): the longest curve title fits
+TITLE_INCHES = 0.4  # above the panels, for the figure's title
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -34,9 +34,12 @@ def read_jsonl(path: Path) -> list[dict]:
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 raise ValueError(f"{path}:{i}: not a JSON line") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{i}: not a JSON object ({type(row).__name__})")
+            rows.append(row)
     return rows
 
 
@@ -48,28 +51,27 @@ def plot(run_dir: Path, out: Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise FlagError("bin/plot needs matplotlib: pip install -e '.[plot]'") from None
-    steps = read_jsonl(run_dir / "metrics.jsonl")
-    if not steps:
+    from bin.report_charts import chart_specs, draw_on  # after the checks: the analysis imports grpo (and so jax)
+    from bin.report_data import Run, by_step
+
+    notes: list[str] = []
+    metrics = by_step(read_jsonl(run_dir / "metrics.jsonl"), "metrics.jsonl", notes)
+    if not metrics:
         raise FlagError(f"--run_dir: no metrics in {run_dir / 'metrics.jsonl'}")
-    evals = read_jsonl(run_dir / "eval.jsonl")
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
-    for ax, (key, title) in zip(axes.flat, PANELS, strict=True):
-        pts = [(m["step"], m[key]) for m in steps if m.get(key) is not None]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), label="train (sampled)", lw=1.2)
-        eval_key = {"reward_mean": "eval_reward_mean", "solved_frac": "eval_solved_frac",
-                    "format_frac": "eval_format_frac"}.get(key)
-        if eval_key and evals:
-            ax.plot([e["step"] for e in evals], [e[eval_key] for e in evals], "o-", label="eval (greedy)")
-            ax.legend(fontsize=8)
-        if not pts and not (eval_key and evals):
-            ax.text(0.5, 0.5, "not recorded", ha="center", transform=ax.transAxes)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
+    run = Run(run_dir, metrics, by_step(read_jsonl(run_dir / "eval.jsonl"), "eval.jsonl", notes), [], [], None, notes)
+    specs = chart_specs(run)
+    if not specs:
+        raise FlagError(f"--run_dir: nothing recorded to draw in {run_dir / 'metrics.jsonl'}")
+    rows = math.ceil(len(specs) / COLUMNS)
+    fig, axes = plt.subplots(rows, COLUMNS, figsize=(PANEL[0] * COLUMNS, PANEL[1] * rows), squeeze=False)
+    for ax, spec in zip(axes.flat, specs, strict=False):
+        draw_on(ax, spec)
+    for ax in axes.flat[len(specs):]:
+        ax.set_axis_off()
     fig.suptitle(f"GRPO on Countdown: {run_dir}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - TITLE_INCHES / fig.get_figheight()))  # room for the suptitle
     fig.savefig(out, dpi=100)
+    plt.close(fig)
     return out
 
 
@@ -82,6 +84,8 @@ def main(argv):
         raise FlagError(f"--run_dir: no such directory {run_dir}")
     try:
         print(plot(run_dir, Path(F.out) if F.out else run_dir / "curves.png"))
+    except FlagError:  # already names its flag (FlagError is a ValueError)
+        raise
     except ValueError as e:  # a malformed JSON line: file and line number
         raise FlagError(f"--run_dir: {e}") from None
 

@@ -13,17 +13,27 @@ from absl import flags
 from bin.cli import FlagError
 
 RECIPES: dict[str, dict[str, object]] = {
-    # The 2-core CPU recipe (BUILD.md, "Laptop runs", run 7): the difficulty ladder (worked examples and shaped
-    # rewards on its easy levels), rollouts that stop at </answer>, 6 prompts x 8 completions so several groups per
-    # step differ in reward, LoRA rank 16 (bin/train's default; 1e-4 = 10 x 1e-5), remat (without it the 48 x 384
-    # step's activations need ~30 GiB, LoRA or not), promotion at a rolling sampled solved rate of 0.35, 15 steps.
-    # Against entropy collapse (runs 5-6): an entropy bonus of 0.01, and zero-signal groups KEPT in the loss (a
-    # skipped group would get no entropy push). bin/train's defaults are this recipe's first 5 steps without those
-    # two, which only matter from step ~6 (README's first command).
+    # The 2-core CPU recipe (BUILD.md, "Laptop runs"): the difficulty ladder with the learning mechanisms of the
+    # ladder recipe below at CPU size: 6 prompts x 8 completions, 64 new tokens, LoRA rank 16 (bin/train's
+    # default; 1e-4 = 10 x 1e-5), remat (without it the 48 x 384 step's activations need ~30 GiB), 15 steps. Dynamic
+    # sampling is capped at 2x: each extra round costs a full sampling pass on this box.
     "laptop": {
-        "curriculum": "countdown", "promote_at": 0.35, "stop_at_answer": True, "skip_zero_std_groups": False,
-        "entropy_coef": 0.01, "prompts_per_step": 6, "num_generations": 8, "max_new_tokens": 64,
-        "learning_rate": 1e-5, "steps": 15, "eval_every": 5, "eval_size": 16, "checkpoint_every": 5, "remat": True,
+        "curriculum": "countdown", "shaping": "first_rung", "promote_at": 0.35, "stop_at_answer": True,
+        "skip_zero_std_groups": True, "dynamic_sampling": True, "max_oversample": 2.0, "entropy_coef": 0.0,
+        "adaptive_entropy": True, "level_mix": True, "prompts_per_step": 6, "num_generations": 8,
+        "max_new_tokens": 64, "learning_rate": 1e-5, "steps": 15, "eval_every": 5, "eval_size": 16,
+        "checkpoint_every": 5, "remat": True,
+    },
+    # The ladder on one accelerator (the algorithm; --machine stays the hardware): reward shaping on the first
+    # rung only (no fixed answer template pays above it), dynamic sampling up to 3x, an adaptive entropy bonus
+    # instead of a fixed one, prompts mixed over the levels up to the frontier, 32 prompts x 8 completions of up
+    # to 128 tokens, held-out sets of 64 puzzles per level every 10 steps (32 would be +-0.09 noise).
+    "ladder": {
+        "curriculum": "countdown", "shaping": "first_rung", "promote_at": 0.35, "stop_at_answer": True,
+        "skip_zero_std_groups": True, "dynamic_sampling": True, "max_oversample": 3.0, "entropy_coef": 0.0,
+        "adaptive_entropy": True, "level_mix": True, "prompts_per_step": 32, "num_generations": 8,
+        "max_new_tokens": 128, "learning_rate": 1e-5, "steps": 300, "eval_every": 10, "eval_size": 64,
+        "checkpoint_every": 50,
     },
     # TinyZero's GRPO run on Countdown (BUILD.md lists each value with the file it comes from): 128 prompts x
     # 5 completions, lr 1e-6, k3 KL at 0.001, verl's entropy bonus 0.001, PPO clip 0.2 both sides, 1,024 new

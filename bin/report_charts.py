@@ -1,7 +1,9 @@
 """bin/report's curves: one PNG per group of related metrics, so each can be taken out of the report on its own.
 
-matplotlib (the `plot` extra) is optional: `pyplot()` returns None without it and the report says so instead of
-showing images. Nothing here defines flags.
+`chart_specs(run)` is the one list of what is drawn (the numbers of every line, the healthy entropy band, the
+best eval's step); bin/report draws each spec into its own PNG (`make_charts`), bin/plot draws the same specs into
+one figure, so the two never disagree on a curve. matplotlib (the `plot` extra) is optional: `pyplot()` returns
+None without it and the report says so instead of showing images. Nothing here defines flags.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import io
 
-from bin.report_data import Run, aha_shares, number, series
+from bin.report_data import Run, aha_shares, best_eval, number, series
+from grpo.entropy_control import ENTROPY_BAND
 
 # (id, title, train curves [(metrics key, label)], eval curves [(eval.jsonl key, label)])
 CURVES = (
@@ -20,13 +23,17 @@ CURVES = (
     ("truncated", "truncated fraction (hit the token budget)", [("truncated_frac", "train")], []),
     ("kl", "KL to the reference policy", [("kl", "k3 estimate")], []),
     ("entropy", "entropy (nats per token)", [("entropy", "train")], []),
+    ("entropy_coef", "adaptive entropy bonus applied", [("entropy_coef_applied", "coefficient")], []),
     ("clip", "clip fraction", [("clip_frac", "train")], []),
     ("grad_norm", "gradient norm", [("grad_norm", "global norm")], []),
     ("aha", "self-verification phrases per step", [("aha_count", "aha_count")], []),
-    ("zero_std", "groups whose rewards are all equal", [("frac_zero_std_groups", "fraction of groups")], []),
+    ("zero_std", "groups without signal (before dynamic sampling)",
+     [("frac_zero_std_groups", "rewards all equal"), ("frac_zero_std_solved", "solved outcomes all equal")], []),
+    ("oversample", "prompts sampled / prompts per step (dynamic sampling)", [("oversample_ratio", "ratio")], []),
 )
 DENSE = 40  # more points than this: no markers on train curves
-SHARES = {"solved", "format", "truncated", "zero_std", "solved_by_level", "aha_share"}  # drawn on a 0..1 axis
+SHARES = {"solved", "format", "truncated", "zero_std"}  # curves drawn on a 0..1 axis
+BANDS = {"entropy": ENTROPY_BAND}  # curves with a healthy band drawn as two dashed lines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,30 +64,53 @@ def pyplot():
     return plt
 
 
-def draw(plt, title: str, lines: list[Line], skipped: list[int] = (), yticks: list[str] | None = None,
-         share: bool = False) -> bytes:
-    """One small line chart as PNG bytes; skipped (non-finite) steps are shaded red. share: a 0..1 axis, so a
-    flat rate reads as a level rather than as noise blown up to fill the plot."""
-    fig, ax = plt.subplots(figsize=(6.2, 3.1), dpi=100)
-    for ln in lines:
+@dataclasses.dataclass(frozen=True)
+class ChartSpec:
+    """One chart's data and decorations, before anything is drawn."""
+
+    id: str
+    title: str
+    keys: str  # where the numbers come from, for the caption
+    lines: list[Line]
+    skipped: tuple[int, ...] = ()  # non-finite steps, shaded red
+    share: bool = False  # a 0..1 axis, so a flat rate reads as a level rather than as noise blown up
+    band: tuple[float, float] | None = None  # (low, high) drawn as dashed lines: the healthy entropy band
+    best_step: int | None = None  # a dotted line at the best held-out eval's step (best/)
+    yticks: list[str] | None = None  # names for the integer y values (the curriculum level)
+
+
+def draw_on(ax, spec: ChartSpec) -> None:
+    """spec's lines and decorations on one matplotlib Axes."""
+    for ln in spec.lines:
         if ln.kind == "step":
             ax.step(ln.xs, ln.ys, where="post", label=ln.label, lw=1.6)
         elif ln.kind == "eval":
             ax.plot(ln.xs, ln.ys, "o-", label=ln.label, lw=1.2, ms=4)
         else:
             ax.plot(ln.xs, ln.ys, ".-" if len(ln.xs) <= DENSE else "-", label=ln.label, lw=1.2, ms=4)
-    for i, s in enumerate(skipped):
+    for i, s in enumerate(spec.skipped):
         ax.axvline(s, color="tab:red", alpha=0.25, lw=4, label="skipped step" if i == 0 else None)
-    if yticks is not None:
-        ax.set_yticks(range(len(yticks)), yticks)
-    if share:
+    if spec.best_step is not None:
+        ax.axvline(spec.best_step, color="tab:green", ls=":", lw=1.5, label=f"best eval (step {spec.best_step})")
+    for i, y in enumerate(spec.band or ()):
+        ax.axhline(y, color="gray", ls="--", lw=1, label="healthy band" if i == 0 else None)
+    if spec.yticks is not None:
+        ax.set_yticks(range(len(spec.yticks)), spec.yticks)
+    if spec.share:
         ax.set_ylim(-0.03, 1.03)
     ax.xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers, even on a 3-step run
-    ax.set_title(title, fontsize=11)
+    ax.set_title(spec.title, fontsize=11)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-    if len(lines) > 1 or skipped or (lines and lines[0].kind == "eval"):
+    lines = spec.lines
+    if len(lines) > 1 or spec.skipped or spec.band or spec.best_step is not None or (lines and lines[0].kind == "eval"):
         ax.legend(fontsize=8)
+
+
+def draw(plt, spec: ChartSpec) -> bytes:
+    """One small line chart as PNG bytes."""
+    fig, ax = plt.subplots(figsize=(6.2, 3.1), dpi=100)
+    draw_on(ax, spec)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -132,19 +162,42 @@ def aha_lines(run: Run) -> list[Line]:
     return out
 
 
-def make_charts(plt, run: Run) -> list[Chart]:
+def level_share_lines(run: Run) -> list[Line]:
+    """The level mix each step drew its prompts from (metrics.jsonl level_shares), one line per level; a level
+    a step did not draw from counts as 0 once the mix has been recorded."""
+    rows = [(m["step"], m["level_shares"]) for m in run.metrics if isinstance(m.get("level_shares"), dict)]
+    names = list(dict.fromkeys(str(k) for _, d in rows for k in d))
+    lines = []
+    for name in names:
+        pts = [(s, 0.0 if name not in d else number(d[name])) for s, d in rows]
+        pts = [(s, v) for s, v in pts if v is not None]
+        if pts:
+            lines.append(Line(name, [p[0] for p in pts], [p[1] for p in pts]))
+    return lines
+
+
+def chart_specs(run: Run) -> list[ChartSpec]:
     """Every chart of the report, in reading order; the aha chart is last (the report shows it in its section)."""
-    skipped = [m["step"] for m in run.metrics if number(m.get("skipped"))]
-    charts = [Chart(cid, title, draw(plt, title, lines, skipped, share=cid in SHARES), keys)
-              for cid, title, keys, lines in curve_lines(run)]
+    skipped = tuple(m["step"] for m in run.metrics if number(m.get("skipped")))
+    best = (best_eval(run.evals) or {}).get("step")
+    specs = [ChartSpec(cid, title, keys, lines, skipped, share=cid in SHARES, best_step=best,
+                       band=BANDS.get(cid)) for cid, title, keys, lines in curve_lines(run)]
     if level := level_line(run):
-        charts.append(Chart("level", "curriculum level", draw(plt, "curriculum level", [level[0]], skipped,
-                                                                yticks=level[1]), "metrics.jsonl: level"))
+        specs.append(ChartSpec("level", "curriculum level", "metrics.jsonl: level", [level[0]], skipped,
+                               best_step=best, yticks=level[1]))
+    if lines := level_share_lines(run):
+        specs.append(ChartSpec("level_shares", "share of the step's prompts per level", "metrics.jsonl: level_shares",
+                               lines, skipped, share=True, best_step=best))
     if lines := level_eval_lines(run):
-        charts.append(Chart("solved_by_level", "eval solved rate per level",
-                            draw(plt, "eval solved rate per level", lines, share=True), "eval.jsonl: solved_by_level"))
+        specs.append(ChartSpec("solved_by_level", "eval solved rate per level", "eval.jsonl: solved_by_level", lines,
+                               share=True, best_step=best))
     if lines := aha_lines(run):
-        title = "share of completions with a verification phrase"
-        charts.append(Chart("aha_share", title, draw(plt, title, lines, skipped, share=True),
-                            "aha_frac_solved, aha_frac_unsolved (or the stored samples)"))
-    return charts
+        specs.append(ChartSpec("aha_share", "share of completions with a verification phrase",
+                               "aha_frac_solved, aha_frac_unsolved (or the stored samples)", lines, skipped,
+                               share=True, best_step=best))
+    return specs
+
+
+def make_charts(plt, run: Run) -> list[Chart]:
+    """Every chart_specs chart as its own PNG."""
+    return [Chart(s.id, s.title, draw(plt, s), s.keys) for s in chart_specs(run)]

@@ -14,6 +14,10 @@ import math
 import re
 from pathlib import Path
 
+from data.templates import NO_ANSWER, NOT_ARITHMETIC, REST
+from grpo.best_model import better, eval_score
+from grpo.entropy_control import ENTROPY_BAND
+from grpo.guard import GuardConfig
 from grpo.rollout import AHA_PHRASES
 
 # One pattern for all phrases, longest first, so "let me verify" is marked whole rather than just "verify";
@@ -31,6 +35,8 @@ EARLY_STEPS = 5  # steps whose mean length is "early"
 PINNED_TRUNCATED = 0.95  # truncated_frac at least this: every completion hits the budget
 REPEAT_LINES = 3  # identical consecutive non-empty lines that make a completion repetitive
 REPEAT_SHARE = 0.5  # share of a step's completions that are repetitive before it is a warning
+DOMINANT_TEMPLATE = 0.8  # one answer template's share of a step's completions that means "one answer for all"
+SPECIAL_TEMPLATES = (NO_ANSWER, NOT_ARITHMETIC, REST)  # answer_templates keys that are not an answer's shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,10 +354,107 @@ def _no_signal(m: list[dict], samples: list[Sample]) -> list[Warn]:
                  f"{STUCK_STEPS}+ steps in a row", tuple(zero))] if zero else []
 
 
+def entropy_warnings(metrics: list[dict]) -> list[Warn]:
+    """Steps whose policy entropy (metrics.jsonl `entropy`, nats per completion token) left
+    grpo.entropy_control.ENTROPY_BAND, one warning per side: above it the completions turn to noise, below it the
+    answers are near-deterministic (groups stop differing). Any single step counts (no run of STUCK_STEPS: one step
+    of noise already damages the policy); steps without a finite entropy do not count. keep-the-best reuses this."""
+    low, high = ENTROPY_BAND
+    steps, values = series(metrics, "entropy")
+    above = [(s, v) for s, v in zip(steps, values, strict=True) if v > high]
+    below = [(s, v) for s, v in zip(steps, values, strict=True) if v < low]
+    out = []
+    if above:
+        out.append(Warn("Entropy out of band", f"policy entropy above the band's top, {high:g} nats/token (peak "
+                        f"{max(v for _, v in above):.3g}): noise in the completions", tuple(s for s, _ in above)))
+    if below:
+        out.append(Warn("Entropy out of band", f"policy entropy below the band's bottom, {low:g} nats/token (lowest "
+                        f"{min(v for _, v in below):.3g}): entropy collapse, near-deterministic answers",
+                        tuple(s for s, _ in below)))
+    return out
+
+
+def dominant_template(row: dict) -> str | None:
+    """The answer template holding at least DOMINANT_TEMPLATE of a step's completions, if any."""
+    shares = row.get("answer_templates")
+    if not isinstance(shares, dict):
+        return None
+    top = [t for t, v in shares.items() if t not in SPECIAL_TEMPLATES and (number(v) or 0) >= DOMINANT_TEMPLATE]
+    return top[0] if top else None
+
+
+def _one_template(m: list[dict]) -> list[Warn]:
+    by_template: dict[str, dict[int, bool]] = {}
+    for row in m:
+        if isinstance(row.get("answer_templates"), dict):
+            t = dominant_template(row)
+            for name in {*by_template, *([t] if t else [])}:
+                by_template.setdefault(name, {})[row["step"]] = name == t
+    return [Warn("Answer template dominates", f"one answer shape, {t!r}, made {DOMINANT_TEMPLATE:.0%}+ of the "
+                 f"completions for {STUCK_STEPS}+ steps in a row: an answer that does not read the target",
+                 tuple(steps)) for t, flags in by_template.items() if (steps := stuck_runs(flags))]
+
+
+def template_table(m: list[dict], steps: list[int], top: int = 3) -> list[tuple[int, list[tuple[str, float]]]]:
+    """(step, [(template, share)] of its `top` largest) for the given steps that recorded answer_templates."""
+    rows = {r["step"]: r["answer_templates"] for r in m if isinstance(r.get("answer_templates"), dict)}
+    out = []
+    for s in (s for s in steps if s in rows):
+        shares = [(str(t), x) for t, v in rows[s].items() if (x := number(v)) is not None]
+        out.append((s, sorted(shares, key=lambda tv: -tv[1])[:top]))
+    return out
+
+
+def best_eval(evals: list[dict]) -> dict | None:
+    """The eval row the run keeps as its best (grpo/best_model.py: the first strictly better score wins)."""
+    best = None
+    for row in evals:
+        try:
+            if better(eval_score(row)[0], None if best is None else eval_score(best)[0]):
+                best = row
+        except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError):  # an eval line without its rates
+            continue
+    return best
+
+
+def _eval_means(row: dict) -> tuple[float | None, float | None]:
+    """(mean format, mean solved) over an eval's levels, as the guard reads them."""
+    fmt, solved = row.get("format_by_level"), row.get("solved_by_level")
+    f = [number(v) for v in fmt.values()] if isinstance(fmt, dict) else [number(row.get("eval_format_frac"))]
+    s = [number(v) for v in solved.values()] if isinstance(solved, dict) else [number(row.get("eval_solved_frac"))]
+    mean = lambda xs: sum(xs) / len(xs) if xs and None not in xs else None
+    return mean(f), mean(s)
+
+
+GUARD = GuardConfig()  # the guard's default drops: what the report calls a fall
+
+
+def eval_drop_warnings(evals: list[dict], cfg: GuardConfig = GUARD) -> list[Warn]:
+    """Evals whose held-out format or solved rate (means over the levels) fell further below their best so far
+    than the guard allows (grpo/guard.py's format_drop / score_drop)."""
+    out = []
+    for i, (name, drop, what) in enumerate((("format", cfg.format_drop, "Eval format collapsed"),
+                                            ("solved", cfg.score_drop, "Held-out score fell"))):
+        best, low = None, []
+        for row in evals:
+            v = _eval_means(row)[i]
+            if v is None:
+                continue
+            if best is not None and v < best - drop:
+                low.append(row["step"])
+            best = v if best is None else max(best, v)
+        if low:
+            out.append(Warn(what, f"the held-out {name} rate (mean over the levels) fell more than {drop:g} below "
+                            f"its best", tuple(low)))
+    return out
+
+
 def warnings(run: Run) -> list[Warn]:
     """Every symptom of a run going wrong that its files show, each naming its steps."""
     skipped = [r["step"] for r in run.metrics if number(r.get("skipped"))]
     return [*_collapse(run.metrics), *_pinned(run.metrics), *_repetition(run.train_samples),
-            *_no_signal(run.metrics, run.train_samples),
+            *_no_signal(run.metrics, run.train_samples), *entropy_warnings(run.metrics),
+            *eval_drop_warnings(run.evals),
+            *_one_template(run.metrics),
             *([Warn("Skipped steps", "non-finite loss or gradients: the update was skipped", tuple(skipped))]
               if skipped else [])]

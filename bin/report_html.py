@@ -16,9 +16,11 @@ from bin.report_charts import Chart, make_charts, pyplot
 from bin.report_data import (
     AHA_PHRASES,
     AHA_RE,
+    SPECIAL_TEMPLATES,
     Run,
     Sample,
     aha_shares,
+    best_eval,
     by_step_samples,
     first_aha,
     format_steps,
@@ -27,6 +29,7 @@ from bin.report_data import (
     load_run,
     number,
     pick_steps,
+    template_table,
     warnings,
 )
 
@@ -128,11 +131,13 @@ def browser(samples: list[Sample], what: str, k: int) -> str:
 def header(run: Run, built: str) -> str:
     last = run.metrics[-1] if run.metrics else {}
     ev = run.evals[-1] if run.evals else {}
+    best = best_eval(run.evals) or {}
     aha = first_aha(run.train_samples)
     cards = [("steps recorded", len(run.metrics)), ("last step", last.get("step", DASH)),
              ("reward (last step)", fmt(last.get("reward_mean"))), ("solved (last step)", fmt(last.get("solved_frac"))),
              ("format (last step)", fmt(last.get("format_frac"))),
-             (f"eval solved (step {ev.get('step', DASH)})", fmt(ev.get("eval_solved_frac"))),
+             (f"eval solved, last (step {ev.get('step', DASH)})", fmt(ev.get("eval_solved_frac"))),
+             (f"eval solved, best (step {best.get('step', DASH)})", fmt(best.get("eval_solved_frac"))),
              ("first solved aha", f"step {aha.step}" if aha else "none yet")]
     return (f"<h1>GRPO run report: {esc(run.run_dir.resolve().name)}</h1>"
             f'<p class="sub">{esc(run.run_dir.resolve())} \u00b7 built {esc(built)} from the run\'s files; rebuild '
@@ -148,8 +153,8 @@ def warnings_section(run: Run) -> str:
     if not body and not run.metrics and not run.train_samples:
         return '<h2>Warnings</h2><p class="note">Nothing to check yet.</p>'
     return "<h2>Warnings</h2>" + (body or '<p class="ok">No warnings: nothing in the files looks like length '
-                                  "collapse, budget-pinned answers, repetition, a lost learning signal or skipped "
-                                  "steps.</p>")
+                                  "collapse, budget-pinned answers, repetition, a lost learning signal, entropy "
+                                  "out of its band, one answer shape for every puzzle or skipped steps.</p>")
 
 
 def files_section(run: Run) -> str:
@@ -189,6 +194,20 @@ def aha_section(run: Run, charts: list[Chart] | None) -> str:
     return "".join(out)
 
 
+def templates_section(run: Run) -> str:
+    """The answer shapes a few steps' completions took (metrics.jsonl answer_templates): a policy that answers
+    every puzzle `a + b + c` shows here before anywhere else."""
+    recorded = [m["step"] for m in run.metrics if isinstance(m.get("answer_templates"), dict)]
+    rows = template_table(run.metrics, pick_steps(recorded))
+    if not rows:
+        return ""
+    body = table(["step", "most common answer shapes: share of the step's completions"],
+                 [[s, ", ".join(f"{t}: {fmt(v, 2)}" for t, v in top)] for s, top in rows])
+    return ("<h2>Answer templates</h2><p>The given numbers are letters a, b, c, d in the order given; "
+            f"{esc(', '.join(SPECIAL_TEMPLATES))} are not shapes. Steps {esc(', '.join(str(s) for s, _ in rows))} of "
+            f"{len(recorded)} that recorded answer_templates.</p>" + body)
+
+
 def evals_section(run: Run) -> str:
     if not run.evals:
         return '<h2>Eval</h2><p class="note">No eval points recorded.</p>'
@@ -208,8 +227,8 @@ def config_section(run: Run) -> str:
 
 def page(run: Run, charts: list[Chart] | None, built: str, browse_steps: int = 6) -> str:
     body = [header(run, built), files_section(run), warnings_section(run), curves_section(charts, run),
-            aha_section(run, charts), "<h2>Completions (training)</h2>", browser(run.train_samples, "training",
-                                                                                 browse_steps),
+            aha_section(run, charts), templates_section(run),
+            "<h2>Completions (training)</h2>", browser(run.train_samples, "training", browse_steps),
             "<h2>Completions (eval)</h2>", browser(run.eval_samples, "eval", browse_steps), evals_section(run),
             config_section(run)]
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Report: '

@@ -19,6 +19,7 @@ from absl import flags, logging
 
 from bin import cli, machines, recipes
 from bin.cli import FlagError
+from data.curriculum import SHAPINGS
 
 F = flags.FLAGS
 # README's first command is bin/train with these defaults: the shortest version of the laptop recipe
@@ -37,15 +38,26 @@ cli.define_dtype_flag("auto")
 flags.DEFINE_string("data_file", None, "TinyZero Countdown-Tasks-3to4 file (JSONL or Parquet). Default: generate.")
 flags.DEFINE_integer("num_train_puzzles", 20_000, "Generated puzzles for training (without --data_file).")
 flags.DEFINE_enum("template", "base", ["base", "chat"], "Prompt template: TinyZero's base, or Gemma chat turns.")
-flags.DEFINE_string("recipe", None, "A named set of algorithm flag defaults (bin/recipes.py): laptop, tinyzero. "
-                    "Explicit flags win.")
+flags.DEFINE_string("recipe", None, "A named set of algorithm flag defaults (bin/recipes.py): laptop, ladder, "
+                    "tinyzero. Explicit flags win.")
 flags.DEFINE_string("machine", None, "A named set of hardware flag defaults (bin/machines.py): "
                     + ", ".join(machines.MACHINES) + ". Explicit flags win.")
 flags.DEFINE_string("curriculum", "countdown", "Difficulty ladder (data/curriculum.py): off (TinyZero's puzzles only) "
                     "or countdown (two small numbers up to TinyZero's puzzles; shaped rewards and a worked example "
                     "on the easy levels).")
-flags.DEFINE_float("promote_at", 0.35, "Move up a level once the sampled solved rate over the last 4 steps reaches "
-                   "this, in (0, 1].")
+flags.DEFINE_float("promote_at", 0.35, "Move the frontier up a level once its sampled solved rate over the last 4 "
+                   "steps reaches this, in (0, 1].")
+flags.DEFINE_enum("shaping", "first_rung", list(SHAPINGS), "Reward shaping on the ladder "
+                  "(data/curriculum.py): first_rung pays the middle rungs (some / exactly the given numbers) on the "
+                  "first level only and TinyZero's reward above it, so no fixed answer template pays there; legacy "
+                  "pays them on every easy level; off is TinyZero's reward everywhere.")
+flags.DEFINE_string("start_level", None, "Begin with this level as the frontier (a level name of --curriculum, e.g. "
+                    "3x1-30), as if promoted there: with --level_mix the levels below it are mixed in as usual, "
+                    "--nolevel_mix trains it alone. Default: the ladder's first.")
+flags.DEFINE_bool("level_mix", True, "Draw each prompt's level from the levels up to the frontier, weighted toward "
+                  "those solved about half the time (grpo/level_mix.py); --nolevel_mix: the frontier only.")
+flags.DEFINE_float("level_floor", 0.1, "With --level_mix: the share of prompts the levels below the frontier get "
+                   "together at least, in [0, 1), so they are not forgotten.")
 flags.DEFINE_string("output_dir", "runs/countdown", "Metrics, samples, checkpoints, the final HF export.")
 # Loop
 flags.DEFINE_integer("steps", DEFAULT_STEPS, "GRPO steps (rollout batches).")
@@ -59,7 +71,17 @@ flags.DEFINE_bool("resume", True, "Continue from the latest checkpoint in --outp
 flags.DEFINE_list("profile_steps", [], "A,B: wrap steps A..B in jax.profiler.trace into <output_dir>/profile.")
 flags.DEFINE_string("time_limit", None, "Pause before a step would end past this much wall time (e.g. 8h30m, 45m, "
                     "600s): checkpoint and exit cleanly; re-run to continue. SIGTERM pauses the same way.")
-flags.DEFINE_integer("max_bad_steps", 3, "Stop after this many non-finite steps in a row.")
+flags.DEFINE_integer("max_bad_steps", 3, "Stop after this many non-finite steps in a row (one of the guard's "
+                     "conditions; --noguard keeps it).")
+flags.DEFINE_bool("guard", True, "Stop a run that degrades (grpo/guard.py): held-out format or solved rate well below "
+                  "its best, or entropy above its band, for --guard_patience evals / steps in a row, once armed. "
+                  "--noguard: only non-finite steps stop a run.")
+flags.DEFINE_integer("guard_warmup_steps", 5, "The guard's conditions arm only from this step on, >= 0.")
+flags.DEFINE_integer("guard_patience", 3, "Consecutive evals (or steps, for entropy) outside the limits that fire "
+                     "the guard, >= 1.")
+flags.DEFINE_enum("guard_action", "stop", ["stop", "rollback"], "When the guard fires: stop (checkpoint, export "
+                  "final_hf/ and best_hf/, exit 0), or rollback: restore best/, halve the learning rate, go on.")
+flags.DEFINE_integer("max_rollbacks", 2, "With --guard_action rollback: rollbacks before the guard stops, >= 0.")
 flags.DEFINE_list("log_to", [], "Also send the numbers to: tensorboard (<output_dir>/tensorboard), wandb "
                   "(offline run in <output_dir>/wandb). metrics.jsonl is always written.")
 flags.DEFINE_bool("export_hf", True, "Write the final params as an HF checkpoint in <output_dir>/final_hf.")
@@ -68,8 +90,13 @@ flags.DEFINE_integer("num_generations", 8, "G: completions per prompt.")
 flags.DEFINE_float("learning_rate", 1e-5, "Peak learning rate (AdamW) for full fine-tuning. With LoRA, when this flag "
                    f"is not given on the command line, {LORA_LR_SCALE:g}x the value (a recipe's or this default).")
 flags.DEFINE_float("beta", 0.0, "KL coefficient (TinyZero 0.001; 0 skips the reference pass).")
-flags.DEFINE_float("entropy_coef", 0.0, "Entropy bonus: loss -= coef x the --loss_type mean of the completion "
-                   "tokens' entropy (verl's entropy_coeff, 0.001 there), against entropy collapse. 0: off.")
+flags.DEFINE_float("entropy_coef", 0.0, "A FIXED entropy bonus: loss -= coef x the --loss_type mean of the "
+                   "completion tokens' entropy (verl's entropy_coeff, 0.001 there). 0: off. Without reward signal a "
+                   "fixed bonus drives entropy up without bound: prefer --adaptive_entropy.")
+flags.DEFINE_bool("adaptive_entropy", True, "An entropy bonus that acts only below --target_entropy, its coefficient "
+                  "raised while entropy is below it and lowered above (Skywork-OR1; grpo/entropy_control.py). Adds "
+                  "to --entropy_coef. --noadaptive_entropy: off.")
+flags.DEFINE_float("target_entropy", 0.3, "Nats per completion token that --adaptive_entropy defends, > 0.")
 flags.DEFINE_bool("shared_prompt", True, "Run each group's prompt once in the training step and the log-prob passes "
                   "(same numbers, fewer FLOPs: BUILD.md 'Training-step speed'); --noshared_prompt: every row whole.")
 flags.DEFINE_float("epsilon_low", 0.2, "PPO clip, lower.")
@@ -91,7 +118,13 @@ flags.DEFINE_integer("max_new_tokens", 64, "Completion budget.")
 flags.DEFINE_bool("stop_at_answer", True, "End a rollout (and an eval) once its text has produced </answer>, inside "
                   "the decode loop. TinyZero samples on to EOS or the budget.")
 flags.DEFINE_bool("skip_zero_std_groups", True, "Groups whose rewards are all equal neither enter the loss nor "
-                  "dilute its token count (DAPO's dynamic sampling, as a filter).")
+                  "dilute its token count (DAPO's dynamic sampling, as a filter). Composes with --dynamic_sampling: "
+                  "the groups without signal that still fill its batch at the cap follow this flag.")
+flags.DEFINE_bool("dynamic_sampling", False, "DAPO's dynamic sampling, as a refill: sample further rounds of "
+                  "--prompts_per_step prompts until the step holds --prompts_per_step groups whose rewards differ, "
+                  "at most --max_oversample x --prompts_per_step prompts (grpo/dynamic_sampling.py).")
+flags.DEFINE_float("max_oversample", 3.0, "With --dynamic_sampling: the cap on prompts sampled per step, as a factor "
+                   "of --prompts_per_step, >= 1 (rounds of --prompts_per_step: floor of this many).")
 flags.DEFINE_integer("rollout_batch_size", 0, "Rows per sampler call (0: the whole batch at once); a --machine "
                      "caps it so one call's KV cache fits a device.")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature for rollouts (eval is greedy).")
@@ -109,7 +142,7 @@ def _load_task(tok):
     from grpo.tasks import CountdownTask
 
     try:
-        levels = curriculum.ladder(F.curriculum)
+        levels = curriculum.ladder(F.curriculum, shaping=F.shaping)
     except ValueError as e:
         raise FlagError(f"--curriculum: {e}") from None
     if F.data_file:
@@ -132,6 +165,7 @@ def _load_task(tok):
 # Lower bounds of the integer flags: one message per flag (exit 2 before anything is loaded).
 MIN_VALUES = {"steps": 0, "prompts_per_step": 1, "num_generations": 2, "max_new_tokens": 1, "eval_every": 0,
               "eval_size": 0, "checkpoint_every": 1, "keep_checkpoints": 1, "seed": 0, "max_bad_steps": 1,
+              "guard_warmup_steps": 0, "guard_patience": 1, "max_rollbacks": 0,
               "num_micro_batches": 1, "num_train_puzzles": 1, "rollout_batch_size": 0}
 WHY_MIN = {"num_generations": "GRPO compares at least 2 completions per prompt"}
 
@@ -145,7 +179,28 @@ def _check_flags() -> None:
         raise FlagError(f"--profile_steps: expected A,B, got {','.join(F.profile_steps)}")
     if not 0 < F.promote_at <= 1:
         raise FlagError(f"--promote_at must be in (0, 1], got {F.promote_at}")
+    if not 0 <= F.level_floor < 1:
+        raise FlagError(f"--level_floor must be in [0, 1), got {F.level_floor}")
+    if not F.max_oversample >= 1:
+        raise FlagError(f"--max_oversample must be >= 1, got {F.max_oversample}")
+    if not F.target_entropy > 0:
+        raise FlagError(f"--target_entropy must be > 0, got {F.target_entropy}")
+    _check_start_level()
     _check_multihost()
+
+
+def _check_start_level() -> None:
+    from data import curriculum
+
+    if F.start_level is None:
+        return
+    try:
+        names = [level.name for level in curriculum.ladder(F.curriculum)]
+    except ValueError as e:
+        raise FlagError(f"--curriculum: {e}") from None
+    if F.start_level not in names:
+        raise FlagError(f"--start_level: unknown level {F.start_level!r} for --curriculum {F.curriculum}; choose from "
+                        f"{', '.join(names)}")
 
 
 def _check_multihost() -> None:
@@ -235,6 +290,8 @@ def _check_batch_layout(axes: dict[str, int]) -> None:
 def _configs(compute_dtype: str | None):
     """GRPOConfig, RolloutConfig and TrainConfig from the flags; a rejected value names its flag."""
     import grpo
+    from grpo.entropy_control import EntropyControl
+    from grpo.guard import GuardConfig
     from grpo.rollout import RolloutConfig
     from grpo.trainer import TrainConfig
     from model.sampling import SamplingConfig
@@ -248,19 +305,24 @@ def _configs(compute_dtype: str | None):
             warmup_steps=F.warmup_steps, lr_schedule=F.lr_schedule, total_steps=max(F.steps * F.num_iterations, 1),
             weight_decay=F.weight_decay, max_grad_norm=F.max_grad_norm, remat=F.remat,
             num_iterations=F.num_iterations, compute_dtype=compute_dtype, shared_prompt=F.shared_prompt,
+            entropy_control=EntropyControl(target=F.target_entropy) if F.adaptive_entropy else None,
         )
         sampling = SamplingConfig(temperature=F.temperature, top_k=F.top_k, top_p=F.top_p)
         rollout_cfg = RolloutConfig(max_new_tokens=F.max_new_tokens, sampling=sampling,
                                     stop_at_answer=F.stop_at_answer, skip_zero_std_groups=F.skip_zero_std_groups,
-                                    batch_rows=F.rollout_batch_size)
+                                    batch_rows=F.rollout_batch_size, dynamic_sampling=F.dynamic_sampling,
+                                    max_oversample=F.max_oversample)
     except ValueError as e:  # the configs name the field, which is the flag's name
         raise FlagError(f"--{e}") from None
     train_cfg = TrainConfig(
         output_dir=F.output_dir, steps=F.steps, prompts_per_step=F.prompts_per_step, eval_every=F.eval_every,
         eval_size=F.eval_size, checkpoint_every=F.checkpoint_every, keep_checkpoints=F.keep_checkpoints,
-        seed=F.seed, resume=F.resume, max_bad_steps=F.max_bad_steps, export_hf=F.export_hf,
+        seed=F.seed, resume=F.resume, export_hf=F.export_hf,
         profile_steps=tuple(int(s) for s in F.profile_steps) if F.profile_steps else None,
         log_to=tuple(_check_loggers()), promote_at=F.promote_at, time_limit_s=_time_limit_s(),
+        level_mix=F.level_mix, level_floor=F.level_floor, start_level=F.start_level,
+        guard=GuardConfig(enabled=F.guard, warmup_steps=F.guard_warmup_steps, patience=F.guard_patience,
+                          max_bad_steps=F.max_bad_steps, action=F.guard_action, max_rollbacks=F.max_rollbacks),
     )
     return grpo_cfg, rollout_cfg, train_cfg
 

@@ -2,8 +2,8 @@
 
 Why: before any RL the embedded Gemma 3 270M solves 0 of 128 samples even of two numbers in 1..9, so every
 group's solve reward is equal and GRPO has nothing to push on. A ladder starts where a solve is within reach
-and, on the easy levels only, also pays for getting closer (shaped rewards, below); the top level is
-TinyZero's distribution with TinyZero's reward, so results there compare with TinyZero's.
+and, on its first level (by default, `SHAPINGS` below), also pays for getting closer (shaped rewards); the top
+level is TinyZero's distribution with TinyZero's reward, so results there compare with TinyZero's.
 
 Rewards per level (`Level.reward`; 0 without an <answer> tag on the last line, as in TinyZero):
 
@@ -22,11 +22,22 @@ writing numbers.
 
 Ladders (`LADDERS`; bin/train --curriculum NAME). "countdown":
 
-    level        numbers  range  targets  reward (format / partial / numbers / solved)
+    level        numbers  range  targets  reward (format / partial / numbers / solved), --shaping legacy
     2x1-9        2        1..9   1..18    0.1 / 0.2  / 0.4  / 1.0     a + b, a * b, ...: one operation
     2x1-30       2        1..30  1..60    0.1 / 0.15 / 0.3  / 1.0
     3x1-30       3        1..30  10..100  0.1 / 0.15 / 0.25 / 1.0
+    3x1-99       3        1..99  10..100  0.1 / 0.15 / 0.25 / 1.0     finer rungs up to TinyZero's puzzles
+    4x1-30       4        1..30  10..100  0.1 / 0.15 / 0.25 / 1.0     (no worked example, like tinyzero)
     tinyzero     3-4      1..99  10..100  0.1 / -    / -    / 1.0     TinyZero's data and reward
+
+3x1-30 to tinyzero changes the number range and the count at once; 3x1-99 and 4x1-30 change one at a time.
+
+With the default shaping ("first_rung", SHAPINGS below) only 2x1-9 keeps its middle rungs; every level above
+it pays TinyZero's 0.1 / 1.0. Why: a middle rung pays an answer that ignores the target on EVERY puzzle, so once
+the model writes expressions a fixed one (`a + b + c`) earns it on the whole group, every sample agrees, and
+GRPO has no signal left (tests/test_reward_templates.py checks that past the first level every fixed answer
+template's mean reward is TinyZero's). On 2x1-9 the rungs stay on purpose: they are what gets the base model
+to write an expression of the given numbers at all (the empty-answer run above).
 
 Every level's held-out set is drawn from a seed of its own (not the run's --seed), so two runs evaluate on the
 same puzzles and their eval.jsonl lines compare line by line.
@@ -59,7 +70,7 @@ class LevelReward:
         """(reward, solved, has_answer) of one completion; the checks are data.countdown's (never eval)."""
         b = countdown.breakdown(completion, list(nums), target, format_score=self.format_score,
                                 correct_score=self.correct_score)
-        if b.solved or not b.has_answer:
+        if b.solved or not b.has_answer or (self.partial_score is None and self.numbers_score is None):
             return b.score, b.solved, b.has_answer
         answer = countdown.extract_answer(completion)
         if countdown.evaluate(answer) is None:  # not an arithmetic expression: no middle rung
@@ -124,6 +135,10 @@ LADDERS: dict[str, tuple[Level, ...]] = {
               LevelReward(partial_score=0.15, numbers_score=0.3), TWO_NUMBERS),
         Level("3x1-30", PuzzleConfig(counts=(3,), num_min=1, num_max=30, target_min=10, target_max=100),
               LevelReward(partial_score=0.15, numbers_score=0.25), THREE_NUMBERS),
+        Level("3x1-99", PuzzleConfig(counts=(3,), num_min=1, num_max=99, target_min=10, target_max=100),
+              LevelReward(partial_score=0.15, numbers_score=0.25), THREE_NUMBERS),
+        Level("4x1-30", PuzzleConfig(counts=(4,), num_min=1, num_max=30, target_min=10, target_max=100),
+              LevelReward(partial_score=0.15, numbers_score=0.25)),
         Level(TINYZERO, PuzzleConfig()),
     ),
 }
@@ -131,13 +146,27 @@ LADDERS: dict[str, tuple[Level, ...]] = {
 OFF = (Level(TINYZERO, PuzzleConfig()),)
 
 
-def ladder(name: str | None) -> tuple[Level, ...]:
-    """The levels of a named ladder, easiest first; None or "off" is TinyZero's level alone."""
+# How the middle rungs are paid (bin/train --shaping). "first_rung": on the ladder's first level only; above it
+# TinyZero's reward, so no answer that ignores the target pays more than a formatted wrong one (an accelerator
+# run's policy answered every 3-number puzzle `a + b + c` for the exact-numbers rung: BUILD.md). "legacy": every
+# level as LADDERS defines it. "off": TinyZero's reward on every level.
+SHAPINGS = ("first_rung", "legacy", "off")
+
+
+def ladder(name: str | None, shaping: str = "first_rung") -> tuple[Level, ...]:
+    """The levels of a named ladder, easiest first, their rewards shaped as `shaping` says; None or "off" is
+    TinyZero's level alone."""
+    if shaping not in SHAPINGS:
+        raise ValueError(f"unknown shaping {shaping!r}; choose from {', '.join(SHAPINGS)}")
     if name in (None, "off"):
         return OFF
     if name not in LADDERS:
         raise ValueError(f"unknown curriculum {name!r}; choose from off, {', '.join(sorted(LADDERS))}")
-    return LADDERS[name]
+    levels = LADDERS[name]
+    if shaping == "legacy":
+        return levels
+    shaped = 1 if shaping == "first_rung" else 0
+    return (*levels[:shaped], *(dataclasses.replace(lv, reward=LevelReward()) for lv in levels[shaped:]))
 
 
 def level_splits(level: Level, num_train: int, num_heldout: int, seed: int) -> tuple[list[Puzzle], list[Puzzle]]:

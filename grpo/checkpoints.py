@@ -90,6 +90,16 @@ class TrainCheckpointer:
         """Only the JSON record of a checkpoint (cheap: no arrays are read)."""
         return self._manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
 
+    def latest_record(self, say: Callable[[str], None] = print) -> dict | None:
+        """The newest readable checkpoint's record (no arrays read), damaged ones set aside on the way; None if
+        there is none."""
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                return self.read_record(step)
+            except Exception as e:  # noqa: BLE001 (orbax and tensorstore raise many types for a torn file)
+                self._set_aside(step, e, say)
+        return None
+
     def restore_latest(self, params_like, opt_state_like, say: Callable[[str], None] = print):
         """(step, params, opt_state, record) of the newest intact checkpoint, or None if there is none.
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from grpo.entropy_control import EntropyControl
+
 LOSS_TYPES = ("token_mean", "sequence_mean", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
 LR_SCHEDULES = ("cosine", "constant")
@@ -35,6 +37,9 @@ class GRPOConfig:
     # Entropy bonus (verl's entropy_coeff, default 0.001 there): loss -= coef * the loss_type's mean of each
     # completion token's policy entropy, against entropy collapse. Needs fused_unembed (it makes the gradient).
     entropy_coef: float = 0.0
+    # An adaptive entropy bonus instead (grpo/entropy_control.py): a coefficient the training loop raises while the
+    # policy's entropy is below a target and applies only there; it reaches the step as batch["entropy_coef"].
+    entropy_control: EntropyControl | None = None
     # --- optimizer ---
     learning_rate: float = 1e-6
     lr_schedule: str = "constant"
@@ -84,6 +89,8 @@ class GRPOConfig:
             raise ValueError(f"logprob_tail must be >= 1 or None, got {self.logprob_tail}")
         if self.entropy_coef and not self.fused_unembed:
             raise ValueError("entropy_coef > 0 needs fused_unembed=True (the fused path makes the entropy's gradient)")
+        if self.entropy_control and not self.fused_unembed:
+            raise ValueError("entropy_control needs fused_unembed=True (the fused path makes the entropy's gradient)")
         if self.loss_type == "dr_grpo" and not self.max_completion_length:
             raise ValueError("loss_type='dr_grpo' divides by max_completion_length; set it (got None)")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:

@@ -45,8 +45,9 @@ def evaluate(params: dict, model_cfg: GemmaConfig, task: Task, rollout_cfg: Roll
     per_level = [evaluate_items(params, model_cfg, task, task.eval_items(level=i), rollout_cfg, batch_size)
                  for i in range(len(names))]
     metrics = _rates(per_level[-1])
-    metrics["solved_by_level"] = {name: _rates(r)["eval_solved_frac"] for name, r in zip(names, per_level,
-                                                                                          strict=True)}
+    rates = [_rates(r) for r in per_level]
+    metrics["solved_by_level"] = {name: r["eval_solved_frac"] for name, r in zip(names, rates, strict=True)}
+    metrics["format_by_level"] = {name: r["eval_format_frac"] for name, r in zip(names, rates, strict=True)}
     return metrics, [r for records in per_level for r in records]
 
 

@@ -108,5 +108,8 @@ def abstract_step_args(model_cfg: GemmaConfig, grpo_cfg: GRPOConfig, mesh: Mesh,
     batch = {"tokens": row(jnp.int32, rows, length), "attention_mask": row(jnp.int32, rows, length),
              "completion_mask": row(jnp.int32, rows, length), "advantages": row(jnp.float32, rows)}
     for key in optional_keys:
-        batch[key] = row(jnp.bool_, rows) if key == "truncated" else row(jnp.float32, rows, length)
+        if key in ("truncated", "entropy_coef"):  # [B]
+            batch[key] = row(jnp.bool_ if key == "truncated" else jnp.float32, rows)
+        else:
+            batch[key] = row(jnp.float32, rows, length)
     return (trained, state, batch) if lora_cfg is None else (trained, state, batch, params)

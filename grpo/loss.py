@@ -86,8 +86,13 @@ def fused_aux(batch: dict, mask: jax.Array, grpo_cfg: GRPOConfig, num_tokens: ja
         aux["old"] = batch["old_logprobs"]
     if "ref_logprobs" in batch:
         aux["ref"] = batch["ref_logprobs"]
-    if grpo_cfg.entropy_coef:  # the bonus, weighted like the loss: loss -= sum_t entropy_weight_t * H_t
-        aux["entropy_weight"] = grpo_cfg.entropy_coef * aux["weight"]
+    # the bonus, weighted like the loss: loss -= sum_t entropy_weight_t * H_t; a fixed coefficient from the config
+    # and/or a per-row one from the batch (the adaptive controller's, grpo/entropy_control.py)
+    coef = grpo_cfg.entropy_coef
+    if "entropy_coef" in batch:
+        coef = coef + batch["entropy_coef"].astype(jnp.float32)[:, None]  # [B, 1]
+    if "entropy_coef" in batch or grpo_cfg.entropy_coef:
+        aux["entropy_weight"] = coef * aux["weight"]
     return aux
 
 

@@ -56,6 +56,12 @@ class RolloutConfig:
     # DAPO's dynamic sampling, as a filter: a group whose G rewards are all equal has zero advantages; with this
     # on its rows also leave the loss's token count (and the KL term), so they do not dilute the other groups.
     skip_zero_std_groups: bool = False
+    # DAPO's dynamic sampling, as a refill (grpo/dynamic_sampling.py): sample further rounds of prompts until the
+    # step holds prompts_per_step groups whose rewards differ, at most max_oversample x prompts_per_step prompts
+    # in all. It composes with skip_zero_std_groups: groups still without signal at the cap fill the batch, and
+    # the filter decides whether they enter the loss.
+    dynamic_sampling: bool = False
+    max_oversample: float = 3.0
     # Rows per sampler call (0: the whole batch in one call), rounded down to whole groups (at least one). A
     # machine preset caps it so the KV cache of one call fits a device (bin/machines.py); the calls draw from
     # keys folded from the step's key.
@@ -66,6 +72,8 @@ class RolloutConfig:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if self.batch_rows < 0:
             raise ValueError(f"rollout_batch_size must be >= 0, got {self.batch_rows}")
+        if not self.max_oversample >= 1:
+            raise ValueError(f"max_oversample must be >= 1, got {self.max_oversample}")
 
 
 def align_grpo_config(grpo_cfg: GRPOConfig, rollout_cfg: RolloutConfig) -> GRPOConfig:
@@ -160,18 +168,38 @@ class Rollout:
     scored: list[Scored]  # [B]
     items: list  # [B] the task item (puzzle) of each row
     lengths: np.ndarray  # [B] generated tokens per row, the stop token included
+    # Every row sampled for the step, the batch's and those dynamic sampling left out (None: the batch's rows are
+    # all of them), and the prompts the step took from the data stream (0: as many as the batch has groups).
+    sampled: SampledRows | None = None
+    prompts_used: int = 0
 
 
-def sample_groups(params, model_cfg, task: Task, items: list, num_generations: int, rollout_cfg: RolloutConfig,
-                  key, scale_rewards: str) -> Rollout:
-    """G completions per prompt, sampled and scored, as a training batch plus the step's rollout metrics."""
+@dataclasses.dataclass(frozen=True)
+class SampledRows:
+    """Sampled and scored completions before they become a batch: rows prompt-major, G consecutive rows per group.
+    Dynamic sampling concatenates several of these and keeps some of their groups (`take_groups`)."""
+
+    prompts: list[list[int]]  # [B] prompt token ids
+    items: list  # [B] task items
+    tokens: np.ndarray  # [B, M] generated ids
+    lengths: np.ndarray  # [B] generated tokens, the stop token included
+    truncated: np.ndarray  # [B] bool: hit the budget
+    scored: list[Scored]  # [B]
+    sample_s: float
+
+    @property
+    def rewards(self) -> np.ndarray:
+        return np.array([s.reward for s in self.scored], np.float32)
+
+
+def sample_rows(params, model_cfg, task: Task, items: list, num_generations: int, rollout_cfg: RolloutConfig,
+                key) -> SampledRows:
+    """G completions per prompt, sampled (whole groups per sampler call: rollout_cfg.batch_rows) and scored."""
     expanded = [it for it in items for _ in range(num_generations)]
     unique = [task.encode_prompt(it) for it in items]  # one prefill per prompt, its cache rows replicated G times
-    prompts = [p for p in unique for _ in range(num_generations)]
     sampling = rollout_cfg.sampling
     t0 = time.perf_counter()
     stop_table = task_stop_table(task, rollout_cfg)
-    # whole groups per sampler call (at least one)
     chunk = max(1, rollout_cfg.batch_rows // num_generations) if rollout_cfg.batch_rows else len(unique)
     parts = []
     for i, start in enumerate(range(0, len(unique), chunk)):
@@ -183,24 +211,71 @@ def sample_groups(params, model_cfg, task: Task, items: list, num_generations: i
     tokens, lengths, truncated = (np.concatenate([np.asarray(getattr(r, name)) for r in parts])
                                   for name in ("tokens", "lengths", "truncated"))
     sample_s = time.perf_counter() - t0
-    scored = score_rows(task, expanded, tokens, lengths)
-    rewards = np.array([s.reward for s in scored], np.float32)
+    prompts = [p for p in unique for _ in range(num_generations)]
+    return SampledRows(prompts, expanded, tokens, lengths, truncated, score_rows(task, expanded, tokens, lengths),
+                       sample_s)
+
+
+def concat_rows(parts: list[SampledRows]) -> SampledRows:
+    """Several sampler rounds as one set of rows (in order)."""
+    if len(parts) == 1:
+        return parts[0]
+    return SampledRows([p for r in parts for p in r.prompts], [it for r in parts for it in r.items],
+                       *(np.concatenate([getattr(r, n) for r in parts]) for n in ("tokens", "lengths", "truncated")),
+                       [s for r in parts for s in r.scored], sum(r.sample_s for r in parts))
+
+
+def take_groups(rows: SampledRows, groups: np.ndarray, num_generations: int) -> SampledRows:
+    """The rows of the given groups (indices into rows' groups), in that order."""
+    idx = (np.asarray(groups)[:, None] * num_generations + np.arange(num_generations)).reshape(-1)
+    pick = lambda seq: [seq[i] for i in idx]
+    return SampledRows(pick(rows.prompts), pick(rows.items), rows.tokens[idx], rows.lengths[idx],
+                       rows.truncated[idx], pick(rows.scored), rows.sample_s)
+
+
+def make_rollout(rows: SampledRows, num_generations: int, rollout_cfg: RolloutConfig, scale_rewards: str,
+                 pad_id: int, metrics: dict | None = None) -> Rollout:
+    """The training batch of `rows` (advantages per group; zero-signal groups masked out when
+    skip_zero_std_groups) with `metrics` (default: rollout_metrics of the same rows)."""
+    rewards = rows.rewards
     advantages = np.asarray(compute_advantages(rewards, num_generations, scale_rewards), np.float32)
-    batch = build_batch(prompts, tokens, lengths, truncated, advantages, pad_id=model_cfg.pad_id)
-    flat = zero_std_groups(rewards, num_generations)  # [P]
+    batch = build_batch(rows.prompts, rows.tokens, rows.lengths, rows.truncated, advantages, pad_id=pad_id)
     if rollout_cfg.skip_zero_std_groups:
-        batch["completion_mask"][np.repeat(flat, num_generations)] = 0
+        batch["completion_mask"][np.repeat(zero_std_groups(rewards, num_generations), num_generations)] = 0
+    if metrics is None:
+        metrics = rollout_metrics(rows, num_generations)
+    return Rollout(batch, metrics, rows.scored, rows.items, rows.lengths)
+
+
+def rollout_metrics(rows: SampledRows, num_generations: int, task: Task | None = None) -> dict:
+    """What a step's sampled rows show, all of them (before any dynamic-sampling choice): rewards, solved and
+    format rates, groups without signal (equal rewards; equal solved outcomes), lengths, speed, aha phrases,
+    and, when the task names answer shapes (`answer_template(item, text)`), the most common ones."""
+    rewards, lengths = rows.rewards, rows.lengths
+    solved = np.array([s.solved for s in rows.scored])
     metrics = {
-        "frac_zero_std_groups": float(flat.mean()),
+        "frac_zero_std_groups": float(zero_std_groups(rewards, num_generations).mean()),
+        "frac_zero_std_solved": float(zero_std_groups(solved, num_generations).mean()),
         "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-        "solved_frac": float(np.mean([s.solved for s in scored])),
-        "format_frac": float(np.mean([s.format for s in scored])),
+        "solved_frac": float(solved.mean()),
+        "format_frac": float(np.mean([s.format for s in rows.scored])),
         "completion_len_mean": float(lengths.mean()), "completion_len_max": int(lengths.max()),
-        "truncated_frac": float(truncated.mean()), "sample_s": sample_s,
-        "sample_tokens_per_s": float(lengths.sum() / max(sample_s, 1e-9)),
-        **aha_counts([s.text for s in scored], [s.solved for s in scored]),
+        "truncated_frac": float(rows.truncated.mean()), "sample_s": rows.sample_s,
+        "sample_tokens_per_s": float(lengths.sum() / max(rows.sample_s, 1e-9)),
+        **aha_counts([s.text for s in rows.scored], solved.tolist()),
     }
-    return Rollout(batch, metrics, scored, expanded, lengths)
+    shapes = getattr(task, "answer_templates", None)
+    if shapes is not None:
+        metrics["answer_templates"] = shapes(rows.items, [s.text for s in rows.scored])
+    return metrics
+
+
+def sample_groups(params, model_cfg, task: Task, items: list, num_generations: int, rollout_cfg: RolloutConfig,
+                  key, scale_rewards: str) -> Rollout:
+    """G completions per prompt, sampled and scored, as a training batch plus the step's rollout metrics."""
+    rows = sample_rows(params, model_cfg, task, items, num_generations, rollout_cfg, key)
+    return make_rollout(rows, num_generations, rollout_cfg, scale_rewards, model_cfg.pad_id,
+                        rollout_metrics(rows, num_generations, task))
 
 
 def task_stop_table(task: Task, rollout_cfg: RolloutConfig) -> np.ndarray | None:
@@ -210,7 +285,7 @@ def task_stop_table(task: Task, rollout_cfg: RolloutConfig) -> np.ndarray | None
 
 
 def zero_std_groups(rewards: np.ndarray, num_generations: int) -> np.ndarray:
-    """[P] bool: groups whose G rewards are all equal (no learning signal: every advantage is 0)."""
+    """[P] bool: groups whose G values (rewards, or solved flags) are all equal (rewards: every advantage is 0)."""
     groups = np.asarray(rewards).reshape(-1, num_generations)
     return np.all(groups == groups[:, :1], axis=1)
 

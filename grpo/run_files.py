@@ -20,10 +20,14 @@ import json
 import os
 import re
 import resource
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
+
+import model
+from grpo.entropy_control import band_note
 
 JSONL_FILES = ("metrics.jsonl", "train_samples.jsonl", "eval.jsonl", "eval_samples.jsonl")
 EVAL_FILES = ("eval.jsonl", "eval_samples.jsonl")
@@ -86,10 +90,11 @@ class RunLog:
         if self.main:
             self.echo(line)
 
-    def set_status(self, state: str, step: int) -> None:
+    def set_status(self, state: str, step: int, **extra) -> None:
+        """status.json: the state, the step, the peak RSS and `extra` (best_step, best_score, reason)."""
         if self.main:
             _write_atomic(self.out / STATUS_FILE, json.dumps({"state": state, "step": step,
-                                                              "peak_rss_bytes": peak_rss_bytes()}) + "\n")
+                                                              "peak_rss_bytes": peak_rss_bytes(), **extra}) + "\n")
 
     def previous_status(self) -> dict | None:
         try:
@@ -142,3 +147,34 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def export_hf(directory: Path, model_cfg, params: dict, tokenizer_file: str | None) -> None:
+    """params as an HF checkpoint in `directory` with the run's tokenizer, so the export loads alone (bin/sample,
+    bin/pass_at_k --model_dir); a run started from its own export already reads its tokenizer from there."""
+    try:
+        model.save_hf_checkpoint(directory, model_cfg, params)
+        target = Path(directory) / "tokenizer.model"
+        if tokenizer_file is not None and Path(tokenizer_file).resolve() != target.resolve():
+            shutil.copyfile(tokenizer_file, target)
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own error type for I/O)
+        raise describe_write_failure(e, str(directory)) from None
+
+
+def console_line(m: dict) -> str:
+    """One step's metrics as the line bin/train prints."""
+    kl = "   -   " if m.get("kl") is None else f"{m['kl']:.4f}"
+    return (f"step {m['step']:4d} | reward {m['reward_mean']:.3f} solved {m['solved_frac']:.2f} "
+            f"format {m['format_frac']:.2f} | len {m['completion_len_mean']:5.1f} | kl {kl} "
+            f"clip {m.get('clip_frac', 0.0):.3f} | aha {int(m['aha_count'])} | sample {m['sample_s']:.1f}s "
+            f"train {m['train_s']:.1f}s | {m['sample_tokens_per_s']:.0f} tok/s" + _entropy_part(m)
+            + (f" | level {m['level']}" if "level" in m else "")
+            + (f" | x{m['oversample_ratio']:.0f} sampled" if m.get("oversample_ratio", 1) > 1 else "")
+            + (" | SKIPPED (non-finite)" if m.get("skipped") else ""))
+
+
+def _entropy_part(m: dict) -> str:
+    if m.get("entropy") is None:
+        return ""
+    coef = f" coef {m['entropy_coef_applied']:.3f}" if "entropy_coef_applied" in m else ""
+    return f" | entropy {m['entropy']:.2f}{coef}" + (" OUT OF BAND" if band_note(m["entropy"]) else "")

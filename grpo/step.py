@@ -52,7 +52,8 @@ from grpo.logprobs import fsdp_hidden_states, pad_columns, sharded_token_logprob
 from model.config import GemmaConfig
 from model.params import check_against_schema, map_schema, param_schema
 
-ROW_KEYS = ("advantages", "truncated")  # [B]
+# [B]; "entropy_coef": the entropy bonus per row, as data so an adaptive coefficient never recompiles
+ROW_KEYS = ("advantages", "truncated", "entropy_coef")
 TOKEN_KEYS = ("tokens", "attention_mask", "completion_mask", "old_logprobs", "ref_logprobs")  # [B, T]
 REQUIRED_KEYS = ("tokens", "attention_mask", "completion_mask", "advantages")
 
@@ -226,7 +227,10 @@ def _prepare_batch(batch: dict, grpo_cfg: GRPOConfig, mesh: Mesh) -> dict:
     unexpected = sorted(set(batch) - set(ROW_KEYS) - set(TOKEN_KEYS))
     if missing or unexpected:
         raise ValueError(f"batch keys: missing {missing}, unexpected {unexpected}; "
-                         f"expected {list(REQUIRED_KEYS)} + optional old_logprobs, ref_logprobs, truncated")
+                         f"expected {list(REQUIRED_KEYS)} + optional old_logprobs, ref_logprobs, truncated, "
+                         "entropy_coef")
+    if "entropy_coef" in batch and not grpo_cfg.fused_unembed:
+        raise ValueError("batch['entropy_coef'] needs fused_unembed=True (the fused path makes the entropy's gradient)")
     if grpo_cfg.beta and "ref_logprobs" not in batch:
         raise ValueError(f"beta={grpo_cfg.beta} needs batch['ref_logprobs']; it is missing")
     rows, length = jnp.shape(batch["tokens"]) if jnp.ndim(batch["tokens"]) == 2 else (None, None)

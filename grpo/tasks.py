@@ -121,6 +121,13 @@ class CountdownTask:
         return {"nums": [int(n) for n in item.puzzle.nums], "target": int(item.puzzle.target),
                 "level": self.levels[item.level].name}
 
+    def answer_templates(self, items: list[LevelPuzzle], texts: list[str]) -> dict[str, float]:
+        """The most common answer shapes of these completions ("a + b + c": given numbers as letters in the order
+        given; data/templates.py) -> share: shows a policy that answers without reading the target."""
+        from data.templates import template_shares
+
+        return template_shares(texts, [it.puzzle.nums for it in items])
+
     def score(self, item: LevelPuzzle, completion: np.ndarray) -> Scored:
         text = self.decode(completion)
         reward, solved, has_answer = self.levels[item.level].reward.score(text, item.puzzle.nums, item.puzzle.target)

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import shutil
-import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,22 +28,32 @@ import numpy as np
 from jax.sharding import Mesh
 
 import grpo
-import model
+from grpo import level_mix
+from grpo.best_model import BestCheckpointer, better, eval_score
 from grpo.checkpoints import TrainCheckpointer
 from grpo.config import GRPOConfig
+from grpo.dynamic_sampling import max_rounds, sample_with_signal
+from grpo.entropy_control import applied_coef, band_note, next_coef
 from grpo.evaluation import evaluate
+from grpo.guard import Alarm, GuardConfig, GuardState, after_rollback, observe
+from grpo.ladder_steps import after_levels, draw_items, level_metrics, level_names, step_level_shares
+from grpo.level_mix import LevelStats
 from grpo.loggers import make_loggers
 from grpo.logprobs import cast_params, make_step_logprobs
 from grpo.lora_step import init_lora_state, make_lora_step
 from grpo.rollout import (
     Rollout,
     RolloutConfig,
+    SampledRows,
     align_grpo_config,
     check_shared_prompts,
-    sample_groups,
+    make_rollout,
+    rollout_metrics,
     sample_record,
+    sample_rows,
 )
-from grpo.run_files import RunLog, RunWriteError, describe_write_failure, peak_rss_bytes
+from grpo.run_clock import Profiler, StopClock
+from grpo.run_files import RunLog, RunWriteError, console_line, describe_write_failure, export_hf, peak_rss_bytes
 from grpo.tasks import Task
 from model.config import GemmaConfig
 from model.lora import LoraConfig, init_adapters, merge
@@ -68,7 +75,6 @@ class TrainConfig:
     seed: int = 0
     resume: bool = True
     profile_steps: tuple[int, int] | None = None  # [A, B] inclusive, wrapped in jax.profiler.trace
-    max_bad_steps: int = 3  # this many non-finite steps in a row stop the run
     time_limit_s: float | None = None  # pause (checkpoint, exit cleanly) before a step would end past this
     sample_groups_per_step: int = 4  # prompts whose G completions go to train_samples.jsonl each step
     export_hf: bool = True  # write the final params as an HF checkpoint dir (final_hf/)
@@ -77,6 +83,18 @@ class TrainConfig:
     # level, averaged over the last promote_window steps, reaches promote_at. Never down.
     promote_at: float = 0.35
     promote_window: int = 4
+    # Which levels a step's prompts come from (grpo/level_mix.py): the levels up to the frontier, weighted
+    # toward those solved about half the time, the earlier ones together at least level_floor of the
+    # prompts. level_mix=False: every prompt from the frontier. start_level: the frontier at step 0 (a level
+    # name; None: the ladder's first), as if the run had been promoted there.
+    level_mix: bool = True
+    level_floor: float = 0.1
+    start_level: str | None = None
+    guard: GuardConfig = GuardConfig()  # when a degrading run stops or rolls back (grpo/guard.py)
+
+    def __post_init__(self):
+        if not 0 <= self.level_floor < 1:
+            raise ValueError(f"level_floor must be in [0, 1), got {self.level_floor}")
 
 
 @dataclasses.dataclass
@@ -88,8 +106,16 @@ class LoopState:
     step: int = 0  # GRPO steps done (rollout batches consumed); the next step is step + 1
     position: int = 0  # prompts consumed from the data stream
     bad_in_a_row: int = 0  # consecutive non-finite (skipped) steps
-    level: int = 0  # difficulty level feeding the rollouts (index into task.level_names)
-    recent_solved: tuple[float, ...] = ()  # sampled solved rates of the last steps at this level (promotion)
+    level: int = 0  # the frontier: the hardest difficulty level being trained (index into task.level_names)
+    recent_solved: tuple[float, ...] = ()  # sampled solved rates of the frontier's rows in its last steps (promotion)
+    level_stats: tuple[LevelStats, ...] = ()  # per level: decayed sampled / solved rows (grpo/level_mix.py)
+    entropy_coef: float = 0.0  # the adaptive entropy controller's coefficient (grpo/entropy_control.py)
+    last_entropy: float | None = None  # the last step's measured policy entropy, nats/token
+    best_step: int | None = None  # the step of the best held-out eval so far (its state is in best/)
+    best_score: list[float] | None = None  # its score (grpo/best_model.py eval_score)
+    guard: GuardState = dataclasses.field(default_factory=GuardState)
+    lr_scale: float = 1.0  # the learning rate's factor after the guard's rollbacks
+    alarm: Alarm | None = None  # a guard condition that fired and is not yet answered
     last_metrics: dict = dataclasses.field(default_factory=dict)
     last_eval: dict = dataclasses.field(default_factory=dict)
 
@@ -112,6 +138,7 @@ class RunContext:
     ckpt: TrainCheckpointer
     lora_cfg: LoraConfig | None = None  # None: full fine-tuning; else LoopState.params holds the adapters
     base_params: dict | None = None  # LoRA: the frozen base model, read by every phase, never updated
+    best: BestCheckpointer | None = None  # best/: the state of the best held-out eval
 
 
 @functools.lru_cache(maxsize=8)
@@ -162,21 +189,39 @@ def start_run(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOCo
     log.write_config(config)
     ckpt = TrainCheckpointer(out / "checkpoints", keep=train_cfg.keep_checkpoints)
     ctx = RunContext(model_cfg, task, grpo_cfg, rollout_cfg, train_cfg, mesh,
-                     *_compiled_fns(model_cfg, grpo_cfg, lora_cfg, mesh), ref_params, log, ckpt, lora_cfg, base)
-    state = LoopState(params, opt_state)
+                     *_compiled_fns(model_cfg, grpo_cfg, lora_cfg, mesh), ref_params, log, ckpt, lora_cfg, base,
+                     BestCheckpointer(out))
+    state = LoopState(params, opt_state, level=level_mix.start_index(level_names(task), train_cfg.start_level))
     previous = ctx.log.previous_status()
     found = ctx.ckpt.restore_latest(params, opt_state, say=ctx.log.say) if train_cfg.resume else None
     if found:
         step, params, opt_state, record = found
         state = LoopState(params, opt_state, step=step, position=int(record["data_position"]),
-                          level=int(record.get("level", 0)), recent_solved=tuple(record.get("recent_solved", ())))
+                          level=int(record.get("level", 0)), recent_solved=tuple(record.get("recent_solved", ())),
+                          level_stats=tuple(LevelStats(*pair) for pair in record.get("level_stats", ())),
+                          entropy_coef=float(record.get("entropy_coef", 0.0)),
+                          last_entropy=record.get("last_entropy"), guard=GuardState.from_json(record.get("guard")),
+                          lr_scale=float(record.get("lr_scale", 1.0)))
+        ctx = with_learning_rate(ctx, grpo_cfg.learning_rate * state.lr_scale)
         ctx.log.say(f"resumed from {ctx.ckpt.directory}/{step} (data position {state.position})")
+    best = ctx.best.record(say=ctx.log.say) if train_cfg.resume else None
+    if best:  # kept across resumes, even when it is newer than the rolling checkpoint resumed from
+        state = dataclasses.replace(state, best_step=int(best["step"]), best_score=list(best["score"]))
     if previous and previous.get("state") == "running":
         ctx.log.say(_unclean_stop_hint(previous))
     for note in ctx.log.rewind(state.step):
         ctx.log.say(f"repaired {note}")
     ctx.log.set_status("running", state.step)
     return ctx, state
+
+
+def with_learning_rate(ctx: RunContext, learning_rate: float) -> RunContext:
+    """The context with the step compiled for another learning rate (the guard's rollback lowers it)."""
+    if learning_rate == ctx.grpo_cfg.learning_rate:
+        return ctx
+    grpo_cfg = dataclasses.replace(ctx.grpo_cfg, learning_rate=learning_rate)
+    step_fn, ref, old = _compiled_fns(ctx.model_cfg, grpo_cfg, ctx.lora_cfg, ctx.mesh)
+    return dataclasses.replace(ctx, grpo_cfg=grpo_cfg, step_fn=step_fn, ref_logprobs_fn=ref, old_logprobs_fn=old)
 
 
 def _unclean_stop_hint(previous: dict) -> str:
@@ -189,14 +234,28 @@ def _unclean_stop_hint(previous: dict) -> str:
 
 
 def rollout_phase(ctx: RunContext, state: LoopState) -> Rollout:
-    """The next prompts of the data stream, G sampled completions each, scored and turned into a batch."""
-    if _level_names(ctx.task):
-        items = ctx.task.train_items(state.position, ctx.train_cfg.prompts_per_step, level=state.level)
-    else:
-        items = ctx.task.train_items(state.position, ctx.train_cfg.prompts_per_step)
+    """The next prompts of the data stream (from the levels the mix picks), G sampled completions each, scored and
+    turned into a batch; with dynamic sampling, further rounds until the batch's groups have signal
+    (grpo/dynamic_sampling.py). The rollout also holds every sampled row and the prompts taken from the stream."""
+    p, g = ctx.train_cfg.prompts_per_step, ctx.grpo_cfg.num_generations
     key = jax.random.fold_in(jax.random.key(ctx.train_cfg.seed), state.step)
-    return sample_groups(policy_params(ctx, state), ctx.model_cfg, ctx.task, items, ctx.grpo_cfg.num_generations,
-                         ctx.rollout_cfg, key, ctx.grpo_cfg.scale_rewards)
+    policy = policy_params(ctx, state)
+    shares = step_level_shares(ctx, state)
+
+    def one_round(r: int) -> SampledRows:
+        items = draw_items(ctx, state, shares, state.position + r * p, p, r)
+        round_key = key if r == 0 else jax.random.fold_in(jax.random.fold_in(key, _ROUND_SALT), r)
+        return sample_rows(policy, ctx.model_cfg, ctx.task, items, g, ctx.rollout_cfg, round_key)
+
+    rounds = max_rounds(ctx.rollout_cfg.max_oversample) if ctx.rollout_cfg.dynamic_sampling else 1
+    every, picked, used = sample_with_signal(one_round, p, g, rounds)
+    metrics = {**rollout_metrics(every, g, ctx.task), **level_metrics(ctx, every, shares),
+               "oversample_ratio": float(used)}
+    rollout = make_rollout(picked, g, ctx.rollout_cfg, ctx.grpo_cfg.scale_rewards, ctx.model_cfg.pad_id, metrics)
+    return dataclasses.replace(rollout, sampled=every, prompts_used=used * p)
+
+
+_ROUND_SALT = 0xD5  # dynamic sampling's round keys: never equal to a sampler chunk's fold_in(key, i)
 
 
 def logprob_phase(ctx: RunContext, params: dict, batch: dict) -> dict:
@@ -229,38 +288,49 @@ def train_step(ctx: RunContext, state: LoopState) -> LoopState:
     """One GRPO step: rollout -> log-probs -> update -> logs. Returns the state after it."""
     rollout = rollout_phase(ctx, state)
     t0 = time.perf_counter()
-    batch = logprob_phase(ctx, state.params, rollout.batch)
+    batch, entropy_metrics = _with_entropy_coef(ctx, state, rollout.batch)
+    batch = logprob_phase(ctx, state.params, batch)
     params, opt_state, step_metrics = update_phase(ctx, state.params, state.opt_state, batch)
     train_s = time.perf_counter() - t0
     n_tokens = float(rollout.batch["attention_mask"].sum())
-    metrics = {**rollout.metrics, **step_metrics, "step": state.step + 1, "train_s": train_s,
+    metrics = {**rollout.metrics, **step_metrics, **entropy_metrics, "step": state.step + 1, "train_s": train_s,
                "train_tokens_per_s": n_tokens / train_s, "peak_rss_bytes": peak_rss_bytes()}
     metrics.setdefault("kl", None)  # JSON null when beta == 0: no reference pass ran, never a silent nan
-    names = _level_names(ctx.task)
+    if not rollout.batch["completion_mask"].any():  # every group filtered out: no token measured the entropy
+        metrics["entropy"] = None
+    if metrics.get("entropy") is not None:
+        metrics["entropy_in_band"] = band_note(metrics["entropy"]) is None
+    names = level_names(ctx.task)
     if names:
         metrics["level"] = names[state.level]
     record_step(ctx, metrics, rollout)
     skipped = bool(metrics.get("skipped", 0))
+    entropy = None if skipped else metrics.get("entropy")
+    ctrl = ctx.grpo_cfg.entropy_control
     state = dataclasses.replace(state, params=params, opt_state=opt_state, step=state.step + 1,
-                                position=state.position + ctx.train_cfg.prompts_per_step,
-                                bad_in_a_row=state.bad_in_a_row + 1 if skipped else 0, last_metrics=metrics)
-    return promote(ctx, state, metrics["solved_frac"]) if names else state
+                                position=state.position + rollout.prompts_used,
+                                bad_in_a_row=state.bad_in_a_row + 1 if skipped else 0, last_metrics=metrics,
+                                entropy_coef=next_coef(ctrl, state.entropy_coef, entropy) if ctrl else 0.0,
+                                last_entropy=entropy if entropy is not None else state.last_entropy)
+    state = _watch(ctx, state, {"entropy": entropy, "nonfinite": float(state.bad_in_a_row)})
+    return after_levels(ctx, state, rollout.sampled) if names else state
 
 
-def _level_names(task: Task) -> tuple[str, ...]:
-    return tuple(getattr(task, "level_names", ()) or ())
+def _watch(ctx: RunContext, state: LoopState, values: dict) -> LoopState:
+    """The guard's view of this step's or eval's values; an alarm is kept until the loop answers it."""
+    guard, alarm = observe(ctx.train_cfg.guard, state.guard, state.step, values)
+    return dataclasses.replace(state, guard=guard, alarm=state.alarm or alarm)
 
 
-def promote(ctx: RunContext, state: LoopState, solved_frac: float) -> LoopState:
-    """Record this step's solved rate at the current level; move up once the last promote_window steps average
-    at least promote_at (the window starts afresh on the new level)."""
-    window, names = ctx.train_cfg.promote_window, _level_names(ctx.task)
-    recent = (*state.recent_solved, solved_frac)[-window:]
-    if len(recent) == window and np.mean(recent) >= ctx.train_cfg.promote_at and state.level + 1 < len(names):
-        ctx.log.say(f"promoted to level {names[state.level + 1]} after step {state.step} (solved rate "
-                    f"{np.mean(recent):.2f} over the last {window} steps at {names[state.level]})")
-        return dataclasses.replace(state, level=state.level + 1, recent_solved=())
-    return dataclasses.replace(state, recent_solved=recent)
+def _with_entropy_coef(ctx: RunContext, state: LoopState, batch: dict) -> tuple[dict, dict]:
+    """The batch with the adaptive entropy bonus as a per-row array (the coefficient is data, so it never
+    recompiles the step), and the coefficient applied, for the metrics. No controller: unchanged."""
+    ctrl = ctx.grpo_cfg.entropy_control
+    if ctrl is None:
+        return batch, {}
+    coef = applied_coef(ctrl, state.entropy_coef, state.last_entropy)
+    rows = batch["advantages"].shape[0]
+    return {**batch, "entropy_coef": np.full(rows, coef, np.float32)}, {"entropy_coef_applied": coef}
 
 
 def record_step(ctx: RunContext, metrics: dict, rollout: Rollout) -> None:
@@ -272,7 +342,7 @@ def record_step(ctx: RunContext, metrics: dict, rollout: Rollout) -> None:
     for r in range(min(len(rollout.items), ctx.train_cfg.sample_groups_per_step * g)):
         ctx.log.write("train_samples.jsonl", sample_record(ctx.task, metrics["step"], r // g, rollout.items[r],
                                                           rollout.scored[r], rollout.lengths[r], truncated[r]))
-    ctx.log.say(_console_line(metrics))
+    ctx.log.say(console_line(metrics))
 
 
 def eval_phase(ctx: RunContext, state: LoopState) -> LoopState:
@@ -289,10 +359,27 @@ def eval_phase(ctx: RunContext, state: LoopState) -> LoopState:
             ctx.log.write("eval_samples.jsonl", {**s, "step": state.step})
     by_level = metrics.get("solved_by_level", {})
     levels = " | by level " + " ".join(f"{k} {v:.2f}" for k, v in by_level.items()) if len(by_level) > 1 else ""
+    score, order = eval_score(metrics)
+    improved = better(score, state.best_score)
     ctx.log.say(f"eval step {state.step}: solved {metrics['eval_solved_frac']:.3f} "
                 f"format {metrics['eval_format_frac']:.3f} reward {metrics['eval_reward_mean']:.3f}{levels} "
-                f"({metrics['eval_s']:.1f}s)")
-    return dataclasses.replace(state, last_eval=metrics)
+                f"({metrics['eval_s']:.1f}s)" + (" | best so far, saved to best/" if improved else ""))
+    state = dataclasses.replace(state, last_eval=metrics)
+    if improved:
+        _save_best(ctx, state, score, order)
+        state = dataclasses.replace(state, best_step=state.step, best_score=score)
+    fmt = metrics.get("format_by_level") or {"": metrics["eval_format_frac"]}
+    return _watch(ctx, state, {"format": float(np.mean(list(fmt.values()))),
+                               "score": float(np.mean(list(by_level.values() or [metrics["eval_solved_frac"]])))})
+
+
+def _save_best(ctx: RunContext, state: LoopState, score: list[float], order: list[str]) -> None:
+    record = {"step": state.step, "score": score, "score_order": order, "data_position": state.position,
+              "level": state.level, "lr_scale": state.lr_scale}
+    try:
+        ctx.best.save(state.step, state.params, state.opt_state, record)
+    except Exception as e:  # noqa: BLE001 (an earlier async save's failure surfaces here, as any type)
+        raise describe_write_failure(e, f"checkpoint {ctx.best.directory}") from None
 
 
 def checkpoint_phase(ctx: RunContext, state: LoopState) -> None:
@@ -300,57 +387,39 @@ def checkpoint_phase(ctx: RunContext, state: LoopState) -> None:
     if ctx.ckpt.latest_step() == state.step:  # already saved (a pause right after a periodic checkpoint)
         return
     record = {"step": state.step, "data_position": state.position, "seed": ctx.train_cfg.seed,
-              "level": state.level, "recent_solved": list(state.recent_solved)}
+              "level": state.level, "recent_solved": list(state.recent_solved),
+              "level_stats": [[st.solved, st.rows] for st in state.level_stats], "entropy_coef": state.entropy_coef,
+              "last_entropy": state.last_entropy, "guard": state.guard.to_json(), "lr_scale": state.lr_scale}
     try:
         ctx.ckpt.save(state.step, state.params, state.opt_state, record)
     except Exception as e:  # noqa: BLE001 (an earlier async save's failure surfaces here, as any type)
         raise describe_write_failure(e, f"checkpoint {ctx.ckpt.directory}") from None
 
 
-def finish_run(ctx: RunContext, state: LoopState, final_state: str = "finished") -> None:
-    """Wait for pending checkpoint writes, export the final params in the HF layout with the run's tokenizer
-    (process 0), and write the final status line with the peak RSS."""
-    try:
-        ctx.ckpt.close()
-    except Exception as e:  # noqa: BLE001 (the last async save's failure surfaces here, as any type)
-        raise describe_write_failure(e, f"checkpoint {ctx.ckpt.directory}") from None
-    export = Path(ctx.train_cfg.output_dir) / "final_hf"
-    if ctx.train_cfg.export_hf and final_state != "paused" and jax.process_index() == 0:
+def finish_run(ctx: RunContext, state: LoopState, final_state: str = "finished", reason: str | None = None) -> None:
+    """Wait for pending checkpoint writes, export the last params (final_hf/) and the best eval's (best_hf/) in the
+    HF layout with the run's tokenizer (process 0), and write the final status with the best step and score."""
+    exporting = ctx.train_cfg.export_hf and final_state != "paused"
+    best = None
+    for ckpt in (ctx.ckpt, ctx.best):
         try:
-            model.save_hf_checkpoint(export, ctx.model_cfg, policy_params(ctx, state))
-            tokenizer_file = getattr(getattr(ctx.task, "tokenizer", None), "file", None)
-            target = export / "tokenizer.model"
-            # the export loads alone (bin/sample, bin/pass_at_k --model_dir); a run started from its own export
-            # already reads its tokenizer from there
-            if tokenizer_file is not None and Path(tokenizer_file).resolve() != target.resolve():
-                shutil.copyfile(tokenizer_file, target)
-        except Exception as e:  # noqa: BLE001 (safetensors raises its own error type for I/O)
-            raise describe_write_failure(e, str(export)) from None
+            if ckpt is ctx.best and exporting and state.best_step is not None:  # every process: orbax syncs them
+                best = ckpt.restore(state.params, state.opt_state, say=ctx.log.say)  # waits for its write first
+            ckpt.close()
+        except Exception as e:  # noqa: BLE001 (the last async save's failure surfaces here, as any type)
+            raise describe_write_failure(e, f"checkpoint {ckpt.directory}") from None
+    tokenizer_file = getattr(getattr(ctx.task, "tokenizer", None), "file", None)
+    out = Path(ctx.train_cfg.output_dir)
+    exporting = exporting and jax.process_index() == 0
+    if exporting:
+        export_hf(out / "final_hf", ctx.model_cfg, policy_params(ctx, state), tokenizer_file)
+    if exporting and best:
+        export_hf(out / "best_hf", ctx.model_cfg, policy_params(ctx, dataclasses.replace(state, params=best[1])),
+                  tokenizer_file)
     ctx.log.close()
-    ctx.log.set_status(final_state, state.step)
-    ctx.log.say(f"{final_state} at step {state.step}; peak RSS {peak_rss_bytes() / 2**30:.2f} GiB")
-
-
-class Profiler:
-    """jax.profiler.trace over loop steps A..B, counted from 0 (loop step A writes step=A+1 in metrics.jsonl),
-    into <output_dir>/profile."""
-
-    def __init__(self, window: tuple[int, int] | None, out: Path):
-        self.window, self.out, self.active = window, out, False
-
-    def before(self, step: int) -> None:
-        if self.window and step == self.window[0] and not self.active:
-            jax.profiler.start_trace(str(self.out))
-            self.active = True
-
-    def after(self, step: int) -> None:
-        if self.active and step >= self.window[1]:
-            self.close()
-
-    def close(self) -> None:
-        if self.active:
-            jax.profiler.stop_trace()
-            self.active = False
+    ctx.log.set_status(final_state, state.step, best_step=state.best_step, best_score=state.best_score, reason=reason)
+    ctx.log.say(f"{final_state} at step {state.step}; peak RSS {peak_rss_bytes() / 2**30:.2f} GiB"
+                + (f"; best held-out eval at step {state.best_step} (best_hf/)" if state.best_step is not None else ""))
 
 
 def _due(step: int, every: int, last: int) -> bool:
@@ -367,8 +436,8 @@ def train(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOConfig
     try:
         if state.step == 0:
             state = eval_phase(ctx, state)
-        state, final_state = _run_steps(ctx, state, profiler)
-        finish_run(ctx, state, final_state)
+        ctx, state, final_state, reason = _run_steps(ctx, state, profiler)
+        finish_run(ctx, state, final_state, reason)
     except RunWriteError:
         profiler.close()
         try:  # so the next start does not blame the OOM killer; the disk may still refuse this small file
@@ -380,16 +449,17 @@ def train(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOConfig
     return out if ctx.lora_cfg is None else {**out, "policy": policy_params(ctx, state)}
 
 
-def _run_steps(ctx: RunContext, state: LoopState, profiler: Profiler) -> tuple[LoopState, str]:
-    """The steps from state.step to train_cfg.steps with their evals and checkpoints; returns the final state and
-    how the run ends ("finished", or "stopped" after max_bad_steps non-finite steps in a row)."""
+def _run_steps(ctx: RunContext, state: LoopState, profiler: Profiler) -> tuple[RunContext, LoopState, str, str | None]:
+    """The steps from state.step to train_cfg.steps with their evals and checkpoints; returns the context (a
+    rollback recompiles the step), the final state, how the run ends ("finished", "paused", or "stopped" by the
+    guard) and why."""
     train_cfg = ctx.train_cfg
-    final_state = "finished"
     clock = StopClock(train_cfg.time_limit_s)
+    final_state, reason = "finished", None
     while state.step < train_cfg.steps:
-        reason = clock.reason_to_stop()
-        if reason:
-            ctx.log.say(f"pausing before step {state.step + 1}: {reason}; checkpoint saved at step {state.step}, "
+        why = clock.reason_to_stop()
+        if why:
+            ctx.log.say(f"pausing before step {state.step + 1}: {why}; checkpoint saved at step {state.step}, "
                         f"re-run the same command to continue")
             checkpoint_phase(ctx, state)
             final_state = "paused"
@@ -398,58 +468,40 @@ def _run_steps(ctx: RunContext, state: LoopState, profiler: Profiler) -> tuple[L
         state = train_step(ctx, state)
         clock.step_done()
         profiler.after(state.step - 1)
-        if state.bad_in_a_row >= train_cfg.max_bad_steps:
-            ctx.log.say(f"stopping: {state.bad_in_a_row} non-finite steps in a row; state saved at step {state.step}")
-            checkpoint_phase(ctx, state)
-            final_state = "stopped"
-            break
-        if _due(state.step, train_cfg.eval_every, train_cfg.steps):
+        if not state.alarm and _due(state.step, train_cfg.eval_every, train_cfg.steps):
             state = eval_phase(ctx, state)
+        if state.alarm:
+            ctx, state, reason = answer_alarm(ctx, state)
+            if reason:
+                final_state = "stopped"
+                break
         if _due(state.step, train_cfg.checkpoint_every, train_cfg.steps):
             checkpoint_phase(ctx, state)
     profiler.close()
     clock.close()
-    return state, final_state
+    return ctx, state, final_state, reason
 
 
-class StopClock:
-    """When to pause a run early, checkpointed, so re-running the same command continues: on SIGTERM (notebook
-    and cluster shutdowns send it first), or when the next step would not end before the time limit (free
-    notebooks end sessions after 9-12 h). The signal only sets a flag; the step in flight finishes first."""
-
-    MARGIN = 2.0  # the next step must fit twice over: steps vary, and the checkpoint write needs time too
-
-    def __init__(self, time_limit_s: float | None):
-        self.start, self.limit, self.longest, self.signalled = time.monotonic(), time_limit_s, 0.0, False
-        self._last = self.start
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-
-    def _on_sigterm(self, signum, frame) -> None:
-        self.signalled = True
-
-    def step_done(self) -> None:
-        now = time.monotonic()
-        self.longest, self._last = max(self.longest, now - self._last), now
-
-    def reason_to_stop(self) -> str | None:
-        if self.signalled:
-            return "SIGTERM received"
-        if self.limit is not None and time.monotonic() - self.start + self.MARGIN * self.longest > self.limit:
-            return f"the next step would end past --time_limit ({self.limit:.0f} s)"
-        return None
-
-    def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
-
-
-def _console_line(m: dict) -> str:
-    kl = "   -   " if m.get("kl") is None else f"{m['kl']:.4f}"
-    return (f"step {m['step']:4d} | reward {m['reward_mean']:.3f} solved {m['solved_frac']:.2f} "
-            f"format {m['format_frac']:.2f} | len {m['completion_len_mean']:5.1f} | kl {kl} "
-            f"clip {m.get('clip_frac', 0.0):.3f} | aha {int(m['aha_count'])} | sample {m['sample_s']:.1f}s "
-            f"train {m['train_s']:.1f}s | {m['sample_tokens_per_s']:.0f} tok/s"
-            + (" | SKIPPED (non-finite)" if m.get("skipped") else ""))
+def answer_alarm(ctx: RunContext, state: LoopState) -> tuple[RunContext, LoopState, str | None]:
+    """The guard fired: roll back to best/ with a lower learning rate (guard action "rollback", while rollbacks
+    are left and a best exists), else stop with a checkpoint. Returns (context, state, the stop line or None)."""
+    alarm, cfg = state.alarm, ctx.train_cfg.guard
+    state = dataclasses.replace(state, alarm=None)
+    found = None
+    if cfg.action == "rollback" and state.guard.rollbacks < cfg.max_rollbacks and state.best_step is not None:
+        found = ctx.best.restore(state.params, state.opt_state, say=ctx.log.say)
+    if found:
+        ctx = with_learning_rate(ctx, ctx.grpo_cfg.learning_rate * cfg.rollback_lr_factor)
+        state = dataclasses.replace(state, params=found[1], opt_state=found[2], bad_in_a_row=0,
+                                    lr_scale=state.lr_scale * cfg.rollback_lr_factor,
+                                    guard=after_rollback(state.guard, alarm.metric))
+        ctx.log.say(f"guard: {alarm.detail} since step {alarm.since}; rolled back to the best model (step "
+                    f"{found[0]}) with learning rate {ctx.grpo_cfg.learning_rate:g} (rollback "
+                    f"{state.guard.rollbacks} of {cfg.max_rollbacks})")
+        return ctx, state, None
+    where = (f"the best model is step {state.best_step}'s, in {ctx.best.directory} (best_hf/ after the export)"
+             if state.best_step is not None else "no eval ran, so no best model was kept")
+    line = f"guard: {alarm.detail} since step {alarm.since}; stopped after step {state.step}; {where}"
+    ctx.log.say(line)
+    checkpoint_phase(ctx, state)
+    return ctx, state, line

@@ -32,6 +32,10 @@ TRAIN_BAD = {
     "skip_zero_std_groups": "often", "shared_prompt": "sometimes", "time_limit": "soon", "lora_rank": "-1",
     "lora_alpha": "-2",
     "lora_targets": "q,attn", "machine": "tpu-v9", "rollout_batch_size": "-1",
+    "shaping": "gentle", "start_level": "5x1-999", "level_mix": "kinda", "level_floor": "1.0",
+    "dynamic_sampling": "lots", "max_oversample": "0.5", "adaptive_entropy": "auto", "target_entropy": "0",
+    "guard": "sometimes", "guard_warmup_steps": "-1", "guard_patience": "0", "guard_action": "panic",
+    "max_rollbacks": "-1",
 }
 # Flags whose bad value only shows once an earlier check passes: they need a real model + tokenizer.
 NEEDS_MODEL = {"data_file", "max_new_tokens", "output_dir", "curriculum"}

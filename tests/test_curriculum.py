@@ -1,7 +1,8 @@
-"""The difficulty ladder: level data, shaped rewards, promotion, zero-signal groups, recipes.
+"""The difficulty ladder: level data, shaped rewards and shaping modes, promotion, zero-signal groups, recipes.
 
-References: TinyZero's reward (data.countdown.score) for the top level, hand-worked rewards for the shaped
-levels, and the promotion rule stated in grpo/trainer.py (exact comparisons, no tolerances).
+References: TinyZero's reward (data.countdown.score) for the top level and every level the shaping leaves plain,
+hand-worked rewards for the shaped levels, LADDERS itself for the legacy shaping, and the promotion rule stated
+in grpo/trainer.py (exact comparisons, no tolerances).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from absl import flags
 
 from data import countdown, curriculum
 from data.curriculum import LADDERS, TINYZERO, LevelReward, level_splits
+from grpo.ladder_steps import promote
 from grpo.rollout import zero_std_groups
-from grpo.trainer import LoopState, TrainConfig, promote
+from grpo.trainer import LoopState, TrainConfig
 
 LEVELS = LADDERS["countdown"]
 
@@ -26,6 +28,48 @@ def test_ladder_climbs_to_tinyzero_with_tinyzero_reward():
     assert curriculum.ladder("off") == curriculum.ladder(None) == curriculum.OFF
     with pytest.raises(ValueError, match="unknown curriculum 'steep'"):
         curriculum.ladder("steep")
+
+
+def test_the_rungs_in_order():
+    """3x1-99 and 4x1-30 sit between 3x1-30 and TinyZero's puzzles, each changing one thing (range, count)."""
+    assert [lv.name for lv in LEVELS] == ["2x1-9", "2x1-30", "3x1-30", "3x1-99", "4x1-30", TINYZERO]
+    by_name = {lv.name: lv for lv in LEVELS}
+    for name, counts, num_max in (("3x1-99", (3,), 99), ("4x1-30", (4,), 30)):
+        lv = by_name[name]
+        assert (lv.puzzles.counts, lv.puzzles.num_min, lv.puzzles.num_max) == (counts, 1, num_max)
+        assert (lv.puzzles.target_min, lv.puzzles.target_max) == (10, 100)
+        assert lv.reward == LevelReward(partial_score=0.15, numbers_score=0.25)
+    assert by_name["3x1-99"].examples == by_name["3x1-30"].examples == curriculum.THREE_NUMBERS
+    assert by_name["4x1-30"].examples == ()
+
+
+def test_shaping_modes():
+    """first_rung (the default): the first level keeps its rungs, every later one pays TinyZero's reward; legacy:
+    LADDERS as written; off: TinyZero's reward everywhere. Puzzles and worked examples never change."""
+    assert curriculum.SHAPINGS == ("first_rung", "legacy", "off")
+    first, legacy, off = (curriculum.ladder("countdown", s) for s in curriculum.SHAPINGS)
+    assert curriculum.ladder("countdown") == first
+    assert legacy == LEVELS
+    assert first[0] == LEVELS[0] and first[0].reward.numbers_score == 0.4
+    assert all(lv.reward == LevelReward() for lv in first[1:]) and all(lv.reward == LevelReward() for lv in off)
+    for shaped in (first, off):
+        assert [(lv.name, lv.puzzles, lv.examples) for lv in shaped] == [
+            (lv.name, lv.puzzles, lv.examples) for lv in LEVELS]
+    for shaping in curriculum.SHAPINGS:
+        assert curriculum.ladder("off", shaping) == curriculum.ladder(None, shaping) == curriculum.OFF
+    with pytest.raises(ValueError, match="unknown shaping 'gentle'; choose from first_rung, legacy, off"):
+        curriculum.ladder("countdown", "gentle")
+    with pytest.raises(ValueError, match="unknown shaping"):
+        curriculum.ladder("off", "gentle")
+
+
+@pytest.mark.parametrize("text", ["<answer>5 - 3</answer>", "<answer>3 + 5</answer>", "<answer>5</answer>",
+                                  "<answer>3, 5</answer>", "<answer> </answer>", "<answer>7</answer>", "x"])
+def test_plain_levels_pay_tinyzeros_reward(text):
+    for lv in curriculum.ladder("countdown")[1:]:
+        reward, solved, has_answer = lv.reward.score(text, (3, 5), 8)
+        b = countdown.breakdown(text, (3, 5), 8)
+        assert (reward, solved, has_answer) == (countdown.score(text, (3, 5), 8), b.solved, b.has_answer)
 
 
 @pytest.mark.parametrize("level", LEVELS, ids=lambda lv: lv.name)
@@ -161,7 +205,7 @@ def test_worked_examples_on_easy_levels_only(template):
 
     for i, lv in enumerate(LEVELS):
         pool = level_splits(lv, 200, 0, seed=0)[0]
-        if lv.name == TINYZERO:
+        if lv.name in (TINYZERO, "4x1-30"):  # the levels next to TinyZero's: TinyZero's prompt, no example
             assert lv.examples == () and lv.example_for(pool[0]) is None
             p = pool[0]
             assert CountdownTask.prompt_text(types.SimpleNamespace(levels=LEVELS, template=template),

@@ -152,3 +152,27 @@ def test_entropy_bonus_needs_the_fused_path():
     cfg = model.tiny_config("gemma3", vocab_size=V, embed_dim=D)
     with pytest.raises(ValueError, match="grpo_loss has no entropy bonus"):  # the reference cannot silently drop it
         grpo.grpo_loss({}, _inputs(0, False, False)["batch"], cfg, grpo.GRPOConfig(entropy_coef=0.01))
+
+
+def test_entropy_coef_as_batch_data():
+    """batch["entropy_coef"] (the adaptive controller's coefficient, one per row so it never recompiles the step)
+    gives the same loss and gradients as the same fixed GRPOConfig.entropy_coef (1e-6), and a row whose
+    coefficient is 0 gets no entropy weight (exactly)."""
+    cfg = model.tiny_config("gemma3", vocab_size=V, embed_dim=D)
+    x = _inputs(5, True, False)
+    mask = x["batch"]["completion_mask"]
+    fixed, plain = grpo.GRPOConfig(num_generations=2, entropy_coef=0.2), grpo.GRPOConfig(num_generations=2)
+
+    def loss(h, e, batch, gcfg):
+        aux = objective.fused_aux(batch, mask, gcfg, jnp.sum(mask), B)
+        return fused_token_loss(h, e, batch["tokens"], aux, objective.token_loss_fn(gcfg, True), cfg, chunk=3)[0]
+
+    as_data = {**x["batch"], "entropy_coef": jnp.full((B,), 0.2)}
+    a, b = (jax.jit(jax.value_and_grad(loss, (0, 1)), static_argnums=3)(x["h"], x["embed"], batch, gcfg)
+            for batch, gcfg in ((as_data, plain), (x["batch"], fixed)))
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
+    for ga, gb in zip(a[1], b[1], strict=True):
+        np.testing.assert_allclose(ga, gb, rtol=1e-6, atol=1e-9)
+    per_row = {**x["batch"], "entropy_coef": jnp.array([0.0, 0.2, 0.0, 0.1])}
+    w = objective.fused_aux(per_row, mask, plain, jnp.sum(mask), B)["entropy_weight"]
+    assert float(jnp.abs(w[0]).sum()) == 0.0 and float(jnp.abs(w[1]).sum()) > 0.0

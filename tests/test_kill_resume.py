@@ -9,7 +9,8 @@ steps 1..6 exactly once each with the reference's values (1e-6; timings and memo
 Kill points, in one output directory, each followed by a re-run of the same command:
   1. during the step-0 eval or the first rollout (eval.jsonl has its first line)
   2. mid-run, between checkpoints (metrics.jsonl has 3 lines: step 3 is re-run after resume)
-  3. during a checkpoint write (orbax's temporary checkpoint directory exists)
+  3. during a checkpoint write (orbax's temporary checkpoint directory exists), and during a write of best/
+     (the best held-out eval's state)
   4. after the last step's metrics, before or during the last checkpoint / eval
   5. during the final HF export (final_hf/ exists)
 `python tests/kill_sweep.py --kills 50` kills at random moments instead (BUILD.md records its result).
@@ -55,9 +56,12 @@ def _lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def _checkpoint_writing(out: Path) -> bool:
-    ckpt = out / "checkpoints"
-    return ckpt.exists() and any("tmp" in p.name for p in ckpt.iterdir())
+def _checkpoint_writing(out: Path, name: str = "checkpoints") -> bool:
+    ckpt = out / name
+    try:
+        return ckpt.exists() and any("tmp" in p.name for p in ckpt.iterdir())
+    except FileNotFoundError:  # orbax renamed it while we looked
+        return False
 
 
 def _run_until(cmd, env, condition=None, deadline_s: float = 600, sig=signal.SIGKILL) -> str:
@@ -100,10 +104,14 @@ def _assert_same_run(out: Path, reference: Path) -> None:
             else:
                 assert g[k] == w[k], (g["step"], k)
     assert [json.loads(x)["step"] for x in (out / "eval.jsonl").read_text().splitlines()] == [0, 3, 6]
-    a, b = load_file(out / "final_hf" / "model.safetensors"), load_file(reference / "final_hf" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        np.testing.assert_allclose(a[name], b[name], atol=1e-6, rtol=0, err_msg=name)
+    best = [{k: json.loads((d / "status.json").read_text())[k] for k in ("best_step", "best_score")}
+            for d in (out, reference)]
+    assert best[0] == best[1]
+    for export in ("final_hf", "best_hf"):
+        a, b = load_file(out / export / "model.safetensors"), load_file(reference / export / "model.safetensors")
+        assert a.keys() == b.keys()
+        for name in a:
+            np.testing.assert_allclose(a[name], b[name], atol=1e-6, rtol=0, err_msg=f"{export}: {name}")
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +129,7 @@ def test_sigkill_anywhere_then_rerun_equals_uninterrupted(tiny_dir, reference, t
     cmd = _command(tiny_dir, out)
     kill_points = [
         lambda: _lines(out / "eval.jsonl") >= 1,
+        lambda: _checkpoint_writing(out, "best"),
         lambda: _lines(out / "metrics.jsonl") >= 3,
         lambda: _checkpoint_writing(out),
         lambda: _lines(out / "metrics.jsonl") >= STEPS,

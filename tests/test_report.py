@@ -145,7 +145,8 @@ def test_report_builds_from_new_format(tmp_path):
     text = build(new_run(tmp_path / "run"))
     parser = check_html(text)
     pngs = decode_images(parser)
-    # 11 curve groups + level + per-level eval + aha share; kl is null (beta == 0) so it is left out
+    # 10 curve groups + level + per-level eval + aha share; left out as not recorded: kl (null, beta == 0),
+    # entropy_coef_applied, oversample_ratio, level_shares
     assert len(pngs) == 13, [a["alt"] for a in parser.images]
     from PIL import Image  # matplotlib depends on pillow
 
@@ -211,6 +212,13 @@ WARNING_RUNS = {
     "reward_std": ([{"step": s, "reward_std": 0.0} for s in range(1, 6)], "No learning signal", (1, 2, 3, 4, 5)),
     "skipped": ([metric_row(s, skipped=1.0 if s in (4, 9) else 0.0, loss=None) for s in range(1, 10)],
                 "Skipped steps", (4, 9)),
+    # entropy 0.5 at steps 1-4, then rising to 3.0: past the band's top (2.0) at steps 6-8 (2.0 itself: inside)
+    "entropy_noise": ([metric_row(s, entropy=e) for s, e in enumerate((0.5, 0.5, 0.5, 0.5, 2.0, 2.2, 2.6, 3.0), 1)],
+                      "Entropy out of band", (6, 7, 8)),
+    "entropy_collapse": ([metric_row(s, entropy=0.01 if s >= 3 else 0.4) for s in range(1, 8)],
+                         "Entropy out of band", (3, 4, 5, 6, 7)),
+    "one_template": ([metric_row(s, answer_templates={"a + b + c": 0.9 if s >= 2 else 0.5, "<rest>": 0.1})
+                      for s in range(1, 8)], "Answer template dominates", (2, 3, 4, 5, 6, 7)),
 }
 
 
@@ -235,8 +243,9 @@ def test_repetition_and_sample_only_signals(tmp_path):
 
 
 def test_short_stretches_do_not_warn(tmp_path):
-    rows = [metric_row(s, frac_zero_std_groups=1.0 if s <= 4 else 0.0, truncated_frac=1.0 if s >= 7 else 0.0)
-            for s in range(1, 11)]
+    rows = [metric_row(s, frac_zero_std_groups=1.0 if s <= 4 else 0.0, truncated_frac=1.0 if s >= 7 else 0.0,
+                       answer_templates={"a + b + c": 0.9 if s <= 4 else 0.3, "<no answer>": 0.95 if s > 4 else 0})
+            for s in range(1, 11)]  # a template for 4 steps, "<no answer>" is not a shape: no warning
     assert warnings(load_run(_metrics(tmp_path / "ok", rows))) == []
     assert warnings(load_run(new_run(tmp_path / "healthy"))) == []
 
@@ -339,3 +348,110 @@ def test_renders_in_headless_chromium(tmp_path):
     assert colours is not None and len(colours) > 200, "the page rendered (nearly) blank"
     white = max(c for c in colours if c[1] == (255, 255, 255))[0] if (255, 255, 255) in {c[1] for c in colours} else 0
     assert white < 0.97 * image.size[0] * image.size[1]
+
+
+def test_entropy_warning_wording_and_tolerance(tmp_path):
+    """entropy_warnings over the metrics rows: noise above ENTROPY_BAND and collapse below it are separate warnings
+    with their own wording (both sides in one run: two warnings, each naming only its steps); the band's ends are
+    inside; a run without entropy, or with null / NaN / string entropy, has no entropy warning at all."""
+    from bin.report_data import entropy_warnings
+    from grpo.entropy_control import ENTROPY_BAND
+
+    low, high = ENTROPY_BAND
+    values = (1.0, 3.0, high, 2.5, low, 0.01, 0.01, 0.01, 0.01, 0.01, 0.5)
+    run = load_run(_metrics(tmp_path / "both", [metric_row(s, entropy=e) for s, e in enumerate(values, 1)]))
+    noise, collapse = entropy_warnings(run.metrics)
+    assert (noise.title, noise.steps) == ("Entropy out of band", (2, 4))
+    assert "noise" in noise.detail and "collapse" not in noise.detail and "peak 3" in noise.detail
+    assert (collapse.title, collapse.steps) == ("Entropy out of band", (6, 7, 8, 9, 10))
+    assert "collapse" in collapse.detail and "noise" not in collapse.detail and "lowest 0.01" in collapse.detail
+    text = page(run.run_dir)
+    assert text.count("<b>Entropy out of band</b>") == 2 and "entropy collapse, near-deterministic" in text
+
+    no_key = [{k: v for k, v in metric_row(s).items() if k != "entropy"} for s in range(1, 8)]
+    assert entropy_warnings(load_run(_metrics(tmp_path / "none", no_key)).metrics) == []
+    odd = [metric_row(1, entropy=None), metric_row(2, entropy=float("nan")), metric_row(3, entropy="3.0")]
+    assert entropy_warnings(load_run(_metrics(tmp_path / "odd", odd)).metrics) == []
+
+
+@pytest.mark.parametrize("dominated, want", [(6, (2, 3, 4, 5, 6, 7)), (4, ())])
+def test_answer_template_dominates(tmp_path, dominated, want):
+    """'a + b + c' at 0.85 of the completions in `dominated` consecutive steps (from step 2; 0.5 before and after):
+    6 steps warn naming the template and exactly those steps, 4 (under STUCK_STEPS = 5) do not. A special key at
+    0.95 ('<no answer>', at steps 9-14) is never a dominating shape."""
+    rows = [metric_row(s, answer_templates={"a + b + c": 0.85 if 2 <= s < 2 + dominated else 0.5, "a * b": 0.05,
+                                            "<no answer>": 0.95 if s > 8 else 0.1}) for s in range(1, 15)]
+    run = load_run(_metrics(tmp_path / "t", rows))
+    got = [w for w in warnings(run) if w.title == "Answer template dominates"]
+    assert [w.steps for w in got] == ([want] if want else [])
+    if want:
+        assert "'a + b + c'" in got[0].detail
+        assert "<b>Answer template dominates</b> at steps 2\u20137: one answer shape, &#x27;a + b + c&#x27;" in page(
+            run.run_dir)
+
+
+def test_entropy_and_signal_curves_and_the_template_table(tmp_path):
+    """The new keys reach the report: the template table names the picked steps' top shapes with their shares,
+    and chart_specs (what both bin/report and bin/plot draw) holds the recorded values: entropy with the band as
+    its decoration, both zero-std curves on one 0..1 chart, the applied entropy coefficient, the oversample ratio
+    and one level-share line per level (0 where a step drew none of it)."""
+    from bin import report_charts
+    from bin.report_data import template_table
+    from grpo.entropy_control import ENTROPY_BAND
+
+    rows = [metric_row(s, entropy=0.2 * s, frac_zero_std_groups=0.5, frac_zero_std_solved=1.0 - 0.1 * s,
+                       oversample_ratio=1.0 + s, entropy_coef_applied=0.005 * (s > 3),
+                       level_shares={"3 numbers": 1.0} if s <= 2 else {"3 numbers": 0.25, "4 numbers": 0.75},
+                       answer_templates={"a + b": 0.75, "a * b": 0.2, "<rest>": 0.04, "b - a": 0.01})
+            for s in range(1, 6)]
+    d = _metrics(tmp_path / "new_keys", rows)
+    run = load_run(d)
+    assert template_table(run.metrics, [1, 5]) == [(1, [("a + b", 0.75), ("a * b", 0.2), ("<rest>", 0.04)]),
+                                                   (5, [("a + b", 0.75), ("a * b", 0.2), ("<rest>", 0.04)])]
+    specs = {c.id: c for c in report_charts.chart_specs(run)}
+    values = lambda cid: {ln.label: ln.ys for ln in specs[cid].lines}
+    assert specs["entropy"].band == ENTROPY_BAND
+    assert values("entropy")["train"] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert all(c.band is None for cid, c in specs.items() if cid != "entropy")
+    assert specs["zero_std"].share and values("zero_std")["rewards all equal"] == [0.5] * 5
+    assert values("zero_std")["solved outcomes all equal"] == pytest.approx([0.9, 0.8, 0.7, 0.6, 0.5])
+    assert values("oversample") == {"ratio": [2.0, 3.0, 4.0, 5.0, 6.0]}
+    assert values("entropy_coef") == {"coefficient": [0.0, 0.0, 0.0, 0.005, 0.005]}
+    assert values("level_shares") == {"3 numbers": [1.0, 1.0, 0.25, 0.25, 0.25], "4 numbers": [0, 0, 0.75, 0.75, 0.75]}
+    assert specs["level_shares"].lines[1].xs == [1, 2, 3, 4, 5]
+    text = page(d)
+    assert "<h2>Answer templates</h2>" in text
+    assert "<tr><td>5</td><td>a + b: 0.75, a * b: 0.2, &lt;rest&gt;: 0.04</td></tr>" in text
+
+
+def test_no_new_keys_no_new_charts(tmp_path):
+    """An old run (none of the new keys) draws none of their charts and shows no template table."""
+    from bin import report_charts
+
+    run = load_run(old_run(tmp_path / "old"))
+    ids = {c.id for c in report_charts.chart_specs(run)}
+    assert not ids & {"entropy_coef", "zero_std", "oversample", "level_shares", "level"}, ids
+    assert "entropy" in ids and "Answer templates" not in page(run.run_dir)
+
+
+def test_eval_drops_and_the_best_step(tmp_path):
+    """An eval format falling from 1.0 to 0.5 (more than the guard's 0.3 drop) at steps 20 and 30, and a held-out
+    solved rate from 0.6 to 0.2 on one of two levels at step 30: both warnings name exactly those steps; the best
+    eval (step 10, the first strictly best score) is marked on the curves and shown next to the last on the
+    cards."""
+    from bin import report_charts
+    from bin.report_data import best_eval
+
+    d = _metrics(tmp_path / "drop", [metric_row(s) for s in range(1, 31)])
+    evals = [{"step": s, "eval_solved_frac": 0.0, "eval_format_frac": f, "eval_reward_mean": 0.1,
+              "solved_by_level": {"easy": v, "top": 0.0}, "format_by_level": {"easy": f, "top": f}}
+             for s, f, v in ((0, 0.2, 0.1), (10, 1.0, 0.6), (20, 0.5, 0.6), (30, 0.5, 0.2))]
+    write_jsonl(d / "eval.jsonl", evals)
+    run = load_run(d)
+    got = {w.title: w.steps for w in warnings(run)}
+    assert got == {"Eval format collapsed": (20, 30), "Held-out score fell": (30,)}
+    assert best_eval(run.evals)["step"] == 10
+    text = page(d)
+    assert "eval solved, best (step 10)" in text and "eval solved, last (step 30)" in text
+    drawn = [c.best_step for c in report_charts.chart_specs(run)]
+    assert drawn and set(drawn) == {10}  # every chart marks the best step

@@ -99,6 +99,10 @@ def test_the_defaults_run_the_ladder_with_lora_end_to_end(tmp_path):
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["level"] for m in metrics] == ["2x1-9", "2x1-9"]
     evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
-    assert list(evals[-1]["solved_by_level"]) == ["2x1-9", "2x1-30", "3x1-30", "tinyzero"]
+    assert list(evals[-1]["solved_by_level"]) == ["2x1-9", "2x1-30", "3x1-30", "3x1-99", "4x1-30", "tinyzero"]
     assert (out / "final_hf" / "config.json").is_file()  # merged export, with its tokenizer: it loads alone
+    assert (out / "best_hf" / "config.json").is_file()  # and the best held-out eval's model
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "finished" and status["best_step"] in (0, 2) and len(status["best_score"]) == 7
+    assert {"frac_zero_std_solved", "answer_templates", "level_shares", "entropy_coef_applied"} <= metrics[0].keys()
     assert (out / "final_hf" / "tokenizer.model").read_bytes() == (model_dir / "tokenizer.model").read_bytes()

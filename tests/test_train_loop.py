@@ -53,8 +53,8 @@ def _setup(tmp_path, steps, lr=1e-2, **tkw):
     params = model.init_params(jax.random.key(0), cfg)
     gcfg = grpo.GRPOConfig(num_generations=4, beta=0.0, learning_rate=lr, max_grad_norm=1.0, remat=False)
     rollout = RolloutConfig(max_new_tokens=8, sampling=SamplingConfig(temperature=1.0))
-    tcfg = TrainConfig(output_dir=str(tmp_path), steps=steps, prompts_per_step=8, eval_size=0,
-                       checkpoint_every=2, export_hf=False, **tkw)
+    tkw = {"eval_size": 0, "export_hf": False, **tkw}
+    tcfg = TrainConfig(output_dir=str(tmp_path), steps=steps, prompts_per_step=8, checkpoint_every=2, **tkw)
     return cfg, params, LowIdTask(max_new=8), gcfg, rollout, tcfg, grpo.make_mesh(data=1, fsdp=1)
 
 
