@@ -1,7 +1,7 @@
 """GRPO on Countdown, end to end: the main job.
 
     bin/train --output_dir runs/quickstart                 # or: python -m bin.train --output_dir ...
-    bin/train --recipe laptop --output_dir runs/laptop    # the recorded 2-core run (BUILD.md, run 7), < 1 hour
+    bin/train --recipe laptop --output_dir runs/laptop    # the recorded 2-core runs (BUILD.md), < 1 hour
     bin/train --recipe tinyzero --machine kaggle-tpu-v5e-8 --model_dir ~/gemma-2-2b --output_dir runs/2b
 
 Every flag is turned into a config at this edge; every bad input (paths, tokenizer/model mismatch, mesh that
@@ -23,10 +23,10 @@ from data.curriculum import SHAPINGS
 
 F = flags.FLAGS
 # README's first command is bin/train with these defaults: the shortest version of the laptop recipe
-# (bin/recipes.py) that shows puzzles solved on the 2-core box within ~15 minutes and 8 GB (BUILD.md, "The
-# main job"): the difficulty ladder, 6 prompts x G = 8, 64 new tokens, stop at </answer>, zero-signal groups
-# skipped and no entropy bonus (the recipe's anti-collapse pair matters from step ~6), remat, and LoRA rank 16
-# (full fine-tuning's gradients and Adam state alone are 3.2 GB of the 270M's 8-10 GB peak).
+# (bin/recipes.py) that shows puzzles solved on a 2-core box in minutes (BUILD.md, "The main job"): the
+# difficulty ladder, 6 prompts x G = 8, 64 new tokens, stop at </answer>, zero-signal groups skipped, the
+# adaptive entropy bonus, remat, and LoRA rank 16 (full fine-tuning's gradients and Adam state alone are 3.2 GB
+# of the 270M's 8-10 GB peak). Dynamic sampling stays off here: its extra rounds matter from step ~5.
 DEFAULT_STEPS = 5
 # With LoRA and no explicit --learning_rate: 10x the full-fine-tuning rate, the usual ratio for LoRA (e.g.
 # Schulman et al., "LoRA Without Regret", 2025: https://thinkingmachines.ai/blog/lora/).

@@ -1,7 +1,7 @@
 """DAPO's dynamic sampling: keep sampling until a step's batch holds groups that teach something.
 
-Why: a group whose G rewards are all equal has zero advantages. On the first accelerator run 94-100% of the
-groups were such at 3x1-30 (BUILD.md), so the step's gradient came from one or two groups, or none. DAPO (Yu et
+Why: a group whose G rewards are all equal has zero advantages. On the first accelerator run nearly every group
+was such at 3x1-30 (BUILD.md), so the step's gradient came from one or two groups, or none. DAPO (Yu et
 al. 2025, arXiv 2503.14476) over-samples and keeps only groups with 0 < accuracy < 1; here "has signal" is
 "its rewards differ", the same thing for a 0/1 reward and the right test for a shaped one.
 

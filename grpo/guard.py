@@ -1,8 +1,8 @@
 """The guard: a run that degrades stops (or rolls back to its best model) instead of training on to the end.
 
-Why: on the first accelerator run the held-out score peaked at step ~200, then a fixed entropy bonus filled the
-completions with random tokens (entropy 0.3 -> 9.7 nats/token), the eval format fell from 1.00 to 0.00 and the
-run trained on for 100 more steps with every value finite (BUILD.md). Non-finite steps were the only stop.
+Why: on the first accelerator run the held-out score peaked, then a fixed entropy bonus filled the completions
+with random tokens, the eval format collapsed and the run trained on to its end with every value finite (BUILD.md,
+issue 23's section). Non-finite steps were the only stop.
 
 It watches drops, not levels. Each condition arms once it has been inside its limits after `warmup_steps`, so a
 base model that starts without the format, or a run whose entropy starts high, does not trip it; it fires once
