@@ -16,6 +16,7 @@ import numpy as np
 from data import curriculum, prompts
 from data.curriculum import Level
 from data.puzzles import Puzzle
+from data.templates import template_shares
 from model.stop_text import cached_stop_table
 
 ANSWER_CLOSE = "</answer>"
@@ -124,8 +125,6 @@ class CountdownTask:
     def answer_templates(self, items: list[LevelPuzzle], texts: list[str]) -> dict[str, float]:
         """The most common answer shapes of these completions ("a + b + c": given numbers as letters in the order
         given; data/templates.py) -> share: shows a policy that answers without reading the target."""
-        from data.templates import template_shares
-
         return template_shares(texts, [it.puzzle.nums for it in items])
 
     def score(self, item: LevelPuzzle, completion: np.ndarray) -> Scored:
