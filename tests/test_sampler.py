@@ -445,3 +445,24 @@ def test_bad_inputs_raise_one_line_value_errors(kwargs, message):
     with pytest.raises(ValueError, match=message) as info:
         model.generate({}, cfg, prompts, jax.random.key(0), **args)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("case", ["greedy_gemma3", "sampled_gemma3", "nucleus_gemma2"])
+def test_tokens_equal_the_fixture_of_the_earlier_loop(case):
+    """Reference: tests/fixtures/sampler_tokens.npz, written by tests/sampler_fixture.py with the decode loop as it
+    was before it checked for finished rows only every few steps. Greedy and sampled rows, early stops at
+    "</answer>" (one piece or two) and at an EOS id, rows that use the whole budget: identical tokens, lengths
+    and truncation; log-probs within 1e-5 (float32 arithmetic may be grouped differently)."""
+    from sampler_fixture import PATH, run_case
+
+    golden = np.load(PATH)
+    result = run_case(case, golden[f"{case}/stop_ids"], int(golden[f"{case}/eos"]))
+    lengths = golden[f"{case}/lengths"]
+    assert 0 < lengths.min() and lengths.min() < lengths.max() == NEW_FIXTURE  # early stops and full rows
+    np.testing.assert_array_equal(result.tokens, golden[f"{case}/tokens"])
+    np.testing.assert_array_equal(result.lengths, lengths)
+    np.testing.assert_array_equal(result.truncated, golden[f"{case}/truncated"])
+    np.testing.assert_allclose(result.logprobs, golden[f"{case}/logprobs"], atol=1e-5)
+
+
+NEW_FIXTURE = 24  # tests/sampler_fixture.py's budget
