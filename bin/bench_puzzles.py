@@ -12,7 +12,6 @@ import time
 from absl import flags
 
 from bin import cli
-from bin.cli import FlagError
 from data.countdown import score
 from data.puzzles import generate
 
@@ -23,8 +22,7 @@ flags.DEFINE_integer("seed", 0, "Generator seed.")
 
 def main(argv: list[str]) -> None:
     cli.no_extra_args(argv)
-    if F.n < 1:
-        raise FlagError(f"--n must be >= 1, got {F.n}")
+    cli.check_at_least(1, "n")
     wall, cpu = time.perf_counter(), time.process_time()
     puzzles = generate(F.n, F.seed)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -36,9 +34,5 @@ def main(argv: list[str]) -> None:
     print(f"score: {F.n / elapsed:,.0f} completions/s; {solved}/{F.n} stored solutions score 1.0")
 
 
-def run() -> None:
-    cli.run(main)
-
-
 if __name__ == "__main__":
-    run()
+    cli.run(main)

@@ -3,36 +3,22 @@
     bin/bench_sample                          # embedded Gemma 3 270M, batches 1, 8, 32, 150 + 128 tokens
     bin/bench_sample --random_270m --batch_sizes 32 --repeats 1
 
-Method: one random prompt of --prompt_len tokens (bos + ids drawn with numpy seed 0, as in
-tests/bench_hf_generate.py, the HF transformers baseline) repeated `batch` times; greedy, no stop ids, so
-every row decodes the whole budget. Prefill and decode are separate jitted calls (model.sampler.prefill,
-model.sampler.decode), compiled ahead of time, run once as a warm-up, then timed --repeats times (median):
-- prefill tok/s = batch * prompt_len / prefill seconds (real tokens; the bucket pads the prompt to a power of
-  two, and that padding is computed too);
-- decode tok/s = batch * (new_tokens - 1) / decode seconds (prefill samples the first token, the while_loop
-  the other new_tokens - 1);
-- GFLOP/s = XLA's cost_analysis flops / seconds. cost_analysis counts a loop body once, so decode flops = the
-  while_loop body's flops * (new_tokens - 1) (the body attends over all cache slots, as the real loop does), and
-  prefill flops = its own count + (L - 1) * the flops of one decoder layer over the padded [batch, bucket].
+The method and what each column means: model/sample_bench.py. --dtype auto samples as bin/train does (float32
+on CPU, bfloat16 on an accelerator).
 """
 
 from __future__ import annotations
 
-import statistics
-import time
+import json
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import flags
 
-import model
-from bin import cli, profile_ops
-from bin.cli import FlagError
-from model import sampler
-from model.forward import decoder_layer, layer_constants
-from model.sampling import SamplingConfig
+from bin import cli
+from grpo import profile_ops
+from model import sample_bench, sampler
 
 FLAGS = flags.FLAGS
 cli.define_model_dir_flag()
@@ -46,131 +32,89 @@ flags.DEFINE_integer("num_repeats", 1, "Rows per distinct prompt sharing ONE pre
 flags.DEFINE_string("profile_dir", None, "Trace one decode per batch size with jax.profiler into <dir>/b<batch>/ "
                     "and print its top HLO ops by named scope (bin/profile_ops.py).")
 flags.DEFINE_bool("json", False, "Print one JSON object with every row on the last line of stdout.")
-flags.DEFINE_bool("compare_hf", False, "Then run HF transformers' generate on the same shapes in the same invocation "
-                  "(tests/bench_hf_generate.py; needs the reference extra) and print end-to-end ratios.")
+flags.DEFINE_bool("compare_hf", False, "Then run HF transformers' generate on the same shapes, dtype and device "
+                  "(the GPU when torch sees one) in the same invocation (tests/bench_hf_generate.py; needs the "
+                  "reference extra) and print end-to-end ratios.")
+flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"], "Weights and sampling dtype. auto: float32 on CPU "
+                  "(bf16 is slower there), bfloat16 on accelerators (bin/train samples in its compute dtype).")
+flags.DEFINE_list("check_every", [str(sampler.CHECK_EVERY)], "Decode steps between checks that every row is done "
+                  "(model.sampler.decode; 1 = check after every token); several: one row per value.")
+flags.DEFINE_list("command_buffer", ["default"], "GPU only: which XLA:GPU command buffers (CUDA graphs) decode "
+                  "compiles with, one row per value: default (the sampler's own setting), while (XLA's usual kinds "
+                  "plus while loops and conditionals, run on the device), off.")
 
-BOS, FIRST_FREE_ID = 2, 4
-GREEDY = SamplingConfig(temperature=0.0)
+
+def _check_flags() -> tuple[list[int], list[int]]:
+    """(batch sizes, check_every values), every flag checked."""
+    batches, every = cli.integers("batch_sizes"), cli.integers("check_every")
+    if min(every) < 1:
+        raise cli.FlagError(f"--check_every must be >= 1, got {FLAGS.check_every}")
+    unknown = [c for c in FLAGS.command_buffer if c != "default" and c not in sample_bench.COMMAND_BUFFERS]
+    if unknown:
+        raise cli.FlagError(f"--command_buffer: unknown {unknown[0]!r}; choose from default, "
+                        f"{', '.join(sample_bench.COMMAND_BUFFERS)}")
+    if min(batches) < 1 or FLAGS.prompt_len < 2 or FLAGS.new_tokens < 2 or FLAGS.repeats < 1:
+        raise cli.FlagError("need batch sizes >= 1, --prompt_len >= 2, --new_tokens >= 2, --repeats >= 1")
+    if FLAGS.num_repeats < 1 or any(b % FLAGS.num_repeats for b in batches):
+        raise cli.FlagError(f"--num_repeats: {FLAGS.num_repeats} must be >= 1 and divide every batch size {batches}")
+    if FLAGS.compare_hf and FLAGS.random_270m:
+        raise cli.FlagError("--compare_hf: needs a checkpoint both sides can load (drop --random_270m)")
+    if FLAGS.profile_dir is not None:
+        cli.check_writable_dir("profile_dir", FLAGS.profile_dir)
+    return batches, every
 
 
-def load_model() -> tuple[model.GemmaConfig, dict, str]:
+def _load_model(dtype: str):
     if FLAGS.random_270m:
-        model_cfg = model.get_preset("gemma3-270m")
-        params = jax.jit(model.init_params, static_argnums=1)(jax.random.key(0), model_cfg)
-        return model_cfg, params, "random gemma3-270m"
+        return (*sample_bench.random_270m(dtype), "random gemma3-270m")
     path = cli.resolve_model_dir(FLAGS.model_dir)
-    model_cfg, params = cli.load_model(path, jnp.float32)
-    return model_cfg, params, path.name
+    return (*cli.load_model(path, jnp.dtype(dtype)), path.name)
 
 
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - start
-
-
-def prefill_flops(compiled, model_cfg, params, tokens) -> float:
-    """cost_analysis flops of prefill with its layer scan counted L times, not once."""
-    lp, c = jax.tree.map(lambda a: a[0], (params["layers"], layer_constants(model_cfg)))
-    x = jax.ShapeDtypeStruct((*tokens.shape, model_cfg.embed_dim), params["embed"].dtype)
-    pos = jax.ShapeDtypeStruct(tokens.shape, np.int32)
-    valid = jax.ShapeDtypeStruct(tokens.shape, bool)
-    layer = jax.jit(decoder_layer, static_argnames="cfg").lower(lp, x, c, pos, valid, cfg=model_cfg).compile()
-    return compiled.cost_analysis()["flops"] + (model_cfg.num_layers - 1) * layer.cost_analysis()["flops"]
-
-
-def bench_batch(model_cfg, params, batch: int) -> dict:
-    """Times prefill and decode for one batch size; returns the row of the report."""
-    ids = np.random.default_rng(0).integers(FIRST_FREE_ID, model_cfg.vocab_size, FLAGS.prompt_len - 1)
-    repeats = FLAGS.num_repeats
-    tokens, pad = sampler.pad_prompts([[BOS, *ids.tolist()]] * (batch // repeats), model_cfg, FLAGS.new_tokens)
-    eos = sampler.stop_rule(model_cfg, ())  # no stop ids: every row decodes the full budget
-    key = jax.random.key(0)
-    prefill = sampler.prefill.lower(params, tokens, pad, eos, key, cfg=model_cfg, sampling=GREEDY,
-                                    max_new_tokens=FLAGS.new_tokens, repeats=repeats).compile()
-    state = prefill(params, tokens, pad, eos, key)
-    decode = sampler.decode.lower(params, state, eos, cfg=model_cfg, sampling=GREEDY).compile()
-    jax.block_until_ready(decode(params, state, eos))  # warm-up (state is donated)
-
-    prefill_times, decode_times = [], []
-    for _ in range(FLAGS.repeats):  # decode consumes (donates) its state: a fresh prefill per repeat
-        prefill_times.append(_seconds(lambda: prefill(params, tokens, pad, eos, key)))
-        state = jax.block_until_ready(prefill(params, tokens, pad, eos, key))
-        decode_times.append(_seconds(lambda: decode(params, state, eos)))  # noqa: B023 (called at once)
+def _measure(model_cfg, params, batch: int, check_every: int, command_buffer: str, shape) -> dict:
+    p = sample_bench.compile_batch(model_cfg, params, batch, shape, check_every, command_buffer)
+    times = sample_bench.time_batch(p, FLAGS.repeats)
     if FLAGS.profile_dir is not None:
         trace = Path(FLAGS.profile_dir) / f"b{batch}"
-        trace.mkdir(parents=True, exist_ok=True)
-        state = jax.block_until_ready(prefill(params, tokens, pad, eos, key))
-        jax.profiler.start_trace(str(trace), create_perfetto_trace=True)
-        jax.block_until_ready(decode(params, state, eos))
-        jax.profiler.stop_trace()
+        sample_bench.trace_decode(p, trace)
         print(f"profile of one decode ({FLAGS.new_tokens - 1} steps), batch {batch}, in {trace}:")
-        print(profile_ops.summary(profile_ops.top_ops(trace), profile_ops.scope_names(decode.as_text())))
-    t_prefill, t_decode = statistics.median(prefill_times), statistics.median(decode_times)
-    steps = FLAGS.new_tokens - 1
-    return {
-        "batch": batch,
-        "bucket": tokens.shape[1],
-        "prefill_s": t_prefill,
-        "prefill_tok_s": batch * FLAGS.prompt_len / t_prefill,
-        "prefill_gflop_s": prefill_flops(prefill, model_cfg, params, tokens) / t_prefill / 1e9,
-        "decode_s": t_decode,
-        "decode_tok_s": batch * steps / t_decode,
-        "decode_ms_step": t_decode / steps * 1e3,
-        "decode_gflop_s": decode.cost_analysis()["flops"] * steps / t_decode / 1e9,
-        "end_to_end_tok_s": batch * FLAGS.new_tokens / (t_prefill + t_decode),
-    }
+        print(profile_ops.summary(profile_ops.top_ops(trace), profile_ops.scope_names(p.decode.as_text())))
+    return sample_bench.batch_row(p, model_cfg, shape, *times)
+
+
+def _compare_hf(batches: list[int], rows: list[dict], dtype: str) -> list[dict]:
+    """HF generate on the same shapes (tests/bench_hf_generate.py), each batch's first row given its ratio."""
+    model_dir = str(cli.resolve_model_dir(FLAGS.model_dir))
+    hf = [cli.run_reference_script("bench_hf_generate.py", "--model_dir", model_dir, "--batch", str(batch),
+                                   "--prompt_len", str(FLAGS.prompt_len), "--new_tokens", str(FLAGS.new_tokens),
+                                   "--repeats", str(FLAGS.repeats), "--dtype", dtype) for batch in batches]
+    print("\n".join(sample_bench.compare_to_hf(rows, batches, hf)))
+    return hf
 
 
 def main(argv):
     cli.no_extra_args(argv)
-    try:
-        batches = [int(b) for b in FLAGS.batch_sizes]
-    except ValueError:
-        raise FlagError(f"--batch_sizes must be integers, got {FLAGS.batch_sizes}") from None
-    if min(batches) < 1 or FLAGS.prompt_len < 2 or FLAGS.new_tokens < 2 or FLAGS.repeats < 1:
-        raise FlagError("need batch sizes >= 1, --prompt_len >= 2, --new_tokens >= 2, --repeats >= 1")
-    if FLAGS.num_repeats < 1 or any(b % FLAGS.num_repeats for b in batches):
-        raise FlagError(f"--num_repeats: {FLAGS.num_repeats} must be >= 1 and divide every batch size {batches}")
-    if FLAGS.profile_dir is not None:
-        cli.check_writable_dir("profile_dir", FLAGS.profile_dir)
-    model_cfg, params, name = load_model()
-    print(f"{name}: float32, prompt {FLAGS.prompt_len}, {FLAGS.new_tokens} new tokens, greedy, no early stop, "
+    batches, every = _check_flags()
+    dtype = sample_bench.sample_dtype(FLAGS.dtype, jax.default_backend())
+    model_cfg, params, name = _load_model(dtype)
+    shape = sample_bench.SampleShape(FLAGS.prompt_len, FLAGS.new_tokens, FLAGS.num_repeats)
+    print(f"{name}: {dtype}, prompt {FLAGS.prompt_len}, {FLAGS.new_tokens} new tokens, greedy, no early stop, "
           f"median of {FLAGS.repeats} after a warm-up; {jax.devices()[0].device_kind} x{jax.device_count()}")
-    header = ("batch", "bucket", "prefill s", "prefill tok/s", "prefill GFLOP/s", "decode s", "decode tok/s",
-              "ms/step", "decode GFLOP/s")
-    print(" | ".join(header))
+    print(" | ".join(sample_bench.HEADER))
     rows = []
     for batch in batches:
-        r = bench_batch(model_cfg, params, batch)
-        rows.append(r)
-        print(f"{r['batch']} | {r['bucket']} | {r['prefill_s']:.2f} | {r['prefill_tok_s']:.0f} | "
-              f"{r['prefill_gflop_s']:.1f} | {r['decode_s']:.2f} | {r['decode_tok_s']:.1f} | "
-              f"{r['decode_ms_step']:.0f} | {r['decode_gflop_s']:.1f}", flush=True)
-    out = {"model": name, "prompt_len": FLAGS.prompt_len, "new_tokens": FLAGS.new_tokens,
-           "num_repeats": FLAGS.num_repeats, "rows": rows}
+        for check_every, command_buffer in [(c, b) for c in every for b in FLAGS.command_buffer]:
+            r = _measure(model_cfg, params, batch, check_every, command_buffer, shape)
+            rows.append(r)
+            print(sample_bench.format_row(r), flush=True)
+    out = {"model": name, "prompt_len": FLAGS.prompt_len, "new_tokens": FLAGS.new_tokens, "dtype": dtype,
+           "device": jax.devices()[0].device_kind, "num_repeats": FLAGS.num_repeats, "rows": rows}
     if FLAGS.compare_hf:
-        if FLAGS.random_270m:
-            raise FlagError("--compare_hf: needs a checkpoint both sides can load (drop --random_270m)")
         del params
-        model_dir = str(cli.resolve_model_dir(FLAGS.model_dir))
-        out["hf"] = [cli.run_reference_script("bench_hf_generate.py", "--model_dir", model_dir, "--batch", str(batch),
-                                              "--prompt_len", str(FLAGS.prompt_len), "--new_tokens",
-                                              str(FLAGS.new_tokens), "--repeats", str(FLAGS.repeats))
-                     for batch in batches]
-        for ours, hf in zip(rows, out["hf"], strict=True):
-            ours["ratio_to_hf"] = ours["end_to_end_tok_s"] / hf["end_to_end_tok_s"]
-            print(f"batch {ours['batch']}: ours {ours['end_to_end_tok_s']:.1f} tok/s end to end (prefill included), "
-                  f"HF {hf['end_to_end_tok_s']:.1f}: {ours['ratio_to_hf']:.2f}x, same invocation")
+        out["hf"] = _compare_hf(batches, rows, dtype)
     if FLAGS.json:
-        import json
-
         print(json.dumps(out))
 
 
-def run() -> None:
-    cli.run(main)
-
-
 if __name__ == "__main__":
-    run()
+    cli.run(main)

@@ -2,37 +2,36 @@
 binary starts.
 
 Every tool in bin/ is a module run as `python -m bin.<name>` (the extension-less `bin/<name>` files are one
-launcher script that does exactly that). A tool defines its flags at import, calls `cli.run(main)`, and
-raises `FlagError("--flag: what was expected, what was found")` for bad input: `run` prints it as ONE line,
-`error: ...`, on stderr and exits with status 2, before anything compiles.
+launcher script that does exactly that). A tool defines its flags at import, calls `cli.run(main)` (through a
+`run()` where pyproject.toml's [project.scripts] names one), and raises `FlagError("--flag: what was expected,
+what was found")` for bad input: `run` prints it as ONE line, `error: ...`, on stderr and exits with status 2,
+before anything compiles.
 
-Nothing here imports jax at module import: bin/inspect must set XLA_FLAGS (fake devices) before jax loads.
+Nothing here imports jax at module import (a tool's --help stays fast). The checks behind the flags that are
+library code (the mesh's text, the tokenizer against the model, fake CPU devices) live under grpo/ and model/ and
+raise ValueError naming the flag; the wrappers here turn that into a FlagError.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-MESH_AXES = ("data", "fsdp")
-# A multimodal checkpoint's vocabulary carries a few rows more than its tokenizer (image tokens); a tokenizer
-# of another model family differs by thousands.
-MAX_EXTRA_VOCAB_ROWS = 1024
 
 
 class FlagError(ValueError):
     """A bad flag value: printed as one line naming the flag, exit status 2."""
 
 
-def run(main: Callable[[list[str]], None]) -> None:
+def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
     """app.run(main), with FlagError and absl's own flag-parsing errors (an unknown flag, `--steps=abc`)
     turned into ONE line `error: <message>` on stderr and exit status 2 (absl's default is status 1 and a
-    usage hint)."""
+    usage hint). argv: the command line (default sys.argv), so a test can run a binary in its own process."""
 
     def guarded(argv: list[str]) -> None:
         try:
@@ -40,7 +39,7 @@ def run(main: Callable[[list[str]], None]) -> None:
         except FlagError as e:
             fail(str(e))
 
-    app.run(guarded, flags_parser=_parse_flags)
+    app.run(guarded, argv=argv, flags_parser=_parse_flags)
 
 
 def fail(message: str) -> None:
@@ -59,6 +58,31 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def no_extra_args(argv: list[str]) -> None:
     if len(argv) > 1:
         raise FlagError(f"unexpected arguments: {' '.join(argv[1:])} (flags are written --name=value)")
+
+
+@contextlib.contextmanager
+def flag_errors(prefix: str = "", errors: tuple[type[Exception], ...] = (ValueError,)) -> Iterator[None]:
+    """The errors raised inside as one FlagError line: library code raises ValueError naming the flag (or
+    `prefix` names it), and this is where bin/ turns that into exit status 2."""
+    try:
+        yield
+    except errors as e:
+        raise FlagError(prefix + str(e)) from None
+
+
+def integers(name: str) -> list[int]:
+    """A list flag's values as integers, or a FlagError naming it."""
+    try:
+        return [int(v) for v in FLAGS[name].value]
+    except ValueError:
+        raise FlagError(f"--{name} must be integers, got {FLAGS[name].value}") from None
+
+
+def check_at_least(low: int, *names: str) -> None:
+    """Each named integer flag is >= low, or a FlagError naming the first that is not."""
+    for name in names:
+        if FLAGS[name].value < low:
+            raise FlagError(f"--{name} must be >= {low}, got {FLAGS[name].value}")
 
 
 # --- flag definitions ----------------------------------------------------------------------------------------
@@ -97,22 +121,11 @@ def define_lora_flags(default_rank: int = 0) -> None:
 
 
 def parse_mesh(text: str | None, num_devices: int | None = None) -> dict[str, int]:
-    """'data=2,fsdp=4' -> {'data': 2, 'fsdp': 4}. None/'' -> fsdp over num_devices. Checks the device count
-    when num_devices is given."""
-    if not text:
-        if num_devices is None:
-            raise FlagError("--mesh: expected data=N,fsdp=M")
-        return {"data": 1, "fsdp": num_devices}
-    axes = dict.fromkeys(MESH_AXES, 1)
-    for part in filter(None, text.replace(" ", "").split(",")):
-        name, _, value = part.partition("=")
-        if name not in axes or not value.isdigit() or int(value) < 1:
-            raise FlagError(f"--mesh: expected entries like data=2,fsdp=4, got {part!r} in {text!r}")
-        axes[name] = int(value)
-    used = axes["data"] * axes["fsdp"]
-    if num_devices is not None and used != num_devices:
-        raise FlagError(f"--mesh: {text} uses {used} devices but {num_devices} are present")
-    return axes
+    """'data=2,fsdp=4' -> {'data': 2, 'fsdp': 4} (grpo.sharding.parse_mesh), as a FlagError."""
+    from grpo.sharding import parse_mesh as parse
+
+    with flag_errors():
+        return parse(text, num_devices)
 
 
 def resolve_model_dir(value: str | None) -> Path:
@@ -131,79 +144,49 @@ def load_model_config(model_dir: Path):
     """The checkpoint's GemmaConfig, or a one-line error naming --model_dir."""
     import model
 
-    try:
+    with flag_errors("--model_dir: ", (ValueError, OSError)):
         return model.load_config(model_dir)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        raise FlagError(f"--model_dir: {e}") from None
 
 
 def load_model(model_dir: Path, dtype):
     """(model_cfg, params) from the checkpoint; a missing, truncated or mis-shaped tensor is one line."""
     import model
 
-    try:
+    with flag_errors("--model_dir: ", (ValueError, OSError)):
         return model.load_hf_checkpoint(model_dir, dtype=dtype)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        raise FlagError(f"--model_dir: {' '.join(str(e).split())}") from None
 
 
 def load_tokenizer(value: str | None, model_dir: Path, model_cfg):
     """The SentencePiece tokenizer (--tokenizer or <model_dir>/tokenizer.model), checked against the model."""
-    from model.tokenizer import Tokenizer
+    from model.tokenizer import load_for_model
 
-    path = Path(value).expanduser() if value else model_dir / "tokenizer.model"
-    if not path.is_file():
-        raise FlagError(f"--tokenizer: no tokenizer file at {path}")
-    try:
-        tok = Tokenizer(path)
-    except (RuntimeError, OSError, ValueError) as e:
-        raise FlagError(f"--tokenizer: {path} is not a SentencePiece model ({str(e).splitlines()[0]})") from None
-    if not 0 <= model_cfg.vocab_size - tok.vocab_size <= MAX_EXTRA_VOCAB_ROWS:
-        raise FlagError(f"--tokenizer: {path} has {tok.vocab_size} pieces but the model's vocabulary is "
-                        f"{model_cfg.vocab_size}: tokenizer and model do not match")
-    return tok
-
-
-def compiled_peak_bytes(compiled) -> int:
-    """XLA's memory analysis of a compiled program: arguments + outputs - aliased (donated) + temporaries."""
-    m = compiled.memory_analysis()
-    return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    with flag_errors():
+        return load_for_model(Path(value).expanduser() if value else model_dir / "tokenizer.model", model_cfg)
 
 
 def run_reference_script(name: str, *args: str) -> dict:
-    """tests/<name> (an HF transformers baseline, the reference extra) in a subprocess, so torch and our JAX
-    buffers never share memory; echoes its output and returns the JSON object on its last line. A failure is
-    one line naming --compare_hf."""
-    import json
-    import subprocess
+    """tests/<name>, an HF transformers baseline (model/hf_reference.py): its output echoed, its JSON result
+    returned; a failure is one line naming --compare_hf."""
+    from model.hf_reference import run_reference_script as run_script
 
-    script = Path(__file__).resolve().parent.parent / "tests" / name
-    done = subprocess.run([sys.executable, str(script), *args, "--json"], capture_output=True, text=True)
-    print(done.stdout, end="")
-    if done.returncode != 0:
-        last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"
-        raise FlagError(f"--compare_hf: {name}: {last}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    with flag_errors():
+        return run_script(name, *args, echo=lambda text: print(text, end=""))
 
 
 def preset_config(preset: str):
     """A model preset by name (model.PRESETS), or tiny-gemma2 / tiny-gemma3; ValueError when unknown."""
-    import model
+    from model.config import named_config
 
-    if preset.startswith("tiny-"):
-        return model.tiny_config(preset.removeprefix("tiny-"))
-    return model.get_preset(preset)
+    return named_config(preset)
 
 
 def lora_config(model_cfg):
     """--lora_* as a LoraConfig checked against the model (one line naming the flag), or None for rank 0."""
     from model.lora import TARGETS, LoraConfig, validate_lora
 
-    try:
+    with flag_errors():  # the message names the flag
         lora_cfg = LoraConfig(FLAGS.lora_rank, FLAGS.lora_alpha, tuple(FLAGS.lora_targets or TARGETS))
         validate_lora(lora_cfg, model_cfg)
-    except ValueError as e:  # the message names the flag
-        raise FlagError(" ".join(str(e).split())) from None
     return lora_cfg if lora_cfg.rank else None
 
 
@@ -231,11 +214,8 @@ def check_writable_dir(flag: str, value: str) -> Path:
 
 
 def set_fake_cpu_devices(count: int, platform: str = "cpu") -> None:
-    """Before jax is imported: pick the platform and, on CPU, fake `count` devices (for abstract lowering)."""
-    if "jax" in sys.modules:
-        raise RuntimeError("fake devices must be configured before jax is imported")
-    os.environ["JAX_PLATFORMS"] = platform
-    if platform == "cpu":
-        flag = "--xla_force_host_platform_device_count"
-        kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
-        os.environ["XLA_FLAGS"] = " ".join([*kept, f"{flag}={count}"])
+    """Before JAX starts a backend: pick the platform and, on CPU, fake `count` devices (for abstract lowering;
+    grpo.sharding.set_fake_cpu_devices)."""
+    from grpo.sharding import set_fake_cpu_devices as fake_devices
+
+    fake_devices(count, platform)

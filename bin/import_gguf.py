@@ -11,7 +11,6 @@ Importing into a directory that already holds the same import does nothing.
 from absl import flags
 
 from bin import cli
-from bin.cli import FlagError
 from model.default_model import default_model_dir, import_embedded
 from model.gguf_import import import_gguf
 
@@ -22,17 +21,15 @@ _OUT = flags.DEFINE_string("out", None, "Output directory; default (only without
 
 def main(argv: list[str]) -> None:
     cli.no_extra_args(argv)
-    try:
+    with cli.flag_errors(f"--{'gguf' if _GGUF.value else 'out'}: ", (FileNotFoundError, ValueError, ImportError)):
         if _GGUF.value is not None:
             if _OUT.value is None:
-                raise FlagError("--out is required with --gguf")
+                raise cli.FlagError("--out is required with --gguf")
             out = import_gguf(_GGUF.value, _OUT.value)
         elif _OUT.value is not None:
             out = import_embedded(_OUT.value)
         else:
             out = default_model_dir()
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        raise FlagError(f"--{'gguf' if _GGUF.value else 'out'}: {e}") from None
     print(out)
 
 

@@ -9,15 +9,14 @@ data.tinyzero.load_puzzles reads them back. The test split is distinct and share
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 from absl import flags
 
 from bin import cli
-from bin.cli import FlagError
-from data.puzzles import Puzzle, PuzzleConfig, make_splits
+from data.puzzles import PuzzleConfig, make_splits
+from data.tinyzero import save_puzzles
 
 F = flags.FLAGS
 flags.DEFINE_integer("num_train", 100_000, "Training puzzles.")
@@ -33,37 +32,26 @@ flags.DEFINE_integer("show", 5, "Print this many test puzzles with their solutio
 
 
 def config_from_flags() -> PuzzleConfig:
-    try:
-        counts = tuple(int(c) for c in F.counts)
-    except ValueError:
-        raise FlagError(f"--counts must be integers, got {F.counts}") from None
-    try:
+    counts = tuple(cli.integers("counts"))
+    with cli.flag_errors():
         return PuzzleConfig(
             counts=counts, num_min=F.num_min, num_max=F.num_max, target_min=F.target_min, target_max=F.target_max
         )
-    except ValueError as e:
-        raise FlagError(str(e)) from None
-
-
-def write_jsonl(path: str, puzzles: list[Puzzle]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for p in puzzles:
-            f.write(json.dumps({"target": p.target, "nums": list(p.nums), "solution": p.solution}) + "\n")
 
 
 def main(argv: list[str]) -> None:
     cli.no_extra_args(argv)
     if not F.out:
-        raise FlagError("--out is required: the directory for train.jsonl and test.jsonl")
+        raise cli.FlagError("--out is required: the directory for train.jsonl and test.jsonl")
     if F.num_train < 0 or F.num_test < 0:
-        raise FlagError(f"--num_train and --num_test must be >= 0, got {F.num_train} and {F.num_test}")
+        raise cli.FlagError(f"--num_train and --num_test must be >= 0, got {F.num_train} and {F.num_test}")
     cfg = config_from_flags()
     start = time.perf_counter()
     train, test = make_splits(F.num_train, F.num_test, F.seed, cfg)
     elapsed = time.perf_counter() - start
     os.makedirs(F.out, exist_ok=True)
     for name, puzzles in (("train", train), ("test", test)):
-        write_jsonl(os.path.join(F.out, f"{name}.jsonl"), puzzles)
+        save_puzzles(os.path.join(F.out, f"{name}.jsonl"), puzzles)
     print(f"wrote {len(train)} train and {len(test)} test puzzles to {F.out} ({elapsed:.1f} s to generate)")
     for p in (test or train)[: F.show]:
         print(f"  nums={list(p.nums)} target={p.target}  solution: {p.solution}")

@@ -31,9 +31,7 @@ flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 def main(argv):
     cli.no_extra_args(argv)
-    for name in ("k", "eval_size", "max_new_tokens"):
-        if F[name].value < 1:
-            raise cli.FlagError(f"--{name} must be >= 1, got {F[name].value}")
+    cli.check_at_least(1, "k", "eval_size", "max_new_tokens")
     import jax
     import jax.numpy as jnp
 
@@ -43,11 +41,10 @@ def main(argv):
     from grpo.tasks import CountdownTask
     from model.sampling import SamplingConfig
 
-    try:
+    with cli.flag_errors("--curriculum: "):
         levels = curriculum.ladder(F.curriculum)
+    with cli.flag_errors("--"):  # the config names the field, which is the flag's name
         sampling = SamplingConfig(temperature=F.temperature)
-    except ValueError as e:
-        raise cli.FlagError(f"--{'curriculum' if 'curriculum' in str(e) else e}") from None
     model_dir = cli.resolve_model_dir(F.model_dir)
     tok = cli.load_tokenizer(F.tokenizer, model_dir, cli.load_model_config(model_dir))
     splits = [curriculum.level_splits(lv, 1, F.eval_size, 0) for lv in levels]
@@ -64,9 +61,5 @@ def main(argv):
     print(json.dumps({"model_dir": str(model_dir), "k": F.k, "eval_size": F.eval_size, "levels": out}))
 
 
-def run() -> None:
-    cli.run(main)
-
-
 if __name__ == "__main__":
-    run()
+    cli.run(main)

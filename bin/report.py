@@ -6,7 +6,7 @@ Rebuilt from the run's files (metrics.jsonl, eval.jsonl, train_samples.jsonl, ev
 also while the run is still writing them. Images are inline PNGs (matplotlib, the `plot` extra; without it
 the page says so), there is no script and nothing is fetched, so the file can be mailed or attached to an
 issue. What is missing or unreadable (a line cut off by a killed run) is skipped and listed in the page.
-The reading and analysis live in bin/report_data, the charts in bin/report_charts, the page in bin/report_html.
+This file is the flags; the report itself is grpo/report (reading, analysis, charts, the page).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> None:
     out = Path(F.out).expanduser() if F.out else run_dir / "report.html"
     if not out.parent.is_dir():
         raise FlagError(f"--out: no such directory {out.parent}")
-    from bin.report_html import build  # after the checks: the analysis imports grpo (and so jax)
+    from grpo.report import build  # after the checks: the analysis imports grpo (and so jax)
 
     try:
         print(build(run_dir, out, F.browse_steps))

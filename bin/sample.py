@@ -11,6 +11,7 @@ shapes; --warmup runs the same call once untimed first).
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -19,7 +20,6 @@ from absl import flags
 
 import model
 from bin import cli
-from bin.cli import FlagError
 from model.sampling import SamplingConfig
 
 FLAGS = flags.FLAGS
@@ -43,34 +43,28 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
     if prompts_file:
         path = Path(prompts_file)
         if not path.is_file():
-            raise FlagError(f"--prompts_file: {path} does not exist")
+            raise cli.FlagError(f"--prompts_file: {path} does not exist")
         out += [line for line in path.read_text().splitlines() if line.strip()]
     if not out:
-        raise FlagError("no prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE")
+        raise cli.FlagError("no prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE")
     return out
 
 
 def main(argv):
     cli.no_extra_args(argv)
-    if FLAGS.num_samples < 1:
-        raise FlagError(f"--num_samples must be >= 1, got {FLAGS.num_samples}")
+    cli.check_at_least(1, "num_samples")
     texts = read_prompts(FLAGS.prompt, FLAGS.prompts_file)
-    try:
+    with cli.flag_errors("--"):  # the config names the field, which is the flag's name
         sampling = SamplingConfig(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
-    except ValueError as e:  # the config names the field, which is the flag's name
-        raise FlagError(f"--{e}") from None
     model_dir = cli.resolve_model_dir(FLAGS.model_dir)
     tokenizer = cli.load_tokenizer(FLAGS.tokenizer, model_dir, cli.load_model_config(model_dir))
     model_cfg, params = cli.load_model(model_dir, cli.resolve_dtypes(FLAGS.dtype, jax.default_backend())[0])
 
     prompts = [tokenizer.encode(t, add_bos=True) for t in texts for _ in range(FLAGS.num_samples)]
 
-    def sample_once():
-        return model.generate(
-            params, model_cfg, prompts, jax.random.key(FLAGS.seed), max_new_tokens=FLAGS.max_new_tokens,
-            temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, eos_ids=tokenizer.stop_ids,
-        )
-
+    sample_once = functools.partial(model.generate, params, model_cfg, prompts, jax.random.key(FLAGS.seed),
+                                    max_new_tokens=FLAGS.max_new_tokens, temperature=sampling.temperature,
+                                    top_k=sampling.top_k, top_p=sampling.top_p, eos_ids=tokenizer.stop_ids)
     if FLAGS.warmup:
         sample_once()
     start = time.perf_counter()

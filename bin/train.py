@@ -11,26 +11,36 @@ compiles. Re-running the same command resumes from the latest checkpoint in --ou
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 import zlib
 
 from absl import flags, logging
 
-from bin import cli, machines, recipes
+from bin import cli
 from bin.cli import FlagError
 from data.curriculum import SHAPINGS
+from grpo.config import LORA_LR_SCALE, GRPOConfig
+from grpo.entropy_control import EntropyControl
+from grpo.guard import GuardConfig
+from grpo.rollout import RolloutConfig
+from grpo.trainer import TrainConfig
+from model.sampling import SamplingConfig
 
 F = flags.FLAGS
-# README's first command is bin/train with these defaults: the shortest version of the laptop recipe
-# (bin/recipes.py) that shows puzzles solved on a 2-core box in minutes (BUILD.md, "The main job"): the
-# difficulty ladder, 6 prompts x G = 8, 64 new tokens, stop at </answer>, zero-signal groups skipped, the
-# adaptive entropy bonus, remat, and LoRA rank 16 (full fine-tuning's gradients and Adam state alone are 3.2 GB
-# of the 270M's 8-10 GB peak). Dynamic sampling stays off here: its extra rounds matter from step ~5.
-DEFAULT_STEPS = 5
-# With LoRA and no explicit --learning_rate: 10x the full-fine-tuning rate, the usual ratio for LoRA (e.g.
-# Schulman et al., "LoRA Without Regret", 2025: https://thinkingmachines.ai/blog/lora/).
-LORA_LR_SCALE = 10.0
+# README's first command is bin/train with its defaults: the shortest version of the laptop recipe that shows
+# puzzles solved on a laptop in minutes (BUILD.md, "The main job"). Every default is its config dataclass's
+# (one default per setting); LoRA rank 16 is this tool's (full fine-tuning's gradients and Adam state dominate a
+# laptop's memory: BUILD.md). Recipes and machines (grpo/presets.py) override defaults, explicit flags win.
+
+
+def _default(config, name: str):
+    """A config dataclass field's default: the flags read their defaults from the configs."""
+    return next(f.default for f in dataclasses.fields(config) if f.name == name)
+
+
+G, R, T, GC = GRPOConfig, RolloutConfig, TrainConfig, GuardConfig
 # Model and data
 cli.define_model_dir_flag()
 cli.define_tokenizer_flag()
@@ -38,14 +48,17 @@ cli.define_dtype_flag("auto")
 flags.DEFINE_string("data_file", None, "TinyZero Countdown-Tasks-3to4 file (JSONL or Parquet). Default: generate.")
 flags.DEFINE_integer("num_train_puzzles", 20_000, "Generated puzzles for training (without --data_file).")
 flags.DEFINE_enum("template", "base", ["base", "chat"], "Prompt template: TinyZero's base, or Gemma chat turns.")
-flags.DEFINE_string("recipe", None, "A named set of algorithm flag defaults (bin/recipes.py): laptop, ladder, "
+flags.DEFINE_string("recipe", None, "A named set of algorithm flag defaults (grpo/presets.py): laptop, ladder, "
                     "tinyzero. Explicit flags win.")
-flags.DEFINE_string("machine", None, "A named set of hardware flag defaults (bin/machines.py): "
-                    + ", ".join(machines.MACHINES) + ". Explicit flags win.")
+flags.DEFINE_string("machine", None, "A named set of hardware flag defaults (grpo/presets.py): kaggle-tpu-v5e-8, "
+                    "kaggle-tpu-v3-8, colab-tpu-v5e-1, colab-tpu-v2-8, kaggle-gpu-t4x2, gpu-80g, cpu; or auto (read "
+                    "from JAX). Micro-batches and rollout rows are then planned for the model from XLA's memory "
+                    "analysis (grpo/planner.py). Explicit flags win.")
 flags.DEFINE_string("curriculum", "countdown", "Difficulty ladder (data/curriculum.py): off (TinyZero's puzzles only) "
                     "or countdown (two small numbers up to TinyZero's puzzles; shaped rewards and a worked example "
                     "on the easy levels).")
-flags.DEFINE_float("promote_at", 0.35, "Move the frontier up a level once its sampled solved rate over the last 4 "
+flags.DEFINE_float("promote_at", _default(T, "promote_at"),
+                   "Move the frontier up a level once its sampled solved rate over the last 4 "
                    "steps reaches this, in (0, 1].")
 flags.DEFINE_enum("shaping", "first_rung", list(SHAPINGS), "Reward shaping on the ladder "
                   "(data/curriculum.py): first_rung pays the middle rungs (some / exactly the given numbers) on the "
@@ -54,82 +67,109 @@ flags.DEFINE_enum("shaping", "first_rung", list(SHAPINGS), "Reward shaping on th
 flags.DEFINE_string("start_level", None, "Begin with this level as the frontier (a level name of --curriculum, e.g. "
                     "3x1-30), as if promoted there: with --level_mix the levels below it are mixed in as usual, "
                     "--nolevel_mix trains it alone. Default: the ladder's first.")
-flags.DEFINE_bool("level_mix", True, "Draw each prompt's level from the levels up to the frontier, weighted toward "
+flags.DEFINE_bool("level_mix", _default(T, "level_mix"),
+                  "Draw each prompt's level from the levels up to the frontier, weighted toward "
                   "those solved about half the time (grpo/level_mix.py); --nolevel_mix: the frontier only.")
-flags.DEFINE_float("level_floor", 0.1, "With --level_mix: the share of prompts the levels below the frontier get "
+flags.DEFINE_float("level_floor", _default(T, "level_floor"),
+                   "With --level_mix: the share of prompts the levels below the frontier get "
                    "together at least, in [0, 1), so they are not forgotten.")
 flags.DEFINE_string("output_dir", "runs/countdown", "Metrics, samples, checkpoints, the final HF export.")
 # Loop
-flags.DEFINE_integer("steps", DEFAULT_STEPS, "GRPO steps (rollout batches).")
-flags.DEFINE_integer("prompts_per_step", 6, "Prompts per step; each gets --num_generations completions.")
-flags.DEFINE_integer("eval_every", 0, "Greedy eval on the held-out set every N steps (0: only at start and end).")
-flags.DEFINE_integer("eval_size", 16, "Held-out puzzles per level for eval (0: no eval).")
-flags.DEFINE_integer("checkpoint_every", 2, "Checkpoint every N steps (and at the end).")
-flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
-flags.DEFINE_integer("seed", 0, "Seeds data order, sampling and puzzle generation.")
-flags.DEFINE_bool("resume", True, "Continue from the latest checkpoint in --output_dir.")
+flags.DEFINE_integer("steps", _default(T, "steps"), "GRPO steps (rollout batches).")
+flags.DEFINE_integer("prompts_per_step", _default(T, "prompts_per_step"),
+                     "Prompts per step; each gets --num_generations completions.")
+flags.DEFINE_integer("eval_every", _default(T, "eval_every"),
+                     "Greedy eval on the held-out set every N steps (0: only at start and end).")
+flags.DEFINE_integer("eval_size", _default(T, "eval_size"), "Held-out puzzles per level for eval (0: no eval).")
+flags.DEFINE_integer("checkpoint_every", _default(T, "checkpoint_every"), "Checkpoint every N steps (and at the end).")
+flags.DEFINE_integer("keep_checkpoints", _default(T, "keep_checkpoints"), "Checkpoints kept.")
+flags.DEFINE_integer("seed", _default(T, "seed"), "Seeds data order, sampling and puzzle generation.")
+flags.DEFINE_bool("resume", _default(T, "resume"), "Continue from the latest checkpoint in --output_dir.")
 flags.DEFINE_list("profile_steps", [], "A,B: wrap steps A..B in jax.profiler.trace into <output_dir>/profile.")
 flags.DEFINE_string("time_limit", None, "Pause before a step would end past this much wall time (e.g. 8h30m, 45m, "
                     "600s): checkpoint and exit cleanly; re-run to continue. SIGTERM pauses the same way.")
-flags.DEFINE_integer("max_bad_steps", 3, "Stop after this many non-finite steps in a row (one of the guard's "
+flags.DEFINE_integer("max_bad_steps", _default(GC, "max_bad_steps"),
+                     "Stop after this many non-finite steps in a row (one of the guard's "
                      "conditions; --noguard keeps it).")
-flags.DEFINE_bool("guard", True, "Stop a run that degrades (grpo/guard.py): held-out format or solved rate well below "
+flags.DEFINE_bool("guard", _default(GC, "enabled"),
+                  "Stop a run that degrades (grpo/guard.py): held-out format or solved rate well below "
                   "its best, or entropy above its band, for --guard_patience evals / steps in a row, once armed. "
                   "--noguard: only non-finite steps stop a run.")
-flags.DEFINE_integer("guard_warmup_steps", 5, "The guard's conditions arm only from this step on, >= 0.")
-flags.DEFINE_integer("guard_patience", 3, "Consecutive evals (or steps, for entropy) outside the limits that fire "
+flags.DEFINE_integer("guard_warmup_steps", _default(GC, "warmup_steps"),
+                     "The guard's conditions arm only from this step on, >= 0.")
+flags.DEFINE_integer("guard_patience", _default(GC, "patience"),
+                     "Consecutive evals (or steps, for entropy) outside the limits that fire "
                      "the guard, >= 1.")
-flags.DEFINE_enum("guard_action", "stop", ["stop", "rollback"], "When the guard fires: stop (checkpoint, export "
+flags.DEFINE_enum("guard_action", _default(GC, "action"), ["stop", "rollback"],
+                  "When the guard fires: stop (checkpoint, export "
                   "final_hf/ and best_hf/, exit 0), or rollback: restore best/, halve the learning rate, go on.")
-flags.DEFINE_integer("max_rollbacks", 2, "With --guard_action rollback: rollbacks before the guard stops, >= 0.")
+flags.DEFINE_integer("max_rollbacks", _default(GC, "max_rollbacks"),
+                     "With --guard_action rollback: rollbacks before the guard stops, >= 0.")
 flags.DEFINE_list("log_to", [], "Also send the numbers to: tensorboard (<output_dir>/tensorboard), wandb "
                   "(offline run in <output_dir>/wandb). metrics.jsonl is always written.")
-flags.DEFINE_bool("export_hf", True, "Write the final params as an HF checkpoint in <output_dir>/final_hf.")
+flags.DEFINE_bool("export_hf", _default(T, "export_hf"),
+                  "Write the final params as an HF checkpoint in <output_dir>/final_hf.")
 # GRPO knobs (names as in TRL / Tunix)
-flags.DEFINE_integer("num_generations", 8, "G: completions per prompt.")
-flags.DEFINE_float("learning_rate", 1e-5, "Peak learning rate (AdamW) for full fine-tuning. With LoRA, when this flag "
+flags.DEFINE_integer("num_generations", _default(G, "num_generations"), "G: completions per prompt.")
+flags.DEFINE_float("learning_rate", _default(G, "learning_rate"),
+                   "Peak learning rate (AdamW) for full fine-tuning. With LoRA, when this flag "
                    f"is not given on the command line, {LORA_LR_SCALE:g}x the value (a recipe's or this default).")
-flags.DEFINE_float("beta", 0.0, "KL coefficient (TinyZero 0.001; 0 skips the reference pass).")
-flags.DEFINE_float("entropy_coef", 0.0, "A FIXED entropy bonus: loss -= coef x the --loss_type mean of the "
+flags.DEFINE_float("beta", _default(G, "beta"), "KL coefficient (TinyZero 0.001; 0 skips the reference pass).")
+flags.DEFINE_float("entropy_coef", _default(G, "entropy_coef"),
+                   "A FIXED entropy bonus: loss -= coef x the --loss_type mean of the "
                    "completion tokens' entropy (verl's entropy_coeff, 0.001 there). 0: off. Without reward signal a "
                    "fixed bonus drives entropy up without bound: prefer --adaptive_entropy.")
-flags.DEFINE_bool("adaptive_entropy", True, "An entropy bonus that acts only below --target_entropy, its coefficient "
+flags.DEFINE_bool("adaptive_entropy", _default(G, "entropy_control") is not None,
+                  "An entropy bonus that acts only below --target_entropy, its coefficient "
                   "raised while entropy is below it and lowered above (Skywork-OR1; grpo/entropy_control.py). Adds "
                   "to --entropy_coef. --noadaptive_entropy: off.")
-flags.DEFINE_float("target_entropy", 0.3, "Nats per completion token that --adaptive_entropy defends, > 0.")
-flags.DEFINE_bool("shared_prompt", True, "Run each group's prompt once in the training step and the log-prob passes "
+flags.DEFINE_float("target_entropy", _default(EntropyControl, "target"),
+                   "Nats per completion token that --adaptive_entropy defends, > 0.")
+flags.DEFINE_bool("shared_prompt", _default(G, "shared_prompt"),
+                  "Run each group's prompt once in the training step and the log-prob passes "
                   "(same numbers, fewer FLOPs: BUILD.md 'Training-step speed'); --noshared_prompt: every row whole.")
-flags.DEFINE_float("epsilon_low", 0.2, "PPO clip, lower.")
-flags.DEFINE_float("epsilon_high", 0.28, "PPO clip, upper (DAPO clip-higher).")
-flags.DEFINE_enum("loss_type", "token_mean", ["token_mean", "sequence_mean", "dr_grpo"], "Loss aggregation.")
-flags.DEFINE_enum("scale_rewards", "group", ["group", "batch", "none"], "Advantage std normalisation.")
-flags.DEFINE_bool("mask_truncated_completions", False, "Drop completions that hit the token budget from the loss.")
-flags.DEFINE_integer("num_iterations", 1, "mu: updates per rollout batch.")
-flags.DEFINE_integer("num_micro_batches", 1, "Gradient accumulation micro-batches per step.")
-flags.DEFINE_integer("warmup_steps", 0, "Linear warmup steps.")
-flags.DEFINE_enum("lr_schedule", "constant", ["constant", "cosine"], "Learning-rate schedule after warmup.")
-flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay.")
-flags.DEFINE_float("max_grad_norm", 1.0, "Global gradient-norm clip.")
+flags.DEFINE_float("epsilon_low", _default(G, "epsilon_low"), "PPO clip, lower.")
+flags.DEFINE_float("epsilon_high", _default(G, "epsilon_high"), "PPO clip, upper (DAPO clip-higher).")
+flags.DEFINE_enum("loss_type", _default(G, "loss_type"), ["token_mean", "sequence_mean", "dr_grpo"],
+                  "Loss aggregation.")
+flags.DEFINE_enum("scale_rewards", _default(G, "scale_rewards"), ["group", "batch", "none"],
+                  "Advantage std normalisation.")
+flags.DEFINE_bool("mask_truncated_completions", _default(G, "mask_truncated_completions"),
+                  "Drop completions that hit the token budget from the loss.")
+flags.DEFINE_integer("num_iterations", _default(G, "num_iterations"), "mu: updates per rollout batch.")
+flags.DEFINE_integer("num_micro_batches", _default(G, "num_micro_batches"),
+                     "Gradient accumulation micro-batches per step.")
+flags.DEFINE_integer("warmup_steps", _default(G, "warmup_steps"), "Linear warmup steps.")
+flags.DEFINE_enum("lr_schedule", _default(G, "lr_schedule"), ["constant", "cosine"],
+                  "Learning-rate schedule after warmup.")
+flags.DEFINE_float("weight_decay", _default(G, "weight_decay"), "AdamW weight decay.")
+flags.DEFINE_float("max_grad_norm", _default(G, "max_grad_norm"), "Global gradient-norm clip.")
 cli.define_lora_flags(default_rank=16)
-flags.DEFINE_bool("remat", True, "Rematerialise each layer in the backward pass (less memory, ~1/3 more FLOPs; "
+flags.DEFINE_bool("remat", _default(G, "remat"),
+                  "Rematerialise each layer in the backward pass (less memory, ~1/3 more FLOPs; "
                   "off, 64 rows x 256 tokens of the 270M need ~30 GiB of activations).")
 # Sampling
-flags.DEFINE_integer("max_new_tokens", 64, "Completion budget.")
-flags.DEFINE_bool("stop_at_answer", True, "End a rollout (and an eval) once its text has produced </answer>, inside "
+flags.DEFINE_integer("max_new_tokens", _default(R, "max_new_tokens"), "Completion budget.")
+flags.DEFINE_bool("stop_at_answer", _default(R, "stop_at_answer"),
+                  "End a rollout (and an eval) once its text has produced </answer>, inside "
                   "the decode loop. TinyZero samples on to EOS or the budget.")
-flags.DEFINE_bool("skip_zero_std_groups", True, "Groups whose rewards are all equal neither enter the loss nor "
+flags.DEFINE_bool("skip_zero_std_groups", _default(R, "skip_zero_std_groups"),
+                  "Groups whose rewards are all equal neither enter the loss nor "
                   "dilute its token count (DAPO's dynamic sampling, as a filter). Composes with --dynamic_sampling: "
                   "the groups without signal that still fill its batch at the cap follow this flag.")
-flags.DEFINE_bool("dynamic_sampling", False, "DAPO's dynamic sampling, as a refill: sample further rounds of "
+flags.DEFINE_bool("dynamic_sampling", _default(R, "dynamic_sampling"),
+                  "DAPO's dynamic sampling, as a refill: sample further rounds of "
                   "--prompts_per_step prompts until the step holds --prompts_per_step groups whose rewards differ, "
                   "at most --max_oversample x --prompts_per_step prompts (grpo/dynamic_sampling.py).")
-flags.DEFINE_float("max_oversample", 3.0, "With --dynamic_sampling: the cap on prompts sampled per step, as a factor "
+flags.DEFINE_float("max_oversample", _default(R, "max_oversample"),
+                   "With --dynamic_sampling: the cap on prompts sampled per step, as a factor "
                    "of --prompts_per_step, >= 1 (rounds of --prompts_per_step: floor of this many).")
-flags.DEFINE_integer("rollout_batch_size", 0, "Rows per sampler call (0: the whole batch at once); a --machine "
+flags.DEFINE_integer("rollout_batch_size", _default(R, "batch_rows"),
+                     "Rows per sampler call (0: the whole batch at once); a --machine "
                      "caps it so one call's KV cache fits a device.")
-flags.DEFINE_float("temperature", 1.0, "Sampling temperature for rollouts (eval is greedy).")
-flags.DEFINE_integer("top_k", None, "Top-k for rollouts.")
-flags.DEFINE_float("top_p", None, "Top-p for rollouts.")
+flags.DEFINE_float("temperature", SamplingConfig().temperature, "Sampling temperature for rollouts (eval is greedy).")
+flags.DEFINE_integer("top_k", SamplingConfig().top_k, "Top-k for rollouts.")
+flags.DEFINE_float("top_p", SamplingConfig().top_p, "Top-p for rollouts.")
 # Devices
 cli.define_mesh_flag(None)
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (jax.distributed).")
@@ -138,28 +178,12 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process's id.")
 
 
 def _load_task(tok):
-    from data import curriculum, puzzles, tinyzero
+    from data.task_data import level_puzzles
     from grpo.tasks import CountdownTask
 
-    try:
-        levels = curriculum.ladder(F.curriculum, shaping=F.shaping)
-    except ValueError as e:
-        raise FlagError(f"--curriculum: {e}") from None
-    if F.data_file:
-        try:
-            train = tinyzero.load_puzzles(F.data_file, *tinyzero.TINYZERO_TRAIN)
-            test = tinyzero.load_puzzles(F.data_file, *tinyzero.TINYZERO_TEST)[: F.eval_size]
-        except (ValueError, FileNotFoundError, ImportError) as e:
-            raise FlagError(f"--data_file: {e}") from None
-        if not train:
-            raise FlagError(f"--data_file: no training rows in {F.data_file}")
-    elif len(levels) == 1:  # no curriculum: today's splits, held-out puzzles from the run's seed
-        train, test = puzzles.make_splits(F.num_train_puzzles, F.eval_size, F.seed)
-    else:
-        train, test = curriculum.level_splits(levels[-1], F.num_train_puzzles, F.eval_size, F.seed)
-    easier = [curriculum.level_splits(lv, F.num_train_puzzles, F.eval_size, F.seed) for lv in levels[:-1]]
-    return CountdownTask(train=[*(t for t, _ in easier), train], test=[*(h for _, h in easier), test], tokenizer=tok,
-                         template=F.template, seed=F.seed, levels=levels)
+    levels, train, test = _named(level_puzzles, F.curriculum, F.shaping, F.data_file, F.num_train_puzzles,
+                                 F.eval_size, F.seed)
+    return CountdownTask(train=train, test=test, tokenizer=tok, template=F.template, seed=F.seed, levels=levels)
 
 
 # Lower bounds of the integer flags: one message per flag (exit 2 before anything is loaded).
@@ -266,8 +290,9 @@ def _check_resume_layout(lora_cfg) -> None:
                         f"--lora_alpha / --lora_targets); use another --output_dir or --noresume")
 
 
-def _check_budget(task) -> None:
-    """The longest prompt's bucket plus --max_new_tokens must fit the sampler's cache."""
+def _check_budget(task) -> int:
+    """The longest prompt's bucket plus --max_new_tokens must fit the sampler's cache. Returns the longest
+    prompt's length in tokens."""
     from model.sampler import MAX_CACHE_LEN, prompt_bucket
 
     items = [it for level in range(len(task.levels)) for it in task.eval_items(level)]
@@ -276,6 +301,7 @@ def _check_budget(task) -> None:
     if prompt_bucket(longest) + F.max_new_tokens > MAX_CACHE_LEN:
         raise FlagError(f"--max_new_tokens: {F.max_new_tokens} new tokens after a {longest}-token prompt "
                         f"(bucket {prompt_bucket(longest)}) exceed the {MAX_CACHE_LEN}-token context")
+    return longest
 
 
 def _check_batch_layout(axes: dict[str, int]) -> None:
@@ -328,7 +354,8 @@ def _configs(compute_dtype: str | None):
 
 
 def _learning_rate() -> float:
-    """--learning_rate as given; else the recipe's / default full-fine-tuning rate, x LORA_LR_SCALE with LoRA."""
+    """--learning_rate as given; else the recipe's / default full-fine-tuning rate, x LORA_LR_SCALE with LoRA
+    (grpo/config.py)."""
     if F["learning_rate"].present or not F.lora_rank:
         return F.learning_rate
     return F.learning_rate * LORA_LR_SCALE
@@ -352,67 +379,83 @@ def _time_limit_s() -> float | None:
 def _check_loggers() -> list[str]:
     from grpo.loggers import check_names
 
-    try:
-        return check_names(F.log_to)
-    except ValueError as e:  # unknown name or missing package; the message names --log_to
-        raise FlagError(str(e)) from None
+    return _named(check_names, F.log_to)  # unknown name or missing package; the message names --log_to
 
 
 def _setup():
-    """Everything that can fail on user input, before any compile. Returns what train() needs."""
-    recipes.apply(F, F.recipe)
-    machine, given = _apply_machine()
+    """Everything that can fail on user input, before any weights load. Returns what train() needs."""
+    from grpo import presets
+
+    if F.recipe:
+        presets.apply(F, _named(presets.recipe, F.recipe))
+    given = {name: F[name].value for name in ("num_micro_batches", "rollout_batch_size") if F[name].present}
+    if F.machine and F.machine != presets.AUTO:
+        presets.apply(F, _named(presets.get_machine, F.machine).train_flags())
     _check_flags()
     import jax
 
     import grpo
+    from grpo import planner
 
     if F.coordinator_address:
         jax.distributed.initialize(F.coordinator_address, F.num_processes, F.process_id)
         _check_processes_agree()
-    if machine:
-        machines.check_devices(machine, len(jax.devices()), jax.default_backend())
+    machine = _machine(presets, planner, jax.devices())
     axes = cli.parse_mesh(F.mesh, len(jax.devices()))
-    if machine:
-        _plan_for_machine(machine, axes, given)
     dtype, compute_dtype = cli.resolve_dtypes(F.dtype, jax.default_backend())
-    grpo_cfg, rollout_cfg, train_cfg = _configs(compute_dtype)
-    _check_batch_layout(axes)
+    _configs(compute_dtype)  # bad GRPO / rollout values fail before the model is read
     model_dir = cli.resolve_model_dir(F.model_dir)
     model_cfg = cli.load_model_config(model_dir)
     if machine:
-        machines.check_full_fine_tuning(machine, model_cfg, axes["fsdp"], F.lora_rank)
+        _named(planner.check_full_fine_tuning, machine, model_cfg, axes["fsdp"], F.lora_rank)
     lora_cfg = cli.lora_config(model_cfg)
     _check_resume_layout(lora_cfg)
     tok = cli.load_tokenizer(F.tokenizer, model_dir, model_cfg)
     task = _load_task(tok)
-    _check_budget(task)
-    cli.check_writable_dir("output_dir", F.output_dir)  # last: a bad flag above leaves nothing behind
+    longest = _check_budget(task)
+    cli.check_writable_dir("output_dir", F.output_dir)  # a bad flag above leaves nothing behind
     mesh = grpo.make_mesh(data=axes["data"], fsdp=axes["fsdp"])
+    if machine:
+        _plan(machine, planner, given, model_cfg, lora_cfg, dtype, compute_dtype, mesh, longest)
+    grpo_cfg, rollout_cfg, train_cfg = _configs(compute_dtype)
+    _check_batch_layout(axes)
     return model_dir, dtype, task, grpo_cfg, rollout_cfg, train_cfg, mesh, lora_cfg
 
 
-def _apply_machine():
-    """--machine's hardware defaults on the flags not given. Returns (machine or None, the explicitly given
-    --num_micro_batches / --rollout_batch_size, which the plan keeps if they fit)."""
+def _named(fn, *args):
+    """fn(*args), its ValueError (whose message names the flag) as a FlagError."""
+    with cli.flag_errors():
+        return fn(*args)
+
+
+def _machine(presets, planner, devices):
+    """--machine as a Machine (auto: read from JAX, its hardware defaults applied now), checked against the
+    devices present; None without --machine."""
     if not F.machine:
-        return None, {}
-    machine = machines.get(F.machine)
-    given = {name: F[name].value for name in ("num_micro_batches", "rollout_batch_size") if F[name].present}
-    machines.apply(F, machine, machine.train_flags())
-    return machine, given
+        return None
+    if F.machine == presets.AUTO:
+        machine = _named(planner.auto_machine, devices)
+        presets.apply(F, machine.train_flags())
+    else:
+        machine = presets.get_machine(F.machine)
+    _named(planner.check_devices, machine, len(devices), devices[0].platform)
+    return machine
 
 
-def _plan_for_machine(machine, axes: dict[str, int], given: dict) -> None:
-    """Micro-batches and rollout rows so each device stays within the machine's checked shape (bin/machines.py)."""
-    rows = F.prompts_per_step * F.num_generations
-    seq = machines.PROMPT_TOKENS + F.max_new_tokens
-    shards = axes["data"] * axes["fsdp"]
-    F.num_micro_batches = machines.plan_micro_batches(machine, rows, seq, shards, given.get("num_micro_batches"))
-    F.rollout_batch_size = machines.plan_rollout_rows(machine, rows, seq, given.get("rollout_batch_size"))
-    print(f"machine {machine.name}: mesh {F.mesh or 'fsdp over all devices'}, dtype {F.dtype}, "
-          f"{F.num_micro_batches} micro-batches, remat={F.remat}, lora_rank {F.lora_rank}, "
-          f"{F.rollout_batch_size} rollout rows per sampler call")
+def _plan(machine, planner, given, model_cfg, lora_cfg, dtype, compute_dtype, mesh, longest_prompt: int) -> None:
+    """Micro-batches and rollout rows for this model on this machine (grpo/planner.py), set on the flags."""
+    import jax
+
+    from grpo.rollout import align_grpo_config
+
+    grpo_cfg, rollout_cfg, _ = _configs(compute_dtype)
+    plan = _named(lambda: planner.plan_run(
+        machine, model_cfg, align_grpo_config(grpo_cfg, rollout_cfg), mesh, lora_cfg=lora_cfg, param_dtype=dtype,
+        rows=F.prompts_per_step * F.num_generations, prompt_len=longest_prompt, new_tokens=F.max_new_tokens,
+        stop_states=len("</answer>") if F.stop_at_answer else 1, backend=jax.default_backend(), given=given))
+    F.num_micro_batches, F.rollout_batch_size = plan.num_micro_batches, plan.rollout_rows
+    print(f"machine {machine.name} ({machine.about}): mesh {F.mesh or 'fsdp over all devices'}, dtype {F.dtype}, "
+          f"remat={F.remat}, lora_rank {F.lora_rank}; plan: {plan.describe()}", flush=True)
 
 
 def main(argv):

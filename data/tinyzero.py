@@ -42,6 +42,13 @@ def load_puzzles(path: str | os.PathLike, start: int = 0, stop: int | None = Non
     return [_puzzle(row, path, where) for where, row in rows]
 
 
+def save_puzzles(path: str | os.PathLike, puzzles: list[Puzzle]) -> None:
+    """Puzzles as JSONL rows {"target", "nums", "solution"}, the shape load_puzzles reads back."""
+    with open(path, "w", encoding="utf-8") as f:
+        for p in puzzles:
+            f.write(json.dumps({"target": p.target, "nums": list(p.nums), "solution": p.solution}) + "\n")
+
+
 def _jsonl_rows(path: str, start: int, stop: int | None) -> Iterator[tuple[str, Any]]:
     """(where, parsed row) for rows [start, stop); blank lines are not rows. Parses only those rows."""
     selected = []

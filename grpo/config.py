@@ -16,6 +16,9 @@ from grpo.entropy_control import EntropyControl
 LOSS_TYPES = ("token_mean", "sequence_mean", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
 LR_SCHEDULES = ("cosine", "constant")
+# With LoRA and no explicit learning rate: this many times the full-fine-tuning rate, the usual ratio for LoRA
+# (e.g. Schulman et al., "LoRA Without Regret", 2025: https://thinkingmachines.ai/blog/lora/).
+LORA_LR_SCALE = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +34,7 @@ class GRPOConfig:
     # --- objective ---
     beta: float = 0.0  # k3 KL coefficient; 0 skips the reference forward entirely
     epsilon_low: float = 0.2  # ratio clipped below at 1 - epsilon_low
-    epsilon_high: float = 0.2  # ... and above at 1 + epsilon_high (DAPO "clip higher": 0.28)
+    epsilon_high: float = 0.28  # ... and above at 1 + epsilon_high (DAPO's "clip higher"; TinyZero: 0.2)
     loss_type: str = "token_mean"
     num_iterations: int = 1  # mu: optimizer steps per rollout batch (the loop calls step mu times)
     # Entropy bonus (verl's entropy_coeff, default 0.001 there): loss -= coef * the loss_type's mean of each
@@ -39,9 +42,9 @@ class GRPOConfig:
     entropy_coef: float = 0.0
     # An adaptive entropy bonus instead (grpo/entropy_control.py): a coefficient the training loop raises while the
     # policy's entropy is below a target and applies only there; it reaches the step as batch["entropy_coef"].
-    entropy_control: EntropyControl | None = None
+    entropy_control: EntropyControl | None = EntropyControl()
     # --- optimizer ---
-    learning_rate: float = 1e-6
+    learning_rate: float = 1e-5  # full fine-tuning's; LoRA's default is LORA_LR_SCALE times it
     lr_schedule: str = "constant"
     warmup_steps: int = 0  # linear warmup from 0 to learning_rate
     total_steps: int = 1000  # length of the cosine schedule (warmup included)
@@ -52,7 +55,7 @@ class GRPOConfig:
     max_grad_norm: float | None = 1.0  # global-norm clip; None disables
     # --- memory ---
     num_micro_batches: int = 1  # gradient accumulation: the per-device batch is scanned in this many pieces
-    remat: bool = False  # recompute each layer's activations in the backward pass
+    remat: bool = True  # recompute each layer's activations in the backward pass (less memory, more FLOPs)
     # Cast the weights to this dtype for the forward and backward ("bfloat16": float32 master weights stay
     # in params and Adam, compute and all-gathers run in bf16). None computes in the params' own dtype.
     compute_dtype: str | None = None
@@ -66,9 +69,9 @@ class GRPOConfig:
     logprob_tail: int | None = None
     # Run each group's prompt once in the step and the old / reference log-prob passes (model/shared_prompt.py):
     # the batch's rows are groups of num_generations consecutive rows with identical columns before the tail
-    # (what the training loop builds; it checks). Same numbers, 42% fewer layer FLOPs at G = 4, 160 + 128
-    # tokens. Applies when each device's micro-batch holds whole groups and logprob_tail is set.
-    shared_prompt: bool = False
+    # (what the training loop builds; it checks). Same numbers, fewer layer FLOPs (model/shared_prompt.py;
+    # BUILD.md measures it). Applies when each device's micro-batch holds whole groups and logprob_tail is set.
+    shared_prompt: bool = True
 
     def __post_init__(self):
         _one_of("loss_type", self.loss_type, LOSS_TYPES)

@@ -11,27 +11,29 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-import model
 from grpo.rollout import RolloutConfig, sample_record, score_rows, task_stop_table
 from grpo.tasks import Task
 from model.config import GemmaConfig
+from model.sampler import generate_in_chunks
+from model.sampling import SamplingConfig
 
 EVAL_BATCH = 64  # held-out prompts per greedy generate call
+GREEDY = SamplingConfig(temperature=0.0)
 
 
 def evaluate_items(params: dict, model_cfg: GemmaConfig, task: Task, items: list, rollout_cfg: RolloutConfig,
                    batch_size: int = EVAL_BATCH) -> list[dict]:
     """Greedy completions of `items`, scored, as sample records (step 0; the caller sets it)."""
+    if not items:
+        return []
     records = []
     stop_table = task_stop_table(task, rollout_cfg)
-    for lo in range(0, len(items), batch_size):
-        chunk = items[lo : lo + batch_size]
-        res = model.generate(params, model_cfg, [task.encode_prompt(it) for it in chunk], jax.random.key(0),
-                             max_new_tokens=rollout_cfg.max_new_tokens, temperature=0.0, eos_ids=task.eos_ids,
-                             stop_table=stop_table)
-        scored = score_rows(task, chunk, np.asarray(res.tokens), np.asarray(res.lengths))
-        records += [sample_record(task, 0, lo + i, it, s, n, t) for i, (it, s, n, t)
-                    in enumerate(zip(chunk, scored, np.asarray(res.lengths), np.asarray(res.truncated), strict=True))]
+    res = generate_in_chunks(params, model_cfg, [task.encode_prompt(it) for it in items], jax.random.key(0),
+                             batch_size, max_new_tokens=rollout_cfg.max_new_tokens, sampling=GREEDY,
+                             eos_ids=task.eos_ids, stop_table=stop_table)
+    scored = score_rows(task, items, res.tokens, res.lengths)
+    for i, (it, s, n, t) in enumerate(zip(items, scored, res.lengths, res.truncated, strict=True)):
+        records.append(sample_record(task, 0, i, it, s, n, t))
     return records
 
 
@@ -65,14 +67,10 @@ def pass_at_k(params: dict, model_cfg: GemmaConfig, task: Task, items: list, k: 
     share of items solved at least once (pass@k), the format rate and the mean reward."""
     rows = [it for it in items for _ in range(k)]
     stop_table = task_stop_table(task, rollout_cfg)
-    sampling = rollout_cfg.sampling
-    scored = []
-    for lo in range(0, len(rows), batch_size):
-        chunk = rows[lo : lo + batch_size]
-        res = model.generate(params, model_cfg, [task.encode_prompt(it) for it in chunk], jax.random.fold_in(key, lo),
-                             max_new_tokens=rollout_cfg.max_new_tokens, temperature=sampling.temperature,
-                             top_k=sampling.top_k, top_p=sampling.top_p, eos_ids=task.eos_ids, stop_table=stop_table)
-        scored += score_rows(task, chunk, np.asarray(res.tokens), np.asarray(res.lengths))
+    res = generate_in_chunks(params, model_cfg, [task.encode_prompt(it) for it in rows], key, batch_size,
+                             max_new_tokens=rollout_cfg.max_new_tokens, sampling=rollout_cfg.sampling,
+                             eos_ids=task.eos_ids, stop_table=stop_table)
+    scored = score_rows(task, rows, res.tokens, res.lengths)
     solved = np.array([s.solved for s in scored]).reshape(len(items), k)
     return {"pass@1": float(solved.mean()), f"pass@{k}": float(solved.any(axis=1).mean()),
             "format": float(np.mean([s.format for s in scored])),

@@ -10,11 +10,13 @@ Position 0 has no context and gets logprob 0 (and entropy 0). With `tail=N` only
 log-probs (the rest 0): the training batch puts every completion token there, and for a 262k vocabulary the
 unembedding is most of the step's FLOPs, so skipping the prompt positions saves about a third of the step.
 
-Entry points: `logprobs` (one device, jitted) and `make_sharded_logprobs` / `make_step_logprobs` (the same on
-the (data, fsdp) mesh under shard_map, for the old-policy and reference passes of the training loop; with
-LoRA the old policy is base + adapters, the reference the base params alone, so no second model is kept).
-The passes cast the weights to the step's compute dtype and run its micro-batch shapes through the same
-`sharded_token_logprobs`: at the first iteration the ratio is exactly 1 and at step 0 the KL exactly 0.
+Entry points: `logprobs` (one device, jitted) and `make_policy_logprobs` (the same on the (data, fsdp) mesh
+under shard_map, for any fine-tuning mode: fn(frozen, trained, tokens, mask), grpo/policy.py), with the step's
+settings from a GRPOConfig via `step_settings`: the old-policy and reference passes of the training loop.
+`make_sharded_logprobs` is the plain-params form (params, tokens, mask). The passes cast the weights to the
+step's compute dtype and run its micro-batch shapes through the same `sharded_token_logprobs` (the FSDP forward
+pass of grpo/fsdp_forward.py, then the chunked log-softmax above): at the first iteration the ratio is exactly 1
+and at step 0 the KL exactly 0.
 """
 
 from __future__ import annotations
@@ -24,23 +26,21 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
 from grpo import sharding
 from grpo.config import GRPOConfig
+from grpo.fsdp_forward import check_rows, fsdp_hidden_states, pad_columns
+from grpo.policy import FullPolicy, LoraPolicy, Policy
 from model.config import GemmaConfig
-from model.forward import default_positions, embed_tokens, hidden_states, rms_norm, scan_layers
+from model.forward import hidden_states
 from model.forward import unembed as model_unembed
-from model.lora import LoraConfig, attach, with_adapters
-from model.shared_prompt import pack, prompt_sharing, shared_prompt_layer, tail_states
+from model.lora import LoraConfig
 
 DEFAULT_CHUNK = 256
 # Cap on the logits one chunk holds, in elements (64M floats = 256 MiB): with V = 262k and 16 rows a chunk of
 # 256 tokens would be 4.3 GB per copy, and softmax makes several. The chunk shrinks to fit.
 LOGITS_BUDGET = 64 * 2**20
-# checkpoint_name of all-gathered weights: never saved for the backward pass, always re-gathered.
-GATHERED = "fsdp_gathered"
 
 
 def token_logprobs(
@@ -138,65 +138,6 @@ def logprobs(
     return token_logprobs(h, params["embed"], tokens, model_cfg, chunk=chunk, temperature=temperature, tail=tail)[0]
 
 
-def embed_lookup(local_embed: jax.Array, tokens: jax.Array, spec, model_cfg: GemmaConfig) -> jax.Array:
-    """Inside shard_map: model.embed_tokens for this device's rows [b, T] -> [b, T, D], from the local shard.
-
-    With the vocab rows split over an axis of f devices, each device looks up the tokens of all f peers in
-    ITS rows (zeros for tokens it does not hold) and a psum_scatter hands every device the sum for its
-    own tokens. Traffic is f * b * T * D activations, not the [V, D] table, and the backward pass
-    scatters straight into the local rows (no full-size [V, D] gradient for the lookup).
-    """
-    axis = spec[0]
-    if axis is None or spec[1] is not None:  # rows not split (fallback layouts): look up in the whole table
-        return embed_tokens({"embed": sharding.gather(local_embed, spec)}, tokens, model_cfg)
-    rows = local_embed.shape[0]
-    ids = jax.lax.all_gather(tokens, axis) - jax.lax.axis_index(axis) * rows  # [f, b, T], local row numbers
-    mine = (ids >= 0) & (ids < rows)
-    x = embed_tokens({"embed": local_embed}, jnp.where(mine, ids, 0), model_cfg)  # [f, b, T, D]
-    x = jnp.where(mine[..., None], x, jnp.zeros((), x.dtype))
-    return jax.lax.psum_scatter(x, axis, scatter_dimension=0)  # [b, T, D]: exactly one device adds non-zeros
-
-
-def fsdp_hidden_states(
-    local: dict, tokens: jax.Array, attention_mask: jax.Array, model_cfg: GemmaConfig, specs: dict, *,
-    remat: bool = False, group: int = 1, tail: int | None = None,
-) -> tuple[jax.Array, int]:
-    """model.hidden_states inside shard_map: each layer's weights are all-gathered over fsdp as it runs.
-
-    `local` holds this device's param shards. Only one layer's full weights exist at a time. The
-    gathered weights are never saved for the backward pass (re-gathered there instead, as FSDP does);
-    with remat, nothing inside a layer is saved either.
-    Returns (h, col): the final-normed states of columns col .. T - 1, [b, T - col, D]. col is 0, unless the rows
-    are whole GRPO groups of `group` > 1 rows sharing their columns before the last `tail` (model/shared_prompt.py):
-    then each group's prompt runs once and col = Tp - 1 (the last prompt state, then the completion's).
-    """
-    positions = default_positions(tokens, attention_mask)  # [b, T]
-    valid = attention_mask.astype(bool)
-    sharing = prompt_sharing(*tokens.shape, group, tail)
-    layer = None
-    if sharing is not None:  # one packed row [1, P*Tp + b*Tc]
-        tokens, positions, valid = (pack(a, sharing) for a in (tokens, positions, valid))
-        layer = functools.partial(shared_prompt_layer, sharing=sharing)
-    x = embed_lookup(local["embed"], tokens, specs["embed"], model_cfg)  # [b, T, D] (packed: [1, N, D])
-    per_layer = sharding.layer_specs(specs)
-
-    def gather_layer(lp_local: dict) -> dict:  # one layer's full weights, tagged so the policy never saves them
-        return jax.tree.map(lambda w, s: checkpoint_name(sharding.gather(w, s), GATHERED), lp_local, per_layer)
-
-    policy = (jax.checkpoint_policies.nothing_saveable if remat
-              else jax.checkpoint_policies.save_anything_except_these_names(GATHERED))
-    x, _ = scan_layers(local["layers"], x, positions, valid, model_cfg, prepare_layer=gather_layer, remat_policy=policy,
-                       layer=layer)
-    final_norm = sharding.gather(local["final_norm"], specs["final_norm"])
-    h = rms_norm(x, final_norm, model_cfg.rms_eps)
-    return (h, 0) if sharing is None else (tail_states(h, sharing), sharing.prompt_len - 1)
-
-
-def pad_columns(x: jax.Array, n: int) -> jax.Array:
-    """[b, t] -> [b, n + t] with n zero columns in front (per-token values of the columns skipped)."""
-    return jnp.pad(x, ((0, 0), (n, 0))) if n else x
-
-
 def sharded_token_logprobs(
     local: dict, tokens: jax.Array, attention_mask: jax.Array, model_cfg: GemmaConfig, specs: dict, *,
     chunk: int = DEFAULT_CHUNK, temperature: float = 1.0, tail: int | None = None, remat: bool = False,
@@ -223,59 +164,78 @@ def cast_params(params: dict, dtype: str | None) -> dict:
     return jax.tree.map(lambda w: w.astype(dtype), params)
 
 
-def make_sharded_logprobs(
-    model_cfg: GemmaConfig, mesh: Mesh, *, chunk: int = DEFAULT_CHUNK, temperature: float = 1.0,
-    tail: int | None = None, compute_dtype: str | None = None, num_micro_batches: int = 1,
-    lora_cfg: LoraConfig | None = None, compiler_options: dict | None = None, group: int = 1,
+def make_policy_logprobs(
+    policy: Policy, mesh: Mesh, *, chunk: int = DEFAULT_CHUNK, temperature: float = 1.0, tail: int | None = None,
+    compute_dtype: str | None = None, num_micro_batches: int = 1, group: int = 1, compiler_options: dict | None = None,
 ):
-    """Jitted fn(params, tokens, attention_mask) -> [B, T] float32 logprobs on the mesh; with lora_cfg,
-    fn(params, adapters, tokens, attention_mask) under base + adapters.
+    """Jitted fn(frozen, trained, tokens, attention_mask) -> [B, T] float32 logprobs on the mesh under
+    policy.weights(frozen, trained), in any fine-tuning mode (grpo/policy.py).
 
-    Params (and adapters) laid out as grpo/sharding.py says; rows split over (data, fsdp); output the same way.
+    frozen and trained laid out as the policy says; rows split over (data, fsdp); output the same way.
     compute_dtype and num_micro_batches: as the training step uses them (weights cast, each device's rows in
-    M pieces), so old and reference log-probs are bit-identical to the step's own; `make_step_logprobs`
-    reads all of these from a GRPOConfig. group > 1: rows come in GRPO groups of that many sharing their
-    columns before the tail, and each group's prompt is run once (see sharded_token_logprobs).
+    M pieces), so old and reference log-probs are bit-identical to the step's own (`step_settings` reads all of
+    these from a GRPOConfig). group > 1: rows come in GRPO groups of that many sharing their columns before the
+    tail, and each group's prompt is run once (see sharded_token_logprobs).
     """
-    specs = sharding.param_specs(model_cfg, mesh)
-    adapter_specs = {} if lora_cfg is None else sharding.adapter_specs(model_cfg, lora_cfg, mesh)
-    weight_specs = specs if lora_cfg is None else attach(specs, adapter_specs)
+    return jax.jit(_sharded_logprobs(policy, mesh, chunk, temperature, tail, compute_dtype, num_micro_batches, group),
+                   compiler_options=compiler_options)
+
+
+def _sharded_logprobs(policy: Policy, mesh: Mesh, chunk, temperature, tail, compute_dtype, num_micro_batches, group):
+    """make_policy_logprobs's function, unjitted."""
+    weight_specs = policy.weight_specs(mesh)
     rows = sharding.batch_spec(2)
 
-    def body(local, local_adapters, tokens, attention_mask):
-        w = local if lora_cfg is None else with_adapters(local, local_adapters, lora_cfg)
-        w = cast_params(w, compute_dtype)
+    def body(frozen, trained, tokens, attention_mask):
+        w = cast_params(policy.weights(frozen, trained), compute_dtype)
         split = lambda x: x.reshape(num_micro_batches, -1, x.shape[1])  # [M, b / M, T]
-        one = lambda mb: sharded_token_logprobs(w, *mb, model_cfg, weight_specs, chunk=chunk,
+        one = lambda mb: sharded_token_logprobs(w, *mb, policy.model_cfg, weight_specs, chunk=chunk,
                                                 temperature=temperature, tail=tail, group=group)[0]
         return jax.lax.map(one, (split(tokens), split(attention_mask))).reshape(tokens.shape)
 
-    # in: params (and adapters) per the rules table, tokens and mask split by rows; out: logprobs split by rows.
-    mapped = jax.shard_map(body, mesh=mesh, in_specs=(specs, adapter_specs, rows, rows), out_specs=rows,
-                           check_vma=True)
+    # in: frozen and trained per the rules table, tokens and mask split by rows; out: logprobs split by rows.
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=(policy.frozen_specs(mesh), policy.trained_specs(mesh), rows,
+                                                      rows), out_specs=rows, check_vma=True)
 
-    def run(params, adapters, tokens, attention_mask):
+    def run(frozen, trained, tokens, attention_mask):
         _check_tokens(tokens, attention_mask)
-        _check_rows(tokens.shape[0], mesh.size * num_micro_batches, "make_sharded_logprobs")
-        return mapped(params, adapters, tokens, attention_mask.astype(jnp.int32))
+        check_rows(tokens.shape[0], mesh, num_micro_batches, "log-prob pass")
+        return mapped(frozen, trained, tokens, attention_mask.astype(jnp.int32))
 
-    if lora_cfg is None:
-        return jax.jit(lambda params, tokens, attention_mask: run(params, {}, tokens, attention_mask),
-                       compiler_options=compiler_options)
-    return jax.jit(run, compiler_options=compiler_options)
+    return run
+
+
+def make_sharded_logprobs(
+    model_cfg: GemmaConfig, mesh: Mesh, *, chunk: int = DEFAULT_CHUNK, temperature: float = 1.0,
+    tail: int | None = None, compute_dtype: str | None = None, num_micro_batches: int = 1,
+    compiler_options: dict | None = None, group: int = 1,
+):
+    """Jitted fn(params, tokens, attention_mask) -> [B, T] float32 logprobs of plain params on the mesh: the full
+    fine-tuning policy's make_policy_logprobs with its empty frozen tree left out (same settings)."""
+    run = _sharded_logprobs(FullPolicy(model_cfg), mesh, chunk, temperature, tail, compute_dtype, num_micro_batches,
+                            group)
+    return jax.jit(functools.partial(run, {}), compiler_options=compiler_options)
+
+
+def step_settings(grpo_cfg: GRPOConfig) -> dict:
+    """make_policy_logprobs's settings as the training step computes log-probs (chunk, temperature, tail, compute
+    dtype, micro-batches, shared prompts): the old- and reference-policy passes of the training loop."""
+    return {"chunk": grpo_cfg.logits_chunk, "temperature": grpo_cfg.temperature, "tail": grpo_cfg.logprob_tail,
+            "compute_dtype": grpo_cfg.compute_dtype, "num_micro_batches": grpo_cfg.num_micro_batches,
+            "group": sharing_group(grpo_cfg)}
 
 
 def make_step_logprobs(
     model_cfg: GemmaConfig, grpo_cfg: GRPOConfig, mesh: Mesh, *, lora_cfg: LoraConfig | None = None,
     compiler_options: dict | None = None,
 ):
-    """make_sharded_logprobs with every setting the training step uses taken from grpo_cfg (chunk, temperature,
-    tail, compute dtype, micro-batches, shared prompts): the old- and reference-policy passes of the training
-    loop."""
-    return make_sharded_logprobs(model_cfg, mesh, chunk=grpo_cfg.logits_chunk, temperature=grpo_cfg.temperature,
-                                 tail=grpo_cfg.logprob_tail, compute_dtype=grpo_cfg.compute_dtype,
-                                 num_micro_batches=grpo_cfg.num_micro_batches, lora_cfg=lora_cfg,
-                                 compiler_options=compiler_options, group=sharing_group(grpo_cfg))
+    """The step's log-prob pass in the argument orders from before the policy interface (tests):
+    fn(params, tokens, mask), or with LoRA fn(base, adapters, tokens, mask), which is the LoRA policy's
+    (frozen, trained) order. New code: make_policy_logprobs(policy, mesh, **step_settings(grpo_cfg))."""
+    if lora_cfg is None or lora_cfg.rank == 0:
+        return make_sharded_logprobs(model_cfg, mesh, **step_settings(grpo_cfg), compiler_options=compiler_options)
+    return make_policy_logprobs(LoraPolicy(model_cfg, lora_cfg), mesh, **step_settings(grpo_cfg),
+                                compiler_options=compiler_options)
 
 
 def sharing_group(grpo_cfg: GRPOConfig) -> int:
@@ -288,9 +248,3 @@ def _check_tokens(tokens, attention_mask) -> None:
         raise ValueError(f"tokens must be [B, T] with T >= 2, got shape {tokens.shape}")
     if attention_mask.shape != tokens.shape:
         raise ValueError(f"attention_mask shape {attention_mask.shape} != tokens shape {tokens.shape}")
-
-
-def _check_rows(rows: int, divisor: int, what: str) -> None:
-    if rows % divisor:
-        raise ValueError(f"{what}: batch of {rows} rows must be divisible by {divisor} (devices x micro-batches)")
-

@@ -7,9 +7,9 @@ Layout of one training row (prompt left-padded into a bucket of Pb tokens, compl
      attention_mask  0   0   1 ...   1   | 1 ...            1     0   0
      completion_mask 0   0   0 ...   0   | 1 ...            1     0   0
 
-Pb is the longest prompt rounded up to a multiple of 64, so the step compiles once per bucket, not per batch
-(Countdown prompts all fall in one or two buckets), while wasting at most 63 padding tokens per row; a
-power-of-two bucket would pad a 150-token prompt to 256 and spend 40% of the step on padding.
+Pb is the longest prompt rounded up to the sampler's prompt bucket (model.sampler.prompt_bucket: quarter-octave
+steps), so the step compiles once per bucket, not per batch, and wastes at most a quarter of the prompt
+columns on padding.
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ import dataclasses
 import re
 import time
 
-import jax
 import numpy as np
 
-import model
 from grpo.advantages import compute_advantages
 from grpo.config import GRPOConfig
 from grpo.tasks import Scored, Task
+from model.sampler import generate_in_chunks, prompt_bucket
 from model.sampling import SamplingConfig
 from model.shared_prompt import prompt_sharing
 
@@ -36,7 +35,6 @@ AHA_PHRASES = (
 _AHA_RE = {p: re.compile(r"\b" + re.escape(p) + r"\b", re.IGNORECASE) for p in AHA_PHRASES}
 
 
-BUCKET = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,14 +46,14 @@ class RolloutConfig:
     `align_grpo_config`, never set separately.
     """
 
-    max_new_tokens: int = 128
+    max_new_tokens: int = 64
     sampling: SamplingConfig = SamplingConfig()
     # End a row once its text holds the task's stop string ("</answer>"), inside the decode loop. Not TinyZero's
     # behaviour (it samples to EOS or the budget): see BUILD.md. Tasks without a stop_table() ignore it.
     stop_at_answer: bool = True
     # DAPO's dynamic sampling, as a filter: a group whose G rewards are all equal has zero advantages; with this
     # on its rows also leave the loss's token count (and the KL term), so they do not dilute the other groups.
-    skip_zero_std_groups: bool = False
+    skip_zero_std_groups: bool = True
     # DAPO's dynamic sampling, as a refill (grpo/dynamic_sampling.py): sample further rounds of prompts until the
     # step holds prompts_per_step groups whose rewards differ, at most max_oversample x prompts_per_step prompts
     # in all. It composes with skip_zero_std_groups: groups still without signal at the cap fill the batch, and
@@ -63,7 +61,7 @@ class RolloutConfig:
     dynamic_sampling: bool = False
     max_oversample: float = 3.0
     # Rows per sampler call (0: the whole batch in one call), rounded down to whole groups (at least one). A
-    # machine preset caps it so the KV cache of one call fits a device (bin/machines.py); the calls draw from
+    # machine's plan sizes it so one call fits a device (grpo/planner.py); the calls draw from
     # keys folded from the step's key.
     batch_rows: int = 0
 
@@ -88,11 +86,6 @@ def align_grpo_config(grpo_cfg: GRPOConfig, rollout_cfg: RolloutConfig) -> GRPOC
     return dataclasses.replace(grpo_cfg, temperature=temperature, logprob_tail=n, max_completion_length=n)
 
 
-def bucket_length(n: int, multiple: int = BUCKET) -> int:
-    """n rounded up to a multiple of `multiple` (at least one multiple)."""
-    return max(multiple, -(-n // multiple) * multiple)
-
-
 def build_batch(
     prompts: list[list[int]],
     completions: np.ndarray,
@@ -107,7 +100,7 @@ def build_batch(
     Truncated rows keep their completion mask; the step drops them when mask_truncated_completions is set.
     """
     b, m = completions.shape
-    pb = bucket_length(max(len(p) for p in prompts))
+    pb = prompt_bucket(max(len(p) for p in prompts))  # the sampler's buckets: one rule, few compiles
     tokens = np.full((b, pb + m), pad_id, np.int32)
     attention = np.zeros((b, pb + m), np.int32)
     completion = np.zeros((b, pb + m), np.int32)
@@ -201,15 +194,10 @@ def sample_rows(params, model_cfg, task: Task, items: list, num_generations: int
     t0 = time.perf_counter()
     stop_table = task_stop_table(task, rollout_cfg)
     chunk = max(1, rollout_cfg.batch_rows // num_generations) if rollout_cfg.batch_rows else len(unique)
-    parts = []
-    for i, start in enumerate(range(0, len(unique), chunk)):
-        part_key = key if chunk >= len(unique) else jax.random.fold_in(key, i)
-        parts.append(model.generate(params, model_cfg, unique[start : start + chunk], part_key,
-                                    max_new_tokens=rollout_cfg.max_new_tokens, temperature=sampling.temperature,
-                                    top_k=sampling.top_k, top_p=sampling.top_p, eos_ids=task.eos_ids,
-                                    stop_table=stop_table, num_repeats=num_generations))
-    tokens, lengths, truncated = (np.concatenate([np.asarray(getattr(r, name)) for r in parts])
-                                  for name in ("tokens", "lengths", "truncated"))
+    res = generate_in_chunks(params, model_cfg, unique, key, chunk, max_new_tokens=rollout_cfg.max_new_tokens,
+                             sampling=sampling, eos_ids=task.eos_ids, stop_table=stop_table,
+                             num_repeats=num_generations)
+    tokens, lengths, truncated = res.tokens, res.lengths, res.truncated
     sample_s = time.perf_counter() - t0
     prompts = [p for p in unique for _ in range(num_generations)]
     return SampledRows(prompts, expanded, tokens, lengths, truncated, score_rows(task, expanded, tokens, lengths),

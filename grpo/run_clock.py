@@ -6,9 +6,12 @@ continued by re-running the same command.
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -16,14 +19,24 @@ import jax
 
 class StopClock:
     """When to pause a run early, checkpointed, so re-running the same command continues: on SIGTERM (notebook
-    and cluster shutdowns send it first), or when the next step would not end before the time limit (free
-    notebooks end sessions after 9-12 h). The signal only sets a flag; the step in flight finishes first."""
+    and cluster shutdowns send it first), or when the next step and the checkpoint written at the pause would not
+    end before the time limit (free notebooks end sessions after 9-12 h). The signal only sets a flag; the step
+    in flight finishes first.
 
-    MARGIN = 2.0  # the next step must fit twice over: steps vary, and the checkpoint write needs time too
+    The next step is estimated from the recent steps' median, leaving out the first step (it compiles, and can
+    take several steady steps' time); twice the median, so steps up to twice the recent typical length (a long
+    sampling round, an eval falling due) still fit. The checkpoint's cost is the longest one measured so far.
+    `now` is the clock (a fake one in tests).
+    """
 
-    def __init__(self, time_limit_s: float | None):
-        self.start, self.limit, self.longest, self.signalled = time.monotonic(), time_limit_s, 0.0, False
-        self._last = self.start
+    MARGIN = 2.0  # the next step must fit twice over its recent median
+    WINDOW = 8  # recent steps whose median is taken
+
+    def __init__(self, time_limit_s: float | None, now: Callable[[], float] = time.monotonic):
+        self.now, self.limit, self.signalled = now, time_limit_s, False
+        self.start = self._last = now()
+        self.steps: list[float] = []  # seconds between consecutive step_done calls (the first: since start)
+        self.checkpoint_s = 0.0
         self._previous = None
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -32,13 +45,31 @@ class StopClock:
         self.signalled = True
 
     def step_done(self) -> None:
-        now = time.monotonic()
-        self.longest, self._last = max(self.longest, now - self._last), now
+        now = self.now()
+        self.steps.append(now - self._last)
+        self._last = now
+
+    @contextlib.contextmanager
+    def checkpointing(self):
+        """Times a checkpoint write: the pause writes one, so its cost is part of what must fit."""
+        began = self.now()
+        try:
+            yield
+        finally:
+            self.checkpoint_s = max(self.checkpoint_s, self.now() - began)
+
+    def next_step_s(self) -> float:
+        """The time the next step is planned to take: MARGIN x the median of the last WINDOW steps after the
+        first (the first alone while it is the only one)."""
+        if not self.steps:
+            return 0.0
+        recent = self.steps[1:][-self.WINDOW:] or self.steps
+        return self.MARGIN * statistics.median(recent)
 
     def reason_to_stop(self) -> str | None:
         if self.signalled:
             return "SIGTERM received"
-        if self.limit is not None and time.monotonic() - self.start + self.MARGIN * self.longest > self.limit:
+        if self.limit is not None and self.now() - self.start + self.next_step_s() + self.checkpoint_s > self.limit:
             return f"the next step would end past --time_limit ({self.limit:.0f} s)"
         return None
 

@@ -29,6 +29,7 @@ training loop's incidental jnp code on sharded arrays (reward math, slicing) fre
 from __future__ import annotations
 
 import logging
+import os
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding
@@ -53,6 +54,39 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ("norm", None),
     ("lora_rank", None),  # adapters' rank axis: small, and every device multiplies by all of it
 )
+
+
+def parse_mesh(text: str | None, num_devices: int | None = None) -> dict[str, int]:
+    """'data=2,fsdp=4' -> {'data': 2, 'fsdp': 4}; None/'' -> fsdp over num_devices. Checks the device count when
+    num_devices is given. Bad text: a ValueError naming --mesh."""
+    if not text:
+        if num_devices is None:
+            raise ValueError("--mesh: expected data=N,fsdp=M")
+        return {"data": 1, "fsdp": num_devices}
+    axes = dict.fromkeys(MESH_AXES, 1)
+    for part in filter(None, text.replace(" ", "").split(",")):
+        name, _, value = part.partition("=")
+        if name not in axes or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--mesh: expected entries like data=2,fsdp=4, got {part!r} in {text!r}")
+        axes[name] = int(value)
+    used = axes["data"] * axes["fsdp"]
+    if num_devices is not None and used != num_devices:
+        raise ValueError(f"--mesh: {text} uses {used} devices but {num_devices} are present")
+    return axes
+
+
+def set_fake_cpu_devices(count: int, platform: str = "cpu") -> None:
+    """Before JAX starts a backend: pick the platform and, on CPU, fake `count` devices, so a mesh of any size can
+    be lowered and memory-analysed on one machine (bin/inspect). jax's own setting wins over XLA_FLAGS'
+    --xla_force_host_platform_device_count."""
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        raise RuntimeError("fake devices must be configured before JAX starts a backend")
+    os.environ["JAX_PLATFORMS"] = platform
+    jax.config.update("jax_platforms", platform)
+    if platform == "cpu":
+        jax.config.update("jax_num_cpu_devices", count)
 
 
 def make_mesh(data: int = 1, fsdp: int | None = None) -> Mesh:

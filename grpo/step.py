@@ -1,6 +1,7 @@
 """One jitted GRPO step: forward, loss, backward, micro-batch accumulation, clip, AdamW, NaN guard.
 
-The body runs under `jax.shard_map`; every collective is written here or in grpo/sharding.py:
+The body runs under `jax.shard_map`; every collective is written here, in grpo/fsdp_forward.py (the forward
+pass) or in grpo/sharding.py:
 
     device (d, f) of the data x fsdp mesh holds
       params     every matrix 1/fsdp (embedding: vocab rows; others: along D), the same on all d; norms whole
@@ -25,12 +26,19 @@ that axis, so a second psum would count it `axis size` times. We make the sum ex
 `pcast` to varying over their replicated axes BEFORE differentiation, so the gradients are per-device
 partial sums, and the psum above is the one and only reduction.
 
-LoRA (grpo/lora_step.py) runs the same body with the adapters as the trained tree and the base params as a
-frozen input (laid out as above, never differentiated, never donated): `sharded_step` takes the loss as a
-function of (trained, frozen).
+The step is written once for every fine-tuning mode (grpo/policy.py): step(frozen, trained, opt_state, batch)
+differentiates the loss of policy.weights(frozen, trained) with respect to `trained` only (full fine-tuning: the
+params, frozen = {}; LoRA: the adapters, the base params frozen). frozen is laid out as the policy says, read by
+the loss, and neither differentiated nor donated: the same buffers serve the next step, the log-prob passes and
+sampling. AdamW's state holds the trained leaves' moments only.
 
 A step whose loss or gradient norm is not finite is not applied: params and optimizer state come back
 unchanged and metrics["skipped"] is 1.
+
+make_step (full fine-tuning: step(params, opt_state, batch)), make_lora_step (step(adapters, opt_state, batch,
+base)), make_any_step and abstract_step_args are the per-mode argument orders from before the policy interface,
+thin wrappers kept for the tests that call them; the loop, the planner, bin/inspect and the benchmarks use
+make_policy_step.
 """
 
 from __future__ import annotations
@@ -47,10 +55,12 @@ from jax.sharding import PartitionSpec as P
 from grpo import loss as objective
 from grpo import sharding
 from grpo.config import GRPOConfig
+from grpo.fsdp_forward import check_rows, fsdp_hidden_states, pad_columns
 from grpo.fused_unembed import fused_token_loss
-from grpo.logprobs import fsdp_hidden_states, pad_columns, sharded_token_logprobs, sharing_group
+from grpo.logprobs import sharded_token_logprobs, sharing_group
+from grpo.policy import FullPolicy, LoraPolicy, Policy, make_policy
 from model.config import GemmaConfig
-from model.params import check_against_schema, map_schema, param_schema
+from model.lora import LoraConfig
 
 # [B]; "entropy_coef": the entropy bonus per row, as data so an adaptive coefficient never recompiles
 ROW_KEYS = ("advantages", "truncated", "entropy_coef")
@@ -58,70 +68,74 @@ TOKEN_KEYS = ("tokens", "attention_mask", "completion_mask", "old_logprobs", "re
 REQUIRED_KEYS = ("tokens", "attention_mask", "completion_mask", "advantages")
 
 
-def make_schedule(grpo_cfg: GRPOConfig) -> optax.Schedule:
-    """Linear warmup from 0, then cosine decay to 0 at total_steps, or constant."""
-    if grpo_cfg.lr_schedule == "cosine":
-        decay_steps = max(grpo_cfg.total_steps, grpo_cfg.warmup_steps + 1)
-        return optax.warmup_cosine_decay_schedule(0.0, grpo_cfg.learning_rate, grpo_cfg.warmup_steps, decay_steps)
-    if grpo_cfg.warmup_steps == 0:
-        return optax.constant_schedule(grpo_cfg.learning_rate)
-    warmup = optax.linear_schedule(0.0, grpo_cfg.learning_rate, grpo_cfg.warmup_steps)
-    return optax.join_schedules([warmup, optax.constant_schedule(grpo_cfg.learning_rate)], [grpo_cfg.warmup_steps])
+def make_policy_step(policy: Policy, grpo_cfg: GRPOConfig, mesh: Mesh, *, compiler_options: dict | None = None):
+    """The jitted step(frozen, trained, opt_state, batch) -> (trained, opt_state, metrics) of any fine-tuning mode.
 
-
-def decay_mask(model_cfg: GemmaConfig) -> dict:
-    """True for the matrices (leaves with an "embed" axis); norms are never decayed."""
-    return map_schema(lambda _, s: "embed" in s.axes, model_cfg)
-
-
-def make_optimizer(grpo_cfg: GRPOConfig, model_cfg: GemmaConfig) -> optax.GradientTransformation:
-    """AdamW with the schedule injected, so the state carries the learning rate each step used."""
-    return adamw(grpo_cfg, decay_mask(model_cfg))
-
-
-def adamw(grpo_cfg: GRPOConfig, mask) -> optax.GradientTransformation:
-    """grpo_cfg's AdamW, decaying the leaves where `mask` is True (None: every leaf)."""
-    inject = optax.inject_hyperparams(optax.adamw, static_args=("mask",))
-    return inject(learning_rate=make_schedule(grpo_cfg), b1=grpo_cfg.adam_b1, b2=grpo_cfg.adam_b2,
-                  eps=grpo_cfg.adam_eps, weight_decay=grpo_cfg.weight_decay, mask=mask)
-
-
-def init_train_state(params: dict, model_cfg: GemmaConfig, grpo_cfg: GRPOConfig, mesh: Mesh) -> tuple[dict, object]:
-    """Params placed on the mesh per the rules table, and a fresh optimizer state laid out to match.
-
-    The returned params may share buffers with the input ones (no second copy of a big model) and the step
-    donates them: treat the input params as consumed and keep using the returned ones.
+    trained and opt_state are donated (keep using the returned ones); frozen is only read. compiler_options go
+    to XLA as they are (e.g. TPU scheduler flags; tests use optimization level 0).
     """
-    params = place_params(params, model_cfg, mesh)
-    tx = make_optimizer(grpo_cfg, model_cfg)
-    return params, init_opt_state(tx, params, sharding.param_specs(model_cfg, mesh), mesh)
-
-
-def init_opt_state(tx: optax.GradientTransformation, trained: dict, specs: dict, mesh: Mesh):
-    """tx's fresh state for `trained` (params or adapters), each moment laid out like its leaf."""
-    state_specs = sharding.opt_state_specs(jax.eval_shape(tx.init, trained), specs)
-    return jax.jit(tx.init, out_shardings=sharding.named(mesh, state_specs))(trained)
-
-
-def place_params(params: dict, model_cfg: GemmaConfig, mesh: Mesh) -> dict:
-    """Params checked against the schema and laid out on the mesh per the rules table (e.g. the frozen
-    reference model for make_sharded_logprobs). May alias the input buffers."""
-    check_against_schema(params, param_schema(model_cfg), f"params do not match the {model_cfg.name} schema")
-    return jax.device_put(params, sharding.named(mesh, sharding.param_specs(model_cfg, mesh)))
+    return jax.jit(sharded_step(policy, grpo_cfg, mesh), donate_argnums=(1, 2), compiler_options=compiler_options)
 
 
 def make_step(model_cfg: GemmaConfig, grpo_cfg: GRPOConfig, mesh: Mesh, *, compiler_options: dict | None = None):
-    """The jitted step(params, opt_state, batch) -> (params, opt_state, metrics); params and state donated.
+    """Full fine-tuning's step(params, opt_state, batch) -> (params, opt_state, metrics): make_policy_step of
+    FullPolicy with its empty frozen tree left out. params and opt_state donated."""
+    step = sharded_step(FullPolicy(model_cfg), grpo_cfg, mesh)
+    return jax.jit(lambda params, opt_state, batch: step({}, params, opt_state, batch), donate_argnums=(0, 1),
+                   compiler_options=compiler_options)
 
-    compiler_options go to XLA as they are (e.g. TPU scheduler flags; tests use optimization level 0).
-    """
-    specs = sharding.param_specs(model_cfg, mesh)
 
-    def loss_of(params, frozen, mb, num_tokens, num_rows):
-        return policy_loss_on(params, mb, num_tokens, num_rows, model_cfg=model_cfg, grpo_cfg=grpo_cfg, specs=specs)
+def make_lora_step(model_cfg: GemmaConfig, lora_cfg: LoraConfig, grpo_cfg: GRPOConfig, mesh: Mesh, *,
+                   compiler_options: dict | None = None):
+    """LoRA's step(adapters, opt_state, batch, base_params) -> (adapters, opt_state, metrics): make_policy_step of
+    LoraPolicy in the adapters-first order from before the policy interface (tests). adapters and opt_state are
+    donated; base_params (laid out as grpo.param_specs says) are only read."""
+    step = sharded_step(LoraPolicy(model_cfg, lora_cfg), grpo_cfg, mesh)
+    return jax.jit(lambda adapters, opt_state, batch, base: step(base, adapters, opt_state, batch),
+                   donate_argnums=(0, 1), compiler_options=compiler_options)
 
-    step = sharded_step(loss_of, specs, (), make_optimizer(grpo_cfg, model_cfg), grpo_cfg, mesh)
-    return jax.jit(step, donate_argnums=(0, 1), compiler_options=compiler_options)
+
+def make_any_step(model_cfg: GemmaConfig, grpo_cfg: GRPOConfig, mesh: Mesh, lora_cfg: LoraConfig | None = None,
+                  **kwargs):
+    """make_step (no LoRA) or make_lora_step, in the argument order of abstract_step_args. New code:
+    make_policy_step(make_policy(model_cfg, lora_cfg), ...)."""
+    if lora_cfg is None:
+        return make_step(model_cfg, grpo_cfg, mesh, **kwargs)
+    return make_lora_step(model_cfg, lora_cfg, grpo_cfg, mesh, **kwargs)
+
+
+def abstract_step_args(model_cfg: GemmaConfig, grpo_cfg: GRPOConfig, mesh: Mesh, rows: int, length: int, *,
+                       lora_cfg: LoraConfig | None = None, param_dtype=jnp.float32,
+                       optional_keys: tuple[str, ...] = ()) -> tuple:
+    """make_any_step's arguments as shapes on the mesh (abstract_step_inputs in make_any_step's order):
+    (params, opt_state, batch), or with LoRA (adapters, opt_state, batch, params)."""
+    frozen, trained, state, batch = abstract_step_inputs(make_policy(model_cfg, lora_cfg), grpo_cfg, mesh, rows,
+                                                         length, param_dtype=param_dtype, optional_keys=optional_keys)
+    return (trained, state, batch) if lora_cfg is None else (trained, state, batch, frozen)
+
+
+def abstract_step_inputs(policy: Policy, grpo_cfg: GRPOConfig, mesh: Mesh, rows: int, length: int, *,
+                         param_dtype=jnp.float32, optional_keys: tuple[str, ...] = ()) -> tuple:
+    """make_policy_step's arguments (frozen, trained, opt_state, batch) as jax.ShapeDtypeStructs laid out on the
+    mesh, to lower, compile and memory-analyse a step before any weight exists. The batch is [rows, length] plus
+    optional_keys (old_logprobs, ref_logprobs, truncated, entropy_coef)."""
+    shaped = lambda tree, specs: jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.NamedSharding(mesh, s)), tree, specs)
+    frozen, trained = policy.abstract(param_dtype)
+    specs = policy.trained_specs(mesh)
+    frozen, trained = shaped(frozen, policy.frozen_specs(mesh)), shaped(trained, specs)
+    state = jax.eval_shape(policy.optimizer(grpo_cfg).init, trained)
+    state = shaped(state, sharding.opt_state_specs(state, specs))
+    row = lambda dtype, *shape: jax.ShapeDtypeStruct(shape, dtype, sharding=jax.NamedSharding(
+        mesh, sharding.batch_spec(len(shape))))
+    batch = {"tokens": row(jnp.int32, rows, length), "attention_mask": row(jnp.int32, rows, length),
+             "completion_mask": row(jnp.int32, rows, length), "advantages": row(jnp.float32, rows)}
+    for key in optional_keys:
+        if key in ROW_KEYS:  # [B]
+            batch[key] = row(jnp.bool_ if key == "truncated" else jnp.float32, rows)
+        else:
+            batch[key] = row(jnp.float32, rows, length)
+    return frozen, trained, state, batch
 
 
 def policy_loss_on(weights: dict, mb: dict, num_tokens: jax.Array, num_rows: int, *, model_cfg: GemmaConfig,
@@ -151,30 +165,36 @@ def policy_loss_on(weights: dict, mb: dict, num_tokens: jax.Array, num_rows: int
     return loss, shares
 
 
-def sharded_step(loss_of: Callable, specs: dict, frozen_specs: tuple, tx: optax.GradientTransformation,
-                 grpo_cfg: GRPOConfig, mesh: Mesh) -> Callable:
-    """The unjitted step(trained, opt_state, batch, *frozen) -> (trained, opt_state, metrics) under shard_map.
+def sharded_step(policy: Policy, grpo_cfg: GRPOConfig, mesh: Mesh) -> Callable:
+    """The unjitted step(frozen, trained, opt_state, batch) -> (trained, opt_state, metrics) under shard_map.
 
-    trained: the pytree the optimizer updates (params; LoRA: adapters), laid out as `specs`. frozen: inputs
-    the loss reads but never differentiates (LoRA: the base params), laid out as `frozen_specs`.
-    loss_of(trained, frozen, micro_batch, num_tokens, num_rows) -> (loss, shares) runs on local shards.
+    trained: the tree the optimizer updates, laid out as policy.trained_specs; frozen: what the loss reads but
+    never differentiates, laid out as policy.frozen_specs. The loss runs on the local shards of
+    policy.weights(frozen, trained).
     """
-    def step(trained, opt_state, batch, *frozen):
+    specs, frozen_specs, weight_specs = policy.trained_specs(mesh), policy.frozen_specs(mesh), policy.weight_specs(mesh)
+    tx = policy.optimizer(grpo_cfg)
+
+    def loss_of(frozen, trained, mb, num_tokens, num_rows):
+        return policy_loss_on(policy.weights(frozen, trained), mb, num_tokens, num_rows, model_cfg=policy.model_cfg,
+                              grpo_cfg=grpo_cfg, specs=weight_specs)
+
+    def step(frozen, trained, opt_state, batch):
         batch = _prepare_batch(batch, grpo_cfg, mesh)
         state_specs = sharding.opt_state_specs(opt_state, specs)
         batch_specs = {k: sharding.batch_spec(v.ndim) for k, v in batch.items()}
         body = functools.partial(_step_body, loss_of=loss_of, grpo_cfg=grpo_cfg, specs=specs, tx=tx,
                                  num_rows=batch["tokens"].shape[0])
-        # in: trained leaves and their state per the rules table, batch split by rows, frozen per the rules
-        # table; out: the same layouts, and metrics replicated (psummed inside: every device holds the same).
-        mapped = jax.shard_map(body, mesh=mesh, in_specs=(specs, state_specs, batch_specs, *frozen_specs),
+        # in: frozen and trained leaves and the state per the rules table, batch split by rows; out: the trained
+        # layouts, and metrics replicated (psummed inside: every device holds the same).
+        mapped = jax.shard_map(body, mesh=mesh, in_specs=(frozen_specs, specs, state_specs, batch_specs),
                                out_specs=(specs, state_specs, P()), check_vma=True)
-        return mapped(trained, opt_state, batch, *frozen)
+        return mapped(frozen, trained, opt_state, batch)
 
     return step
 
 
-def _step_body(trained, opt_state, batch, *frozen, loss_of, grpo_cfg, specs, tx, num_rows):
+def _step_body(frozen, trained, opt_state, batch, *, loss_of, grpo_cfg, specs, tx, num_rows):
     mask = objective.training_mask(batch, grpo_cfg)
     num_tokens = jax.lax.psum(jnp.sum(mask), sharding.BATCH_AXES)
     grads, shares = _accumulate_grads(trained, frozen, {**batch, "mask": mask}, num_tokens, loss_of, grpo_cfg,
@@ -203,7 +223,7 @@ def _accumulate_grads(trained, frozen, batch, num_tokens, loss_of, grpo_cfg, spe
     varying = jax.tree.map(lambda w, s: jax.lax.pcast(w, sharding.replicated_axes(s), to="varying"), trained, specs)
 
     def one(acc, mb):
-        loss_fn = lambda t: loss_of(t, frozen, mb, num_tokens, num_rows)
+        loss_fn = lambda t: loss_of(frozen, t, mb, num_tokens, num_rows)
         (_, shares), g = jax.value_and_grad(loss_fn, has_aux=True)(varying)
         return jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, g), shares
 
@@ -240,8 +260,6 @@ def _prepare_batch(batch: dict, grpo_cfg: GRPOConfig, mesh: Mesh) -> dict:
         want = (rows,) if k in ROW_KEYS else (rows, length)
         if jnp.shape(v) != want:
             raise ValueError(f"batch[{k!r}] must have shape {want}, got {jnp.shape(v)}")
-    divisor = mesh.size * grpo_cfg.num_micro_batches
-    if rows % divisor:
-        raise ValueError(f"batch of {rows} rows must be divisible by devices x micro-batches = {divisor}")
+    check_rows(rows, mesh, grpo_cfg.num_micro_batches, "step")
     dtypes = {"tokens": jnp.int32, "attention_mask": jnp.int32}
     return {k: jnp.asarray(v, dtypes.get(k, jnp.float32)) for k, v in batch.items()}

@@ -8,6 +8,10 @@ One step (`train_step`) runs, in order:
 and around the steps: `start_run` (init, resume), `eval_phase` (greedy eval on the held-out set),
 `checkpoint_phase`, `Profiler` (jax.profiler over --profile_steps) and `finish_run` (close, HF export).
 
+What trains is a policy (grpo/policy.py): a frozen tree (LoRA: the base model; full fine-tuning: nothing) and a
+trained tree (the adapters, or the params), built once in `start_run`. Every phase calls the same step and log-prob
+functions with (frozen, trained) in that order, so no phase knows or asks which fine-tuning mode runs.
+
 Resumability: everything random is derived from (seed, step) with `fold_in`, and the data stream is a pure
 function of (seed, position), so restoring params, optimizer state, step and data position from the last
 checkpoint continues the exact trajectory of a run that was never interrupted.
@@ -27,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-import grpo
 from grpo import level_mix
 from grpo.best_model import BestCheckpointer, better, eval_score
 from grpo.checkpoints import TrainCheckpointer
@@ -39,8 +42,8 @@ from grpo.guard import Alarm, GuardConfig, GuardState, after_rollback, observe
 from grpo.ladder_steps import after_levels, draw_items, level_metrics, level_names, step_level_shares
 from grpo.level_mix import LevelStats
 from grpo.loggers import make_loggers
-from grpo.logprobs import cast_params, make_step_logprobs
-from grpo.lora_step import init_lora_state, make_lora_step
+from grpo.logprobs import cast_params, make_policy_logprobs, step_settings
+from grpo.policy import FullPolicy, Policy, init_policy_state, make_policy
 from grpo.rollout import (
     Rollout,
     RolloutConfig,
@@ -54,9 +57,10 @@ from grpo.rollout import (
 )
 from grpo.run_clock import Profiler, StopClock
 from grpo.run_files import RunLog, RunWriteError, console_line, describe_write_failure, export_hf, peak_rss_bytes
+from grpo.step import make_policy_step
 from grpo.tasks import Task
 from model.config import GemmaConfig
-from model.lora import LoraConfig, init_adapters, merge
+from model.lora import LoraConfig
 
 EVAL_SAMPLES_KEPT = 8  # eval completions per held-out set written to eval_samples.jsonl per eval
 
@@ -66,11 +70,11 @@ class TrainConfig:
     """The loop around the GRPO step: length, eval, checkpoints, profiling, export."""
 
     output_dir: str
-    steps: int = 10
-    prompts_per_step: int = 4
+    steps: int = 5  # README's main job: the shortest run that shows puzzles solved on a laptop (BUILD.md)
+    prompts_per_step: int = 6
     eval_every: int = 0  # 0: no periodic eval (step 0 and the final step still run when eval_size > 0)
-    eval_size: int = 32
-    checkpoint_every: int = 5
+    eval_size: int = 16  # held-out puzzles per level (the accelerator recipes take 64: BUILD.md)
+    checkpoint_every: int = 2
     keep_checkpoints: int = 3
     seed: int = 0
     resume: bool = True
@@ -101,7 +105,7 @@ class TrainConfig:
 class LoopState:
     """What changes from step to step. (params, opt_state, step, position) is what a checkpoint holds."""
 
-    params: dict
+    params: dict  # the policy's trained tree: every param (full fine-tuning) or the adapters (LoRA)
     opt_state: Any
     step: int = 0  # GRPO steps done (rollout batches consumed); the next step is step + 1
     position: int = 0  # prompts consumed from the data stream
@@ -122,7 +126,8 @@ class LoopState:
 
 @dataclasses.dataclass(frozen=True)
 class RunContext:
-    """What stays fixed for a run: configs, the task, the mesh, compiled functions, the reference model, I/O."""
+    """What stays fixed for a run: configs, the task, the mesh, the policy's frozen tree, the compiled step and
+    log-prob functions, the KL reference, I/O."""
 
     model_cfg: GemmaConfig
     task: Task
@@ -130,67 +135,67 @@ class RunContext:
     rollout_cfg: RolloutConfig
     train_cfg: TrainConfig
     mesh: Mesh
-    step_fn: Callable  # full: (params, opt, batch); LoRA: (adapters, opt, batch, base)
-    ref_logprobs_fn: Callable  # (params, tokens, mask): the reference policy's log-probs
-    old_logprobs_fn: Callable  # full: (params, tokens, mask); LoRA: (base, adapters, tokens, mask)
-    ref_params: dict | None  # the frozen starting policy, kept when the KL term is on (LoRA: the base itself)
+    policy: Policy  # what trains (grpo/policy.py); the phases only hand it (frozen, trained)
+    frozen: dict  # the policy's frozen tree (LoRA: the base model; full fine-tuning: {}), read, never updated
+    step_fn: Callable  # (frozen, trained, opt_state, batch) -> (trained, opt_state, metrics); trained, state donated
+    logprobs_fn: Callable  # (frozen, trained, tokens, mask) -> [B, T]: the old-policy and reference passes
+    # The trained tree the run started from, kept when the KL term is on: the reference policy is (frozen, reference),
+    # run through the same pass as the policy (LoRA: the base under fresh b = 0 adapters, no second base copy; the
+    # base alone would be compiled without the adapter path, which XLA:GPU rounds differently, so KL != 0 at start).
+    reference: dict | None
     log: RunLog
     ckpt: TrainCheckpointer
-    lora_cfg: LoraConfig | None = None  # None: full fine-tuning; else LoopState.params holds the adapters
-    base_params: dict | None = None  # LoRA: the frozen base model, read by every phase, never updated
     best: BestCheckpointer | None = None  # best/: the state of the best held-out eval
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_fns(model_cfg: GemmaConfig, grpo_cfg: GRPOConfig, lora_cfg: LoraConfig | None, mesh: Mesh):
-    """(step, reference log-probs, old-policy log-probs), made once per (model, GRPO config, LoRA, mesh): a
-    resumed run in the same process (tests, notebooks) reuses the compiled code. The log-prob passes are the
-    step's own function (same compute dtype, chunks, micro-batches), so iteration 1 has ratio exactly 1 and a
-    step at the reference has KL exactly 0."""
-    ref = make_step_logprobs(model_cfg, grpo_cfg, mesh)  # LoRA: the base alone is the reference
-    if lora_cfg is None:
-        return grpo.make_step(model_cfg, grpo_cfg, mesh), ref, ref
-    return (make_lora_step(model_cfg, lora_cfg, grpo_cfg, mesh), ref,
-            make_step_logprobs(model_cfg, grpo_cfg, mesh, lora_cfg=lora_cfg))
+def _compiled_step(policy: Policy, grpo_cfg: GRPOConfig, mesh: Mesh) -> Callable:
+    """The step, made once per (policy, GRPO config, mesh): a resumed run in the same process (tests, notebooks)
+    reuses the compiled code; a rollback's lower learning rate makes another."""
+    return make_policy_step(policy, grpo_cfg, mesh)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_logprobs(policy: Policy, grpo_cfg: GRPOConfig, mesh: Mesh) -> Callable:
+    """The old-policy / reference pass with the step's own settings (same compute dtype, chunks, micro-batches),
+    so iteration 1 has ratio exactly 1 and a step at the reference has KL exactly 0."""
+    return make_policy_logprobs(policy, mesh, **step_settings(grpo_cfg))
 
 
 def policy_params(ctx: RunContext, state: LoopState) -> dict:
-    """The params the policy samples and evaluates with: base + adapters merged once (LoRA), else the params; in
-    the step's compute dtype (bf16 compute samples from a bf16 copy: half the weight and KV-cache bytes)."""
-    params = state.params if ctx.lora_cfg is None else merge(ctx.base_params, state.params, ctx.model_cfg,
-                                                             ctx.lora_cfg)
-    return cast_params(params, ctx.grpo_cfg.compute_dtype)
+    """The params the policy samples and evaluates with: the policy's merged weights (LoRA: base + adapters merged
+    once), in the step's compute dtype (bf16 compute samples from a bf16 copy: half the weight and KV-cache
+    bytes)."""
+    return cast_params(ctx.policy.merged(ctx.frozen, state.params), ctx.grpo_cfg.compute_dtype)
 
 
 def start_run(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOConfig, rollout_cfg: RolloutConfig,
               train_cfg: TrainConfig, mesh: Mesh, echo: Callable[[str], None] = print,
-              lora_cfg: LoraConfig | None = None) -> tuple[RunContext, LoopState]:
-    """Place params on the mesh, build the optimizer state, and restore the latest checkpoint if resuming.
+              policy: Policy | None = None) -> tuple[RunContext, LoopState]:
+    """Place the policy on the mesh, build the optimizer state, and restore the latest checkpoint if resuming.
 
-    With lora_cfg (rank > 0) the given params become the frozen base and the trained state is fresh adapters
-    (b = 0, drawn from the run's seed); the optimizer state holds adapter moments only.
+    policy (grpo/policy.py make_policy; None: full fine-tuning) says what the given params become: all of them
+    trained, or (LoRA) the frozen base under fresh adapters (b = 0, drawn from the run's seed), the optimizer
+    state then holding adapter moments only.
     """
     out = Path(train_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     grpo_cfg = align_grpo_config(grpo_cfg, rollout_cfg)
-    lora_cfg = lora_cfg if lora_cfg is not None and lora_cfg.rank > 0 else None
-    base = None
-    if lora_cfg is None:
-        params, opt_state = grpo.init_train_state(params, model_cfg, grpo_cfg, mesh)
-        ref_params = jax.tree.map(jnp.copy, params) if grpo_cfg.beta > 0 else None
-    else:
-        base = ref_params = grpo.place_params(params, model_cfg, mesh)
-        adapters = init_adapters(jax.random.key(train_cfg.seed), model_cfg, lora_cfg)
-        params, opt_state = init_lora_state(adapters, model_cfg, lora_cfg, grpo_cfg, mesh)
+    policy = FullPolicy(model_cfg) if policy is None else policy
+    if policy.model_cfg != model_cfg:
+        raise ValueError(f"the policy is for {policy.model_cfg.name}, the params for {model_cfg.name}")
+    frozen, params, opt_state = init_policy_state(policy, params, jax.random.key(train_cfg.seed), grpo_cfg, mesh)
+    reference = jax.tree.map(jnp.copy, params) if grpo_cfg.beta > 0 else None  # the step donates params
     config = {"model": dataclasses.asdict(model_cfg), "grpo": dataclasses.asdict(grpo_cfg),
               "rollout": dataclasses.asdict(rollout_cfg), "train": dataclasses.asdict(train_cfg),
-              "lora": dataclasses.asdict(lora_cfg) if lora_cfg else None}
+              "lora": policy.config_json()}
     log = RunLog(out, echo, make_loggers(list(train_cfg.log_to), str(out), config) if jax.process_index() == 0 else [])
     log.write_config(config)
     ckpt = TrainCheckpointer(out / "checkpoints", keep=train_cfg.keep_checkpoints)
-    ctx = RunContext(model_cfg, task, grpo_cfg, rollout_cfg, train_cfg, mesh,
-                     *_compiled_fns(model_cfg, grpo_cfg, lora_cfg, mesh), ref_params, log, ckpt, lora_cfg, base,
-                     BestCheckpointer(out))
+    ctx = RunContext(model_cfg, task, grpo_cfg, rollout_cfg, train_cfg, mesh, policy, frozen,
+                     step_fn=_compiled_step(policy, grpo_cfg, mesh),
+                     logprobs_fn=_compiled_logprobs(policy, grpo_cfg, mesh),
+                     reference=reference, log=log, ckpt=ckpt, best=BestCheckpointer(out))
     state = LoopState(params, opt_state, level=level_mix.start_index(level_names(task), train_cfg.start_level))
     previous = ctx.log.previous_status()
     found = ctx.ckpt.restore_latest(params, opt_state, say=ctx.log.say) if train_cfg.resume else None
@@ -216,12 +221,12 @@ def start_run(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOCo
 
 
 def with_learning_rate(ctx: RunContext, learning_rate: float) -> RunContext:
-    """The context with the step compiled for another learning rate (the guard's rollback lowers it)."""
+    """The context with the step compiled for another learning rate (the guard's rollback lowers it); the log-prob
+    passes do not depend on it."""
     if learning_rate == ctx.grpo_cfg.learning_rate:
         return ctx
     grpo_cfg = dataclasses.replace(ctx.grpo_cfg, learning_rate=learning_rate)
-    step_fn, ref, old = _compiled_fns(ctx.model_cfg, grpo_cfg, ctx.lora_cfg, ctx.mesh)
-    return dataclasses.replace(ctx, grpo_cfg=grpo_cfg, step_fn=step_fn, ref_logprobs_fn=ref, old_logprobs_fn=old)
+    return dataclasses.replace(ctx, grpo_cfg=grpo_cfg, step_fn=_compiled_step(ctx.policy, grpo_cfg, ctx.mesh))
 
 
 def _unclean_stop_hint(previous: dict) -> str:
@@ -268,19 +273,17 @@ def logprob_phase(ctx: RunContext, params: dict, batch: dict) -> dict:
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     rows = (batch["tokens"], batch["attention_mask"])
     if ctx.grpo_cfg.beta > 0:
-        batch["ref_logprobs"] = ctx.ref_logprobs_fn(ctx.ref_params, *rows)
+        batch["ref_logprobs"] = ctx.logprobs_fn(ctx.frozen, ctx.reference, *rows)
     if ctx.grpo_cfg.num_iterations > 1:
-        trained = (params,) if ctx.lora_cfg is None else (ctx.base_params, params)
-        batch["old_logprobs"] = ctx.old_logprobs_fn(*trained, *rows)
+        batch["old_logprobs"] = ctx.logprobs_fn(ctx.frozen, params, *rows)
     return batch
 
 
 def update_phase(ctx: RunContext, params: dict, opt_state, batch: dict) -> tuple[dict, Any, dict[str, float]]:
     """num_iterations optimizer steps on one rollout batch; metrics of the last one, as Python floats."""
     metrics = {}
-    frozen = () if ctx.lora_cfg is None else (ctx.base_params,)
     for _ in range(ctx.grpo_cfg.num_iterations):
-        params, opt_state, metrics = ctx.step_fn(params, opt_state, batch, *frozen)
+        params, opt_state, metrics = ctx.step_fn(ctx.frozen, params, opt_state, batch)
     return params, opt_state, {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
@@ -429,9 +432,11 @@ def _due(step: int, every: int, last: int) -> bool:
 def train(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOConfig, rollout_cfg: RolloutConfig,
           train_cfg: TrainConfig, mesh: Mesh, echo: Callable[[str], None] = print,
           lora_cfg: LoraConfig | None = None) -> dict:
-    """Run GRPO; returns the last step's metrics, the latest eval metrics and the final "params" (LoRA: the
-    adapters; "policy" holds base + adapters merged)."""
-    ctx, state = start_run(model_cfg, params, task, grpo_cfg, rollout_cfg, train_cfg, mesh, echo, lora_cfg)
+    """Run GRPO, fully fine-tuned or (LoRA settings of rank > 0) with adapters over the frozen params; returns the
+    last step's metrics, the latest eval metrics, the final "params" (the trained tree: LoRA's adapters) and
+    "policy" (the weights the policy samples with: base + adapters merged, in the compute dtype)."""
+    ctx, state = start_run(model_cfg, params, task, grpo_cfg, rollout_cfg, train_cfg, mesh, echo,
+                           make_policy(model_cfg, lora_cfg))
     profiler = Profiler(train_cfg.profile_steps, Path(train_cfg.output_dir) / "profile")
     try:
         if state.step == 0:
@@ -445,8 +450,7 @@ def train(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOConfig
         except OSError:
             pass
         raise
-    out = {**state.last_metrics, **state.last_eval, "params": state.params}
-    return out if ctx.lora_cfg is None else {**out, "policy": policy_params(ctx, state)}
+    return {**state.last_metrics, **state.last_eval, "params": state.params, "policy": policy_params(ctx, state)}
 
 
 def _run_steps(ctx: RunContext, state: LoopState, profiler: Profiler) -> tuple[RunContext, LoopState, str, str | None]:
@@ -476,7 +480,8 @@ def _run_steps(ctx: RunContext, state: LoopState, profiler: Profiler) -> tuple[R
                 final_state = "stopped"
                 break
         if _due(state.step, train_cfg.checkpoint_every, train_cfg.steps):
-            checkpoint_phase(ctx, state)
+            with clock.checkpointing():  # the pause writes one too: its cost is part of what must fit
+                checkpoint_phase(ctx, state)
     profiler.close()
     clock.close()
     return ctx, state, final_state, reason

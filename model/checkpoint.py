@@ -12,13 +12,11 @@ ml_dtypes registers (safetensors >= 0.4.1).
 
 Writing goes through `safetensors.numpy.save_file`, which takes a dict of host arrays, so a whole file's
 tensors sit in host memory at once, in HF layout: transposed copies of every matrix, and a copy of
-everything when params live on an accelerator (a float32 Gemma 2 2B: 2.6B params x 4 bytes = 10.5 GB on top
-of the params). `save_tensors` therefore cuts the tensors into files of at most `MAX_SHARD_BYTES` (2 GiB) in
-transformers' sharded layout (model-0000i-of-0000n.safetensors + model.safetensors.index.json), holding one
-file's tensors at a time; a checkpoint under the limit is a single model.safetensors, as before (the float32
-Gemma 3 270M is 1.07 GB). Measured re-saving the loaded float32 270M on CPU (embedding and norms are
-zero-copy views there; the transposed matrices are copies): peak RSS +0.44 GB as one file, +0.30 GB in
-256 MiB shards.
+everything when params live on an accelerator (gigabytes on top of the params for a 2B model).
+`save_tensors` therefore cuts the tensors into files of at most `MAX_SHARD_BYTES` (2 GiB) in transformers'
+sharded layout (model-0000i-of-0000n.safetensors + model.safetensors.index.json), holding one
+file's tensors at a time; a checkpoint under the limit is a single model.safetensors (the float32 270M is one
+file). BUILD.md records the peak memory of a save.
 """
 
 from __future__ import annotations

@@ -151,6 +151,11 @@ def tiny_config(arch: str = "gemma2", **overrides: Any) -> GemmaConfig:
 _ARCHS = {"gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 
 
+def named_config(name: str) -> GemmaConfig:
+    """A preset by name (PRESETS), or tiny-gemma2 / tiny-gemma3 (tiny_config); ValueError when unknown."""
+    return tiny_config(name.removeprefix("tiny-")) if name.startswith("tiny-") else get_preset(name)
+
+
 def _rope_bases(hf: dict, arch: str) -> tuple[float, float, float]:
     """(global base, local base, global linear scale) from 4.x keys or 5.x `rope_parameters`."""
     default_global = 10_000.0 if arch == "gemma2" else 1_000_000.0

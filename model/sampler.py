@@ -22,13 +22,13 @@ Layout (P = prompt bucket, M = max_new_tokens, S = P + M slots):
   stopping one; `truncated` = no stop within M. The loop ends when every row is done.
 - Step t uses the key fold_in(key, t): same key -> same samples, whatever the loop's early exit.
 
-Decode speed on CPU (Gemma 3 270M, float32, the 2-core box; bin/bench_sample): at batch 1 a step is bound by
-reading the 1.07 GB of weights; at batch 32 by the tied-unembedding GEMM ([32, 640] x [640, 262144], 63% of
-the FLOPs). Five XLA:CPU traps, each 10-50% of a step, are avoided: (1) slicing layer l out of stacked
+Decode speed on CPU (bin/bench_sample; BUILD.md "Sampler speed" has the numbers): at batch 1 a step is bound
+by reading the weights; at larger batches by the tied-unembedding GEMM. Five XLA:CPU traps, each a sizeable
+share of a step (BUILD.md), are avoided: (1) slicing layer l out of stacked
 [L, ...] weights or cache inside the loop (XLA copies the slice every token): per-layer cache buffers, a
 Python loop over layers, weights sliced once before the loop (`_unstack_layers`); (2) copy insertion
 duplicating every cache buffer twice per token when the body reads and updates it: the cache is read before
-it is written, and decode compiles with XLA's region analysis (`_DECODE_COMPILER_OPTIONS`); (3) einsums that
+it is written, and decode compiles with XLA's region analysis (`DECODE_COMPILER_OPTIONS`); (3) einsums that
 transpose the cache (decode_attend's order) or the output projection (o viewed as one head of width N*H);
 (4) Gumbel sampling and sorting over 262k logits (model/sampling.py); (5) XLA's variadic argmax reduce (a
 two-level argmax in model/sampling.py).
@@ -54,6 +54,7 @@ from model.forward import (
     MASK_VALUE,
     attention_inputs,
     attention_mask,
+    cpu_layouts,
     embed_tokens,
     layer_constants,
     layer_output,
@@ -70,6 +71,7 @@ BUCKETS_PER_OCTAVE = 4  # prompt buckets between consecutive powers of two (see 
 MAX_CACHE_LEN = 32_768  # prompt bucket + new tokens: Gemma 3's 32k context (Gemma 2 is trained to 8k)
 PREFILL_ROWS = 8  # prefill runs the prompts in groups of this many rows (see prefill's docstring)
 EOS_SLOTS = 4  # stop-id vectors are padded to a multiple of this, so 1 to 4 stop ids share one compile
+CHECK_EVERY = 8  # decode steps between checks that every row is done (decode's docstring; BUILD.md measures it)
 
 # Trace counters ("prefill", "decode"): incremented when jit (re)traces, i.e. once per compile.
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -81,7 +83,7 @@ class KVCache:
     """Keys and values of every layer for every slot, and where each slot sits in its row.
 
     One buffer per layer, not one stacked [L, ...] array: on CPU, slicing a layer out of a stacked cache
-    inside the decode loop materialises a copy of it every token (measured: 4x slower attention).
+    inside the decode loop materialises a copy of it every token (BUILD.md: attention several times slower).
     """
 
     k: tuple[jax.Array, ...]  # L x [B, K, S, H] post-RoPE keys; [B, K] leading so attention dots need no transpose
@@ -193,11 +195,19 @@ def stop_rule(cfg: GemmaConfig, eos_ids: Sequence[int], text_table: np.ndarray |
 def _record(state: DecodeState, token: jax.Array, logprob: jax.Array, stops: StopRule,
             pad_id: int) -> DecodeState:
     """Store the step's sample; rows already done get pad_id and log-prob 0. A row stops on an EOS id or when
-    the token completes the stop string."""
-    live = ~state.done
+    the token completes the stop string. A step at or past the budget (the tail of decode's last block of
+    steps) changes nothing but `step`: its column index is clamped, so it writes back what is there."""
+    budget = state.tokens.shape[1]
+    active = state.step < budget  # []
+    live = ~state.done & active
     token = jnp.where(live, token, pad_id)
     logprob = jnp.where(live, logprob, 0.0)
-    col = (0, state.step)
+    col = (0, jnp.minimum(state.step, budget - 1))
+
+    def write(buf, value):  # [B, M] <- [B] at column `step`; past the budget, the column's own value
+        old = jax.lax.dynamic_slice(buf, col, (buf.shape[0], 1))[:, 0]
+        return jax.lax.dynamic_update_slice(buf, jnp.where(active, value, old)[:, None], col)
+
     hit_eos = jnp.any(token[:, None] == stops.eos_ids[None, :], axis=-1)  # [B]
     text_state = jnp.where(live, stops.text_table[state.text_state, token].astype(jnp.int32), state.text_state)
     hit_text = text_state >= stops.text_table.shape[0]  # [B]
@@ -205,8 +215,8 @@ def _record(state: DecodeState, token: jax.Array, logprob: jax.Array, stops: Sto
         state,
         step=state.step + 1,
         last_token=token,
-        tokens=jax.lax.dynamic_update_slice(state.tokens, token[:, None], col),
-        logprobs=jax.lax.dynamic_update_slice(state.logprobs, logprob[:, None], col),
+        tokens=write(state.tokens, token),
+        logprobs=write(state.logprobs, logprob),
         done=state.done | (live & (hit_eos | hit_text)),
         lengths=state.lengths + live.astype(jnp.int32),
         text_state=text_state,
@@ -241,8 +251,8 @@ def prefill(params: dict, tokens: jax.Array, pad: jax.Array, stops: StopRule, ke
     compute the same values) and (repeats - 1) / repeats of the prefill saved. GRPO's G completions per prompt
     use it. Token 0 is sampled per row, after the replication.
 
-    Rows go through the layer stack PREFILL_ROWS at a time (lax.map): at batch 32 one [32 * P, F] pass ran
-    ~15% slower than four [8 * P, F] passes on the 2-core CPU, and the activations stay bounded for big batches.
+    Rows go through the layer stack PREFILL_ROWS at a time (lax.map): one [32 * P, F] pass ran slower than
+    four [8 * P, F] passes on CPU (BUILD.md), and the activations stay bounded for big batches.
     """
     TRACE_COUNTS["prefill"] += 1
     with jax.named_scope("prefill"):
@@ -288,11 +298,15 @@ def decode_attend(q, k_cache, v_cache, k_new, v_new, q_pos, k_pos, k_valid, wind
     """model.forward.attend for ONE query token: the cache [B, K, S, H] as it was before this token, plus the
     token's own k_new, v_new [B, K, 1, H] (always visible to itself). q [B, 1, N, H] -> [B, 1, N, H].
 
-    Same numerics (scale, soft-cap THEN mask, float32 softmax over all keys). Two CPU-speed choices: the
-    einsums are ordered so XLA's dots stream the cache rows as stored (attend's order transposes the cache
-    every token), and the cache is read BEFORE this token is written, so the in-place write is its only
-    other use (reading the updated cache made XLA copy every layer's cache every token).
+    Same numerics (scale, soft-cap THEN mask, float32 softmax over all keys). The cache is read BEFORE this
+    token is written, so the in-place write is its only other use (reading the updated cache made XLA copy
+    every layer's cache every token). Two layouts: on CPU the einsums are ordered so XLA's dots stream the
+    cache rows as stored (attend's order transposes the cache every token); on an accelerator the keys are the
+    minor axis and the new token's score joins the softmax without a concatenation, which on GPU was a slow
+    strided reduction every layer and token (BUILD.md "Sampler").
     """
+    if not cpu_layouts():
+        return _decode_attend_keys_minor(q, k_cache, v_cache, k_new, v_new, q_pos, k_pos, k_valid, window, cfg)
     b, _, n, h = q.shape
     qg = q.reshape(b, cfg.num_kv_heads, n // cfg.num_kv_heads, h)  # [B, K, G, H]
     past = jnp.einsum("bksh,bkgh->bksg", k_cache, qg, preferred_element_type=jnp.float32)  # [B, K, S, G]
@@ -306,6 +320,27 @@ def decode_attend(q, k_cache, v_cache, k_new, v_new, q_pos, k_pos, k_valid, wind
     out = jnp.einsum("bksg,bksh->bkgh", probs[:, :, :s], v_cache) + jnp.einsum(
         "bktg,bkth->bkgh", probs[:, :, s:], v_new
     )  # [B, K, G, H]
+    return out.reshape(b, 1, n, h)
+
+
+def _decode_attend_keys_minor(q, k_cache, v_cache, k_new, v_new, q_pos, k_pos, k_valid, window,
+                              cfg: GemmaConfig) -> jax.Array:
+    """decode_attend for accelerators: scores [B, K, G, S] (keys minor, reductions contiguous), the new token's
+    own score [B, K, G] kept apart and folded into the softmax's max and sum."""
+    b, _, n, h = q.shape
+    qg = q.reshape(b, cfg.num_kv_heads, n // cfg.num_kv_heads, h)  # [B, K, G, H]
+    scale = cfg.query_pre_attn_scalar**-0.5
+    past = jnp.einsum("bksh,bkgh->bkgs", k_cache, qg, preferred_element_type=jnp.float32) * scale  # [B, K, G, S]
+    own = jnp.einsum("bkh,bkgh->bkg", k_new[:, :, 0], qg, preferred_element_type=jnp.float32) * scale  # [B, K, G]
+    past, own = softcap(past, cfg.attn_softcap), softcap(own, cfg.attn_softcap)  # soft-cap BEFORE masking
+    mask = attention_mask(q_pos, k_pos, k_valid, window)[:, 0]  # [B, S]
+    past = jnp.where(mask[:, None, None, :], past, MASK_VALUE)
+    top = jnp.maximum(past.max(axis=-1), own)  # [B, K, G]
+    e_past, e_own = jnp.exp(past - top[..., None]), jnp.exp(own - top)
+    total = e_past.sum(axis=-1) + e_own  # [B, K, G]
+    p_past = (e_past / total[..., None]).astype(v_cache.dtype)
+    p_own = (e_own / total).astype(v_cache.dtype)
+    out = jnp.einsum("bkgs,bksh->bkgh", p_past, v_cache) + p_own[..., None] * v_new  # [B, K, G, H]
     return out.reshape(b, 1, n, h)
 
 
@@ -352,25 +387,34 @@ def _decode_step(params: dict, layers: tuple[dict, ...], state: DecodeState, sto
 
 
 # XLA:CPU's default copy insertion copies every layer's cache buffer twice per token when the loop body both
-# reads it (attention) and updates it in place; its region analysis proves the copies unnecessary (measured:
-# 72 copies of 8.9 MB per token for 270M at batch 32 without it, none with it). A no-op on other backends.
-_DECODE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+# reads it (attention) and updates it in place; its region analysis proves the copies unnecessary (BUILD.md
+# counts them). A no-op on other backends.
+DECODE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling"), donate_argnames=("state",),
-                   compiler_options=_DECODE_COMPILER_OPTIONS)
-def decode(params: dict, state: DecodeState, stops: StopRule, *, cfg: GemmaConfig,
-           sampling: SamplingConfig) -> DecodeState:
-    """Sample until every row is done or the token budget is spent: one while_loop, no host round trips."""
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "check_every"), donate_argnames=("state",),
+                   compiler_options=DECODE_COMPILER_OPTIONS)
+def decode(params: dict, state: DecodeState, stops: StopRule, *, cfg: GemmaConfig, sampling: SamplingConfig,
+           check_every: int = CHECK_EVERY) -> DecodeState:
+    """Sample until every row is done or the token budget is spent: no host round trips.
+
+    Two nested loops: blocks of `check_every` steps (a fixed trip count, so a GPU runs them without asking the
+    host anything), and around them a while_loop that stops once every row is done or the budget is spent. A
+    while_loop whose predicate depends on data copies that predicate to the host after each trip on GPU; here
+    it happens once per block. The price: up to check_every - 1 steps computed after the last row stopped
+    (or past the budget), whose writes `_record` turns into no-ops, so the tokens are the same as stepping
+    one token at a time.
+    """
     TRACE_COUNTS["decode"] += 1
     with jax.named_scope("decode"):
         budget = state.tokens.shape[1]
+        every = max(1, min(check_every, budget))
         layers = _unstack_layers(params, cfg)  # outside the loop: sliced once per call
-        return jax.lax.while_loop(
-            lambda st: (st.step < budget) & ~jnp.all(st.done),
-            lambda st: _decode_step(params, layers, st, stops, cfg, sampling),
-            state,
-        )
+
+        def block(st):
+            return jax.lax.fori_loop(0, every, lambda _, s: _decode_step(params, layers, s, stops, cfg, sampling), st)
+
+        return jax.lax.while_loop(lambda st: (st.step < budget) & ~jnp.all(st.done), block, state)
 
 
 def generate(
@@ -410,3 +454,22 @@ def generate(
         logprobs=np.asarray(state.logprobs),
         truncated=~np.asarray(state.done),
     )
+
+
+def generate_in_chunks(params: dict, cfg: GemmaConfig, prompts: Sequence[Sequence[int]], key: jax.Array,
+                       chunk: int, *, max_new_tokens: int, sampling: SamplingConfig,
+                       eos_ids: Sequence[int] | None = None, stop_table: np.ndarray | None = None,
+                       num_repeats: int = 1) -> SampleResult:
+    """`generate` over the prompts `chunk` at a time (bounding one call's KV cache), results concatenated in
+    order. Chunk i samples with fold_in(key, i), or with key itself when one chunk holds every prompt, so a run
+    that fits in one call draws what `generate` would. The last chunk may be smaller (one more compile)."""
+    parts = []
+    for i, start in enumerate(range(0, len(prompts), chunk)):
+        part_key = key if chunk >= len(prompts) else jax.random.fold_in(key, i)
+        parts.append(generate(params, cfg, prompts[start : start + chunk], part_key, max_new_tokens=max_new_tokens,
+                              temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                              eos_ids=eos_ids, stop_table=stop_table, num_repeats=num_repeats))
+    if len(parts) == 1:
+        return parts[0]
+    return SampleResult(*(np.concatenate([getattr(r, f.name) for r in parts])
+                          for f in dataclasses.fields(SampleResult)))

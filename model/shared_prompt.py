@@ -4,10 +4,9 @@ A GRPO batch is P groups of G rows; the G rows of a group share their prompt (le
 columns, same tokens, same mask) and differ only in the completion after it (Tc = T - Tp columns). A causal
 model's prompt states do not depend on what follows, so running the prompt once per group and letting each
 completion attend to that one copy gives the same hidden states (exactly in real arithmetic; in floats up to
-the matmuls' summation order) for (P + P*G*Tc/Tp) / (P*G) of the layer work. At README's shapes (G = 4,
-Tp = 160, Tc = 128) that is 2,688 token-rows instead of 4,608: 42% fewer layer FLOPs, and the activations
-saved for the backward pass shrink with them. The gradient of a shared prompt state is the sum over the
-group's G completions, which autodiff makes from the broadcast below.
+the matmuls' summation order) for (P + P*G*Tc/Tp) / (P*G) of the layer work, and the activations saved for
+the backward pass shrink with it (BUILD.md "Training-step speed" measures it). The gradient of a shared
+prompt state is the sum over the group's G completions, which autodiff makes from the broadcast below.
 
 Packed layout (`pack`): the stream is ONE row [1, N, ...], N = P*Tp + B*Tc, holding the P prompts (group 0's
 prompt, group 1's, ...) then the B completions, so every per-token op (norms, projections, MLP) runs as one

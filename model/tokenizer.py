@@ -13,6 +13,9 @@ from pathlib import Path
 import sentencepiece as spm
 
 END_OF_TURN = "<end_of_turn>"
+# A multimodal checkpoint's vocabulary carries a few rows more than its tokenizer (image tokens); a tokenizer
+# of another model family differs by thousands.
+MAX_EXTRA_VOCAB_ROWS = 1024
 
 
 class Tokenizer:
@@ -67,3 +70,18 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
+
+
+def load_for_model(path: Path, model_cfg) -> Tokenizer:
+    """The tokenizer file at `path`, checked against the model's vocabulary. Bad input: a ValueError naming
+    --tokenizer (the flag every tool loads it by)."""
+    if not path.is_file():
+        raise ValueError(f"--tokenizer: no tokenizer file at {path}")
+    try:
+        tok = Tokenizer(path)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise ValueError(f"--tokenizer: {path} is not a SentencePiece model ({str(e).splitlines()[0]})") from None
+    if not 0 <= model_cfg.vocab_size - tok.vocab_size <= MAX_EXTRA_VOCAB_ROWS:
+        raise ValueError(f"--tokenizer: {path} has {tok.vocab_size} pieces but the model's vocabulary is "
+                         f"{model_cfg.vocab_size}: tokenizer and model do not match")
+    return tok

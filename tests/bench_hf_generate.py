@@ -1,4 +1,5 @@
-"""Baseline for bin/bench_sample: HF transformers greedy `generate` throughput on CPU, float32.
+"""Baseline for bin/bench_sample: HF transformers greedy `generate` throughput, on the GPU when torch sees one
+(else the CPU), in --dtype (float32 by default).
 
 Not part of the test suite (needs the `reference` extra: torch + transformers). Run by hand, on the same
 machine and in the same session as bin/bench_sample:
@@ -13,7 +14,9 @@ one generate(max_new_tokens=N) gives both: prefill = start to first stamp (promp
 decode = first to last stamp (N - 1 single-token steps); decode tok/s = batch * (N - 1) / decode. After a
 2-token warm-up, the median over `--repeats` runs is reported. HF runs with its
 default attention (sdpa; Gemma 3 has no attention soft-cap, so sdpa is exact here) and its default
-dynamic KV cache; torch uses all cores (`torch.get_num_threads()` is printed).
+dynamic KV cache; torch uses all cores (`torch.get_num_threads()` is printed). On a GPU each clock stamp first
+synchronises the device, so the stamps measure finished work (generate itself waits on the device every step
+to decide whether to stop, so this adds little).
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ class _StepClock(LogitsProcessor):
         self.stamps: list[float] = []
 
     def __call__(self, input_ids, scores):
+        if scores.is_cuda:
+            torch.cuda.synchronize()
         self.stamps.append(time.perf_counter())
         return scores
 
@@ -74,6 +79,8 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1, help="timed repeats after the warm-up (median)")
     parser.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     args = parser.parse_args()
     model_dir = args.model_dir or _default_model_dir()
     if not (model_dir / "config.json").is_file():
@@ -81,12 +88,14 @@ def main() -> None:
     if args.new_tokens < 2:
         raise SystemExit(f"--new_tokens must be >= 2 to time decode steps, got {args.new_tokens}")
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).to(device).eval()
     model.generation_config.eos_token_id = None  # no early stop: every row decodes the full budget
     vocab = model.config.vocab_size
     ids = np.random.default_rng(0).integers(FIRST_FREE_ID, vocab, args.prompt_len - 1)
-    prompt = torch.tensor([[BOS, *ids.tolist()]] * args.batch, dtype=torch.long)
-    print(f"HF transformers generate: {model_dir.name}, float32, batch {args.batch}, prompt {args.prompt_len}, "
+    prompt = torch.tensor([[BOS, *ids.tolist()]] * args.batch, dtype=torch.long, device=device)
+    print(f"HF transformers generate: {model_dir.name}, {args.dtype} on {device}, batch {args.batch}, "
+          f"prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, torch threads {torch.get_num_threads()}, "
           f"attention {model.config._attn_implementation}", flush=True)
 
@@ -104,7 +113,7 @@ def main() -> None:
     if args.json:
         import json
 
-        print(json.dumps({"batch": args.batch, "prefill_s": tp, "decode_s": td,
+        print(json.dumps({"batch": args.batch, "device": device, "dtype": args.dtype, "prefill_s": tp, "decode_s": td,
                           "prefill_tok_s": args.batch * args.prompt_len / tp, "decode_tok_s": args.batch * steps / td,
                           "end_to_end_tok_s": args.batch * args.new_tokens / (tp + td)}))
 

@@ -1,4 +1,5 @@
-"""Baseline for bin/bench_train: one GRPO-shaped training step in HF transformers + torch on CPU, float32.
+"""Baseline for bin/bench_train: one GRPO-shaped training step in HF transformers + torch, float32 weights, on the
+GPU when torch sees one (there with bfloat16 autocast, as bin/train computes in bfloat16 off-CPU), else the CPU.
 
 Not part of the test suite (needs the `reference` extra: torch + transformers). `bin/bench_train --compare_hf`
 runs it in the same invocation, after our own steps, so the ratio comes from one sitting:
@@ -50,9 +51,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num_generations", type=int, default=4, help="rows per shared prompt (bench_train's G)")
     parser.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     args = parser.parse_args()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.startswith("cuda")
     model_dir = args.model_dir or _default_model_dir()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
     t = args.prompt_len + args.completion_len
@@ -61,16 +65,18 @@ def main() -> None:
     raw = rng.integers(4, ids, (args.rows, t))
     g = args.num_generations  # bench_train's batch: each group of g rows shares its prompt columns
     raw[:, : args.prompt_len] = np.repeat(raw[::g, : args.prompt_len], g, axis=0)
-    tokens = torch.tensor(raw, dtype=torch.long)
-    advantages = torch.tensor(rng.normal(size=args.rows), dtype=torch.float32)
+    tokens = torch.tensor(raw, dtype=torch.long, device=device)
+    advantages = torch.tensor(rng.normal(size=args.rows), dtype=torch.float32, device=device)
     mask = torch.ones_like(tokens)
-    print(f"HF transformers train step: {model_dir.name}, float32, {args.rows} rows x {t} tokens "
+    print(f"HF transformers train step: {model_dir.name}, float32{' + bf16 autocast' if on_gpu else ''} on {device}, "
+          f"{args.rows} rows x {t} tokens "
           f"({args.completion_len} completion), torch threads {torch.get_num_threads()}", flush=True)
 
     def step() -> float:
         t0 = time.perf_counter()
         # logits for the positions that predict the completion tokens only (the tail), as bin/train does
-        out = model(input_ids=tokens, attention_mask=mask, logits_to_keep=args.completion_len + 1)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
+            out = model(input_ids=tokens, attention_mask=mask, logits_to_keep=args.completion_len + 1)
         logits = out.logits[:, :-1].float()  # [B, completion, V]
         logp = torch.log_softmax(logits, dim=-1)
         target = tokens[:, -args.completion_len:]
@@ -79,6 +85,8 @@ def main() -> None:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if on_gpu:
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     first = step()
@@ -88,7 +96,7 @@ def main() -> None:
     med = statistics.median(times)
     print(f"HF step {med:.2f} s median of {args.repeats} (first step {first:.1f} s)")
     if args.json:
-        print(json.dumps({"step_s": med, "steps_s": times, "first_step_s": first, "rows": args.rows,
+        print(json.dumps({"device": device, "step_s": med, "steps_s": times, "first_step_s": first, "rows": args.rows,
                           "prompt_len": args.prompt_len, "completion_len": args.completion_len}))
 
 

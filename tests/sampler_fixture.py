@@ -45,8 +45,8 @@ def run_case(name: str, stop_ids: np.ndarray, eos: int | None):
     cfg, params = _tiny(arch)
     table = stop_table(pieces_for(cfg.vocab_size, *map(int, stop_ids)), "</answer>")
     return model.generate(params, cfg, _prompts(LENGTHS, seed=3), jax.random.key(11), max_new_tokens=NEW,
-                          temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=() if eos is None else (eos,), stop_table=table,
-                          num_repeats=repeats)
+                          temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=() if eos is None else (eos,),
+                          stop_table=table, num_repeats=repeats)
 
 
 def _choose_stops(name: str) -> tuple[np.ndarray, int]:

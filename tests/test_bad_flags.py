@@ -3,14 +3,18 @@ on stderr that names the flag, no traceback, and nothing written to --output_dir
 
 Reference: the table below, which must cover every flag bin/train defines (a new flag without a row fails
 `test_the_table_covers_every_flag`). Timing is not asserted; every case fails in setup, before a compile.
+bin/train's table runs in this process (its `main` under absl's flagsaver, exit status and stderr as a user
+sees them); a few cases run it as a subprocess too, and the other binaries run as subprocesses.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
+from absl.testing import flagsaver
 from binaries import ROOT, run_tool
 
 TINY = ROOT / "tests" / "fixtures" / "gemma3_g2"  # a checkpoint without tokenizer.model: later checks never run
@@ -66,8 +70,27 @@ def real_model_dir():
     return default_model_dir()
 
 
-@pytest.mark.parametrize("flag", sorted(TRAIN_BAD))
-def test_bin_train_bad_value(flag, tmp_path, request):
+# Cases also run as `python -m bin.train` subprocesses: a failure at absl's parsing, one in setup, one needing
+# the model, one in the multi-host checks.
+SUBPROCESS_CASES = ("steps", "machine", "data_file", "process_id")
+
+
+def _train_in_process(args: list[str], capsys) -> subprocess.CompletedProcess:
+    """bin/train's main on this command line, in this process: (exit status, stdout, stderr) as a subprocess's."""
+    from bin import cli
+    from bin import train as train_bin
+
+    with flagsaver.flagsaver():
+        try:
+            cli.run(train_bin.main, argv=["bin/train", *args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+def _train_args(flag: str, tmp_path: Path, request) -> tuple[list[str], Path]:
     _files(tmp_path)
     value = TRAIN_BAD[flag].format(tmp=tmp_path)
     model_dir = request.getfixturevalue("real_model_dir") if flag in NEEDS_MODEL else TINY
@@ -81,9 +104,22 @@ def test_bin_train_bad_value(flag, tmp_path, request):
         args += ["--coordinator_address=localhost:1234", "--num_processes=1", "--process_id=1"]
     else:
         args.append(f"--{flag}={value}")
-    _assert_one_line_error(run_tool("train", *args, timeout=300), NAMED.get(flag, flag))
+    return args, out
+
+
+@pytest.mark.parametrize("flag", sorted(TRAIN_BAD))
+def test_bin_train_bad_value(flag, tmp_path, request, capsys):
+    args, out = _train_args(flag, tmp_path, request)
+    _assert_one_line_error(_train_in_process(args, capsys), NAMED.get(flag, flag))
     if flag != "output_dir":
         assert not out.exists(), f"--{flag}: the run directory was created before the error"
+
+
+@pytest.mark.parametrize("flag", SUBPROCESS_CASES)
+def test_bin_train_bad_value_as_a_subprocess(flag, tmp_path, request):
+    args, out = _train_args(flag, tmp_path, request)
+    _assert_one_line_error(run_tool("train", *args, timeout=300), NAMED.get(flag, flag))
+    assert not out.exists()
 
 
 def test_the_table_covers_every_flag():

@@ -8,6 +8,7 @@ the abstractly compiled step before any weight is allocated.
 from __future__ import annotations
 
 import json
+import statistics
 
 from binaries import run_tool
 
@@ -19,7 +20,10 @@ def test_bench_train_json_has_step_seconds_per_tail():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(result["tails"]) == {"0", "completion"}
     for timing in result["tails"].values():
-        assert timing["step_s"] > 0 and len(timing["steps_s"]) == 2 and timing["peak_bytes"] > 0
+        assert len(timing["steps_s"]) == 2 and timing["step_s"] == statistics.median(timing["steps_s"])
+        assert abs(timing["tokens_per_s"] - 4 * 16 / timing["step_s"]) < 1e-6 * timing["tokens_per_s"]
+    # the all-positions tail unembeds every position, the completion tail only the last 8: never less memory
+    assert result["tails"]["0"]["peak_bytes"] >= result["tails"]["completion"]["peak_bytes"]
 
 
 def test_bench_train_refuses_a_shape_that_cannot_fit_before_allocating():

@@ -142,21 +142,17 @@ def test_zero_std_groups():
 
 
 def test_recipe_sets_only_what_the_command_line_left_alone():
-    from bin import recipes
+    from grpo import presets
 
     fv = flags.FlagValues()
     flags.DEFINE_integer("num_generations", 4, "", flag_values=fv)
     flags.DEFINE_float("learning_rate", 1e-5, "", flag_values=fv)
     fv(["prog", "--learning_rate=3e-6"])
-    recipe = {"num_generations": 8, "learning_rate": 2e-5}
-    recipes.RECIPES["test-only"] = recipe
-    try:
-        recipes.apply(fv, "test-only")
-    finally:
-        del recipes.RECIPES["test-only"]
+    presets.apply(fv, {"num_generations": 8, "learning_rate": 2e-5})
     assert (fv.num_generations, fv.learning_rate) == (8, 3e-6)
-    with pytest.raises(recipes.FlagError, match="--recipe: unknown recipe 'fast'"):
-        recipes.apply(fv, "fast")
+    assert presets.recipe("laptop") is presets.RECIPES["laptop"]
+    with pytest.raises(ValueError, match="^--recipe: unknown recipe 'fast'"):
+        presets.recipe("fast")
 
 
 def test_loop_on_the_ladder_logs_levels(tmp_path):

@@ -16,12 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from batches import ragged_rows
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import grpo
 import model
-from grpo.step import make_optimizer
+from grpo.policy import make_optimizer
 
 FAST = {"xla_backend_optimization_level": 0}
 
@@ -40,14 +41,7 @@ def _batch(params, rng) -> tuple[dict, np.ndarray]:
     """Left-padded prompts, right-padded completions of different lengths, ratios off 1 so the clip engages.
 
     Also returns the current policy's logprobs [B, T]."""
-    tokens = rng.integers(3, CFG.vocab_size, (B, T)).astype(np.int32)
-    attention = np.ones((B, T), np.int32)
-    for i in range(B):
-        attention[i, : i % 3] = 0
-        attention[i, T - i % 5:] = 0
-    completion = np.zeros((B, T), np.float32)
-    completion[:, PROMPT:] = 1
-    completion *= attention
+    tokens, attention, completion = ragged_rows(rng, CFG.vocab_size, B, T, PROMPT, right_pad_mod=5)
     lp = np.asarray(grpo.logprobs(params, jnp.asarray(tokens), jnp.asarray(attention), CFG))
     batch = dict(tokens=tokens, attention_mask=attention, completion_mask=completion,
                  advantages=rng.normal(size=B).astype(np.float32),

@@ -162,7 +162,8 @@ def test_loop_with_dynamic_sampling_runs_to_its_cap_on_a_silent_policy(tmp_path)
     cfg = model.tiny_config("gemma3", num_layers=1, vocab_size=VOCAB, embed_dim=32, hidden_dim=64)
     gcfg = grpo.GRPOConfig(num_generations=2, learning_rate=1e-3, entropy_control=EntropyControl(target=50.0))
     ctx, state = start_run(cfg, model.init_params(jax.random.key(0), cfg), task, gcfg,
-                           RolloutConfig(max_new_tokens=6, dynamic_sampling=True, max_oversample=3.0),
+                           RolloutConfig(max_new_tokens=6, dynamic_sampling=True, max_oversample=3.0,
+                                         skip_zero_std_groups=False),  # the groups without signal stay in
                            TrainConfig(output_dir=str(tmp_path / "run"), steps=2, prompts_per_step=2, eval_size=0,
                                        export_hf=False, start_level=levels[1].name),
                            grpo.make_mesh(data=1, fsdp=1), echo=lambda s: None)

@@ -1,4 +1,5 @@
-"""LoRA adapters (model/lora.py) and the LoRA GRPO step (grpo/lora_step.py), on 8 fake CPU devices.
+"""LoRA adapters (model/lora.py) and the LoRA GRPO step (grpo/policy.py LoraPolicy through grpo/step.py, called
+here by its adapters-first entry point grpo.step.make_lora_step), on 8 fake CPU devices.
 
 References and tolerances:
 - b = 0: the adapted forward IS the base forward: logits equal bitwise (x @ W + 0).
@@ -22,12 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from batches import ragged_rows
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import grpo
 import model
-from grpo.lora_step import init_lora_state, make_lora_optimizer, make_lora_step
+from grpo import init_lora_state, make_lora_step
+from grpo.policy import make_lora_optimizer
 from grpo.sharding import adapter_specs
 from model.lora import LoraConfig, init_adapters, lora_schema, merge, validate_lora, with_adapters
 
@@ -58,14 +61,7 @@ def _params_and_adapters(seed: int = 0, b_scale: float = 0.05):
 def _batch(params, adapters, rng) -> tuple[dict, np.ndarray]:
     """Left-padded prompts, right-padded completions, old/ref log-probs off the current ones so the clip
     engages. Also returns the current policy's logprobs [B, T]."""
-    tokens = rng.integers(3, CFG.vocab_size, (B, T)).astype(np.int32)
-    attention = np.ones((B, T), np.int32)
-    for i in range(B):
-        attention[i, : i % 3] = 0
-        attention[i, T - i % 5:] = 0
-    completion = np.zeros((B, T), np.float32)
-    completion[:, PROMPT:] = 1
-    completion *= attention
+    tokens, attention, completion = ragged_rows(rng, CFG.vocab_size, B, T, PROMPT, right_pad_mod=5)
     lp = np.asarray(grpo.logprobs(with_adapters(params, adapters, LCFG), jnp.asarray(tokens), jnp.asarray(attention),
                                   CFG))
     batch = dict(tokens=tokens, attention_mask=attention, completion_mask=completion,

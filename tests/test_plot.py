@@ -1,51 +1,125 @@
-"""bin/plot draws a PNG from metrics.jsonl; a malformed line is a one-line error naming file and line."""
+"""bin/plot and grpo.report.plot_curves: one figure with a panel per grpo.report.chart_specs chart.
+
+References: the numbers are the ones written to metrics.jsonl / eval.jsonl here (compared exactly: matplotlib
+stores what it was given); the panels are chart_specs' list in order; the PNG's size, read from its IHDR header,
+is grid_size's inches times the DPI, to the pixel. A malformed line is a one-line error naming file and line.
+"""
 
 import json
+import re
+import struct
+from pathlib import Path
 
 import pytest
+from binaries import run_tool
 
 pytest.importorskip("matplotlib", reason="bin/plot needs the plot extra (CI installs it)")
-from bin import plot as plot_bin  # noqa: E402  (after the skip: bin.plot draws with matplotlib)
+
+from grpo.entropy_control import ENTROPY_BAND  # noqa: E402  (after the skip: grpo.report draws with matplotlib)
+from grpo.report import chart_specs, grid_figure, grid_size, load_curves, plot_curves, pyplot  # noqa: E402
+from grpo.report.charts import DPI  # noqa: E402
+
+STEPS = (1, 2, 3, 4)
+METRICS = [{"step": s, "reward_mean": 0.1 * s, "entropy": 0.5 * s, "frac_zero_std_groups": 0.5,
+            "frac_zero_std_solved": 0.25 * s, "oversample_ratio": float(s), "aha_count": s % 3, "kl": None}
+           for s in STEPS]
+# step 4's eval is the better one, so every panel marks step 4 as the best eval
+EVALS = [{"step": 0, "eval_reward_mean": 0.1, "eval_solved_frac": 0.0, "eval_format_frac": 0.2},
+         {"step": 4, "eval_reward_mean": 0.3, "eval_solved_frac": 0.25, "eval_format_frac": 0.5}]
+# what METRICS / EVALS record, in chart_specs' order (kl is null: no panel)
+PANELS = ["reward", "solved", "format", "entropy", "aha", "zero_std", "oversample"]
 
 
-def test_plot_writes_png(tmp_path):
-    rows = [{"step": s, "reward_mean": 0.1 * s, "solved_frac": 0.0, "format_frac": 0.5, "completion_len_mean": 40,
-             "kl": None, "aha_count": s} for s in range(1, 6)]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "eval.jsonl").write_text(json.dumps({"step": 0, "eval_reward_mean": 0.1, "eval_solved_frac": 0.0,
-                                                     "eval_format_frac": 0.2}) + "\n")
-    out = plot_bin.plot(tmp_path, tmp_path / "c.png")
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+def write_run(d: Path) -> Path:
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in METRICS))
+    (d / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in EVALS))
+    return d
 
 
-def test_malformed_metrics_line(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{oops\n')
-    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON line"):
-        plot_bin.plot(tmp_path, tmp_path / "c.png")
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) in pixels from the PNG's IHDR chunk, the first after the 8-byte signature."""
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR", head
+    return struct.unpack(">II", head[16:24])
 
 
-def test_plot_draws_the_report_curves(tmp_path, monkeypatch):
-    """bin/plot draws bin/report's chart_specs, one panel each: the new per-step keys (entropy with its band, both
-    zero-std shares, the oversample ratio) reach the figure with the recorded values; unrecorded ones get none."""
-    from bin import report_charts
-    from grpo.entropy_control import ENTROPY_BAND
-
-    rows = [{"step": s, "reward_mean": 0.1 * s, "entropy": 0.5 * s, "frac_zero_std_groups": 0.5,
-             "frac_zero_std_solved": 0.25 * s, "oversample_ratio": float(s)} for s in range(1, 5)]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    drawn = []
-    draw_on = report_charts.draw_on
-    monkeypatch.setattr(report_charts, "draw_on", lambda ax, spec: drawn.append(spec) or draw_on(ax, spec))
-    out = plot_bin.plot(tmp_path, tmp_path / "c.png")
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    specs = {s.id: s for s in drawn}
-    assert sorted(specs) == ["entropy", "oversample", "reward", "zero_std"]
-    assert specs["entropy"].band == ENTROPY_BAND and specs["entropy"].lines[0].ys == [0.5, 1.0, 1.5, 2.0]
-    assert [ln.ys for ln in specs["zero_std"].lines] == [[0.5] * 4, [0.25, 0.5, 0.75, 1.0]]
-    assert specs["oversample"].lines[0].ys == [1.0, 2.0, 3.0, 4.0]
+def plotted(ax) -> dict[str, tuple[list, list]]:
+    """{label: (xs, ys)} of one panel's labelled matplotlib lines, as handed to matplotlib."""
+    return {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.get_lines()
+            if not ln.get_label().startswith("_")}
 
 
-def test_nothing_recorded_is_one_flag_error(tmp_path):
+def column(rows: list[dict], key: str) -> tuple[list, list]:
+    return [r["step"] for r in rows], [r[key] for r in rows]
+
+
+def test_panels_hold_the_files_numbers(tmp_path):
+    """Each panel is a chart_specs chart, in order, and its lines carry exactly the values of the files; the
+    entropy panel has the healthy band, every panel the best eval's step; the unused panels are blank."""
+    run = load_curves(write_run(tmp_path))
+    specs = chart_specs(run)
+    assert [s.id for s in specs] == PANELS
+    plt = pyplot()
+    fig = grid_figure(plt, specs, "title")
+    try:
+        shown = [ax for ax in fig.axes if ax.axison]
+        assert [ax.get_title() for ax in shown] == [s.title for s in specs]
+        assert len(fig.axes) == 9 and not any(ax.axison for ax in fig.axes[len(specs):])  # 3 rows of 3
+        panel = dict(zip(PANELS, map(plotted, shown), strict=True))
+        assert panel["reward"]["train (sampled, mean)"] == column(METRICS, "reward_mean")
+        assert panel["reward"]["eval (greedy)"] == column(EVALS, "eval_reward_mean")
+        assert panel["solved"]["eval (greedy)"] == column(EVALS, "eval_solved_frac")
+        assert panel["entropy"]["train"] == column(METRICS, "entropy")
+        assert panel["entropy"]["healthy band"][1] == [ENTROPY_BAND[0]] * 2
+        assert panel["aha"]["aha_count"] == column(METRICS, "aha_count")
+        assert panel["zero_std"]["rewards all equal"] == column(METRICS, "frac_zero_std_groups")
+        assert panel["zero_std"]["solved outcomes all equal"] == column(METRICS, "frac_zero_std_solved")
+        assert panel["oversample"]["ratio"] == column(METRICS, "oversample_ratio")
+        assert all(p["best eval (step 4)"][0] == [4, 4] for p in panel.values())
+        assert not any("healthy band" in p for name, p in panel.items() if name != "entropy")
+        assert fig._suptitle.get_text() == "title"
+    finally:
+        plt.close(fig)
+
+
+def test_cli_writes_png_of_the_requested_size(tmp_path):
+    """`python -m bin.plot` writes <run_dir>/curves.png (or --out) and prints its path; 7 panels are 3 rows of 3,
+    so the PNG is grid_size(7) inches at DPI: 1620 x 900 pixels."""
+    d = write_run(tmp_path)
+    res = run_tool("plot", "--run_dir", str(d))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(d / "curves.png")
+    width, height = grid_size(len(PANELS))
+    assert png_size(d / "curves.png") == (round(width * DPI), round(height * DPI)) == (1620, 900)
+    out = plot_curves(pyplot(), d, tmp_path / "other.png")  # the library call writes the same figure
+    assert png_size(out) == (1620, 900)
+
+
+@pytest.mark.parametrize("text, why", [('{"step": 1}\n{oops\n', "2: not a JSON line"),
+                                       ('{"step": 1}\n\n[1, 2]\n', "3: not a JSON object (list)")])
+def test_malformed_metrics_line(tmp_path, text, why):
+    (tmp_path / "metrics.jsonl").write_text(text)
+    with pytest.raises(ValueError, match="^" + re.escape(f"{tmp_path / 'metrics.jsonl'}:{why}") + "$"):
+        plot_curves(pyplot(), tmp_path, tmp_path / "c.png")
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_nothing_to_draw(tmp_path):
+    with pytest.raises(ValueError, match=r"^no metrics in .*metrics.jsonl$"):
+        plot_curves(pyplot(), tmp_path, tmp_path / "c.png")
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
-    with pytest.raises(plot_bin.FlagError, match=r"^--run_dir: nothing recorded to draw in .*metrics.jsonl$"):
-        plot_bin.plot(tmp_path, tmp_path / "c.png")
+    with pytest.raises(ValueError, match=r"^nothing recorded to draw in .*metrics.jsonl$"):
+        plot_curves(pyplot(), tmp_path, tmp_path / "c.png")
+
+
+def test_cli_errors_are_one_line_naming_the_flag(tmp_path):
+    """Exit 2 and one `error: --flag: ...` line, as every bin/ tool reports a user's mistake."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{oops\n')
+    cases = [(["--run_dir", str(tmp_path)], f"--run_dir: {tmp_path / 'metrics.jsonl'}:2: not a JSON line"),
+             (["--run_dir", str(tmp_path / "nope")], f"--run_dir: no such directory {tmp_path / 'nope'}"),
+             (["--run_dir", str(tmp_path), "--out", str(tmp_path / "no" / "c.png")],
+              f"--out: no such directory {tmp_path / 'no'}"),
+             ([], "--run_dir is required")]
+    for args, message in cases:
+        res = run_tool("plot", *args)
+        assert (res.returncode, res.stderr.strip()) == (2, f"error: {message}"), args

@@ -15,11 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from batches import ragged_rows
 
 import grpo
 import model
+from grpo import init_lora_state, make_lora_step
 from grpo.logprobs import make_sharded_logprobs, make_step_logprobs
-from grpo.lora_step import init_lora_state, make_lora_step
 from model.lora import LoraConfig, init_adapters
 
 FAST = {"xla_backend_optimization_level": 0}
@@ -35,12 +36,7 @@ def setup():
     init = lambda key: (model.init_params(key, CFG), init_adapters(jax.random.fold_in(key, 1), CFG, LCFG))
     params, adapters = jax.jit(init, compiler_options=FAST)(jax.random.key(0))
     rng = np.random.default_rng(0)
-    tokens = rng.integers(3, CFG.vocab_size, (B, T)).astype(np.int32)
-    attention = np.ones((B, T), np.int32)
-    for i in range(B):
-        attention[i, : i % 3] = 0
-        attention[i, T - i % 4:] = 0
-    completion = (np.arange(T)[None, :] >= PROMPT) * attention
+    tokens, attention, completion = ragged_rows(rng, CFG.vocab_size, B, T, PROMPT, right_pad_mod=4)
     batch = dict(tokens=tokens, attention_mask=attention, completion_mask=completion.astype(np.float32))
     mesh = grpo.make_mesh(2, 4)
     return params, adapters, batch, mesh, make_step_logprobs(CFG, GCFG, mesh, compiler_options=FAST)
@@ -114,14 +110,15 @@ def test_rollouts_sample_in_the_compute_dtype(setup):
     rollout bound counts on it); without a compute dtype it gets the params as stored. LoRA: merged, then cast."""
     import types
 
+    from grpo.policy import FullPolicy, LoraPolicy
     from grpo.trainer import LoopState, policy_params
 
     params, adapters = setup[0], setup[1]
     for compute, want in (("bfloat16", jnp.bfloat16), (None, jnp.float32)):
-        ctx = types.SimpleNamespace(lora_cfg=None, grpo_cfg=grpo.GRPOConfig(compute_dtype=compute))
+        ctx = types.SimpleNamespace(policy=FullPolicy(CFG), frozen={}, grpo_cfg=grpo.GRPOConfig(compute_dtype=compute))
         got = policy_params(ctx, LoopState(params=params, opt_state=None))
         assert {leaf.dtype for leaf in jax.tree.leaves(got)} == {jnp.dtype(want)}
-    ctx = types.SimpleNamespace(lora_cfg=LCFG, grpo_cfg=GCFG, base_params=params, model_cfg=CFG)
+    ctx = types.SimpleNamespace(policy=LoraPolicy(CFG, LCFG), frozen=params, grpo_cfg=GCFG)
     got = policy_params(ctx, LoopState(params=adapters, opt_state=None))
     assert {leaf.dtype for leaf in jax.tree.leaves(got)} == {jnp.dtype(jnp.bfloat16)}
     assert jax.tree.structure(got) == jax.tree.structure(params)

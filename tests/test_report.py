@@ -1,8 +1,9 @@
-"""bin/report: the page builds from a tiny run's files (current and old line formats), is well-formed HTML with
-decodable inline images, marks verification phrases in the right completion, raises each warning on the runs
-that should trigger it and none on a healthy one, survives missing / cut-off files, and renders in Chromium.
+"""grpo.report (and bin/report, run as a tool): the page builds from a tiny run's files (current and old line
+formats), is well-formed HTML with decodable inline images, marks verification phrases in the right completion,
+raises each warning on the runs that should trigger it and none on a healthy one, survives missing / cut-off
+files, and renders in Chromium.
 
-The run files are written here by hand, in the formats bin/train writes (see bin/report_data's docstrings).
+The run files are written here by hand, in the formats bin/train writes (see grpo/report/reading.py).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 import pytest
 from binaries import run_tool
 
-from bin import report_html
-from bin.report_data import load_run, warnings
+from grpo import report
+from grpo.report import load_run, warnings
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SOLVED = ("<think>40 - 12 = 28, 28 + 5 = 33. Wait, that is not 52. Let me try 40 + 12 = 52.</think> "
@@ -122,12 +123,12 @@ def check_html(text: str) -> StrictParser:
 
 
 def build(d: Path) -> str:
-    return report_html.build(d, d / "report.html").read_text()
+    return report.build(d, d / "report.html").read_text()
 
 
 def page(d: Path) -> str:
     """The page without charts: for the tests that are about text, not images (drawing takes seconds)."""
-    return report_html.page(load_run(d), None, "now")
+    return report.render(load_run(d), None, "now")
 
 
 def decode_images(parser: StrictParser) -> list[bytes]:
@@ -354,8 +355,8 @@ def test_entropy_warning_wording_and_tolerance(tmp_path):
     """entropy_warnings over the metrics rows: noise above ENTROPY_BAND and collapse below it are separate warnings
     with their own wording (both sides in one run: two warnings, each naming only its steps); the band's ends are
     inside; a run without entropy, or with null / NaN / string entropy, has no entropy warning at all."""
-    from bin.report_data import entropy_warnings
     from grpo.entropy_control import ENTROPY_BAND
+    from grpo.report import entropy_warnings
 
     low, high = ENTROPY_BAND
     values = (1.0, 3.0, high, 2.5, low, 0.01, 0.01, 0.01, 0.01, 0.01, 0.5)
@@ -395,9 +396,8 @@ def test_entropy_and_signal_curves_and_the_template_table(tmp_path):
     and chart_specs (what both bin/report and bin/plot draw) holds the recorded values: entropy with the band as
     its decoration, both zero-std curves on one 0..1 chart, the applied entropy coefficient, the oversample ratio
     and one level-share line per level (0 where a step drew none of it)."""
-    from bin import report_charts
-    from bin.report_data import template_table
     from grpo.entropy_control import ENTROPY_BAND
+    from grpo.report import template_table
 
     rows = [metric_row(s, entropy=0.2 * s, frac_zero_std_groups=0.5, frac_zero_std_solved=1.0 - 0.1 * s,
                        oversample_ratio=1.0 + s, entropy_coef_applied=0.005 * (s > 3),
@@ -408,7 +408,7 @@ def test_entropy_and_signal_curves_and_the_template_table(tmp_path):
     run = load_run(d)
     assert template_table(run.metrics, [1, 5]) == [(1, [("a + b", 0.75), ("a * b", 0.2), ("<rest>", 0.04)]),
                                                    (5, [("a + b", 0.75), ("a * b", 0.2), ("<rest>", 0.04)])]
-    specs = {c.id: c for c in report_charts.chart_specs(run)}
+    specs = {c.id: c for c in report.chart_specs(run)}
     values = lambda cid: {ln.label: ln.ys for ln in specs[cid].lines}
     assert specs["entropy"].band == ENTROPY_BAND
     assert values("entropy")["train"] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
@@ -426,10 +426,8 @@ def test_entropy_and_signal_curves_and_the_template_table(tmp_path):
 
 def test_no_new_keys_no_new_charts(tmp_path):
     """An old run (none of the new keys) draws none of their charts and shows no template table."""
-    from bin import report_charts
-
     run = load_run(old_run(tmp_path / "old"))
-    ids = {c.id for c in report_charts.chart_specs(run)}
+    ids = {c.id for c in report.chart_specs(run)}
     assert not ids & {"entropy_coef", "zero_std", "oversample", "level_shares", "level"}, ids
     assert "entropy" in ids and "Answer templates" not in page(run.run_dir)
 
@@ -439,8 +437,7 @@ def test_eval_drops_and_the_best_step(tmp_path):
     solved rate from 0.6 to 0.2 on one of two levels at step 30: both warnings name exactly those steps; the best
     eval (step 10, the first strictly best score) is marked on the curves and shown next to the last on the
     cards."""
-    from bin import report_charts
-    from bin.report_data import best_eval
+    from grpo.report import best_eval
 
     d = _metrics(tmp_path / "drop", [metric_row(s) for s in range(1, 31)])
     evals = [{"step": s, "eval_solved_frac": 0.0, "eval_format_frac": f, "eval_reward_mean": 0.1,
@@ -453,5 +450,16 @@ def test_eval_drops_and_the_best_step(tmp_path):
     assert best_eval(run.evals)["step"] == 10
     text = page(d)
     assert "eval solved, best (step 10)" in text and "eval solved, last (step 30)" in text
-    drawn = [c.best_step for c in report_charts.chart_specs(run)]
+    drawn = [c.best_step for c in report.chart_specs(run)]
     assert drawn and set(drawn) == {10}  # every chart marks the best step
+
+
+def test_the_run_config_is_shown(tmp_path):
+    """Reference: the run_config.json the loop writes (grpo/run_files.py): its top-level keys become the report's
+    config table; a damaged one is left out with a note."""
+    run = new_run(tmp_path / "run")
+    (run / "run_config.json").write_text(json.dumps({"grpo": {"learning_rate": 1e-5}, "lora": None}))
+    text = build(run)
+    assert "<td>grpo</td><td>{&quot;learning_rate&quot;: 1e-05}</td>" in text and "<td>lora</td><td>null</td>" in text
+    (run / "run_config.json").write_text("{not json")
+    assert "run_config.json: not readable JSON, left out" in build(run)

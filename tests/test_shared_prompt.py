@@ -15,7 +15,7 @@ import pytest
 
 import grpo
 import model
-from grpo.lora_step import init_lora_state, make_lora_step
+from grpo import init_lora_state, make_lora_step
 from grpo.rollout import check_shared_prompts
 from model.lora import LoraConfig, init_adapters
 from model.shared_prompt import prompt_sharing
@@ -69,7 +69,8 @@ def test_step_with_shared_prompts_equals_whole_rows(arch, fused):
     mesh = grpo.make_mesh(data=2, fsdp=2)  # 1 group per device
     batch = _batch(cfg, groups=4, seed=1)
     base = grpo.GRPOConfig(num_generations=G, learning_rate=0.1, adam_eps=1.0, logits_chunk=4, logprob_tail=TAIL,
-                           fused_unembed=fused, entropy_coef=0.01 if fused else 0.0)
+                           fused_unembed=fused, entropy_coef=0.01 if fused else 0.0,
+                           entropy_control=None)
     out = {}
     for shared in (False, True):
         gcfg = grpo.GRPOConfig(**{**base.__dict__, "shared_prompt": shared})

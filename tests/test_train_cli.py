@@ -85,7 +85,7 @@ def test_the_defaults_run_the_ladder_with_lora_end_to_end(tmp_path):
 
     from tiny_model import make_tiny_model_dir
 
-    from bin.train import LORA_LR_SCALE
+    from grpo.config import LORA_LR_SCALE
 
     model_dir = make_tiny_model_dir(tmp_path / "model")
     out = tmp_path / "run"

@@ -51,8 +51,10 @@ class LowIdTask:
 def _setup(tmp_path, steps, lr=1e-2, **tkw):
     cfg = model.tiny_config("gemma2", num_layers=2, embed_dim=32, hidden_dim=64)
     params = model.init_params(jax.random.key(0), cfg)
-    gcfg = grpo.GRPOConfig(num_generations=4, beta=0.0, learning_rate=lr, max_grad_norm=1.0, remat=False)
-    rollout = RolloutConfig(max_new_tokens=8, sampling=SamplingConfig(temperature=1.0))
+    # The loop as these tests pin it: no entropy controller, every group in the loss.
+    gcfg = grpo.GRPOConfig(num_generations=4, beta=0.0, learning_rate=lr, max_grad_norm=1.0, remat=False,
+                           entropy_control=None)
+    rollout = RolloutConfig(max_new_tokens=8, sampling=SamplingConfig(temperature=1.0), skip_zero_std_groups=False)
     tkw = {"eval_size": 0, "export_hf": False, **tkw}
     tcfg = TrainConfig(output_dir=str(tmp_path), steps=steps, prompts_per_step=8, checkpoint_every=2, **tkw)
     return cfg, params, LowIdTask(max_new=8), gcfg, rollout, tcfg, grpo.make_mesh(data=1, fsdp=1)

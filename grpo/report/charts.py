@@ -1,18 +1,22 @@
-"""bin/report's curves: one PNG per group of related metrics, so each can be taken out of the report on its own.
+"""The report's curves: chart_specs(run) is the one list of what is drawn, and two views draw it.
 
-`chart_specs(run)` is the one list of what is drawn (the numbers of every line, the healthy entropy band, the
-best eval's step); bin/report draws each spec into its own PNG (`make_charts`), bin/plot draws the same specs into
-one figure, so the two never disagree on a curve. matplotlib (the `plot` extra) is optional: `pyplot()` returns
-None without it and the report says so instead of showing images. Nothing here defines flags.
+A ChartSpec holds the numbers of every line and its decorations (the healthy entropy band, the best eval's step,
+skipped steps), before anything is drawn. bin/report draws each spec into its own PNG (`make_charts`), so each
+can be taken out of the page on its own; bin/plot draws the same specs as panels of one figure (`plot_curves`),
+so the two never disagree on a curve. matplotlib (the `plot` extra) is optional: `pyplot()` returns None without
+it and the report says so instead of showing images.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import math
+from pathlib import Path
 
-from bin.report_data import Run, aha_shares, best_eval, number, series
 from grpo.entropy_control import ENTROPY_BAND
+from grpo.report.analysis import aha_shares, best_eval
+from grpo.report.reading import Run, load_curves, number, series
 
 # (id, title, train curves [(metrics key, label)], eval curves [(eval.jsonl key, label)])
 CURVES = (
@@ -34,6 +38,11 @@ CURVES = (
 DENSE = 40  # more points than this: no markers on train curves
 SHARES = {"solved", "format", "truncated", "zero_std"}  # curves drawn on a 0..1 axis
 BANDS = {"entropy": ENTROPY_BAND}  # curves with a healthy band drawn as two dashed lines
+DPI = 100
+CHART_INCHES = (6.2, 3.1)  # one report chart (width, height): about one column of the page's two-column grid
+COLUMNS = 3  # bin/plot's panels per row
+PANEL_INCHES = (5.4, 3.0)  # one bin/plot panel (width, height): the longest curve title fits
+TITLE_INCHES = 0.4  # above bin/plot's panels, for the figure's title
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +118,7 @@ def draw_on(ax, spec: ChartSpec) -> None:
 
 def draw(plt, spec: ChartSpec) -> bytes:
     """One small line chart as PNG bytes."""
-    fig, ax = plt.subplots(figsize=(6.2, 3.1), dpi=100)
+    fig, ax = plt.subplots(figsize=CHART_INCHES, dpi=DPI)
     draw_on(ax, spec)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -201,3 +210,37 @@ def chart_specs(run: Run) -> list[ChartSpec]:
 def make_charts(plt, run: Run) -> list[Chart]:
     """Every chart_specs chart as its own PNG."""
     return [Chart(s.id, s.title, draw(plt, s), s.keys) for s in chart_specs(run)]
+
+
+def grid_size(panels: int) -> tuple[float, float]:
+    """bin/plot's figure size in inches: COLUMNS panels to a row, as many rows as the panels need."""
+    return PANEL_INCHES[0] * COLUMNS, PANEL_INCHES[1] * math.ceil(panels / COLUMNS)
+
+
+def grid_figure(plt, specs: list[ChartSpec], title: str):
+    """Every spec as one panel of a single matplotlib Figure, in order; the panels left over in the last row
+    are blank."""
+    rows = math.ceil(len(specs) / COLUMNS)
+    fig, axes = plt.subplots(rows, COLUMNS, figsize=grid_size(len(specs)), squeeze=False)
+    for ax, spec in zip(axes.flat, specs, strict=False):
+        draw_on(ax, spec)
+    for ax in axes.flat[len(specs):]:
+        ax.set_axis_off()
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1, 1 - TITLE_INCHES / fig.get_figheight()))  # room for the suptitle
+    return fig
+
+
+def plot_curves(plt, run_dir: Path, out: Path) -> Path:
+    """bin/plot: run_dir's curves as one PNG at out. ValueError (naming the file) when a line is malformed or
+    nothing was recorded that a chart could show."""
+    run = load_curves(run_dir)
+    if not run.metrics:
+        raise ValueError(f"no metrics in {run_dir / 'metrics.jsonl'}")
+    specs = chart_specs(run)
+    if not specs:
+        raise ValueError(f"nothing recorded to draw in {run_dir / 'metrics.jsonl'}")
+    fig = grid_figure(plt, specs, f"GRPO on Countdown: {run_dir}")
+    fig.savefig(out, dpi=DPI)
+    plt.close(fig)
+    return out

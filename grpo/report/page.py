@@ -1,4 +1,4 @@
-"""bin/report's page: one self-contained HTML file (inline CSS, images as base64 data URIs, no script), so it
+"""The report's page: one self-contained HTML file (inline CSS, images as base64 data URIs, no script), so it
 opens from disk in any browser, can be mailed or attached to an issue, and needs no server.
 
 All model text is HTML-escaped: a completion is arbitrary text. Browsing uses <details>/<summary>, not JS.
@@ -10,28 +10,28 @@ import base64
 import datetime
 import html
 import json
+import re
 from pathlib import Path
 
-from bin.report_charts import Chart, make_charts, pyplot
-from bin.report_data import (
-    AHA_PHRASES,
-    AHA_RE,
+from grpo.report.analysis import (
     SPECIAL_TEMPLATES,
-    Run,
-    Sample,
     aha_shares,
     best_eval,
     by_step_samples,
     first_aha,
-    format_steps,
     groups_of,
-    has_aha,
-    load_run,
-    number,
     pick_steps,
     template_table,
     warnings,
 )
+from grpo.report.charts import Chart, make_charts, pyplot
+from grpo.report.reading import Run, Sample, format_steps, load_run, number
+from grpo.rollout import AHA_PHRASES, has_aha
+
+# One pattern for all phrases, longest first, so "let me verify" is marked whole rather than just "verify";
+# word boundaries and case-insensitivity as grpo.rollout counts them.
+AHA_RE = re.compile(r"\b(?:" + "|".join(re.escape(p) for p in sorted(AHA_PHRASES, key=len, reverse=True)) + r")\b",
+                    re.IGNORECASE)
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:0 auto;max-width:1320px;padding:16px 24px;
@@ -225,7 +225,8 @@ def config_section(run: Run) -> str:
     return f"<h2>Config</h2><details><summary>{len(rows)} settings</summary>{table(['key', 'value'], rows)}</details>"
 
 
-def page(run: Run, charts: list[Chart] | None, built: str, browse_steps: int = 6) -> str:
+def render(run: Run, charts: list[Chart] | None, built: str, browse_steps: int = 6) -> str:
+    """The whole page as text; charts None: matplotlib is missing, and the page says so."""
     body = [header(run, built), files_section(run), warnings_section(run), curves_section(charts, run),
             aha_section(run, charts), templates_section(run),
             "<h2>Completions (training)</h2>", browser(run.train_samples, "training", browse_steps),
@@ -243,6 +244,6 @@ def build(run_dir: Path, out: Path, browse_steps: int = 6) -> Path:
     charts = make_charts(plt, run) if plt is not None else None
     built = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page(run, charts, built, browse_steps), encoding="utf-8")
+    tmp.write_text(render(run, charts, built, browse_steps), encoding="utf-8")
     tmp.replace(out)
     return out

@@ -1,33 +1,21 @@
-"""bin/report's reading and analysis: a run directory's files as plain data, and what the report says about them.
+"""What the report says about a run: the warnings (each naming its steps), the aha evidence, the best eval.
 
-Nothing here draws or writes HTML (bin/report_html does) and nothing defines flags, so tests import it freely.
-Every reader is tolerant, because a report is built from whatever a run left behind, also while it is still
-writing: a missing file, a cut-off last line (a run killed mid-write), a missing key or a value of the wrong
-type is skipped and noted, never fatal.
+Pure functions over reading.py's rows and Samples; nothing here reads files, draws or writes HTML. The
+thresholds are named below; a symptom must last STUCK_STEPS steps in a row before it warns, so one odd step
+of a healthy run does not.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import re
-from pathlib import Path
 
 from data.templates import NO_ANSWER, NOT_ARITHMETIC, REST
 from grpo.best_model import better, eval_score
 from grpo.entropy_control import ENTROPY_BAND
 from grpo.guard import GuardConfig
-from grpo.rollout import AHA_PHRASES
+from grpo.report.reading import Run, Sample, format_steps, number, series
+from grpo.rollout import has_aha
 
-# One pattern for all phrases, longest first, so "let me verify" is marked whole rather than just "verify";
-# word boundaries and case-insensitivity as grpo.rollout counts them.
-AHA_RE = re.compile(r"\b(?:" + "|".join(re.escape(p) for p in sorted(AHA_PHRASES, key=len, reverse=True)) + r")\b",
-                    re.IGNORECASE)
-_NUMS_RE = re.compile(r"nums=\(([-\d,\s]*)\)")
-_TARGET_RE = re.compile(r"target=(-?\d+)")
-
-RUN_FILES = ("metrics.jsonl", "eval.jsonl", "train_samples.jsonl", "eval_samples.jsonl")
 # Warning thresholds. A run is "stuck" after this many consecutive steps of the same symptom.
 STUCK_STEPS = 5
 COLLAPSE_RATIO = 0.25  # mean completion length below this share of its early value
@@ -40,187 +28,12 @@ SPECIAL_TEMPLATES = (NO_ANSWER, NOT_ARITHMETIC, REST)  # answer_templates keys t
 
 
 @dataclasses.dataclass(frozen=True)
-class Sample:
-    """One stored completion, from either the current or the old (`item` repr) line format."""
-
-    step: int
-    group: int
-    completion: str
-    reward: float | None
-    solved: bool
-    nums: tuple[int, ...] | None = None
-    target: int | None = None
-    item: str = ""  # the old format's repr, shown when nums/target cannot be parsed out of it
-    format: bool | None = None
-    length: int | None = None
-    truncated: bool | None = None
-    level: str | None = None
-
-    @property
-    def prompt(self) -> str:
-        if self.nums is not None and self.target is not None:
-            return f"[{', '.join(map(str, self.nums))}] \u2192 {self.target}"
-        return self.item or f"group {self.group}"
-
-
-@dataclasses.dataclass
-class Run:
-    """What a run directory holds, per step, plus notes on what was missing or skipped."""
-
-    run_dir: Path
-    metrics: list[dict]  # one row per step, sorted by step (a resumed run's later line wins)
-    evals: list[dict]
-    train_samples: list[Sample]
-    eval_samples: list[Sample]
-    config: dict | None
-    notes: list[str]
-
-
-@dataclasses.dataclass(frozen=True)
 class Warn:
     """Something that went wrong in the run, and the steps where it shows."""
 
     title: str
     detail: str
     steps: tuple[int, ...]
-
-
-# --- reading ---------------------------------------------------------------------------------------------------
-
-
-def read_jsonl(path: Path, notes: list[str]) -> list[dict]:
-    """The JSON objects of a JSON-lines file; unreadable lines are skipped and noted (a run killed mid-write
-    leaves a cut-off last line, a live run may be writing one right now)."""
-    if not path.is_file():
-        notes.append(f"{path.name}: not found")
-        return []
-    text = path.read_text(errors="replace")
-    lines = text.split("\n")
-    rows, bad = [], []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            bad.append(i)
-    if bad:
-        cut = bad[-1] == len(lines) and not text.endswith("\n")
-        why = " (the last line is cut off: a run killed mid-write, or still writing)" if cut else ""
-        notes.append(f"{path.name}: skipped unreadable line{'s' * (len(bad) > 1)} {format_steps(bad)}{why}")
-    return rows
-
-
-def _int(x) -> int | None:
-    return int(x) if isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) else None
-
-
-def number(x) -> float | None:
-    """x as a finite float, else None (missing keys, JSON null, strings, NaN all read as 'not recorded')."""
-    if isinstance(x, bool):
-        return float(x)
-    return float(x) if isinstance(x, int | float) and math.isfinite(x) else None
-
-
-def by_step(rows: list[dict], name: str, notes: list[str]) -> list[dict]:
-    """Rows keyed by their step, sorted. A resumed run re-writes the steps after its last checkpoint: the later
-    line wins. A row without a step follows the previous one."""
-    out: dict[int, dict] = {}
-    repeated = []
-    step = 0
-    for row in rows:
-        step = _int(row.get("step")) if _int(row.get("step")) is not None else step + 1
-        if step in out:
-            repeated.append(step)
-        out[step] = {**row, "step": step}
-    if repeated:
-        notes.append(f"{name}: step{'s' * (len(repeated) > 1)} {format_steps(repeated)} written more than once "
-                     "(a resumed run); the later lines are shown")
-    return [out[s] for s in sorted(out)]
-
-
-def parse_sample(row: dict) -> Sample | None:
-    """A stored completion in either format; None without a step. Old lines have `item` (a Puzzle repr) and no
-    solved flag: nums/target come out of the repr, and reward 1.0 counts as solved."""
-    step = _int(row.get("step"))
-    if step is None:
-        return None
-    item = str(row.get("item", ""))
-    nums = row.get("nums")
-    nums = tuple(nums) if isinstance(nums, list) and all(_int(n) is not None for n in nums) else None
-    target = _int(row.get("target"))
-    if nums is None and (m := _NUMS_RE.search(item)):
-        nums = tuple(int(n) for n in m.group(1).replace(" ", "").split(",") if n)
-    if target is None and (m := _TARGET_RE.search(item)):
-        target = int(m.group(1))
-    reward = number(row.get("reward"))
-    solved = row["solved"] if isinstance(row.get("solved"), bool) else reward == 1.0
-    group = _int(row.get("group"))
-    flag = lambda k: row[k] if isinstance(row.get(k), bool) else None
-    return Sample(step=step, group=-1 if group is None else group, completion=str(row.get("completion", "")),
-                  reward=reward, solved=solved, nums=nums, target=target, item=item, format=flag("format"),
-                  length=_int(row.get("length")), truncated=flag("truncated"),
-                  level=row["level"] if isinstance(row.get("level"), str) else None)
-
-
-def read_samples(path: Path, notes: list[str]) -> list[Sample]:
-    """A samples file as Samples. Old lines have no group: consecutive lines of one step with the same puzzle
-    are one group."""
-    samples, groups = [], {}
-    for row in read_jsonl(path, notes):
-        s = parse_sample(row)
-        if s is None:
-            continue
-        if s.group < 0:
-            per_step = groups.setdefault(s.step, {})
-            s = dataclasses.replace(s, group=per_step.setdefault(s.item, len(per_step)))
-        samples.append(s)
-    return samples
-
-
-def load_run(run_dir: Path) -> Run:
-    """Everything bin/report shows, read from run_dir (which must exist)."""
-    notes: list[str] = []
-    metrics = by_step(read_jsonl(run_dir / "metrics.jsonl", notes), "metrics.jsonl", notes)
-    evals = by_step(read_jsonl(run_dir / "eval.jsonl", notes), "eval.jsonl", notes)
-    train = read_samples(run_dir / "train_samples.jsonl", notes)
-    evs = read_samples(run_dir / "eval_samples.jsonl", notes)
-    config = None
-    if (run_dir / "config.json").is_file():
-        try:
-            config = json.loads((run_dir / "config.json").read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            notes.append("config.json: not readable JSON, left out")
-    return Run(run_dir, metrics, evals, train, evs, config if isinstance(config, dict) else None, notes)
-
-
-# --- analysis --------------------------------------------------------------------------------------------------
-
-
-def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of one metric, only where it was recorded as a finite number."""
-    pts = [(r["step"], v) for r in rows if (v := number(r.get(key))) is not None]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def format_steps(steps) -> str:
-    """[1, 2, 3, 7, 9, 10] -> '1-3, 7, 9-10': short enough to read in a warning."""
-    steps = sorted(set(steps))
-    runs: list[list[int]] = []
-    for s in steps:
-        if runs and s == runs[-1][1] + 1:
-            runs[-1][1] = s
-        else:
-            runs.append([s, s])
-    return ", ".join(str(a) if a == b else f"{a}\u2013{b}" for a, b in runs)
-
-
-def has_aha(text: str) -> bool:
-    return AHA_RE.search(text) is not None
 
 
 def is_repetitive(text: str, run: int = REPEAT_LINES) -> bool:
@@ -358,7 +171,7 @@ def entropy_warnings(metrics: list[dict]) -> list[Warn]:
     """Steps whose policy entropy (metrics.jsonl `entropy`, nats per completion token) left
     grpo.entropy_control.ENTROPY_BAND, one warning per side: above it the completions turn to noise, below it the
     answers are near-deterministic (groups stop differing). Any single step counts (no run of STUCK_STEPS: one step
-    of noise already damages the policy); steps without a finite entropy do not count. keep-the-best reuses this."""
+    of noise already damages the policy); steps without a finite entropy do not count."""
     low, high = ENTROPY_BAND
     steps, values = series(metrics, "entropy")
     above = [(s, v) for s, v in zip(steps, values, strict=True) if v > high]
@@ -458,3 +271,4 @@ def warnings(run: Run) -> list[Warn]:
             *_one_template(run.metrics),
             *([Warn("Skipped steps", "non-finite loss or gradients: the update was skipped", tuple(skipped))]
               if skipped else [])]
+

@@ -1,0 +1,64 @@
+"""The time limit's pause decision (grpo/run_clock.py StopClock) on a fake clock.
+
+Reference: a simulated loop whose step and checkpoint durations are given (the first step compiles), with a
+checkpoint every 5 steps and one more at the pause, as grpo/trainer.py writes them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from grpo.run_clock import StopClock
+
+
+def _simulate(durations, limit: float, checkpoint_s: float = 2.0, checkpoint_every: int = 5) -> tuple[int, float]:
+    """(steps run, time when the pause's checkpoint is written)."""
+    now = [0.0]
+    clock = StopClock(limit, now=lambda: now[0])
+    steps = 0
+    try:
+        for seconds in durations:
+            if clock.reason_to_stop():
+                break
+            now[0] += seconds
+            clock.step_done()
+            steps += 1
+            if steps % checkpoint_every == 0:
+                with clock.checkpointing():
+                    now[0] += checkpoint_s
+        with clock.checkpointing():  # the pause (or the end) writes a checkpoint
+            now[0] += checkpoint_s
+    finally:
+        clock.close()
+    return steps, now[0]
+
+
+def test_a_slow_first_step_does_not_shorten_the_run():
+    """A 40 s first step (the compile), then 14 s steps, 2 s checkpoints, limit 150 s: at least 7 steps run (the
+    longest-step rule it replaces planned every step at 2 x 40 s and paused after 3), and the run ends in time."""
+    steps, end = _simulate([40.0] + [14.0] * 20, limit=150)
+    assert steps >= 7
+    assert end <= 150
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_steps_jittering_30_percent_never_end_past_the_limit(seed):
+    """Steps drawn uniformly within +-30% of 14 s (after a 40 s first one), limits from 150 s to 600 s: the pause's
+    checkpoint is always written before the limit, and the run does not pause more than 3 steps early."""
+    rng = np.random.default_rng(seed)
+    limit = float(rng.uniform(150, 600))
+    durations = [40.0] + list(14.0 * rng.uniform(0.7, 1.3, 100))
+    steps, end = _simulate(durations, limit=limit)
+    assert end <= limit, (steps, end, limit)
+    assert end + 3 * 1.3 * 14 + 2 > limit  # it used the time it had, give or take three long steps
+
+
+def test_sigterm_pauses_at_once():
+    clock = StopClock(None)
+    try:
+        assert clock.reason_to_stop() is None
+        clock._on_sigterm(15, None)
+        assert clock.reason_to_stop() == "SIGTERM received"
+    finally:
+        clock.close()
