@@ -4,7 +4,7 @@ Tunix measurement's, 4 prompts x 4 completions, 64 new tokens, beta 0.04, full f
 
     bin/bench_grpo                       # median of 3 timed steps after one warm-up step (compiles)
     bin/bench_grpo --json                # + one JSON object on the last line
-    bin/bench_grpo --prompts 8 --num_generations 8 --max_new_tokens 1024
+    bin/bench_grpo --prompts 128 --num_generations 5 --max_new_tokens 1024 --machine auto    # TinyZero's shape
 """
 
 from __future__ import annotations
@@ -28,11 +28,17 @@ flags.DEFINE_bool("shared_prompt", True, "Each group's prompt run once in the re
                   "(bin/train's default); --noshared_prompt runs every row whole.")
 flags.DEFINE_integer("repeats", 3, "Timed steps (after one warm-up step).")
 flags.DEFINE_bool("json", False, "Print one JSON object with every timing on the last line of stdout.")
-JSON_FLAGS = ("prompts", "num_generations", "max_new_tokens", "beta", "remat", "shared_prompt", "stop_at_answer")
+flags.DEFINE_string("machine", None, "A machine (grpo/presets.py) or auto: its remat, bf16 compute off-CPU, and the "
+                    "micro-batches and rollout rows its plan gives this model and shape (grpo/planner.py).")
+flags.DEFINE_integer("num_micro_batches", 1, "Gradient-accumulation micro-batches (with --machine: kept if it fits).")
+flags.DEFINE_integer("rollout_batch_size", 0, "Rows per sampler call, 0: all (with --machine: kept if it fits).")
+JSON_FLAGS = ("prompts", "num_generations", "max_new_tokens", "beta", "remat", "shared_prompt", "stop_at_answer",
+              "machine", "num_micro_batches", "rollout_batch_size")
 
 
 def check_flags() -> None:
-    cli.check_at_least(1, "prompts", "max_new_tokens", "repeats")
+    cli.check_at_least(1, "prompts", "max_new_tokens", "repeats", "num_micro_batches")
+    cli.check_at_least(0, "rollout_batch_size")
     cli.check_at_least(2, "num_generations")
 
 
@@ -46,11 +52,21 @@ def main(argv):
     import grpo
     from grpo import grpo_bench
 
-    bench = grpo_bench.BenchConfig(**{f.name: F[f.name].value for f in dataclasses.fields(grpo_bench.BenchConfig)})
+    bench = grpo_bench.BenchConfig(**{f.name: F[f.name].value for f in dataclasses.fields(grpo_bench.BenchConfig)
+                                      if f.name in F})
     model_dir = cli.resolve_model_dir(F.model_dir)
     model_cfg, params = cli.load_model(model_dir, jnp.float32)
     tok = cli.load_tokenizer(None, model_dir, model_cfg)
     mesh = grpo.make_mesh(data=1, fsdp=len(jax.devices()))
+    if F.machine:
+        from grpo import planner
+
+        given = {k: F[k].value for k in ("num_micro_batches", "rollout_batch_size") if F[k].present}
+        with cli.flag_errors():
+            machine = planner.resolve_machine(F.machine, jax.devices())
+            bench, plan = grpo_bench.planned(bench, machine, model_cfg, tok, mesh, given)
+        F.remat, F.num_micro_batches, F.rollout_batch_size = bench.remat, plan.num_micro_batches, plan.rollout_rows
+        print(f"machine {machine.name}: compute {bench.compute_dtype or 'float32'}; plan: {plan.describe()}")
     print(f"{model_cfg.name}: {F.prompts} prompts x {F.num_generations} completions, {F.max_new_tokens} new tokens, "
           f"beta {F.beta}, full fine-tuning, remat={F.remat}, {jax.device_count()} x {jax.devices()[0].platform}")
     echo = lambda i, row: print(("warm-up" if i == 0 else f"step {i}") + ": " + grpo_bench.format_row(row))

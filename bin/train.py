@@ -266,30 +266,6 @@ def _check_processes_agree() -> None:
                         f"{F.process_id} has {F[differ[0]].value!r}); pass the same flags to every process")
 
 
-def _check_resume_layout(lora_cfg) -> None:
-    """A run that would resume checkpoints of the other kind (full fine-tuning vs LoRA, or another rank / alpha /
-    targets) is refused here, before anything compiles; the checkpoint signature catches the rest later."""
-    import json
-    from pathlib import Path
-
-    out = Path(F.output_dir)
-    if not F.resume or not (out / "checkpoints").is_dir() or not any((out / "checkpoints").iterdir()):
-        return
-    try:
-        previous = json.loads((out / "run_config.json").read_text()).get("lora")
-    except (OSError, ValueError):
-        return
-    now = None if lora_cfg is None else {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha,
-                                        "targets": list(lora_cfg.targets)}
-    if previous is not None:
-        previous = {**previous, "targets": list(previous.get("targets", ()))}
-    if previous != now:
-        had = "full fine-tuning" if previous is None else f"LoRA rank {previous['rank']}"
-        wants = "full fine-tuning" if now is None else f"LoRA rank {now['rank']}"
-        raise FlagError(f"--lora_rank: {out} holds checkpoints of a {had} run, this is a {wants} run (with its "
-                        f"--lora_alpha / --lora_targets); use another --output_dir or --noresume")
-
-
 def _check_budget(task) -> int:
     """The longest prompt's bucket plus --max_new_tokens must fit the sampler's cache. Returns the longest
     prompt's length in tokens."""
@@ -396,6 +372,7 @@ def _setup():
 
     import grpo
     from grpo import planner
+    from grpo.run_files import check_resume_layout
 
     if F.coordinator_address:
         jax.distributed.initialize(F.coordinator_address, F.num_processes, F.process_id)
@@ -409,7 +386,7 @@ def _setup():
     if machine:
         _named(planner.check_full_fine_tuning, machine, model_cfg, axes["fsdp"], F.lora_rank)
     lora_cfg = cli.lora_config(model_cfg)
-    _check_resume_layout(lora_cfg)
+    _named(check_resume_layout, F.output_dir, F.resume, lora_cfg)
     tok = cli.load_tokenizer(F.tokenizer, model_dir, model_cfg)
     task = _load_task(tok)
     longest = _check_budget(task)
@@ -433,12 +410,9 @@ def _machine(presets, planner, devices):
     devices present; None without --machine."""
     if not F.machine:
         return None
+    machine = _named(planner.resolve_machine, F.machine, devices)
     if F.machine == presets.AUTO:
-        machine = _named(planner.auto_machine, devices)
         presets.apply(F, machine.train_flags())
-    else:
-        machine = presets.get_machine(F.machine)
-    _named(planner.check_devices, machine, len(devices), devices[0].platform)
     return machine
 
 

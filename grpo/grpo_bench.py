@@ -45,14 +45,43 @@ class BenchConfig:
     remat: bool = False
     shared_prompt: bool = True
     repeats: int = 3  # timed steps after the warm-up
+    num_micro_batches: int = 1
+    rollout_batch_size: int = 0  # rows per sampler call (0: the whole batch)
+    compute_dtype: str | None = None  # None: the params' float32
 
     def run_configs(self) -> tuple[GRPOConfig, RolloutConfig]:
-        """(GRPOConfig, RolloutConfig): the one place the benchmarked run's settings are made."""
+        """(GRPOConfig, RolloutConfig): the one place the benchmarked run's settings are made. Every group stays in
+        the loss and no entropy controller runs: the plain step, as measured before those existed."""
         rollout_cfg = RolloutConfig(max_new_tokens=self.max_new_tokens, sampling=SamplingConfig(temperature=1.0),
-                                    stop_at_answer=self.stop_at_answer)
+                                    stop_at_answer=self.stop_at_answer, skip_zero_std_groups=False,
+                                    batch_rows=self.rollout_batch_size)
         grpo_cfg = GRPOConfig(num_generations=self.num_generations, beta=self.beta, learning_rate=LEARNING_RATE,
-                              remat=self.remat, shared_prompt=self.shared_prompt)
+                              remat=self.remat, shared_prompt=self.shared_prompt, entropy_control=None,
+                              num_micro_batches=self.num_micro_batches, compute_dtype=self.compute_dtype)
         return grpo_cfg, rollout_cfg
+
+
+def planned(bench: BenchConfig, machine, model_cfg: GemmaConfig, tokenizer, mesh: Mesh,
+            given: dict[str, int]) -> tuple[BenchConfig, object]:
+    """bench on `machine` (grpo/presets.py): its remat, bf16 compute off-CPU unless the machine says float32,
+    and the micro-batches and rows per sampler call its plan gives for this model and shape (grpo/planner.py).
+    Returns (that bench, the plan)."""
+    from grpo import planner
+    from grpo.rollout import align_grpo_config
+
+    backend = jax.default_backend()
+    compute = "bfloat16" if backend != "cpu" and machine.dtype != "float32" else None
+    bench = dataclasses.replace(bench, remat=machine.remat, compute_dtype=compute)
+    grpo_cfg, rollout_cfg = bench.run_configs()
+    train, _ = puzzles.make_splits(64, 1, 0)
+    task = CountdownTask(train=[train], test=[train[:1]], tokenizer=tokenizer)
+    longest = max(len(task.encode_prompt(it)) for it in task.train_items(0, 64, level=0))
+    plan = planner.plan_run(machine, model_cfg, align_grpo_config(grpo_cfg, rollout_cfg), mesh, lora_cfg=None,
+                            param_dtype=jax.numpy.float32, rows=bench.prompts * bench.num_generations,
+                            prompt_len=longest, new_tokens=bench.max_new_tokens,
+                            stop_states=len("</answer>") if bench.stop_at_answer else 1, backend=backend, given=given)
+    return dataclasses.replace(bench, num_micro_batches=plan.num_micro_batches,
+                               rollout_batch_size=plan.rollout_rows), plan
 
 
 def timed_step(ctx, state):

@@ -87,6 +87,15 @@ def _nearest_checked(platform: str, gib: float) -> Machine:
     return below[-1] if below else same[0]
 
 
+def resolve_machine(name: str, devices: list) -> Machine:
+    """--machine NAME (or auto, read from JAX), checked against the devices present."""
+    from grpo.presets import get_machine
+
+    machine = auto_machine(devices) if name == AUTO else get_machine(name)
+    check_devices(machine, len(devices), devices[0].platform)
+    return machine
+
+
 def check_devices(machine: Machine, present: int, backend: str) -> None:
     """A machine's mesh must match the devices this process sees (bin/train)."""
     if machine.devices is not None and present != machine.devices:

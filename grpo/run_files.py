@@ -178,3 +178,25 @@ def _entropy_part(m: dict) -> str:
         return ""
     coef = f" coef {m['entropy_coef_applied']:.3f}" if "entropy_coef_applied" in m else ""
     return f" | entropy {m['entropy']:.2f}{coef}" + (" OUT OF BAND" if band_note(m["entropy"]) else "")
+
+
+def check_resume_layout(output_dir: str, resume: bool, lora_cfg) -> None:
+    """A run that would resume checkpoints of the other kind (full fine-tuning vs LoRA, or another rank / alpha /
+    targets) is refused before anything compiles (ValueError naming --lora_rank); the checkpoint signature
+    catches the rest later. What the last start recorded is run_config.json's "lora" entry."""
+    out = Path(output_dir)
+    if not resume or not (out / "checkpoints").is_dir() or not any((out / "checkpoints").iterdir()):
+        return
+    try:
+        previous = json.loads((out / "run_config.json").read_text()).get("lora")
+    except (OSError, ValueError):
+        return
+    now = None if lora_cfg is None or lora_cfg.rank == 0 else {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha,
+                                                               "targets": list(lora_cfg.targets)}
+    if previous is not None:
+        previous = {**previous, "targets": list(previous.get("targets", ()))}
+    if previous != now:
+        had = "full fine-tuning" if previous is None else f"LoRA rank {previous['rank']}"
+        wants = "full fine-tuning" if now is None else f"LoRA rank {now['rank']}"
+        raise ValueError(f"--lora_rank: {out} holds checkpoints of a {had} run, this is a {wants} run (with its "
+                         f"--lora_alpha / --lora_targets); use another --output_dir or --noresume")

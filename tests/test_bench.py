@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import statistics
 
+import pytest
 from binaries import run_tool
 
 
@@ -35,15 +36,22 @@ def test_bench_train_refuses_a_shape_that_cannot_fit_before_allocating():
 
 
 def test_bench_grpo_splits_the_step_into_its_phases(tmp_path):
+    """The trainer's phases timed one by one, with --machine auto's plan (this CPU: the tiny model's programs
+    against this machine's RAM, so one micro-batch and all 16 rows in one sampler call)."""
     from tiny_model import make_tiny_model_dir
 
     model_dir = make_tiny_model_dir(tmp_path / "model")
     out = run_tool("bench_grpo", f"--model_dir={model_dir}", "--max_new_tokens", "8", "--repeats", "2", "--json",
-                   timeout=600)
+                   "--machine", "auto", env={"AHA_CACHE_DIR": str(tmp_path / "cache")}, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert (result["prompts"], result["num_generations"], result["beta"]) == (4, 4, 0.04)
-    median = result["median"]
-    assert all(median[k] > 0 for k in ("rollout_s", "reference_s", "update_s"))
-    assert abs(median["total_s"] - sum(t["total_s"] for t in result["steps"]) / 2) < 1e-9  # median of 2 = mean
-    assert all(0 < t["completion_tokens"] <= 16 * 8 for t in result["steps"])
+    assert (result["machine"], result["num_micro_batches"], result["rollout_batch_size"]) == ("auto", 1, 16)
+    assert "from memory analysis, 2 programs compiled" in out.stdout
+    median, steps = result["median"], result["steps"]
+    for key in ("rollout_s", "reference_s", "update_s", "total_s"):
+        assert median[key] == statistics.median(t[key] for t in steps)
+    for t in steps:
+        assert t["total_s"] == pytest.approx(t["rollout_s"] + t["reference_s"] + t["update_s"])
+        assert 0 < t["completion_tokens"] <= 16 * 8
+        assert t["rollout_tokens_per_s"] == pytest.approx(t["completion_tokens"] / t["rollout_s"])
