@@ -466,8 +466,8 @@ def main(argv):
               f"{result.get('eval_solved_frac', float('nan')):.3f}; metrics in {F.output_dir}/metrics.jsonl")
 
 
-def run() -> None:
-    cli.run(main)
+def run(argv: list[str] | None = None) -> None:
+    cli.run(main, argv)
 
 
 if __name__ == "__main__":

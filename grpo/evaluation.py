@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from grpo.rollout import RolloutConfig, sample_record, score_rows, task_stop_table
+from grpo.rollout import RolloutConfig, has_aha, sample_record, score_rows, task_stop_table
 from grpo.tasks import Task
 from model.config import GemmaConfig
 from model.sampler import generate_in_chunks
@@ -43,14 +43,30 @@ def evaluate(params: dict, model_cfg: GemmaConfig, task: Task, rollout_cfg: Roll
     names = getattr(task, "level_names", None)
     if not names:
         records = evaluate_items(params, model_cfg, task, task.eval_items(), rollout_cfg, batch_size)
-        return _rates(records), records
+        return {**_rates(records), "aha_by_level": {HELD_OUT: aha_split(records)}}, records
     per_level = [evaluate_items(params, model_cfg, task, task.eval_items(level=i), rollout_cfg, batch_size)
                  for i in range(len(names))]
     metrics = _rates(per_level[-1])
     rates = [_rates(r) for r in per_level]
     metrics["solved_by_level"] = {name: r["eval_solved_frac"] for name, r in zip(names, rates, strict=True)}
     metrics["format_by_level"] = {name: r["eval_format_frac"] for name, r in zip(names, rates, strict=True)}
+    metrics["aha_by_level"] = {name: aha_split(r) for name, r in zip(names, per_level, strict=True)}
     return metrics, [r for records in per_level for r in records]
+
+
+HELD_OUT = "held_out"  # aha_by_level's key for a task without levels
+
+
+def aha_split(records: list[dict]) -> dict[str, float | None]:
+    """Self-verification on a held-out set (OAT-Zero's question: is a phrase there, and does it go with solving?):
+    aha_frac, the share of completions with a verification phrase (grpo.rollout.has_aha); solved_with_aha and
+    solved_without_aha, the solved rate among those with and without one (None where there are none). The
+    step-0 eval is the base model's baseline; every later eval records the same for comparison."""
+    flags = [has_aha(r["completion"]) for r in records]
+    with_aha = [r["solved"] for r, f in zip(records, flags, strict=True) if f]
+    without = [r["solved"] for r, f in zip(records, flags, strict=True) if not f]
+    rate = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
+    return {"aha_frac": rate(flags), "solved_with_aha": rate(with_aha), "solved_without_aha": rate(without)}
 
 
 def _rates(records: list[dict]) -> dict:

@@ -3,7 +3,7 @@ on stderr that names the flag, no traceback, and nothing written to --output_dir
 
 Reference: the table below, which must cover every flag bin/train defines (a new flag without a row fails
 `test_the_table_covers_every_flag`). Timing is not asserted; every case fails in setup, before a compile.
-bin/train's table runs in this process (its `main` under absl's flagsaver, exit status and stderr as a user
+bin/train's table runs in this process (`bin.train.run(argv)` under absl's flagsaver, exit status and stderr as a user
 sees them); a few cases run it as a subprocess too, and the other binaries run as subprocesses.
 """
 
@@ -77,12 +77,11 @@ SUBPROCESS_CASES = ("steps", "machine", "data_file", "process_id")
 
 def _train_in_process(args: list[str], capsys) -> subprocess.CompletedProcess:
     """bin/train's main on this command line, in this process: (exit status, stdout, stderr) as a subprocess's."""
-    from bin import cli
     from bin import train as train_bin
 
     with flagsaver.flagsaver():
         try:
-            cli.run(train_bin.main, argv=["bin/train", *args])
+            train_bin.run(["bin/train", *args])
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1

@@ -186,6 +186,16 @@ def test_loop_on_the_ladder_logs_levels(tmp_path):
     evals = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [0, 2]
     assert list(evals[0]["solved_by_level"]) == [lv.name for lv in LEVELS]
+    # the base model's self-verification baseline (step 0) and the same numbers later, per level, recomputed
+    # from the held-out completions the eval wrote (eval_samples.jsonl keeps the first few of each set)
+    from grpo.evaluation import aha_split
+
+    assert all(list(e["aha_by_level"]) == [lv.name for lv in LEVELS] for e in evals)
+    kept = [json.loads(x) for x in (run / "eval_samples.jsonl").read_text().splitlines()]
+    for e in evals:
+        for name, got in e["aha_by_level"].items():
+            rows = [r for r in kept if r["step"] == e["step"] and r["level"] == name]
+            assert len(rows) == 2 and got == aha_split(rows)  # eval_size 2: every completion was kept
     samples = [json.loads(x) for x in (run / "train_samples.jsonl").read_text().splitlines()]
     assert {s["level"] for s in samples} == {"2x1-9"} and all(s["nums"] and s["target"] for s in samples)
 

@@ -463,3 +463,47 @@ def test_the_run_config_is_shown(tmp_path):
     assert "<td>grpo</td><td>{&quot;learning_rate&quot;: 1e-05}</td>" in text and "<td>lora</td><td>null</td>" in text
     (run / "run_config.json").write_text("{not json")
     assert "run_config.json: not readable JSON, left out" in build(run)
+
+
+def _aha(frac, with_aha, without):
+    return {"aha_frac": frac, "solved_with_aha": with_aha, "solved_without_aha": without}
+
+
+def test_aha_against_the_base_model(tmp_path):
+    """Reference: eval.jsonl rows with aha_by_level (the step-0 eval is the base model). The verdict says per
+    level whether the share of phrases rose beyond the baseline and whether it goes with solving (OAT-Zero's
+    superficial self-reflection: a phrase, a wrong answer); the chart draws each level's share from step 0."""
+    from grpo.report.analysis import aha_verdict
+    from grpo.report.charts import chart_specs
+    from grpo.report.reading import load_run
+
+    evals = [{"step": 0, "eval_solved_frac": 0.1, "aha_by_level": {"2x1-9": _aha(0.30, 0.1, 0.2),
+                                                                    "3x1-30": _aha(0.10, 0.0, 0.05)}},
+             {"step": 10, "eval_solved_frac": 0.2, "aha_by_level": {"2x1-9": _aha(0.50, 0.6, 0.3),
+                                                                     "3x1-30": _aha(0.12, 0.0, 0.2)}}]
+    verdict = aha_verdict(evals)
+    assert verdict[0] == ("2x1-9: the share of held-out completions with a verification phrase rose from 0.30 at "
+                          "step 0 to 0.50 at step 10; completions with a phrase solve more often (0.60 vs 0.30 "
+                          "without).")
+    assert "stayed at the base model's level (0.10 at step 0, 0.12 at step 10)" in verdict[1]
+    assert "superficial: completions with a phrase solve no more often (0.00 vs 0.20 without)" in verdict[1]
+    assert aha_verdict(evals[:1]) == []  # a baseline alone says nothing
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    spec = next(s for s in chart_specs(load_run(run)) if s.id == "aha_by_level")
+    assert [(line.label, line.x, line.y) for line in spec.lines] == [("2x1-9", [0, 10], [0.30, 0.50]),
+                                                                     ("3x1-30", [0, 10], [0.10, 0.12])]
+
+
+def test_aha_split_of_held_out_records():
+    """Reference: four hand-made completions, two with a verification phrase (one solved), two without (one
+    solved); a set with no phrase has no solved_with_aha (None, not 0)."""
+    from grpo.evaluation import aha_split
+
+    rows = [{"completion": "3 + 4 = 7. Wait, let me check: yes", "solved": True},
+            {"completion": "hmm, 2 * 9", "solved": False},
+            {"completion": "3 + 4", "solved": True},
+            {"completion": "9 - 1", "solved": False}]
+    assert aha_split(rows) == {"aha_frac": 0.5, "solved_with_aha": 0.5, "solved_without_aha": 0.5}
+    assert aha_split(rows[2:]) == {"aha_frac": 0.0, "solved_with_aha": None, "solved_without_aha": 0.5}

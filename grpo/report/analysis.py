@@ -272,3 +272,43 @@ def warnings(run: Run) -> list[Warn]:
             *([Warn("Skipped steps", "non-finite loss or gradients: the update was skipped", tuple(skipped))]
               if skipped else [])]
 
+
+
+AHA_RISE = 0.05  # a share of held-out completions with a phrase this far above the base model's counts as a rise
+
+
+def aha_by_level_rows(evals: list[dict]) -> list[tuple[int, dict]]:
+    """(step, aha_by_level) of every eval that recorded it, in step order."""
+    return [(e["step"], e["aha_by_level"]) for e in evals if isinstance(e.get("aha_by_level"), dict)]
+
+
+def aha_verdict(evals: list[dict]) -> list[str]:
+    """Plain sentences per level: did self-verification on the held-out set rise beyond the first eval's (the base
+    model's, at step 0), and does it go with solving (OAT-Zero's superficial self-reflection: a phrase, a wrong
+    answer)? Empty when fewer than two evals recorded aha_by_level."""
+    rows = aha_by_level_rows(evals)
+    if len(rows) < 2:
+        return []
+    (step0, base), (step, last) = rows[0], rows[-1]
+    out = []
+    for level, now in last.items():
+        was = base.get(level) or {}
+        b, n = number(was.get("aha_frac")), number(now.get("aha_frac"))
+        if b is None or n is None:
+            continue
+        if n > b + AHA_RISE:
+            trend = f"rose from {b:.2f} at step {step0} to {n:.2f} at step {step}"
+        elif n < b - AHA_RISE:
+            trend = f"fell from {b:.2f} at step {step0} to {n:.2f} at step {step}"
+        else:
+            trend = f"stayed at the base model's level ({b:.2f} at step {step0}, {n:.2f} at step {step})"
+        w, wo = number(now.get("solved_with_aha")), number(now.get("solved_without_aha"))
+        if w is None or n == 0:
+            solving = "no completion had a phrase, so nothing says whether it helps"
+        elif wo is None or w > wo:
+            solving = (f"completions with a phrase solve more often ({w:.2f} vs {wo:.2f} without)" if wo is not None
+                       else f"every completion has one ({w:.2f} solved)")
+        else:
+            solving = (f"superficial: completions with a phrase solve no more often ({w:.2f} vs {wo:.2f} without)")
+        out.append(f"{level}: the share of held-out completions with a verification phrase {trend}; {solving}.")
+    return out

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from grpo.entropy_control import ENTROPY_BAND
-from grpo.report.analysis import aha_shares, best_eval
+from grpo.report.analysis import aha_by_level_rows, aha_shares, best_eval
 from grpo.report.reading import Run, load_curves, number, series
 
 # (id, title, train curves [(metrics key, label)], eval curves [(eval.jsonl key, label)])
@@ -171,6 +171,19 @@ def aha_lines(run: Run) -> list[Line]:
     return out
 
 
+def aha_eval_lines(run: Run) -> list[Line]:
+    """The held-out share of completions with a verification phrase per level (eval.jsonl's aha_by_level); the
+    first point, step 0, is the base model's baseline."""
+    rows = aha_by_level_rows(run.evals)
+    names = list(dict.fromkeys(k for _, d in rows for k in d))
+    lines = []
+    for name in names:
+        pts = [(s, v) for s, d in rows if (v := number((d.get(name) or {}).get("aha_frac"))) is not None]
+        if pts:
+            lines.append(Line(str(name), [p[0] for p in pts], [p[1] for p in pts], kind="eval"))
+    return lines
+
+
 def level_share_lines(run: Run) -> list[Line]:
     """The level mix each step drew its prompts from (metrics.jsonl level_shares), one line per level; a level
     a step did not draw from counts as 0 once the mix has been recorded."""
@@ -204,6 +217,9 @@ def chart_specs(run: Run) -> list[ChartSpec]:
         specs.append(ChartSpec("aha_share", "share of completions with a verification phrase",
                                "aha_frac_solved, aha_frac_unsolved (or the stored samples)", lines, skipped,
                                share=True, best_step=best))
+    if lines := aha_eval_lines(run):
+        specs.append(ChartSpec("aha_by_level", "held-out completions with a verification phrase (step 0: base model)",
+                               "eval.jsonl: aha_by_level", lines, share=True, best_step=best))
     return specs
 
 

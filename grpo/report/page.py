@@ -16,6 +16,7 @@ from pathlib import Path
 from grpo.report.analysis import (
     SPECIAL_TEMPLATES,
     aha_shares,
+    aha_verdict,
     best_eval,
     by_step_samples,
     first_aha,
@@ -169,17 +170,25 @@ def curves_section(charts: list[Chart] | None, run: Run) -> str:
     if charts is None:
         return ('<h2>Curves</h2><p class="warn">matplotlib is not installed, so the curves are left out: '
                 "<code>pip install -e '.[plot]'</code> and rebuild. The tables below hold the numbers.</p>")
-    shown = [c for c in charts if c.id != "aha_share"]
+    shown = [c for c in charts if c.id not in AHA_CHARTS]
     if not shown:
         return '<h2>Curves</h2><p class="note">Nothing recorded to draw yet.</p>'
     return "<h2>Curves</h2><div class=\"grid\">" + "".join(map(img, shown)) + "</div>"
+
+
+AHA_CHARTS = ("aha_share", "aha_by_level")  # drawn in the aha section, not with the curves
 
 
 def aha_section(run: Run, charts: list[Chart] | None) -> str:
     """Verification phrases among solved vs unsolved completions, and the first solved completion with one."""
     out = ["<h2>The aha moment</h2><p>R1-Zero's 'aha': the model starts to check its own work. Below, the share of "
            "completions containing a verification phrase (" + esc(", ".join(AHA_PHRASES)) + ").</p>"]
-    out += ['<div class="grid">' + img(c) + "</div>" for c in charts or [] if c.id == "aha_share"]
+    out += ['<div class="grid">' + img(c) + "</div>" for c in charts or [] if c.id in AHA_CHARTS]
+    verdict = aha_verdict(run.evals)
+    if verdict:
+        out.append("<p><b>Against the base model</b> (the step-0 eval; OAT-Zero: base models already say these "
+                   "phrases, often without solving):</p><ul>" + "".join(f"<li>{esc(v)}</li>" for v in verdict)
+                   + "</ul>")
     rows = aha_shares(run.metrics, run.train_samples)
     counts = {m["step"]: m.get("aha_count") for m in run.metrics}
     if rows:
