@@ -1,12 +1,18 @@
 """Test-wide setup: 8 fake CPU devices for the sharding tests, float32 matmuls, the fixtures dir, and one
 persistent XLA compilation cache for the whole run.
 
-Most of the suite's time is XLA compiling the same tiny programs again: in every `bin/train` subprocess, and in
-every test that builds its own jitted step. A cache shared by the run (both xdist workers and every subprocess,
-through JAX_COMPILATION_CACHE_DIR) compiles each program once. It starts empty and is removed at the end, so a
-run's timing does not depend on the runs before it.
+Much of the suite's time is XLA compiling the same tiny programs again in every `bin/train` subprocess. A cache
+shared by the run's subprocesses (through JAX_COMPILATION_CACHE_DIR) compiles each program once; the test
+processes themselves do not write to it (serialising every in-process compile cost more than it saved). It
+starts empty and is removed at the end, so a run's timing does not depend on the runs before it.
+
+Tests marked `alone` (the multi-host ones: two processes that wait on each other in collectives and barriers,
+which starve on a 2-core machine while the other xdist worker compiles) run with no other test beside them: every
+test holds a shared lock, an `alone` test an exclusive one, and a turnstile keeps new tests from starving it.
 """
 
+import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -19,12 +25,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="aha-test-xla-cache-")
     os.environ["AHA_TEST_CACHE_OWNER"] = str(os.getpid())
+    os.environ["AHA_TEST_LOCKS"] = tempfile.mkdtemp(prefix="aha-test-locks-")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 # Golden comparisons need true float32 matmuls (TPU/GPU default to reduced precision).
 jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_compilation_cache_dir", None)  # the cache is for the subprocesses (module docstring)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -34,6 +42,32 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "alone: runs with no other test beside it (tests/conftest.py)")
+
+
+@pytest.fixture(autouse=True)
+def _alone_or_together(request):
+    """A shared lock for every test, an exclusive one for tests marked `alone` (taken through a turnstile)."""
+    locks = os.environ.get("AHA_TEST_LOCKS")
+    if not locks or not Path(locks).is_dir():
+        yield
+        return
+    alone = request.node.get_closest_marker("alone") is not None
+    with open(Path(locks) / "turnstile", "a") as turnstile, open(Path(locks) / "room", "a") as room:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        if not alone:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)  # through the turnstile: an `alone` test waiting keeps it shut
+        fcntl.flock(room, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(room, fcntl.LOCK_UN)
+            with contextlib.suppress(OSError):
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+
+
 def pytest_unconfigure(config):
     if os.environ.get("AHA_TEST_CACHE_OWNER") == str(os.getpid()):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+        shutil.rmtree(os.environ["AHA_TEST_LOCKS"], ignore_errors=True)

@@ -22,6 +22,8 @@ from binaries import ROOT
 from test_kill_resume import STEPS, _assert_same_run, _command
 from tiny_model import make_tiny_model_dir
 
+pytestmark = pytest.mark.alone  # two processes that wait on each other: no other test beside them
+
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:

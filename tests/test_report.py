@@ -492,7 +492,7 @@ def test_aha_against_the_base_model(tmp_path):
     run.mkdir()
     (run / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
     spec = next(s for s in chart_specs(load_run(run)) if s.id == "aha_by_level")
-    assert [(line.label, line.x, line.y) for line in spec.lines] == [("2x1-9", [0, 10], [0.30, 0.50]),
+    assert [(line.label, line.xs, line.ys) for line in spec.lines] == [("2x1-9", [0, 10], [0.30, 0.50]),
                                                                      ("3x1-30", [0, 10], [0.10, 0.12])]
 
 
