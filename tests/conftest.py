@@ -1,10 +1,4 @@
-"""Test-wide setup: 8 fake CPU devices for the sharding tests, float32 matmuls, the fixtures dir, and one
-persistent XLA compilation cache for the whole run.
-
-Much of the suite's time is XLA compiling the same tiny programs again in every `bin/train` subprocess. A cache
-shared by the run's subprocesses (through JAX_COMPILATION_CACHE_DIR) compiles each program once; the test
-processes themselves do not write to it (serialising every in-process compile cost more than it saved). It
-starts empty and is removed at the end, so a run's timing does not depend on the runs before it.
+"""Test-wide setup: 8 fake CPU devices for the sharding tests, float32 matmuls, the fixtures dir.
 
 Tests marked `alone` (the multi-host ones: two processes that wait on each other in collectives and barriers,
 which starve on a 2-core machine while the other xdist worker compiles) run with no other test beside them: every
@@ -21,18 +15,16 @@ from pathlib import Path
 # Must happen before jax is imported anywhere: multi-device code is tested on fake CPU devices.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The controller makes the cache before the workers start (they inherit the variable); a run without xdist too.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="aha-test-xla-cache-")
-    os.environ["AHA_TEST_CACHE_OWNER"] = str(os.getpid())
+# The controller makes the lock dir before the workers start (they inherit the variable); a run without xdist too.
+if "AHA_TEST_LOCKS" not in os.environ:
     os.environ["AHA_TEST_LOCKS"] = tempfile.mkdtemp(prefix="aha-test-locks-")
+    os.environ["AHA_TEST_LOCKS_OWNER"] = str(os.getpid())
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 # Golden comparisons need true float32 matmuls (TPU/GPU default to reduced precision).
 jax.config.update("jax_default_matmul_precision", "highest")
-jax.config.update("jax_compilation_cache_dir", None)  # the cache is for the subprocesses (module docstring)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -68,6 +60,5 @@ def _alone_or_together(request):
 
 
 def pytest_unconfigure(config):
-    if os.environ.get("AHA_TEST_CACHE_OWNER") == str(os.getpid()):
-        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    if os.environ.get("AHA_TEST_LOCKS_OWNER") == str(os.getpid()):
         shutil.rmtree(os.environ["AHA_TEST_LOCKS"], ignore_errors=True)

@@ -105,7 +105,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 def _train(model_dir: Path, out: Path, steps: int, file_size_blocks: int | None = None, cache: Path | None = None):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    if cache and "JAX_COMPILATION_CACHE_DIR" not in env:  # the run's shared cache (tests/conftest.py) wins
+    if cache:
         env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
     cmd = [sys.executable, "-m", "bin.train", f"--model_dir={model_dir}", f"--output_dir={out}", f"--steps={steps}",
            "--prompts_per_step=2", "--num_generations=2", "--max_new_tokens=8", "--eval_size=2",

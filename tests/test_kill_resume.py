@@ -48,10 +48,8 @@ def _command(model_dir: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _env(cache: Path) -> dict:
-    # A shared persistent compilation cache (the run's, tests/conftest.py): re-runs after a kill skip most
-    # compiles, as a user's would.
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
-            "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR", str(cache))}
+    # A shared persistent compilation cache: re-runs after a kill skip most compiles, as a user's would.
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "JAX_COMPILATION_CACHE_DIR": str(cache)}
 
 
 def _lines(path: Path) -> int:

@@ -31,8 +31,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 def _env(devices: int, cache: Path) -> dict:
-    return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR", str(cache)),
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
