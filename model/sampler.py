@@ -13,13 +13,14 @@ Layout (P = prompt bucket, M = max_new_tokens, S = P + M slots):
 - prefill (jit): a forward over [B, P] (model.forward.scan_layers, PREFILL_ROWS rows at a time) that fills
   the cache, unembeds only the last slot (the [B, P, V] logits would be GBs for a 262k vocabulary) and samples
   generated token 0.
-- decode (jit): `lax.while_loop(step < M and not all(done))` over DecodeState. Each step feeds the previous
+- decode (jit): blocks of CHECK_EVERY steps (a fixed trip count) inside `lax.while_loop(step < M and not
+  all(done))` over DecodeState, so the host is asked once per block (see `decode`). Each step feeds the previous
   token, attends over the cache as it was plus the token's own k/v (decode_attend), then writes that k/v
   at its slot, and samples.
 - Stopping (StopRule): a row is done once it emits any of `eos_ids` (default: cfg.eos_id) or once its decoded
   text contains a stop string (an automaton over whole tokens, model/stop_text.py; the training loop's
   `</answer>`); afterwards it gets cfg.pad_id and log-prob 0. `lengths` counts generated tokens including the
-  stopping one; `truncated` = no stop within M. The loop ends when every row is done.
+  stopping one; `truncated` = no stop within M. The loop ends at the first block boundary after every row is done.
 - Step t uses the key fold_in(key, t): same key -> same samples, whatever the loop's early exit.
 
 Decode speed on CPU (bin/bench_sample; BUILD.md "Sampler speed" has the numbers): at batch 1 a step is bound
