@@ -117,6 +117,24 @@ def define_lora_flags(default_rank: int = 0) -> None:
     flags.DEFINE_list("lora_targets", None, "Projections that get adapters, from q,k,v,o,gate,up,down. Default: all.")
 
 
+def define_think_flags() -> None:
+    """s1 budget forcing (model/think_budget.py, the defaults' home); both budgets 0: off."""
+    from model.think_budget import ThinkBudget
+    d = ThinkBudget()
+    flags.DEFINE_integer("min_think_tokens", d.min_think_tokens, "Replace a </think> that comes before this many "
+                         f"thinking tokens with --wait_text, at most {d.max_waits} times per completion (0: off).")
+    flags.DEFINE_integer("max_think_tokens", d.max_think_tokens, "Force </think> once thinking reaches this many "
+                         "tokens (0: off).")
+    flags.DEFINE_string("wait_text", d.wait_text, "Text forced where an early </think> began.")
+
+
+def think_budget(max_new_tokens: int):
+    """The thinking-budget flags as a ThinkBudget within max_new_tokens, or a FlagError naming the flag."""
+    from model.think_budget import ThinkBudget
+    with flag_errors("--"):  # the config names the field, which is the flag's name
+        return ThinkBudget(FLAGS.min_think_tokens, FLAGS.max_think_tokens, FLAGS.wait_text).check_fits(max_new_tokens)
+
+
 # --- checks and loaders --------------------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ F = flags.FLAGS
 cli.define_model_dir_flag()
 cli.define_tokenizer_flag()
 flags.DEFINE_string("curriculum", "countdown", "Ladder whose levels to measure (data/curriculum.py), or off.")
+flags.DEFINE_list("levels", None, "Only these levels of the ladder (names; default: all).")
 flags.DEFINE_integer("k", 8, "Samples per puzzle.")
 flags.DEFINE_integer("eval_size", 16, "Held-out puzzles per level.")
 flags.DEFINE_integer("max_new_tokens", 64, "Completion budget.")
@@ -27,11 +28,13 @@ flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
 flags.DEFINE_bool("stop_at_answer", True, "Stop a completion once its text has produced </answer>.")
 flags.DEFINE_enum("template", "base", ["base", "chat"], "Prompt template.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
+cli.define_think_flags()
 
 
 def main(argv):
     cli.no_extra_args(argv)
     cli.check_at_least(1, "k", "eval_size", "max_new_tokens")
+    think = cli.think_budget(F.max_new_tokens)
     import jax
     import jax.numpy as jnp
 
@@ -43,6 +46,9 @@ def main(argv):
 
     with cli.flag_errors("--curriculum: "):
         levels = curriculum.ladder(F.curriculum)
+    if set(F.levels or ()) - {lv.name for lv in levels}:
+        raise cli.FlagError(f"--levels: {F.levels} are not all among {', '.join(lv.name for lv in levels)}")
+    levels = tuple(lv for lv in levels if not F.levels or lv.name in F.levels)  # held-out sets as with all
     with cli.flag_errors("--"):  # the config names the field, which is the flag's name
         sampling = SamplingConfig(temperature=F.temperature)
     model_dir = cli.resolve_model_dir(F.model_dir)
@@ -54,7 +60,8 @@ def main(argv):
     rollout_cfg = RolloutConfig(max_new_tokens=F.max_new_tokens, sampling=sampling, stop_at_answer=F.stop_at_answer)
     out = {}
     for i, level in enumerate(levels):
-        r = pass_at_k(params, model_cfg, task, task.eval_items(i), F.k, rollout_cfg, jax.random.key(F.seed))
+        r = pass_at_k(params, model_cfg, task, task.eval_items(i), F.k, rollout_cfg, jax.random.key(F.seed),
+                      think=think)
         print(f"{level.name:10s} pass@1 {r['pass@1']:.3f}  pass@{F.k} {r[f'pass@{F.k}']:.3f}  "
               f"format {r['format']:.3f}  reward {r['reward']:.3f}   e.g. {r['samples'][0][-80:]!r}", flush=True)
         out[level.name] = {k: v for k, v in r.items() if k != "samples"}

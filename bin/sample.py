@@ -34,6 +34,7 @@ flags.DEFINE_float("top_p", None, "Nucleus sampling: keep the most likely tokens
 flags.DEFINE_integer("max_new_tokens", 64, "Generated tokens per completion (at most).")
 flags.DEFINE_integer("num_samples", 1, "Completions per prompt.")
 flags.DEFINE_integer("seed", 0, "PRNG seed.")
+cli.define_think_flags()
 flags.DEFINE_bool("warmup", False, "Run generate once untimed first, so tokens/s excludes compilation.")
 
 
@@ -54,6 +55,7 @@ def main(argv):
     cli.no_extra_args(argv)
     cli.check_at_least(1, "num_samples")
     texts = read_prompts(FLAGS.prompt, FLAGS.prompts_file)
+    budget = cli.think_budget(FLAGS.max_new_tokens)
     with cli.flag_errors("--"):  # the config names the field, which is the flag's name
         sampling = SamplingConfig(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
     model_dir = cli.resolve_model_dir(FLAGS.model_dir)
@@ -61,10 +63,12 @@ def main(argv):
     model_cfg, params = cli.load_model(model_dir, cli.resolve_dtypes(FLAGS.dtype, jax.default_backend())[0])
 
     prompts = [tokenizer.encode(t, add_bos=True) for t in texts for _ in range(FLAGS.num_samples)]
+    think = model.think_forcing(budget, tokenizer.piece_texts(), lambda s: tokenizer.encode(s, add_bos=False),
+                                model_cfg.vocab_size)
 
     sample_once = functools.partial(model.generate, params, model_cfg, prompts, jax.random.key(FLAGS.seed),
                                     max_new_tokens=FLAGS.max_new_tokens, temperature=sampling.temperature,
-                                    top_k=sampling.top_k, top_p=sampling.top_p, eos_ids=tokenizer.stop_ids)
+                                    top_k=sampling.top_k, top_p=sampling.top_p, eos_ids=tokenizer.stop_ids, think=think)
     if FLAGS.warmup:
         sample_once()
     start = time.perf_counter()
@@ -74,6 +78,7 @@ def main(argv):
     for row, tokens in enumerate(result.tokens):
         n = int(result.lengths[row])
         stop = "max_new_tokens" if result.truncated[row] else "eos"
+        stop += "" if think is None else f", {int(result.forced[row].sum())} forced"
         print(f"=== prompt {row // FLAGS.num_samples}, sample {row % FLAGS.num_samples} ({n} tokens, {stop}) ===")
         print(texts[row // FLAGS.num_samples] + tokenizer.decode(tokens[:n].tolist()))
     total = int(result.lengths.sum())

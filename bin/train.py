@@ -57,9 +57,8 @@ flags.DEFINE_string("machine", None, "A named set of hardware flag defaults (grp
 flags.DEFINE_string("curriculum", "countdown", "Difficulty ladder (data/curriculum.py): off (TinyZero's puzzles only) "
                     "or countdown (two small numbers up to TinyZero's puzzles; shaped rewards and a worked example "
                     "on the easy levels).")
-flags.DEFINE_float("promote_at", _default(T, "promote_at"),
-                   "Move the frontier up a level once its sampled solved rate over the last 4 "
-                   "steps reaches this, in (0, 1].")
+flags.DEFINE_float("promote_at", _default(T, "promote_at"), "Move the frontier up a level once its sampled solved "
+                   "rate over the last 4 steps reaches this, in (0, 1].")
 flags.DEFINE_enum("shaping", "first_rung", list(SHAPINGS), "Reward shaping on the ladder "
                   "(data/curriculum.py): first_rung pays the middle rungs (some / exactly the given numbers) on the "
                   "first level only and TinyZero's reward above it, so no fixed answer template pays there; legacy "
@@ -81,6 +80,7 @@ flags.DEFINE_integer("prompts_per_step", _default(T, "prompts_per_step"),
 flags.DEFINE_integer("eval_every", _default(T, "eval_every"),
                      "Greedy eval on the held-out set every N steps (0: only at start and end).")
 flags.DEFINE_integer("eval_size", _default(T, "eval_size"), "Held-out puzzles per level for eval (0: no eval).")
+cli.define_think_flags()  # the evals' thinking budget (rollouts are never forced)
 flags.DEFINE_integer("checkpoint_every", _default(T, "checkpoint_every"), "Checkpoint every N steps (and at the end).")
 flags.DEFINE_integer("keep_checkpoints", _default(T, "keep_checkpoints"), "Checkpoints kept.")
 flags.DEFINE_integer("seed", _default(T, "seed"), "Seeds data order, sampling and puzzle generation.")
@@ -88,23 +88,20 @@ flags.DEFINE_bool("resume", _default(T, "resume"), "Continue from the latest che
 flags.DEFINE_list("profile_steps", [], "A,B: wrap steps A..B in jax.profiler.trace into <output_dir>/profile.")
 flags.DEFINE_string("time_limit", None, "Pause before a step would end past this much wall time (e.g. 8h30m, 45m, "
                     "600s): checkpoint and exit cleanly; re-run to continue. SIGTERM pauses the same way.")
-flags.DEFINE_integer("max_bad_steps", _default(GC, "max_bad_steps"),
-                     "Stop after this many non-finite steps in a row (one of the guard's "
-                     "conditions; --noguard keeps it).")
+flags.DEFINE_integer("max_bad_steps", _default(GC, "max_bad_steps"), "Stop after this many non-finite steps in a "
+                     "row (one of the guard's conditions; --noguard keeps it).")
 flags.DEFINE_bool("guard", _default(GC, "enabled"),
                   "Stop a run that degrades (grpo/guard.py): held-out format or solved rate well below "
                   "its best, or entropy above its band, for --guard_patience evals / steps in a row, once armed. "
                   "--noguard: only non-finite steps stop a run.")
 flags.DEFINE_integer("guard_warmup_steps", _default(GC, "warmup_steps"),
                      "The guard's conditions arm only from this step on, >= 0.")
-flags.DEFINE_integer("guard_patience", _default(GC, "patience"),
-                     "Consecutive evals (or steps, for entropy) outside the limits that fire "
-                     "the guard, >= 1.")
-flags.DEFINE_enum("guard_action", _default(GC, "action"), ["stop", "rollback"],
-                  "When the guard fires: stop (checkpoint, export "
-                  "final_hf/ and best_hf/, exit 0), or rollback: restore best/, halve the learning rate, go on.")
-flags.DEFINE_integer("max_rollbacks", _default(GC, "max_rollbacks"),
-                     "With --guard_action rollback: rollbacks before the guard stops, >= 0.")
+flags.DEFINE_integer("guard_patience", _default(GC, "patience"), "Consecutive evals (or steps, for entropy) "
+                     "outside the limits that fire the guard, >= 1.")
+flags.DEFINE_enum("guard_action", _default(GC, "action"), ["stop", "rollback"], "When the guard fires: stop "
+                  "(checkpoint, export final_hf/ and best_hf/, exit 0), or rollback: restore best/, halve the lr.")
+flags.DEFINE_integer("max_rollbacks", _default(GC, "max_rollbacks"), "With --guard_action rollback: rollbacks "
+                     "before the guard stops, >= 0.")
 flags.DEFINE_list("log_to", [], "Also send the numbers to: tensorboard (<output_dir>/tensorboard), wandb "
                   "(offline run in <output_dir>/wandb). metrics.jsonl is always written.")
 flags.DEFINE_bool("export_hf", _default(T, "export_hf"),
@@ -130,18 +127,14 @@ flags.DEFINE_bool("shared_prompt", _default(G, "shared_prompt"),
                   "(same numbers, fewer FLOPs: BUILD.md 'Training-step speed'); --noshared_prompt: every row whole.")
 flags.DEFINE_float("epsilon_low", _default(G, "epsilon_low"), "PPO clip, lower.")
 flags.DEFINE_float("epsilon_high", _default(G, "epsilon_high"), "PPO clip, upper (DAPO clip-higher).")
-flags.DEFINE_enum("loss_type", _default(G, "loss_type"), ["token_mean", "sequence_mean", "dr_grpo"],
-                  "Loss aggregation.")
-flags.DEFINE_enum("scale_rewards", _default(G, "scale_rewards"), ["group", "batch", "none"],
-                  "Advantage std normalisation.")
-flags.DEFINE_bool("mask_truncated_completions", _default(G, "mask_truncated_completions"),
-                  "Drop completions that hit the token budget from the loss.")
+flags.DEFINE_enum("loss_type", _default(G, "loss_type"), ["token_mean", "sequence_mean", "dr_grpo"], "Loss averaging.")
+flags.DEFINE_enum("scale_rewards", _default(G, "scale_rewards"), ["group", "batch", "none"], "Advantage std scaling.")
+flags.DEFINE_bool("mask_truncated_completions", _default(G, "mask_truncated_completions"), "Drop completions that "
+                  "hit the token budget from the loss.")
 flags.DEFINE_integer("num_iterations", _default(G, "num_iterations"), "mu: updates per rollout batch.")
-flags.DEFINE_integer("num_micro_batches", _default(G, "num_micro_batches"),
-                     "Gradient accumulation micro-batches per step.")
+flags.DEFINE_integer("num_micro_batches", _default(G, "num_micro_batches"), "Gradient accumulation micro-batches.")
 flags.DEFINE_integer("warmup_steps", _default(G, "warmup_steps"), "Linear warmup steps.")
-flags.DEFINE_enum("lr_schedule", _default(G, "lr_schedule"), ["constant", "cosine"],
-                  "Learning-rate schedule after warmup.")
+flags.DEFINE_enum("lr_schedule", _default(G, "lr_schedule"), ["constant", "cosine"], "Schedule after warmup.")
 flags.DEFINE_float("weight_decay", _default(G, "weight_decay"), "AdamW weight decay.")
 flags.DEFINE_float("max_grad_norm", _default(G, "max_grad_norm"), "Global gradient-norm clip.")
 cli.define_lora_flags(default_rank=16)
@@ -203,10 +196,6 @@ def _check_flags() -> None:
         raise FlagError(f"--profile_steps: expected A,B, got {','.join(F.profile_steps)}")
     if not 0 < F.promote_at <= 1:
         raise FlagError(f"--promote_at must be in (0, 1], got {F.promote_at}")
-    if not 0 <= F.level_floor < 1:
-        raise FlagError(f"--level_floor must be in [0, 1), got {F.level_floor}")
-    if not F.max_oversample >= 1:
-        raise FlagError(f"--max_oversample must be >= 1, got {F.max_oversample}")
     if not F.target_entropy > 0:
         raise FlagError(f"--target_entropy must be > 0, got {F.target_entropy}")
     _check_start_level()
@@ -298,7 +287,8 @@ def _configs(compute_dtype: str | None):
     from grpo.trainer import TrainConfig
     from model.sampling import SamplingConfig
 
-    try:
+    eval_think, time_limit_s, log_to = cli.think_budget(F.max_new_tokens), _time_limit_s(), tuple(_check_loggers())
+    try:  # the configs name the field, which is the flag's name
         grpo_cfg = grpo.GRPOConfig(
             num_generations=F.num_generations, beta=F.beta, entropy_coef=F.entropy_coef,
             epsilon_low=F.epsilon_low, epsilon_high=F.epsilon_high,
@@ -314,18 +304,17 @@ def _configs(compute_dtype: str | None):
                                     stop_at_answer=F.stop_at_answer, skip_zero_std_groups=F.skip_zero_std_groups,
                                     batch_rows=F.rollout_batch_size, dynamic_sampling=F.dynamic_sampling,
                                     max_oversample=F.max_oversample)
-    except ValueError as e:  # the configs name the field, which is the flag's name
+        train_cfg = TrainConfig(
+            output_dir=F.output_dir, steps=F.steps, prompts_per_step=F.prompts_per_step, eval_every=F.eval_every,
+            eval_size=F.eval_size, checkpoint_every=F.checkpoint_every, keep_checkpoints=F.keep_checkpoints,
+            seed=F.seed, resume=F.resume, export_hf=F.export_hf,
+            profile_steps=tuple(int(s) for s in F.profile_steps) if F.profile_steps else None,
+            log_to=log_to, promote_at=F.promote_at, time_limit_s=time_limit_s,
+            level_mix=F.level_mix, level_floor=F.level_floor, start_level=F.start_level, eval_think=eval_think,
+            guard=GuardConfig(enabled=F.guard, warmup_steps=F.guard_warmup_steps, patience=F.guard_patience,
+                              max_bad_steps=F.max_bad_steps, action=F.guard_action, max_rollbacks=F.max_rollbacks))
+    except ValueError as e:
         raise FlagError(f"--{e}") from None
-    train_cfg = TrainConfig(
-        output_dir=F.output_dir, steps=F.steps, prompts_per_step=F.prompts_per_step, eval_every=F.eval_every,
-        eval_size=F.eval_size, checkpoint_every=F.checkpoint_every, keep_checkpoints=F.keep_checkpoints,
-        seed=F.seed, resume=F.resume, export_hf=F.export_hf,
-        profile_steps=tuple(int(s) for s in F.profile_steps) if F.profile_steps else None,
-        log_to=tuple(_check_loggers()), promote_at=F.promote_at, time_limit_s=_time_limit_s(),
-        level_mix=F.level_mix, level_floor=F.level_floor, start_level=F.start_level,
-        guard=GuardConfig(enabled=F.guard, warmup_steps=F.guard_warmup_steps, patience=F.guard_patience,
-                          max_bad_steps=F.max_bad_steps, action=F.guard_action, max_rollbacks=F.max_rollbacks),
-    )
     return grpo_cfg, rollout_cfg, train_cfg
 
 

@@ -16,35 +16,49 @@ from grpo.tasks import Task
 from model.config import GemmaConfig
 from model.sampler import generate_in_chunks
 from model.sampling import SamplingConfig
+from model.think_budget import ThinkBudget, ThinkForcing, think_forcing
 
 EVAL_BATCH = 64  # held-out prompts per greedy generate call
 GREEDY = SamplingConfig(temperature=0.0)
 
 
+def task_think_forcing(task: Task, budget: ThinkBudget | None, vocab_size: int) -> ThinkForcing | None:
+    """s1 budget forcing over the task's tokenizer (model/think_budget.py); None when the budget is off."""
+    if budget is None or not budget.active:
+        return None
+    tok = task.tokenizer
+    return think_forcing(budget, tok.piece_texts(), lambda text: tok.encode(text, add_bos=False), vocab_size)
+
+
 def evaluate_items(params: dict, model_cfg: GemmaConfig, task: Task, items: list, rollout_cfg: RolloutConfig,
-                   batch_size: int = EVAL_BATCH) -> list[dict]:
-    """Greedy completions of `items`, scored, as sample records (step 0; the caller sets it)."""
+                   batch_size: int = EVAL_BATCH, think: ThinkBudget | None = None) -> list[dict]:
+    """Greedy completions of `items`, scored, as sample records (step 0; the caller sets it). With a thinking
+    budget, each record also counts its `forced_tokens`."""
     if not items:
         return []
     records = []
     stop_table = task_stop_table(task, rollout_cfg)
     res = generate_in_chunks(params, model_cfg, [task.encode_prompt(it) for it in items], jax.random.key(0),
                              batch_size, max_new_tokens=rollout_cfg.max_new_tokens, sampling=GREEDY,
-                             eos_ids=task.eos_ids, stop_table=stop_table)
+                             eos_ids=task.eos_ids, stop_table=stop_table,
+                             think=task_think_forcing(task, think, model_cfg.vocab_size))
     scored = score_rows(task, items, res.tokens, res.lengths)
     for i, (it, s, n, t) in enumerate(zip(items, scored, res.lengths, res.truncated, strict=True)):
         records.append(sample_record(task, 0, i, it, s, n, t))
+        if res.forced is not None:
+            records[-1]["forced_tokens"] = int(res.forced[i].sum())
     return records
 
 
 def evaluate(params: dict, model_cfg: GemmaConfig, task: Task, rollout_cfg: RolloutConfig,
-             batch_size: int = EVAL_BATCH) -> tuple[dict, list[dict]]:
-    """(metrics, sample records) on the task's held-out set(s); see the module docstring."""
+             batch_size: int = EVAL_BATCH, think: ThinkBudget | None = None) -> tuple[dict, list[dict]]:
+    """(metrics, sample records) on the task's held-out set(s); see the module docstring. think: s1 budget
+    forcing of the eval's completions (off by default)."""
     names = getattr(task, "level_names", None)
     if not names:
-        records = evaluate_items(params, model_cfg, task, task.eval_items(), rollout_cfg, batch_size)
+        records = evaluate_items(params, model_cfg, task, task.eval_items(), rollout_cfg, batch_size, think)
         return {**_rates(records), "aha_by_level": {HELD_OUT: aha_split(records)}}, records
-    per_level = [evaluate_items(params, model_cfg, task, task.eval_items(level=i), rollout_cfg, batch_size)
+    per_level = [evaluate_items(params, model_cfg, task, task.eval_items(level=i), rollout_cfg, batch_size, think)
                  for i in range(len(names))]
     metrics = _rates(per_level[-1])
     rates = [_rates(r) for r in per_level]
@@ -78,16 +92,21 @@ def _rates(records: list[dict]) -> dict:
 
 
 def pass_at_k(params: dict, model_cfg: GemmaConfig, task: Task, items: list, k: int, rollout_cfg: RolloutConfig,
-              key: jax.Array, batch_size: int = EVAL_BATCH) -> dict:
+              key: jax.Array, batch_size: int = EVAL_BATCH, think: ThinkBudget | None = None) -> dict:
     """Sampled (rollout_cfg's temperature) k completions per held-out item: the mean solved rate (pass@1), the
-    share of items solved at least once (pass@k), the format rate and the mean reward."""
+    share of items solved at least once (pass@k), the format rate and the mean reward; with a thinking budget
+    (s1 budget forcing), also the mean forced tokens per completion."""
     rows = [it for it in items for _ in range(k)]
     stop_table = task_stop_table(task, rollout_cfg)
     res = generate_in_chunks(params, model_cfg, [task.encode_prompt(it) for it in rows], key, batch_size,
                              max_new_tokens=rollout_cfg.max_new_tokens, sampling=rollout_cfg.sampling,
-                             eos_ids=task.eos_ids, stop_table=stop_table)
+                             eos_ids=task.eos_ids, stop_table=stop_table,
+                             think=task_think_forcing(task, think, model_cfg.vocab_size))
     scored = score_rows(task, rows, res.tokens, res.lengths)
     solved = np.array([s.solved for s in scored]).reshape(len(items), k)
-    return {"pass@1": float(solved.mean()), f"pass@{k}": float(solved.any(axis=1).mean()),
-            "format": float(np.mean([s.format for s in scored])),
-            "reward": float(np.mean([s.reward for s in scored])), "samples": [s.text for s in scored[:k]]}
+    out = {"pass@1": float(solved.mean()), f"pass@{k}": float(solved.any(axis=1).mean()),
+           "format": float(np.mean([s.format for s in scored])),
+           "reward": float(np.mean([s.reward for s in scored])), "samples": [s.text for s in scored[:k]]}
+    if res.forced is not None:
+        out["forced_tokens"] = float(res.forced.sum(axis=1).mean())
+    return out

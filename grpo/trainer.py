@@ -61,6 +61,7 @@ from grpo.step import make_policy_step
 from grpo.tasks import Task
 from model.config import GemmaConfig
 from model.lora import LoraConfig
+from model.think_budget import ThinkBudget
 
 EVAL_SAMPLES_KEPT = 8  # eval completions per held-out set written to eval_samples.jsonl per eval
 
@@ -95,6 +96,7 @@ class TrainConfig:
     level_floor: float = 0.1
     start_level: str | None = None
     guard: GuardConfig = GuardConfig()  # when a degrading run stops or rolls back (grpo/guard.py)
+    eval_think: ThinkBudget = ThinkBudget()  # s1 budget forcing of the evals' completions (rollouts never)
 
     def __post_init__(self):
         if not 0 <= self.level_floor < 1:
@@ -353,7 +355,8 @@ def eval_phase(ctx: RunContext, state: LoopState) -> LoopState:
     if ctx.train_cfg.eval_size <= 0:
         return state
     t0 = time.perf_counter()
-    metrics, samples = evaluate(policy_params(ctx, state), ctx.model_cfg, ctx.task, ctx.rollout_cfg)
+    metrics, samples = evaluate(policy_params(ctx, state), ctx.model_cfg, ctx.task, ctx.rollout_cfg,
+                                think=ctx.train_cfg.eval_think)
     metrics["eval_s"] = time.perf_counter() - t0
     ctx.log.write("eval.jsonl", {"step": state.step, **metrics})
     ctx.log.scalars(state.step, {k: v for k, v in metrics.items() if k != "solved_by_level"})

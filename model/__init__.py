@@ -6,10 +6,11 @@ from model.forward import forward, hidden_states, unembed
 from model.lora import TARGETS, LoraConfig, abstract_adapters, init_adapters, merge, validate_lora, with_adapters
 from model.params import abstract_params, init_params, param_schema
 from model.sampler import SampleResult, generate
+from model.think_budget import ThinkBudget, think_forcing
 
 __all__ = [
-    "GLOBAL", "PRESETS", "SLIDING", "TARGETS", "GemmaConfig", "LoraConfig", "SampleResult", "abstract_adapters",
-    "abstract_params", "config_from_hf", "forward", "generate", "get_preset", "hidden_states", "init_adapters",
-    "init_params", "load_config", "load_hf_checkpoint", "merge", "param_schema", "save_hf_checkpoint",
-    "tiny_config", "unembed", "validate_lora", "with_adapters",
+    "GLOBAL", "PRESETS", "SLIDING", "TARGETS", "GemmaConfig", "LoraConfig", "SampleResult", "ThinkBudget",
+    "abstract_adapters", "abstract_params", "config_from_hf", "forward", "generate", "get_preset", "hidden_states",
+    "init_adapters", "init_params", "load_config", "load_hf_checkpoint", "merge", "param_schema",
+    "save_hf_checkpoint", "think_forcing", "tiny_config", "unembed", "validate_lora", "with_adapters",
 ]

@@ -66,6 +66,7 @@ from model.forward import (
 )
 from model.sampling import SamplingConfig, sample_tokens
 from model.stop_text import no_stop_table
+from model.think_budget import ForcingRule, ThinkForcing, ThinkState, forced_record, initial_state
 
 MIN_BUCKET = 16  # smallest prompt bucket: short prompts share one compile
 BUCKETS_PER_OCTAVE = 4  # prompt buckets between consecutive powers of two (see prompt_bucket)
@@ -107,6 +108,7 @@ class DecodeState:
     text_state: jax.Array  # [B] int32 stop-string automaton state (model/stop_text.py)
     key: jax.Array  # PRNG key; step t samples with fold_in(key, t)
     cache: KVCache
+    think: ThinkState | None = None  # budget forcing's per-row columns and state (model/think_budget.py); None: off
 
 
 @jax.tree_util.register_dataclass
@@ -127,6 +129,7 @@ class SampleResult:
     lengths: np.ndarray  # [B] int32 generated tokens, the EOS included when one was emitted
     logprobs: np.ndarray  # [B, max_new_tokens] float32, 0 after the stop
     truncated: np.ndarray  # [B] bool: no stop (EOS or stop string) within max_new_tokens
+    forced: np.ndarray | None = None  # [B, max_new_tokens] bool: tokens budget forcing put there; None: no forcing
 
 
 def prompt_bucket(length: int) -> int:
@@ -224,6 +227,14 @@ def _record(state: DecodeState, token: jax.Array, logprob: jax.Array, stops: Sto
     )
 
 
+def _emit(state: DecodeState, token: jax.Array, logprob: jax.Array, stops: StopRule, rule: ForcingRule | None,
+          pad_id: int, steps: int) -> DecodeState:
+    """_record, or its budget-forcing version when there is a rule."""
+    if rule is None:
+        return _record(state, token, logprob, stops, pad_id)
+    return forced_record(state, token, logprob, stops, rule, pad_id, steps)
+
+
 def _last_logits(params: dict, x: jax.Array, cfg: GemmaConfig) -> jax.Array:
     """Float32 logits [B, V] of hidden states [B, D]."""
     return unembed(params, rms_norm(x, params["final_norm"], cfg.rms_eps), cfg)
@@ -242,9 +253,10 @@ def _prompt_stack(params: dict, tokens: jax.Array, positions: jax.Array, valid: 
     return x[:, -1], ks, vs
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_new_tokens", "repeats"))
-def prefill(params: dict, tokens: jax.Array, pad: jax.Array, stops: StopRule, key: jax.Array, *,
-            cfg: GemmaConfig, sampling: SamplingConfig, max_new_tokens: int, repeats: int = 1) -> DecodeState:
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_new_tokens", "repeats", "extra_steps"))
+def prefill(params: dict, tokens: jax.Array, pad: jax.Array, stops: StopRule, key: jax.Array,
+            rule: ForcingRule | None = None, *, cfg: GemmaConfig, sampling: SamplingConfig, max_new_tokens: int,
+            repeats: int = 1, extra_steps: int = 0) -> DecodeState:
     """Run the left-padded prompts [U, P] through the model, fill the cache, sample generated token 0.
 
     repeats: each prompt becomes `repeats` consecutive rows (B = U * repeats; row r continues prompt r //
@@ -254,11 +266,14 @@ def prefill(params: dict, tokens: jax.Array, pad: jax.Array, stops: StopRule, ke
 
     Rows go through the layer stack PREFILL_ROWS at a time (lax.map): one [32 * P, F] pass ran slower than
     four [8 * P, F] passes on CPU (BUILD.md), and the activations stay bounded for big batches.
+
+    rule: budget forcing (model/think_budget.py), whose rewinds take up to extra_steps more steps and slots.
     """
     TRACE_COUNTS["prefill"] += 1
     with jax.named_scope("prefill"):
         b, p = tokens.shape  # b = U here; B after the replication below
-        slots = jnp.arange(p + max_new_tokens, dtype=jnp.int32)
+        steps = max_new_tokens + extra_steps
+        slots = jnp.arange(p + steps, dtype=jnp.int32)
         positions = slots[None, :] - pad[:, None]  # [B, S]: slot s of row b holds position s - pad_b
         valid = (positions >= 0) & (slots[None, :] < p)  # [B, S]: the real prompt tokens
 
@@ -277,7 +292,7 @@ def prefill(params: dict, tokens: jax.Array, pad: jax.Array, stops: StopRule, ke
             positions, valid = (jnp.repeat(a, repeats, axis=0) for a in (positions, valid))
 
         def to_cache(a):  # [B, P, K, H] -> [B, K, S, H], the new-token slots zero
-            return jnp.pad(a.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, max_new_tokens), (0, 0)))
+            return jnp.pad(a.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, steps), (0, 0)))
 
         cache = KVCache(tuple(to_cache(k) for k in ks), tuple(to_cache(v) for v in vs), positions, valid)
         token, logprob = sample_tokens(_last_logits(params, x, cfg), jax.random.fold_in(key, 0), sampling)
@@ -291,8 +306,9 @@ def prefill(params: dict, tokens: jax.Array, pad: jax.Array, stops: StopRule, ke
             text_state=jnp.zeros((b,), jnp.int32),
             key=key,
             cache=cache,
+            think=None if rule is None else initial_state(positions[:, p - 1] + 1, max_new_tokens),
         )
-        return _record(state, token, logprob, stops, cfg.pad_id)
+        return _emit(state, token, logprob, stops, rule, cfg.pad_id, steps)
 
 
 def decode_attend(q, k_cache, v_cache, k_new, v_new, q_pos, k_pos, k_valid, window, cfg: GemmaConfig) -> jax.Array:
@@ -363,11 +379,11 @@ def _unstack_layers(params: dict, cfg: GemmaConfig) -> tuple[dict, ...]:
 
 
 def _decode_step(params: dict, layers: tuple[dict, ...], state: DecodeState, stops: StopRule,
-                 cfg: GemmaConfig, sampling: SamplingConfig) -> DecodeState:
+                 rule: ForcingRule | None, steps: int, cfg: GemmaConfig, sampling: SamplingConfig) -> DecodeState:
     """Feed last_token at its slot, write its k/v into every layer's cache, sample the next token."""
     cache = state.cache
-    b, m = state.tokens.shape
-    slot = cache.positions.shape[1] - m + state.step - 1  # P + (step - 1): where the previous token goes
+    b = state.tokens.shape[0]
+    slot = cache.positions.shape[1] - steps + state.step - 1  # P + (step - 1): where the previous token goes
     q_pos = jax.lax.dynamic_slice(cache.positions, (0, slot), (b, 1))  # [B, 1]
     x = embed_tokens(params, state.last_token[:, None], cfg)  # [B, 1, D]
     consts = layer_constants(cfg)
@@ -384,7 +400,7 @@ def _decode_step(params: dict, layers: tuple[dict, ...], state: DecodeState, sto
     token, logprob = sample_tokens(_last_logits(params, x[:, 0], cfg), jax.random.fold_in(state.key, state.step),
                                    sampling)
     state = dataclasses.replace(state, cache=KVCache(tuple(new_k), tuple(new_v), cache.positions, valid))
-    return _record(state, token, logprob, stops, cfg.pad_id)
+    return _emit(state, token, logprob, stops, rule, cfg.pad_id, steps)
 
 
 # XLA:CPU's default copy insertion copies every layer's cache buffer twice per token when the loop body both
@@ -393,10 +409,10 @@ def _decode_step(params: dict, layers: tuple[dict, ...], state: DecodeState, sto
 DECODE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "check_every"), donate_argnames=("state",),
-                   compiler_options=DECODE_COMPILER_OPTIONS)
-def decode(params: dict, state: DecodeState, stops: StopRule, *, cfg: GemmaConfig, sampling: SamplingConfig,
-           check_every: int = CHECK_EVERY) -> DecodeState:
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "check_every", "extra_steps"),
+                   donate_argnames=("state",), compiler_options=DECODE_COMPILER_OPTIONS)
+def decode(params: dict, state: DecodeState, stops: StopRule, rule: ForcingRule | None = None, *, cfg: GemmaConfig,
+           sampling: SamplingConfig, check_every: int = CHECK_EVERY, extra_steps: int = 0) -> DecodeState:
     """Sample until every row is done or the token budget is spent: no host round trips.
 
     Two nested loops: blocks of `check_every` steps (a fixed trip count, so a GPU runs them without asking the
@@ -404,18 +420,25 @@ def decode(params: dict, state: DecodeState, stops: StopRule, *, cfg: GemmaConfi
     while_loop whose predicate depends on data copies that predicate to the host after each trip on GPU; here
     it happens once per block. The price: up to check_every - 1 steps computed after the last row stopped
     (or past the budget), whose writes `_record` turns into no-ops, so the tokens are the same as stepping
-    one token at a time.
+    one token at a time. With budget forcing (rule; prefill's extra_steps again), a row is also finished once its
+    output is full.
     """
     TRACE_COUNTS["decode"] += 1
     with jax.named_scope("decode"):
-        budget = state.tokens.shape[1]
+        m = state.tokens.shape[1]
+        budget = m + extra_steps
         every = max(1, min(check_every, budget))
         layers = _unstack_layers(params, cfg)  # outside the loop: sliced once per call
 
         def block(st):
-            return jax.lax.fori_loop(0, every, lambda _, s: _decode_step(params, layers, s, stops, cfg, sampling), st)
+            return jax.lax.fori_loop(
+                0, every, lambda _, s: _decode_step(params, layers, s, stops, rule, budget, cfg, sampling), st)
 
-        return jax.lax.while_loop(lambda st: (st.step < budget) & ~jnp.all(st.done), block, state)
+        def running(st):
+            finished = st.done if rule is None else st.done | (st.think.cols >= m)
+            return (st.step < budget) & ~jnp.all(finished)
+
+        return jax.lax.while_loop(running, block, state)
 
 
 def generate(
@@ -431,6 +454,7 @@ def generate(
     eos_ids: Sequence[int] | None = None,
     stop_table: np.ndarray | None = None,
     num_repeats: int = 1,
+    think: ThinkForcing | None = None,
 ) -> SampleResult:
     """Sample up to max_new_tokens for each prompt (a list of token-id lists; temperature 0 = greedy).
 
@@ -439,28 +463,31 @@ def generate(
 
     eos_ids: any of these ends a row; None: (cfg.eos_id,). Chat models also stop on <end_of_turn>
     (model/tokenizer.py `stop_ids`). Pass () to always run the full budget. stop_table: a row also ends once its
-    text contains a stop string (model/stop_text.py builds the table, e.g. for "</answer>").
+    text contains a stop string (model/stop_text.py builds the table, e.g. for "</answer>"). think: s1 budget
+    forcing (model/think_budget.py `think_forcing`); the result's `forced` marks the tokens it put there.
     """
     sampling = SamplingConfig(temperature, top_k, top_p)
     tokens, pad = pad_prompts(prompts, cfg, max_new_tokens)
     stops = stop_rule(cfg, (cfg.eos_id,) if eos_ids is None else eos_ids, stop_table)
     if isinstance(num_repeats, bool) or not isinstance(num_repeats, int) or num_repeats < 1:
         raise ValueError(f"num_repeats must be a positive integer, got {num_repeats!r}")
-    state = prefill(params, tokens, pad, stops, key, cfg=cfg, sampling=sampling, max_new_tokens=max_new_tokens,
-                    repeats=num_repeats)
-    state = decode(params, state, stops, cfg=cfg, sampling=sampling)
+    rule, extra = (None, 0) if think is None else (jax.tree.map(jnp.asarray, think.rule), think.extra_steps)
+    state = prefill(params, tokens, pad, stops, key, rule, cfg=cfg, sampling=sampling, max_new_tokens=max_new_tokens,
+                    repeats=num_repeats, extra_steps=extra)
+    state = decode(params, state, stops, rule, cfg=cfg, sampling=sampling, extra_steps=extra)
     return SampleResult(
         tokens=np.asarray(state.tokens),
         lengths=np.asarray(state.lengths),
         logprobs=np.asarray(state.logprobs),
         truncated=~np.asarray(state.done),
+        forced=None if think is None else np.asarray(state.think.forced),
     )
 
 
 def generate_in_chunks(params: dict, cfg: GemmaConfig, prompts: Sequence[Sequence[int]], key: jax.Array,
                        chunk: int, *, max_new_tokens: int, sampling: SamplingConfig,
                        eos_ids: Sequence[int] | None = None, stop_table: np.ndarray | None = None,
-                       num_repeats: int = 1) -> SampleResult:
+                       num_repeats: int = 1, think: ThinkForcing | None = None) -> SampleResult:
     """`generate` over the prompts `chunk` at a time (bounding one call's KV cache), results concatenated in
     order. Chunk i samples with fold_in(key, i), or with key itself when one chunk holds every prompt, so a run
     that fits in one call draws what `generate` would. The last chunk may be smaller (one more compile)."""
@@ -469,8 +496,8 @@ def generate_in_chunks(params: dict, cfg: GemmaConfig, prompts: Sequence[Sequenc
         part_key = key if chunk >= len(prompts) else jax.random.fold_in(key, i)
         parts.append(generate(params, cfg, prompts[start : start + chunk], part_key, max_new_tokens=max_new_tokens,
                               temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                              eos_ids=eos_ids, stop_table=stop_table, num_repeats=num_repeats))
+                              eos_ids=eos_ids, stop_table=stop_table, num_repeats=num_repeats, think=think))
     if len(parts) == 1:
         return parts[0]
-    return SampleResult(*(np.concatenate([getattr(r, f.name) for r in parts])
-                          for f in dataclasses.fields(SampleResult)))
+    joined = {f.name: [getattr(r, f.name) for r in parts] for f in dataclasses.fields(SampleResult)}
+    return SampleResult(**{name: None if v[0] is None else np.concatenate(v) for name, v in joined.items()})

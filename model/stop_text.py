@@ -46,6 +46,22 @@ def stop_table(pieces: Sequence[str], stop: str) -> np.ndarray:
     return table
 
 
+def match_start_table(pieces: Sequence[str], stop: str) -> np.ndarray:
+    """[len(stop), len(pieces)] int8: on a transition that completes `stop` (stop_table reaches len(stop)), how many
+    of the match's characters came before the token (0: it begins inside the token); 0 elsewhere. The match
+    may end inside the token ("</think>\n"), so the state alone does not say where it began."""
+    n = len(stop)
+    back = np.zeros((n, len(pieces)), np.int8)
+    chars = set(stop)
+    for token, piece in enumerate(pieces):
+        if piece and chars.intersection(piece):
+            for s in range(n):
+                at = (stop[:s] + piece).find(stop)
+                if at >= 0:
+                    back[s, token] = max(0, s - at)
+    return back
+
+
 def no_stop_table(vocab_size: int) -> np.ndarray:
     """The [1, V] table of "no stop string": every token leads to state 0, never to the match state 1."""
     return np.zeros((1, vocab_size), np.int8)
@@ -55,3 +71,9 @@ def no_stop_table(vocab_size: int) -> np.ndarray:
 def cached_stop_table(pieces: tuple[str, ...], stop: str) -> np.ndarray:
     """stop_table, built once per (vocabulary, stop string) in a process (~seconds for a 262k vocabulary)."""
     return stop_table(pieces, stop)
+
+
+@functools.lru_cache(maxsize=4)
+def cached_match_start_table(pieces: tuple[str, ...], stop: str) -> np.ndarray:
+    """match_start_table, built once per (vocabulary, stop string) in a process."""
+    return match_start_table(pieces, stop)

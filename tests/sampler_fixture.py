@@ -36,9 +36,9 @@ def pieces_for(vocab: int, opening: int, closing: int, whole: int) -> list[str]:
     return pieces
 
 
-def run_case(name: str, stop_ids: np.ndarray, eos: int | None):
+def run_case(name: str, stop_ids: np.ndarray, eos: int | None, think=None):
     """The sampler's result for one case; stop_ids = (opening, closing, whole) tokens of the stop string; eos None:
-    no EOS id."""
+    no EOS id; think: budget forcing (model.think_budget.ThinkForcing) or None."""
     from test_sampler import _prompts, _tiny
 
     arch, temperature, top_k, top_p, repeats = CASES[name]
@@ -46,7 +46,7 @@ def run_case(name: str, stop_ids: np.ndarray, eos: int | None):
     table = stop_table(pieces_for(cfg.vocab_size, *map(int, stop_ids)), "</answer>")
     return model.generate(params, cfg, _prompts(LENGTHS, seed=3), jax.random.key(11), max_new_tokens=NEW,
                           temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=() if eos is None else (eos,),
-                          stop_table=table, num_repeats=repeats)
+                          stop_table=table, num_repeats=repeats, think=think)
 
 
 def _choose_stops(name: str) -> tuple[np.ndarray, int]:

@@ -39,7 +39,7 @@ TRAIN_BAD = {
     "shaping": "gentle", "start_level": "5x1-999", "level_mix": "kinda", "level_floor": "1.0",
     "dynamic_sampling": "lots", "max_oversample": "0.5", "adaptive_entropy": "auto", "target_entropy": "0",
     "guard": "sometimes", "guard_warmup_steps": "-1", "guard_patience": "0", "guard_action": "panic",
-    "max_rollbacks": "-1",
+    "max_rollbacks": "-1", "min_think_tokens": "-1", "max_think_tokens": "65", "wait_text": "",
 }
 # Flags whose bad value only shows once an earlier check passes: they need a real model + tokenizer.
 NEEDS_MODEL = {"data_file", "max_new_tokens", "output_dir", "curriculum"}
@@ -141,11 +141,14 @@ def test_the_table_covers_every_flag():
     ("bench_train", "num_generations", "3"), ("bench_sample", "profile_dir", "/proc/no_such_dir"),
     ("plot", "run_dir", "/nonexistent/run"), ("report", "run_dir", "/nonexistent/run"),
     ("make_dataset", "counts", "3,x"), ("import_gguf", "gguf", "/nonexistent.gguf"),
+    ("sample", "wait_text", ""), ("pass_at_k", "min_think_tokens", "9"),  # 9 > --max_think_tokens 8
 ])
 def test_shared_flags_of_other_binaries(tool, flag, value, tmp_path):
     args = [f"--{flag}={value}"]
     if tool == "sample":
         args.append("--prompt=hello")
+    if flag == "min_think_tokens":
+        args.append("--max_think_tokens=8")
     if tool in ("make_dataset", "import_gguf"):
         args.append(f"--out={tmp_path / 'out'}")
     _assert_one_line_error(run_tool(tool, *args, timeout=300), NAMED.get(flag, flag))
