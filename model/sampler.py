@@ -22,6 +22,8 @@ Layout (P = prompt bucket, M = max_new_tokens, S = P + M slots):
   `</answer>`); afterwards it gets cfg.pad_id and log-prob 0. `lengths` counts generated tokens including the
   stopping one; `truncated` = no stop within M. The loop ends at the first block boundary after every row is done.
 - Step t uses the key fold_in(key, t): same key -> same samples, whatever the loop's early exit.
+- Budget forcing (s1, model/think_budget.py; off unless `generate(think=...)`): rows get their own output columns
+  and can rewind; the cache slots still advance with the shared step.
 
 Decode speed on CPU (bin/bench_sample; BUILD.md "Sampler speed" has the numbers): at batch 1 a step is bound
 by reading the weights; at larger batches by the tied-unembedding GEMM. Five XLA:CPU traps, each a sizeable

@@ -25,3 +25,21 @@ def run_tool(name: str, *args: str, launcher: bool = False, env: dict | None = N
 # full fine-tuning, every group in the loss. bin/train's defaults moved on (the ladder, LoRA rank 16, the
 # zero-std filter); test_train_cli.py runs those defaults end to end.
 CLASSIC_LOOP = ("--curriculum=off", "--lora_rank=0", "--noskip_zero_std_groups")
+
+
+def train_in_process(args: list[str], capsys) -> subprocess.CompletedProcess:
+    """bin/train's main on this command line in the test process (`bin.train.run(argv)` under absl's flagsaver):
+    (exit status, stdout, stderr) as a subprocess's, for checks that are not about the process boundary. The
+    process has the suite's 8 fake CPU devices (tests/conftest.py), where `run_tool` gives bin/train one."""
+    from absl.testing import flagsaver
+
+    from bin import train as train_bin
+
+    with flagsaver.flagsaver():
+        try:
+            train_bin.run(["bin/train", *args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,9 +116,21 @@ def _train(model_dir: Path, out: Path, steps: int, file_size_blocks: int | None 
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_disk_full_stops_with_one_line_and_loses_nothing(tiny_dir, tmp_path):
-    out, cache = tmp_path / "run", tmp_path / "cache"
-    assert _train(tiny_dir, out, 2, cache=cache).returncode == 0
+@pytest.fixture(scope="module")
+def two_steps(tiny_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """A finished 2-step run (checkpoint at step 2) and its compilation cache; each test continues a copy."""
+    work = tmp_path_factory.mktemp("two_steps")
+    result = _train(tiny_dir, work / "run", 2, cache=work / "cache")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return work / "run", work / "cache"
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def test_disk_full_stops_with_one_line_and_loses_nothing(tiny_dir, two_steps, tmp_path):
+    out, cache = _copy(two_steps[0], tmp_path), two_steps[1]
     before = (out / "metrics.jsonl").read_text()
     failed = _train(tiny_dir, out, 4, file_size_blocks=40, cache=cache)  # 20 kB: step 4's checkpoint cannot be written
     errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
@@ -139,9 +152,8 @@ def test_unwritable_output_dir_is_reported_before_any_compile(tiny_dir, tmp_path
     assert "compiling" not in result.stdout and "step" not in result.stdout
 
 
-def test_checkpoint_of_another_model_is_one_line(tiny_dir, tmp_path):
-    out, cache = tmp_path / "run", tmp_path / "cache"
-    assert _train(tiny_dir, out, 2, cache=cache).returncode == 0
+def test_checkpoint_of_another_model_is_one_line(two_steps, tmp_path):
+    out, cache = _copy(two_steps[0], tmp_path), two_steps[1]
     other = make_tiny_model_dir(tmp_path / "other", seed=1)
     cfg = json.loads((other / "config.json").read_text())
     cfg["intermediate_size"] = 96  # another MLP width: every gate/up/down leaf differs

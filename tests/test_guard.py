@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from test_train_loop import LowIdTask, _setup
@@ -145,16 +147,28 @@ def test_damaged_best_is_set_aside(tmp_path):
     assert (out / "damaged_checkpoints").is_dir() and _status(out)["best_step"] == 3
 
 
-def test_a_run_that_learns_then_degrades_stops_itself_and_keeps_its_best(tmp_path):
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory) -> Path:
+    """24 steps of the toy loop at lr 1e-2 (evals every 2, 8 held-out prompts), no HF export (so final_hf/ and
+    best_hf/ in a push test are that run's own): the run the push tests continue, each in its own copy."""
+    out = tmp_path_factory.mktemp("learned") / "run"
+    train(*_setup(out, steps=24, eval_every=2, eval_size=8), echo=lambda s: None)
+    return out
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def test_a_run_that_learns_then_degrades_stops_itself_and_keeps_its_best(learned, tmp_path):
     """The toy reward is learned (lr 1e-2), then the same run is continued with an entropy push (a fixed bonus of
     3 at lr 3e-2; every value stays finite): the completions turn to noise, the guard stops it with a line naming
     entropy or format, state "stopped", and best_hf/ holds the learned model: loaded back, its greedy held-out
     score is status.json's, and final_hf/ (the last step's model) scores otherwise."""
-    out = tmp_path / "run"
+    out = _copy(learned, tmp_path)
     args = dict(eval_every=2, eval_size=8, export_hf=True)
-    train(*_setup(out, steps=24, **args), echo=lambda s: None)
-    learned = _status(out)["best_score"]
-    assert learned[0] > 0 or learned[1] > 0.5  # the toy reward was learned: solved or formatted at eval
+    score = _status(out)["best_score"]
+    assert score[0] > 0 or score[1] > 0.5  # the toy reward was learned: solved or formatted at eval
     cfg, params, task, gcfg, rollout, tcfg, mesh = _setup(out, steps=80, **args)
     said = []
     push = dataclasses.replace(gcfg, learning_rate=0.03, entropy_coef=3.0)
@@ -173,13 +187,12 @@ def test_a_run_that_learns_then_degrades_stops_itself_and_keeps_its_best(tmp_pat
     assert eval_score(evaluate(last, last_cfg, LowIdTask(max_new=8), rollout)[0])[0] != status["best_score"]
 
 
-def test_rollback_restores_the_best_and_lowers_the_learning_rate(tmp_path):
+def test_rollback_restores_the_best_and_lowers_the_learning_rate(learned, tmp_path):
     """--guard_action rollback: the first alarm restores best/ (its params, so the next step's rewards are the
     learned policy's again) and halves the learning rate; the push goes on, the second alarm finds no rollback
     left (max_rollbacks 1) and stops the run."""
-    out = tmp_path / "run"
+    out = _copy(learned, tmp_path)
     args = dict(eval_every=2, eval_size=8)
-    train(*_setup(out, steps=24, **args), echo=lambda s: None)
     guard = GuardConfig(action="rollback", max_rollbacks=1)
     cfg, params, task, gcfg, rollout, tcfg, mesh = _setup(out, steps=80, guard=guard, **args)
     said = []

@@ -182,12 +182,14 @@ def test_loop_with_dynamic_sampling_runs_to_its_cap_on_a_silent_policy(tmp_path)
 
 
 @pytest.mark.parametrize("recipe", ["laptop", "ladder", "tinyzero"])
-def test_every_recipe_applies_to_bin_train(recipe):
+def test_every_recipe_applies_to_bin_train(recipe, capsys):
     """Each recipe names only bin/train flags with values they accept: with it, a bad --steps is still the one
-    error reported (a recipe key that is not a flag, or a value a flag rejects, would fail first)."""
-    from binaries import ROOT, run_tool
+    error reported (a recipe key that is not a flag, or a value a flag rejects, would fail first). bin/train's
+    main runs in this process (exit status and stderr as a user sees them)."""
+    from binaries import ROOT, train_in_process
 
     tiny = ROOT / "tests" / "fixtures" / "gemma3_g2"
-    result = run_tool("train", f"--recipe={recipe}", f"--model_dir={tiny}", "--steps=-1", "--output_dir=/nonexistent")
+    result = train_in_process([f"--recipe={recipe}", f"--model_dir={tiny}", "--steps=-1", "--output_dir=/nonexistent"],
+                              capsys)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "error: --steps must be >= 0, got -1"], result.stderr[-2000:]

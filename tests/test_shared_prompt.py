@@ -65,18 +65,23 @@ def test_logprobs_with_shared_prompts_equal_whole_rows(arch):
 
 @pytest.mark.parametrize("arch,fused", [("gemma2", True), ("gemma3", True), ("gemma3", False)])
 def test_step_with_shared_prompts_equals_whole_rows(arch, fused):
+    """Params and metrics as the whole rows' step (TOL); and the step does less work: the FLOPs XLA counts for
+    the compiled step (the program that ran) drop when prompts are shared (sharing silently off would fail)."""
     cfg = model.tiny_config(arch)
     mesh = grpo.make_mesh(data=2, fsdp=2)  # 1 group per device
     batch = _batch(cfg, groups=4, seed=1)
     base = grpo.GRPOConfig(num_generations=G, learning_rate=0.1, adam_eps=1.0, logits_chunk=4, logprob_tail=TAIL,
                            fused_unembed=fused, entropy_coef=0.01 if fused else 0.0,
                            entropy_control=None)
-    out = {}
+    out, flops = {}, {}
     for shared in (False, True):
         gcfg = grpo.GRPOConfig(**{**base.__dict__, "shared_prompt": shared})
         params, opt = grpo.init_train_state(_params(cfg), cfg, gcfg, mesh)
-        new, _, metrics = grpo.make_step(cfg, gcfg, mesh, compiler_options=FAST)(params, opt, batch)
+        step = grpo.make_step(cfg, gcfg, mesh, compiler_options=FAST).lower(params, opt, batch).compile()
+        flops[shared] = step.cost_analysis()["flops"]
+        new, _, metrics = step(params, opt, batch)
         out[shared] = (jax.device_get(new), jax.device_get(metrics))
+    assert flops[True] < 0.9 * flops[False], flops
     (p0, m0), (p1, m1) = out[False], out[True]
     moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), p0, jax.device_get(_params(cfg)))
     assert max(jax.tree.leaves(moved)) > 1e-3  # the step changed the weights: the comparison below means something
@@ -104,19 +109,6 @@ def test_lora_step_with_shared_prompts_equals_whole_rows():
     assert max(jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), a0, adapters))) > 1e-3
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=TOL, rtol=0), a1, a0)
     np.testing.assert_allclose(m1["loss"], m0["loss"], atol=TOL, rtol=1e-5)
-
-
-def test_shared_step_does_less_work():
-    """The FLOPs XLA counts for the step drop when prompts are shared (sharing silently off would fail)."""
-    cfg = model.tiny_config("gemma3")
-    mesh = grpo.make_mesh(data=1, fsdp=1)
-    flops = {}
-    for shared in (False, True):
-        gcfg = grpo.GRPOConfig(num_generations=G, logits_chunk=4, logprob_tail=TAIL, shared_prompt=shared)
-        args = grpo.abstract_step_args(cfg, gcfg, mesh, 4 * G, PROMPT + TAIL)
-        compiled = grpo.make_step(cfg, gcfg, mesh, compiler_options=FAST).lower(*args).compile()
-        flops[shared] = compiled.cost_analysis()["flops"]
-    assert flops[True] < 0.9 * flops[False], flops
 
 
 def test_sharing_applies_only_to_whole_groups_with_a_tail():
