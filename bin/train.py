@@ -379,12 +379,12 @@ def _setup():
     tok = cli.load_tokenizer(F.tokenizer, model_dir, model_cfg)
     task = _load_task(tok)
     longest = _check_budget(task)
-    cli.check_writable_dir("output_dir", F.output_dir)  # a bad flag above leaves nothing behind
     mesh = grpo.make_mesh(data=axes["data"], fsdp=axes["fsdp"])
     if machine:
         _plan(machine, planner, given, model_cfg, lora_cfg, dtype, compute_dtype, mesh, longest)
     grpo_cfg, rollout_cfg, train_cfg = _configs(compute_dtype)
     _check_batch_layout(axes)
+    cli.check_writable_dir("output_dir", F.output_dir)  # last: a bad flag above leaves nothing behind
     return model_dir, dtype, task, grpo_cfg, rollout_cfg, train_cfg, mesh, lora_cfg
 
 

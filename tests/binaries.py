@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# XLA:CPU's cheap LLVM pipeline for the suite and the tools it starts: the suite is bound by compiling many small
+# programs; the HLO passes (what a program computes) are the same (BUILD.md "Tests").
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def run_tool(name: str, *args: str, launcher: bool = False, env: dict | None = None,
@@ -16,7 +19,7 @@ def run_tool(name: str, *args: str, launcher: bool = False, env: dict | None = N
 
     launcher=False: `python -m bin.<name>` from the repo root; True: the `bin/<name>` launcher script.
     """
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHON": sys.executable, **(env or {})}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE, "PYTHON": sys.executable, **(env or {})}
     cmd = [str(ROOT / "bin" / name)] if launcher else [sys.executable, "-m", f"bin.{name}"]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
 

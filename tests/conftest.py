@@ -12,8 +12,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-# Must happen before jax is imported anywhere: multi-device code is tested on fake CPU devices.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+from binaries import FAST_COMPILE
+
+# Must happen before jax is imported anywhere: multi-device code is tested on fake CPU devices, compiled with
+# XLA:CPU's cheap LLVM pipeline (binaries.FAST_COMPILE; the tools the tests start get it too).
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8", FAST_COMPILE]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The controller makes the lock dir before the workers start (they inherit the variable); a run without xdist too.
 if "AHA_TEST_LOCKS" not in os.environ:

@@ -16,7 +16,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from binaries import CLASSIC_LOOP, ROOT
+from binaries import CLASSIC_LOOP, FAST_COMPILE, ROOT
 from tiny_model import make_tiny_model_dir
 
 from grpo.checkpoints import DAMAGED_DIR, CheckpointMismatch, TrainCheckpointer
@@ -105,7 +105,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 def _train(model_dir: Path, out: Path, steps: int, file_size_blocks: int | None = None, cache: Path | None = None):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE}
     if cache:
         env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
     cmd = [sys.executable, "-m", "bin.train", f"--model_dir={model_dir}", f"--output_dir={out}", f"--steps={steps}",

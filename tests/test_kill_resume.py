@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from binaries import CLASSIC_LOOP, ROOT
+from binaries import CLASSIC_LOOP, FAST_COMPILE, ROOT
 from safetensors.numpy import load_file
 from tiny_model import make_tiny_model_dir
 
@@ -49,7 +49,7 @@ def _command(model_dir: Path, out: Path, *extra: str) -> list[str]:
 
 def _env(cache: Path) -> dict:
     # A shared persistent compilation cache: re-runs after a kill skip most compiles, as a user's would.
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "JAX_COMPILATION_CACHE_DIR": str(cache)}
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE, "JAX_COMPILATION_CACHE_DIR": str(cache)}
 
 
 def _lines(path: Path) -> int:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from binaries import ROOT
+from binaries import FAST_COMPILE, ROOT
 from test_kill_resume import STEPS, _assert_same_run, _command
 from tiny_model import make_tiny_model_dir
 
@@ -32,7 +32,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 def _env(devices: int, cache: Path) -> dict:
     return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"}
 
 
 def _free_port() -> int:

@@ -69,12 +69,13 @@ def test_tokenizer_vocab_mismatch(train, real_tokenizer):
     assert "--tokenizer" in line and "do not match" in line
 
 
-def test_mesh_that_does_not_divide(train, real_tokenizer):
-    line = _error_line(train("--model_dir", str(real_tokenizer.parent), "--mesh", "data=3"))
+def test_mesh_that_does_not_divide(train, real_tokenizer, tmp_path):
+    out = tmp_path / "run"
+    line = _error_line(train("--model_dir", str(real_tokenizer.parent), "--mesh", "data=3", f"--output_dir={out}"))
     assert line.startswith("error: --mesh")
     line = _error_line(train("--model_dir", str(real_tokenizer.parent), "--prompts_per_step", "3",
-                              "--num_generations", "3", "--num_micro_batches", "2"))
-    assert "--num_micro_batches" in line and "does not divide" in line
+                              "--num_generations", "3", "--num_micro_batches", "2", f"--output_dir={out}"))
+    assert "--num_micro_batches" in line and "does not divide" in line and not out.exists()
 
 
 def test_malformed_data_file(train, real_tokenizer, tmp_path):
