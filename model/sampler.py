@@ -101,7 +101,7 @@ class KVCache:
 class DecodeState:
     """The while_loop carry: fixed-size buffers, so every step has the same shapes."""
 
-    step: jax.Array  # [] int32: tokens sampled so far; the next goes to column `step`
+    step: jax.Array  # [] int32: tokens sampled so far; the next goes to column `step` (budget forcing: `think.cols`)
     last_token: jax.Array  # [B] int32: token sampled at step-1, fed to the model next
     tokens: jax.Array  # [B, M] int32 generated tokens; cfg.pad_id after a row's stop and past `step`
     logprobs: jax.Array  # [B, M] float32 log-prob of each token under the sampling distribution; 0 on padding

@@ -10,7 +10,8 @@ several tokens; an automaton over whole tokens (model/stop_text.py) follows the 
   row, so no fragment of the delimiter stays in the text. Rewinds work in whole tokens: text of the first dropped
   token before the delimiter goes with it.
 - Maximum: once a thinking row holds `max_think_tokens` tokens, the delimiter is forced (after rewinding a partial
-  match) and the row goes on to its answer unforced.
+  match; after the rest of a wait text being forced, so by at most its length - 1 tokens later) and the row goes
+  on to its answer unforced.
 
 Forced tokens are marked in `ThinkState.forced` (SampleResult.forced) and get log-prob 0: leave them out of any
 loss. Layout: a row no longer writes column `step`; it writes its own column `cols`. The cache slots still
@@ -71,7 +72,9 @@ class ThinkBudget:
     @property
     def extra_steps(self) -> int:
         """Decode steps beyond max_new_tokens that rewinds may use: each drops at most one token per delimiter
-        character, and there are at most max_waits + 1 of them (the last one before forcing the delimiter)."""
+        character, and there are at most max_waits + 1 of them (the last one before forcing the delimiter). Tokens
+        that add no text (control ids) inside a dropped match can exceed it: such a row ends truncated, short of
+        max_new_tokens."""
         return (self.max_waits + 1) * len(self.end_text) if self.active else 0
 
 
