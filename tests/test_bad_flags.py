@@ -10,12 +10,10 @@ sees them); a few cases run it as a subprocess too, and the other binaries run a
 from __future__ import annotations
 
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
-from absl.testing import flagsaver
-from binaries import ROOT, run_tool
+from binaries import ROOT, run_tool, train_in_process
 
 TINY = ROOT / "tests" / "fixtures" / "gemma3_g2"  # a checkpoint without tokenizer.model: later checks never run
 
@@ -75,20 +73,6 @@ def real_model_dir():
 SUBPROCESS_CASES = ("steps", "machine", "data_file", "process_id")
 
 
-def _train_in_process(args: list[str], capsys) -> subprocess.CompletedProcess:
-    """bin/train's main on this command line, in this process: (exit status, stdout, stderr) as a subprocess's."""
-    from bin import train as train_bin
-
-    with flagsaver.flagsaver():
-        try:
-            train_bin.run(["bin/train", *args])
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out.out, out.err)
-
-
 def _train_args(flag: str, tmp_path: Path, request) -> tuple[list[str], Path]:
     _files(tmp_path)
     value = TRAIN_BAD[flag].format(tmp=tmp_path)
@@ -109,7 +93,7 @@ def _train_args(flag: str, tmp_path: Path, request) -> tuple[list[str], Path]:
 @pytest.mark.parametrize("flag", sorted(TRAIN_BAD))
 def test_bin_train_bad_value(flag, tmp_path, request, capsys):
     args, out = _train_args(flag, tmp_path, request)
-    _assert_one_line_error(_train_in_process(args, capsys), NAMED.get(flag, flag))
+    _assert_one_line_error(train_in_process(args, capsys), NAMED.get(flag, flag))
     if flag != "output_dir":
         assert not out.exists(), f"--{flag}: the run directory was created before the error"
 
