@@ -87,8 +87,8 @@ def test_two_processes_equal_one_also_when_one_is_killed_and_both_restart(tiny_d
     procs[0].kill()  # as a notebook or a scheduler restarts the whole job
     _finish(procs)
     assert len((out / "metrics.jsonl").read_text().splitlines()) < STEPS
-    # A fresh compilation cache for the restart: a pair that loaded its programs from the cache the first pair
-    # wrote hung in setup (1% CPU, no step) in 2 of ~6 runs; a run-wide cache timed out the same way (BUILD.md).
+    # A fresh compilation cache for the restart: a pair loading the programs the first pair cached can hang in
+    # setup (BUILD.md "Tests").
     for code, text in _finish(_start_pair(tiny_dir, out, tmp_path / "restart_cache")):
         assert code == 0, text[-3000:]
     _assert_same_run(out, single)
