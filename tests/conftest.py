@@ -42,25 +42,63 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "alone: runs with no other test beside it (tests/conftest.py)")
 
 
-@pytest.fixture(autouse=True)
-def _alone_or_together(request):
-    """A shared lock for every test, an exclusive one for tests marked `alone` (taken through a turnstile)."""
+# xdist hands whole files to the two workers in this order (pyproject.toml: --no-loadscope-reorder): the `alone`
+# file first, beside a file of short tests (so it waits little for the room), then the longest files first, so
+# that the workers finish together instead of one idling through the last long file (BUILD.md "Tests").
+LONGEST_FIRST = ("test_multihost.py", "test_golden.py", "test_kill_resume.py", "test_machines.py",
+                 "test_bad_flags.py", "test_lora.py", "test_grpo_step.py", "test_sampler.py", "test_shared_prompt.py",
+                 "test_damage.py", "test_bench.py", "test_planner.py", "test_guard.py", "test_train_cli.py",
+                 "test_precision.py", "test_inspect.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+
+
+_held = 0  # how deep this process is inside the room: a fixture set up during a test already holds it
+
+
+@contextlib.contextmanager
+def _room(alone: bool):
+    """The shared lock (exclusive when `alone`), taken through the turnstile: an `alone` test waiting keeps it
+    shut to newcomers. Re-entrant within a process."""
+    global _held
     locks = os.environ.get("AHA_TEST_LOCKS")
-    if not locks or not Path(locks).is_dir():
+    if _held or not locks or not Path(locks).is_dir():
         yield
         return
-    alone = request.node.get_closest_marker("alone") is not None
     with open(Path(locks) / "turnstile", "a") as turnstile, open(Path(locks) / "room", "a") as room:
         fcntl.flock(turnstile, fcntl.LOCK_EX)
         if not alone:
-            fcntl.flock(turnstile, fcntl.LOCK_UN)  # through the turnstile: an `alone` test waiting keeps it shut
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
         fcntl.flock(room, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        _held += 1
         try:
             yield
         finally:
+            _held -= 1
             fcntl.flock(room, fcntl.LOCK_UN)
             with contextlib.suppress(OSError):
                 fcntl.flock(turnstile, fcntl.LOCK_UN)
+
+
+@pytest.fixture(autouse=True)
+def _alone_or_together(request):
+    """Every test in the room; a test marked `alone` by itself."""
+    with _room(request.node.get_closest_marker("alone") is not None):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    """Module and session fixtures (reference runs, tiny models) are set up in the room too: they come before
+    a test's own fixtures, and a reference run beside an `alone` multi-host pair starves it."""
+    if fixturedef.scope == "function":
+        yield
+        return
+    with _room(False):
+        yield
 
 
 def pytest_unconfigure(config):
