@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# XLA:CPU's cheap LLVM pipeline for the suite and the tools it starts: the suite is bound by compiling many small
-# programs; the HLO passes (what a program computes) are the same (BUILD.md "Tests").
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# XLA:CPU's cheap code generation for the suite and the tools it starts: the suite is bound by compiling many small
+# programs. The cheap LLVM pipeline, and the loop emitters instead of the MLIR fusion emitters (which cost most
+# of a small program's compile); the HLO passes (what a program computes) are the same (BUILD.md "Tests").
+FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                "--xla_cpu_use_fusion_emitters=false")
 
 
 def run_tool(name: str, *args: str, launcher: bool = False, env: dict | None = None,
