@@ -2,7 +2,8 @@
 
 Tests marked `alone` (the multi-host ones: two processes that wait on each other in collectives and barriers,
 which starve on a 2-core machine while the other xdist worker compiles) run with no other test beside them: every
-test holds a shared lock, an `alone` test an exclusive one, and a turnstile keeps new tests from starving it.
+test (and every module fixture's setup) holds a shared lock, an `alone` test an exclusive one, and a turnstile
+keeps new tests from starving it.
 """
 
 import contextlib
