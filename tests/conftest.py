@@ -16,7 +16,7 @@ from pathlib import Path
 from binaries import FAST_COMPILE
 
 # Must happen before jax is imported anywhere: multi-device code is tested on fake CPU devices, compiled with
-# XLA:CPU's cheap LLVM pipeline (binaries.FAST_COMPILE; the tools the tests start get it too).
+# XLA:CPU's cheapest code generation (binaries.FAST_COMPILE; the tools the tests start get it too).
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8", FAST_COMPILE]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
