@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -221,11 +222,10 @@ def resolve_dtypes(name: str, backend: str):
 def check_writable_dir(flag: str, value: str) -> Path:
     """Create the directory if needed and prove a file can be written in it, before anything expensive runs."""
     path = Path(value).expanduser()
-    probe = path / ".write_probe"
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=path):  # a name of its own: the processes of a multi-host run probe at once
+            pass
     except OSError as e:
         raise FlagError(f"--{flag}: cannot write into {path} ({e.strerror or e})") from None
     return path

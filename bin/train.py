@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
-import zlib
 
 from absl import flags, logging
 
@@ -240,21 +239,6 @@ def _our_flags() -> list[str]:
                    for flag in defined})
 
 
-def _check_processes_agree() -> None:
-    """Every process of a multi-host run must get the same flags (but --process_id): a run whose processes
-    disagree would train on mismatched batches or deadlock in a collective. One line names the first flag."""
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    names = [n for n in _our_flags() if n != "process_id"]
-    mine = np.array([zlib.crc32(f"{n}={F[n].value!r}".encode()) for n in names], np.int64)
-    every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, flags]
-    differ = [n for n, column in zip(names, every.T, strict=True) if len(set(column.tolist())) > 1]
-    if differ:
-        raise FlagError(f"--{differ[0]}: the {every.shape[0]} processes were given different values (process "
-                        f"{F.process_id} has {F[differ[0]].value!r}); pass the same flags to every process")
-
-
 def _check_budget(task) -> int:
     """The longest prompt's bucket plus --max_new_tokens must fit the sampler's cache. Returns the longest
     prompt's length in tokens."""
@@ -359,13 +343,23 @@ def _setup():
     _check_flags()
     import jax
 
+    if not F.coordinator_address:
+        return _host_setup(presets, given)
+    from grpo.multihost import agreed, check_same_flags
+
+    jax.distributed.initialize(F.coordinator_address, F.num_processes, F.process_id)
+    _named(check_same_flags, {n: F[n].value for n in _our_flags() if n != "process_id"}, F.process_id)
+    return _named(agreed, lambda: _host_setup(presets, given))  # one process's bad file stops them all at once
+
+
+def _host_setup(presets, given):
+    """_setup's checks of this host's files and of the devices (a multi-host run: after the processes agree)."""
+    import jax
+
     import grpo
     from grpo import planner
     from grpo.run_files import check_resume_layout
 
-    if F.coordinator_address:
-        jax.distributed.initialize(F.coordinator_address, F.num_processes, F.process_id)
-        _check_processes_agree()
     machine = _machine(presets, planner, jax.devices())
     axes = cli.parse_mesh(F.mesh, len(jax.devices()))
     dtype, compute_dtype = cli.resolve_dtypes(F.dtype, jax.default_backend())

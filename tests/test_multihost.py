@@ -45,20 +45,20 @@ def _cmd(tiny: Path, out: Path, *extra: str) -> list[str]:
     return _command(tiny, out, "--mesh=data=2,fsdp=4", "--num_generations=4", "--eval_size=3", *extra)
 
 
-def _start_pair(tiny: Path, out: Path, cache: Path, extra=((), ())) -> list[subprocess.Popen]:
+def _start_pair(tiny: Path, out: Path | str, cache: Path, extra=((), ()), envs=({}, {})) -> list[subprocess.Popen]:
     port = _free_port()
     return [subprocess.Popen(_cmd(tiny, out, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                                   f"--process_id={i}", *extra[i]),
-                             cwd=ROOT, env=_env(4, cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             cwd=ROOT, env={**_env(4, cache), **envs[i]}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
             for i in range(2)]
 
 
-def _finish(procs, timeout=900) -> list[tuple[int, str]]:
-    out = []
-    for p in procs:
-        text, _ = p.communicate(timeout=timeout)
-        out.append((p.returncode, text))
-    return out
+def _finish(procs, timeout=900) -> list[tuple[int, str, str]]:
+    """(exit status, stdout, stderr) of each process. Kept apart: the CPU collectives (Gloo) log on stdout, and a
+    merged pipe can splice their lines into ours."""
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    return [(p.returncode, *out) for p, out in zip(procs, outputs, strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,10 @@ def test_two_processes_equal_one_also_when_one_is_killed_and_both_restart(tiny_d
     procs = _start_pair(tiny_dir, out, cache)
     deadline = time.monotonic() + 900
     while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
-        assert time.monotonic() < deadline and procs[0].poll() is None, "the pair did not reach step 3"
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            pytest.fail(f"the pair did not reach step 3: {[(code, e[-3000:]) for code, _, e in _finish(procs)]}")
         time.sleep(0.05)
     procs[1].send_signal(signal.SIGKILL)  # one host dies; its peer is stuck in a collective or errors out
     time.sleep(2)
@@ -89,8 +92,8 @@ def test_two_processes_equal_one_also_when_one_is_killed_and_both_restart(tiny_d
     assert len((out / "metrics.jsonl").read_text().splitlines()) < STEPS
     # A fresh compilation cache for the restart: a pair loading the programs the first pair cached can hang in
     # setup (BUILD.md "Tests").
-    for code, text in _finish(_start_pair(tiny_dir, out, tmp_path / "restart_cache")):
-        assert code == 0, text[-3000:]
+    for code, stdout, stderr in _finish(_start_pair(tiny_dir, out, tmp_path / "restart_cache")):
+        assert code == 0, (stdout + stderr)[-3000:]
     _assert_same_run(out, single)
     eval_rows = [json.loads(x) for x in (out / "eval_samples.jsonl").read_text().splitlines()]
     assert sorted((r["step"], r["group"]) for r in eval_rows) == [(s, g) for s in (0, 3, 6) for g in range(3)]
@@ -99,8 +102,28 @@ def test_two_processes_equal_one_also_when_one_is_killed_and_both_restart(tiny_d
 def test_processes_that_disagree_on_flags_stop_with_one_line(tiny_dir, tmp_path):
     results = _finish(_start_pair(tiny_dir, tmp_path / "pair", tmp_path / "cache",
                                   extra=(("--learning_rate=1e-5",), ("--learning_rate=3e-5",))))
-    for code, text in results:
-        errors = [line for line in text.splitlines() if line.startswith("error:")]
-        assert code == 2 and len(errors) == 1 and errors[0].startswith("error: --learning_rate:"), text[-2000:]
-        assert "Traceback" not in text
+    for code, stdout, stderr in results:
+        lines = stderr.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: --learning_rate:"), stderr[-2000:]
+        assert "Traceback" not in stdout + stderr
     assert not (tmp_path / "pair").exists()
+
+
+def test_a_setup_error_on_one_host_stops_every_process_at_once(tiny_dir, tmp_path):
+    """Hosts have their own files: here `~` differs, and process 1's home is a file, so only it cannot write
+    --output_dir. Both stop within seconds with its one line (exit 2), instead of process 0 waiting in its first
+    collective until the distributed service's shutdown barrier times out (minutes)."""
+    not_a_dir = tmp_path / "a_file"
+    not_a_dir.write_text("a file where a directory is expected\n")
+    procs = _start_pair(tiny_dir, "~/pair", tmp_path / "cache",
+                        envs=({"HOME": str(tmp_path / "home")}, {"HOME": str(not_a_dir)}))
+    try:
+        results = _finish(procs, timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+    for code, stdout, stderr in results:
+        lines = stderr.strip().splitlines()
+        assert code == 2 and len(lines) == 1, stderr[-2000:]
+        assert lines[0].startswith(f"error: --output_dir: cannot write into {not_a_dir}/pair"), lines
+        assert "Traceback" not in stdout + stderr

@@ -1,0 +1,57 @@
+"""What the processes of a multi-host run agree on before the run's first collective: the flags they were given,
+and whether each passed its own setup checks. Files and directories are per host (a missing model on one
+host, an output directory one host cannot write): a process that stopped alone would leave its peers waiting in
+the first collective until the distributed service's shutdown barrier times out, minutes later."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from typing import TypeVar
+
+import numpy as np
+from jax.experimental import multihost_utils
+
+ERROR_BYTES = 1024  # a setup error's one line, as gathered (longer lines are cut)
+T = TypeVar("T")
+
+
+def first_differing(values: dict[str, object]) -> tuple[str, int] | None:
+    """(the first name, in the dict's order, whose value differs between processes; the process count), or None
+    when every process has the same values. Values are compared by the CRC of their repr."""
+    mine = np.array([zlib.crc32(f"{name}={value!r}".encode()) for name, value in values.items()], np.int64)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, len(values))  # [processes, names]
+    differ = [name for name, column in zip(values, every.T, strict=True) if len(set(column.tolist())) > 1]
+    return (differ[0], every.shape[0]) if differ else None
+
+
+def first_error(error: str | None) -> str | None:
+    """Every process's setup error (None: passed) gathered: the lowest-numbered failing process's line, the same in
+    every process, or None when all passed. A collective: every process must call it."""
+    mine = np.frombuffer((error or "").encode()[:ERROR_BYTES].ljust(ERROR_BYTES, b"\0"), np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, ERROR_BYTES)  # [processes, bytes]
+    failed = [bytes(row).rstrip(b"\0").decode(errors="replace") for row in every if row.any()]
+    return failed[0] if failed else None
+
+
+def check_same_flags(values: dict[str, object], process_id: int) -> None:
+    """ValueError naming the first flag whose value differs between processes (a run whose processes disagree
+    would train on mismatched batches or deadlock in a collective)."""
+    differ = first_differing(values)
+    if differ:
+        name, count = differ
+        raise ValueError(f"--{name}: the {count} processes were given different values (process {process_id} has "
+                         f"{values[name]!r}); pass the same flags to every process")
+
+
+def agreed(setup: Callable[[], T]) -> T:
+    """setup()'s result when it passed in every process; otherwise, in every process, a ValueError with the first
+    failing process's message (setup's ValueErrors are the one-line errors that name a flag)."""
+    try:
+        result, error = setup(), None
+    except ValueError as e:
+        result, error = None, str(e)
+    error = first_error(error)
+    if error:
+        raise ValueError(error)
+    return result
