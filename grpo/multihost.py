@@ -13,7 +13,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 ERROR_BYTES = 1024  # a setup error's one line, as gathered (longer lines are cut)
-T = TypeVar("T")
+Result = TypeVar("Result")
 
 
 def first_differing(values: dict[str, object]) -> tuple[str, int] | None:
@@ -44,7 +44,7 @@ def check_same_flags(values: dict[str, object], process_id: int) -> None:
                          f"{values[name]!r}); pass the same flags to every process")
 
 
-def agreed(setup: Callable[[], T]) -> T:
+def agreed(setup: Callable[[], Result]) -> Result:
     """setup()'s result when it passed in every process; otherwise, in every process, a ValueError with the first
     failing process's message (setup's ValueErrors are the one-line errors that name a flag)."""
     try:
