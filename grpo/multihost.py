@@ -16,15 +16,6 @@ ERROR_BYTES = 1024  # a setup error's one line, as gathered (longer lines are cu
 Result = TypeVar("Result")
 
 
-def first_differing(values: dict[str, object]) -> tuple[str, int] | None:
-    """(the first name, in the dict's order, whose value differs between processes; the process count), or None
-    when every process has the same values. Values are compared by the CRC of their repr."""
-    mine = np.array([zlib.crc32(f"{name}={value!r}".encode()) for name, value in values.items()], np.int64)
-    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, len(values))  # [processes, names]
-    differ = [name for name, column in zip(values, every.T, strict=True) if len(set(column.tolist())) > 1]
-    return (differ[0], every.shape[0]) if differ else None
-
-
 def first_error(error: str | None) -> str | None:
     """Every process's setup error (None: passed) gathered: the lowest-numbered failing process's line, the same in
     every process, or None when all passed. A collective: every process must call it."""
@@ -35,13 +26,15 @@ def first_error(error: str | None) -> str | None:
 
 
 def check_same_flags(values: dict[str, object], process_id: int) -> None:
-    """ValueError naming the first flag whose value differs between processes (a run whose processes disagree
-    would train on mismatched batches or deadlock in a collective)."""
-    differ = first_differing(values)
+    """ValueError naming the first flag (in the dict's order) whose value differs between processes, compared by
+    the CRC of its repr: a run whose processes disagree would train on mismatched batches or deadlock in a
+    collective. A collective: every process must call it."""
+    mine = np.array([zlib.crc32(f"{name}={value!r}".encode()) for name, value in values.items()], np.int64)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, len(values))  # [processes, names]
+    differ = [name for name, column in zip(values, every.T, strict=True) if len(set(column.tolist())) > 1]
     if differ:
-        name, count = differ
-        raise ValueError(f"--{name}: the {count} processes were given different values (process {process_id} has "
-                         f"{values[name]!r}); pass the same flags to every process")
+        raise ValueError(f"--{differ[0]}: the {every.shape[0]} processes were given different values (process "
+                         f"{process_id} has {values[differ[0]]!r}); pass the same flags to every process")
 
 
 def agreed(setup: Callable[[], Result]) -> Result:
