@@ -94,6 +94,7 @@ def _compare_hf(batches: list[int], rows: list[dict], dtype: str) -> list[dict]:
 
 def main(argv):
     cli.no_extra_args(argv)
+    cli.expand_user("profile_dir")
     batches, every = _check_flags()
     dtype = sample_bench.sample_dtype(FLAGS.dtype, jax.default_backend())
     model_cfg, params, name = _load_model(dtype)

@@ -90,6 +90,7 @@ def _compare_hf(model_dir, results: dict) -> dict:
 
 def main(argv):
     cli.no_extra_args(argv)
+    cli.expand_user("profile_dir")
     _check_flags()
     model_dir, model_cfg = _model_config()
     shape = train_bench.StepShape(F.rows, F.prompt_len, F.completion_len, F.num_generations)

@@ -219,6 +219,17 @@ def resolve_dtypes(name: str, backend: str):
     return jnp.float32, compute
 
 
+def expand_user(*names: str) -> None:
+    """The named path flags with a leading `~` expanded in place, as the shell does for a bare word: it leaves
+    `--flag=~/x` alone, and every later use of the flag (resume, outputs, messages) must see one path. A multi-host
+    run calls this after its processes agreed on the flags as typed (their homes may differ)."""
+    import os.path
+
+    for name in names:
+        if FLAGS[name].value:
+            FLAGS[name].value = os.path.expanduser(FLAGS[name].value)
+
+
 def check_writable_dir(flag: str, value: str) -> Path:
     """Create the directory if needed and prove a file can be written in it, before anything expensive runs."""
     path = Path(value).expanduser()

@@ -21,6 +21,7 @@ _OUT = flags.DEFINE_string("out", None, "Output directory; default (only without
 
 def main(argv: list[str]) -> None:
     cli.no_extra_args(argv)
+    cli.expand_user("gguf", "out")
     with cli.flag_errors(f"--{'gguf' if _GGUF.value else 'out'}: ", (FileNotFoundError, ValueError, ImportError)):
         if _GGUF.value is not None:
             if _OUT.value is None:

@@ -99,6 +99,7 @@ def _dump(lowered, compiled) -> None:
 
 def main(argv):
     cli.no_extra_args(argv)
+    cli.expand_user("dump_hlo")
     _check_flags()
     machine = _machine()
     axes = cli.parse_mesh(FLAGS.mesh)

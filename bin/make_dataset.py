@@ -41,6 +41,7 @@ def config_from_flags() -> PuzzleConfig:
 
 def main(argv: list[str]) -> None:
     cli.no_extra_args(argv)
+    cli.expand_user("out")
     if not F.out:
         raise cli.FlagError("--out is required: the directory for train.jsonl and test.jsonl")
     if F.num_train < 0 or F.num_test < 0:

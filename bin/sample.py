@@ -53,6 +53,7 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
 
 def main(argv):
     cli.no_extra_args(argv)
+    cli.expand_user("prompts_file")
     cli.check_at_least(1, "num_samples")
     texts = read_prompts(FLAGS.prompt, FLAGS.prompts_file)
     budget = cli.think_budget(FLAGS.max_new_tokens)

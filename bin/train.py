@@ -23,6 +23,7 @@ from data.curriculum import SHAPINGS
 from grpo.config import LORA_LR_SCALE, GRPOConfig
 from grpo.entropy_control import EntropyControl
 from grpo.guard import GuardConfig
+from grpo.multihost import agreed, check_coordinator, check_same_flags
 from grpo.rollout import RolloutConfig
 from grpo.trainer import TrainConfig
 from model.sampling import SamplingConfig
@@ -198,7 +199,7 @@ def _check_flags() -> None:
     if not F.target_entropy > 0:
         raise FlagError(f"--target_entropy must be > 0, got {F.target_entropy}")
     _check_start_level()
-    _check_multihost()
+    _named(check_coordinator, F.coordinator_address, F.num_processes, F.process_id)
 
 
 def _check_start_level() -> None:
@@ -213,22 +214,6 @@ def _check_start_level() -> None:
     if F.start_level not in names:
         raise FlagError(f"--start_level: unknown level {F.start_level!r} for --curriculum {F.curriculum}; choose from "
                         f"{', '.join(names)}")
-
-
-def _check_multihost() -> None:
-    """jax.distributed.initialize waits for its peers, so a bad address would hang instead of failing."""
-    if F.coordinator_address is None:
-        for name in ("num_processes", "process_id"):
-            if F[name].value is not None:
-                raise FlagError(f"--{name} needs --coordinator_address (multi-host runs only)")
-        return
-    host, _, port = F.coordinator_address.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise FlagError(f"--coordinator_address: expected host:port, got {F.coordinator_address!r}")
-    if F.num_processes is None or F.num_processes < 1:
-        raise FlagError(f"--num_processes must be >= 1 with --coordinator_address, got {F.num_processes}")
-    if F.process_id is None or not 0 <= F.process_id < F.num_processes:
-        raise FlagError(f"--process_id must be in [0, {F.num_processes}), got {F.process_id}")
 
 
 def _our_flags() -> list[str]:
@@ -264,16 +249,9 @@ def _check_batch_layout(axes: dict[str, int]) -> None:
 
 def _configs(compute_dtype: str | None):
     """GRPOConfig, RolloutConfig and TrainConfig from the flags; a rejected value names its flag."""
-    import grpo
-    from grpo.entropy_control import EntropyControl
-    from grpo.guard import GuardConfig
-    from grpo.rollout import RolloutConfig
-    from grpo.trainer import TrainConfig
-    from model.sampling import SamplingConfig
-
     eval_think, time_limit_s, log_to = cli.think_budget(F.max_new_tokens), _time_limit_s(), tuple(_check_loggers())
     try:  # the configs name the field, which is the flag's name
-        grpo_cfg = grpo.GRPOConfig(
+        grpo_cfg = GRPOConfig(
             num_generations=F.num_generations, beta=F.beta, entropy_coef=F.entropy_coef,
             epsilon_low=F.epsilon_low, epsilon_high=F.epsilon_high,
             loss_type=F.loss_type, scale_rewards=F.scale_rewards, num_micro_batches=F.num_micro_batches,
@@ -345,8 +323,6 @@ def _setup():
 
     if not F.coordinator_address:
         return _host_setup(presets, given)
-    from grpo.multihost import agreed, check_same_flags
-
     jax.distributed.initialize(F.coordinator_address, F.num_processes, F.process_id)
     _named(check_same_flags, {n: F[n].value for n in _our_flags() if n != "process_id"}, F.process_id)
     return _named(agreed, lambda: _host_setup(presets, given))  # one process's bad file stops them all at once
@@ -360,6 +336,7 @@ def _host_setup(presets, given):
     from grpo import planner
     from grpo.run_files import check_resume_layout
 
+    cli.expand_user("output_dir", "data_file")
     machine = _machine(presets, planner, jax.devices())
     axes = cli.parse_mesh(F.mesh, len(jax.devices()))
     dtype, compute_dtype = cli.resolve_dtypes(F.dtype, jax.default_backend())

@@ -1,7 +1,7 @@
-"""What the processes of a multi-host run agree on before the run's first collective: the flags they were given,
-and whether each passed its own setup checks. Files and directories are per host (a missing model on one
-host, an output directory one host cannot write): a process that stopped alone would leave its peers waiting in
-the first collective until the distributed service's shutdown barrier times out, minutes later."""
+"""The flags that start a multi-host run, and what its processes agree on before the run's first collective: the
+flags they were given, and whether each passed its own setup checks. Files and directories are per host (a missing
+model on one host, an output directory one host cannot write): a process that stopped alone would leave its peers
+waiting in the first collective until the distributed service's shutdown barrier times out, minutes later."""
 
 from __future__ import annotations
 
@@ -14,6 +14,23 @@ from jax.experimental import multihost_utils
 
 ERROR_BYTES = 1024  # a setup error's one line, as gathered (longer lines are cut)
 Result = TypeVar("Result")
+
+
+def check_coordinator(address: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """ValueError naming the flag when the multi-host flags cannot start a run: jax.distributed.initialize waits
+    for its peers, so a bad address or process id would hang instead of failing."""
+    if address is None:
+        for name, value in (("num_processes", num_processes), ("process_id", process_id)):
+            if value is not None:
+                raise ValueError(f"--{name} needs --coordinator_address (multi-host runs only)")
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--coordinator_address: expected host:port, got {address!r}")
+    if num_processes is None or num_processes < 1:
+        raise ValueError(f"--num_processes must be >= 1 with --coordinator_address, got {num_processes}")
+    if process_id is None or not 0 <= process_id < num_processes:
+        raise ValueError(f"--process_id must be in [0, {num_processes}), got {process_id}")
 
 
 def first_error(error: str | None) -> str | None:

@@ -157,11 +157,11 @@ def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
 
 def test_make_dataset_writes_loadable_splits(tmp_path):
     """bin/make_dataset end to end: files load back, splits are disjoint, solutions score 1.0."""
-    out = tmp_path / "ds"
+    out = tmp_path / "ds"  # given as ~/ds, which the shell leaves alone after `=`: the tool expands it
     args = ["--num_train=30", "--num_test=10", "--seed=3"]
-    result = run_tool("make_dataset", *args, f"--out={out}", timeout=120)
+    result = run_tool("make_dataset", *args, "--out=~/ds", env={"HOME": str(tmp_path)}, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "wrote 30 train and 10 test puzzles" in result.stdout and "solution:" in result.stdout
+    assert f"wrote 30 train and 10 test puzzles to {out} " in result.stdout and "solution:" in result.stdout
     train, test = load_puzzles(out / "train.jsonl"), load_puzzles(out / "test.jsonl")
     assert len(train) == 30 and len(test) == 10
     assert not {p.key for p in train} & {p.key for p in test}

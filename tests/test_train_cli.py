@@ -96,10 +96,12 @@ def test_the_defaults_run_the_ladder_with_lora_end_to_end(tmp_path):
     from grpo.config import LORA_LR_SCALE
 
     model_dir = make_tiny_model_dir(tmp_path / "model")
-    out = tmp_path / "run"
-    result = _train(f"--model_dir={model_dir}", f"--output_dir={out}", "--steps=2", "--prompts_per_step=1",
-                    "--eval_size=2", "--num_train_puzzles=40", "--max_new_tokens=8", timeout=900)
+    out = tmp_path / "run"  # given as ~/run, which the shell leaves alone after `=`: bin/train expands it
+    result = run_tool("train", f"--model_dir={model_dir}", "--output_dir=~/run", "--steps=2", "--prompts_per_step=1",
+                      "--eval_size=2", "--num_train_puzzles=40", "--max_new_tokens=8", env={"HOME": str(tmp_path)},
+                      timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not (ROOT / "~").exists() and f"metrics in {out}/metrics.jsonl" in result.stdout
     config = json.loads((out / "run_config.json").read_text())
     assert config["lora"]["rank"] == 16 and config["grpo"]["learning_rate"] == 1e-5 * LORA_LR_SCALE
     assert config["grpo"]["num_generations"] == 8 and config["rollout"]["skip_zero_std_groups"] is True
