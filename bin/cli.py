@@ -15,6 +15,7 @@ raise ValueError naming the flag; the wrappers here turn that into a FlagError.
 from __future__ import annotations
 
 import contextlib
+import os.path
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -39,6 +40,9 @@ def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> Non
             main(argv)
         except FlagError as e:
             fail(str(e))
+        except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT
+            print("interrupted (Ctrl-C)", file=sys.stderr)
+            sys.exit(130)
 
     app.run(guarded, argv=argv, flags_parser=_parse_flags)
 
@@ -220,12 +224,11 @@ def resolve_dtypes(name: str, backend: str):
 
 
 def expand_user(*names: str) -> None:
-    """The named path flags with a leading `~` expanded in place, as the shell does for a bare word: it leaves
-    `--flag=~/x` alone, and every later use of the flag (resume, outputs, messages) must see one path. A multi-host
-    run calls this after its processes agreed on the flags as typed (their homes may differ)."""
-    import os.path
-
+    """Path flags with `~` expanded in place (the shell leaves `--flag=~/x` alone; a multi-host run calls this once
+    its processes agreed on the flags as typed); an empty one is an error (Path("") is the working directory)."""
     for name in names:
+        if FLAGS[name].value is not None and not FLAGS[name].value.strip():
+            raise FlagError(f"--{name} is empty: name a path or leave the flag out")
         if FLAGS[name].value:
             FLAGS[name].value = os.path.expanduser(FLAGS[name].value)
 

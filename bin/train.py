@@ -192,8 +192,10 @@ def _check_flags() -> None:
         if F[name].value < low:
             why = f" ({WHY_MIN[name]})" if name in WHY_MIN else ""
             raise FlagError(f"--{name} must be >= {low}, got {F[name].value}{why}")
-    if F.profile_steps and (len(F.profile_steps) != 2 or not all(s.isdigit() for s in F.profile_steps)):
-        raise FlagError(f"--profile_steps: expected A,B, got {','.join(F.profile_steps)}")
+    if F.profile_steps and (len(F.profile_steps) != 2 or not all(s.isdigit() for s in F.profile_steps)
+                            or not int(F.profile_steps[0]) <= int(F.profile_steps[1]) < F.steps):
+        raise FlagError(f"--profile_steps: expected A,B with A <= B < --steps ({F.steps}), got "
+                        f"{','.join(F.profile_steps)}")
     if not 0 < F.promote_at <= 1:
         raise FlagError(f"--promote_at must be in (0, 1], got {F.promote_at}")
     if not F.target_entropy > 0:
@@ -421,7 +423,7 @@ def main(argv):
               f"--num_micro_batches, or --lora_rank 16; re-run the same command to continue from the last "
               f"checkpoint", file=sys.stderr)
         sys.exit(1)
-    if result.get("reward_mean") is not None:
+    if result["final_state"] == "finished" and result.get("reward_mean") is not None:  # else its line said why
         print(f"done: last step reward {result['reward_mean']:.3f}, eval solved "
               f"{result.get('eval_solved_frac', float('nan')):.3f}; metrics in {F.output_dir}/metrics.jsonl")
 

@@ -15,17 +15,26 @@ def level_puzzles(ladder: str, shaping: str, data_file: str | None, num_train: i
         levels = curriculum.ladder(ladder, shaping=shaping)
     except ValueError as e:
         raise ValueError(f"--curriculum: {e}") from None
-    if data_file:
-        try:
-            train = tinyzero.load_puzzles(data_file, *tinyzero.TINYZERO_TRAIN)
-            test = tinyzero.load_puzzles(data_file, *tinyzero.TINYZERO_TEST)[:eval_size]
-        except (ValueError, FileNotFoundError, ImportError) as e:
-            raise ValueError(f"--data_file: {e}") from None
-        if not train:
-            raise ValueError(f"--data_file: no training rows in {data_file}")
-    elif len(levels) == 1:  # no curriculum: held-out puzzles from the run's seed
-        train, test = puzzles.make_splits(num_train, eval_size, seed)
-    else:
-        train, test = curriculum.level_splits(levels[-1], num_train, eval_size, seed)
-    easier = [curriculum.level_splits(level, num_train, eval_size, seed) for level in levels[:-1]]
-    return levels, [*(t for t, _ in easier), train], [*(h for _, h in easier), test]
+    top = _tinyzero_splits(data_file, eval_size) if data_file else None
+    try:
+        if top is None:  # no data file: the top level's puzzles from the run's seed
+            top = (puzzles.make_splits(num_train, eval_size, seed) if len(levels) == 1
+                   else curriculum.level_splits(levels[-1], num_train, eval_size, seed))
+        splits = [*(curriculum.level_splits(level, num_train, eval_size, seed) for level in levels[:-1]), top]
+    except ValueError as e:  # a level with fewer distinct puzzles than asked for
+        raise ValueError(f"--eval_size / --num_train_puzzles: {e}") from None
+    return levels, [train for train, _ in splits], [test for _, test in splits]
+
+
+def _tinyzero_splits(data_file: str, eval_size: int):
+    """(train, test) of TinyZero's data file, split as TinyZero's preprocessing does; ValueError naming the flag."""
+    try:
+        train = tinyzero.load_puzzles(data_file, *tinyzero.TINYZERO_TRAIN)
+        test = tinyzero.load_puzzles(data_file, *tinyzero.TINYZERO_TEST)[:eval_size]
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise ValueError(f"--data_file: {e} (expected TinyZero's Countdown-Tasks-3to4: its train split is rows "
+                         f"{tinyzero.TINYZERO_TRAIN}, its test split {tinyzero.TINYZERO_TEST}; without --data_file "
+                         f"the puzzles are generated)") from None
+    if not train:
+        raise ValueError(f"--data_file: no training rows in {data_file}")
+    return train, test

@@ -1,4 +1,4 @@
-"""Around the loop's steps: when to pause (StopClock: a time limit, SIGTERM) and what to trace (Profiler).
+"""Around the loop's steps: when to pause (StopClock: a time limit, SIGTERM, Ctrl-C) and what to trace (Profiler).
 
 Free notebooks end sessions after 9-12 h and send SIGTERM first; a run that pauses cleanly, checkpointed, is
 continued by re-running the same command.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -19,9 +20,10 @@ import jax
 
 class StopClock:
     """When to pause a run early, checkpointed, so re-running the same command continues: on SIGTERM (notebook
-    and cluster shutdowns send it first), or when the next step and the checkpoint written at the pause would not
-    end before the time limit (free notebooks end sessions after 9-12 h). The signal only sets a flag; the step
-    in flight finishes first.
+    and cluster shutdowns send it first) or Ctrl-C (SIGINT; a notebook's interrupt button sends it), or when the
+    next step and the checkpoint written at the pause would not end before the time limit (free notebooks end
+    sessions after 9-12 h). The signal only sets a flag; the step in flight finishes first. A second Ctrl-C stops
+    at once (KeyboardInterrupt), losing the steps since the last checkpoint, as Ctrl-C always did.
 
     The next step is estimated from the recent steps' median, leaving out the first step (it compiles, and can
     take several steady steps' time); twice the median, so steps up to twice the recent typical length (a long
@@ -33,16 +35,22 @@ class StopClock:
     WINDOW = 8  # recent steps whose median is taken
 
     def __init__(self, time_limit_s: float | None, now: Callable[[], float] = time.monotonic):
-        self.now, self.limit, self.signalled = now, time_limit_s, False
+        self.now, self.limit = now, time_limit_s
+        self.signalled: str | None = None  # the name of the signal received
         self.start = self._last = now()
         self.steps: list[float] = []  # seconds between consecutive step_done calls (the first: since start)
         self.checkpoint_s = 0.0
-        self._previous = None
+        self._previous = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self.signalled = True
+    def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signalled == "SIGINT":
+            raise KeyboardInterrupt
+        self.signalled = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            print("Ctrl-C: pausing after this step with a checkpoint (re-run the same command to continue); Ctrl-C "
+                  "again stops at once, losing the steps since the last checkpoint", file=sys.stderr, flush=True)
 
     def step_done(self) -> None:
         now = self.now()
@@ -68,23 +76,23 @@ class StopClock:
 
     def reason_to_stop(self) -> str | None:
         if self.signalled:
-            return "SIGTERM received"
+            return f"{self.signalled} received"
         if self.limit is not None and self.now() - self.start + self.next_step_s() + self.checkpoint_s > self.limit:
             return f"the next step would end past --time_limit ({self.limit:.0f} s)"
         return None
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 class Profiler:
     """jax.profiler.trace over loop steps A..B, counted from 0 (loop step A writes step=A+1 in metrics.jsonl),
     into <output_dir>/profile."""
 
-    def __init__(self, window: tuple[int, int] | None, out: Path):
-        self.window, self.out, self.active = window, out, False
+    def __init__(self, window: tuple[int, int] | None, out: Path, say: Callable[[str], None] = print):
+        self.window, self.out, self.active, self.say = window, out, False, say
 
     def before(self, step: int) -> None:
         if self.window and step == self.window[0] and not self.active:
@@ -99,3 +107,5 @@ class Profiler:
         if self.active:
             jax.profiler.stop_trace()
             self.active = False
+            a, b = self.window
+            self.say(f"jax.profiler trace of loop steps {a}..{b} (metrics.jsonl steps {a + 1}..{b + 1}) in {self.out}")

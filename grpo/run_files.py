@@ -4,14 +4,17 @@
     eval.jsonl           one per eval ("step" = updates done when it ran; 0 = before training)
     train_samples.jsonl  completions of the first groups of each step (bin/report's browser)
     eval_samples.jsonl   greedy eval completions
-    status.json          {"state": "running" | "finished" | "stopped" | "failed", "step": ..., "peak_rss_bytes": ...}
+    status.json          {"state": "running" | "finished" | "paused" | "stopped" | "failed" | "interrupted", "step":
+                         ..., "peak_rss_bytes": ...}
     run_config.json      the model, GRPO, rollout and loop configs of the latest start (bin/report shows it)
 
 Only process 0 writes. Lines are appended and flushed one at a time, so a kill can tear at most the last
 line. On resume (`rewind`) every JSON-lines file keeps exactly the lines of the steps the restored checkpoint
 covers: a torn last line is dropped and a step re-run after the kill replaces its line instead of repeating
 it. status.json says whether the previous process got to its final line: "running" at resume time means it
-died (often the OOM killer), and the loop says so with what to change.
+died (often the OOM killer), and the loop says so with what to change. Starting over where a run already is
+(`resume=False`) first moves that run's files into previous_runs/<n>/ (`set_aside_previous_run`): the new run's
+checkpoints and logs never mix with the old ones, and nothing is deleted.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+from jax.experimental import multihost_utils
 
 import model
 from grpo.entropy_control import band_note
@@ -32,6 +36,11 @@ from grpo.entropy_control import band_note
 JSONL_FILES = ("metrics.jsonl", "train_samples.jsonl", "eval.jsonl", "eval_samples.jsonl")
 EVAL_FILES = ("eval.jsonl", "eval_samples.jsonl")
 STATUS_FILE = "status.json"
+PREVIOUS_RUNS_DIR = "previous_runs"
+# Everything the loop, its exports, loggers and tools write into the output directory: what starting over sets aside
+# (only these names: an output directory may hold the user's own files too).
+RUN_ENTRIES = (*JSONL_FILES, STATUS_FILE, "run_config.json", "checkpoints", "best", "damaged_checkpoints",
+               "final_hf", "best_hf", "profile", "tensorboard", "wandb", "report.html", "curves.png")
 
 
 class RunWriteError(RuntimeError):
@@ -114,6 +123,38 @@ class RunLog:
             if note:
                 notes.append(f"{name}: {note}")
         return notes
+
+
+def start_over(out: Path, resume: bool) -> Path | None:
+    """resume=False: process 0 sets a previous run in `out` aside (set_aside_previous_run; its directory, or None),
+    and every process waits for that before it opens checkpoints/."""
+    aside = None if resume or jax.process_index() else set_aside_previous_run(out)
+    if not resume and jax.process_count() > 1:
+        multihost_utils.sync_global_devices("set_aside_previous_run")
+    return aside
+
+
+def set_aside_previous_run(out: Path) -> Path | None:
+    """Move the run files in `out` (RUN_ENTRIES) into out/previous_runs/<n>/, n one past the highest there; returns
+    that directory, or None when `out` holds no run. Renames only: nothing is copied or deleted."""
+    present = [out / name for name in RUN_ENTRIES if (out / name).exists()]
+    if not present:
+        return None
+    taken = [int(p.name) for p in (out / PREVIOUS_RUNS_DIR).glob("*") if p.name.isdigit()]
+    aside = out / PREVIOUS_RUNS_DIR / str(max(taken, default=0) + 1)
+    aside.mkdir(parents=True)
+    for path in present:
+        path.rename(aside / path.name)
+    return aside
+
+
+def unclean_stop_hint(previous: dict) -> str:
+    """What to say when the previous process died without its final line (status still "running")."""
+    rss = previous.get("peak_rss_bytes")
+    used = f" (peak RSS {rss / 2**30:.1f} GiB when it last wrote its status)" if rss else ""
+    return (f"the previous run stopped without finishing after step {previous.get('step', '?')}{used}; if the "
+            f"OOM killer ended it, lower the memory: --remat, more --num_micro_batches, fewer --prompts_per_step "
+            f"or --num_generations")
 
 
 def _rewind_file(path: Path, last_step: int) -> str | None:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from grpo import level_mix
+from grpo import level_mix, run_files
 from grpo.best_model import BestCheckpointer, better, eval_score
 from grpo.checkpoints import TrainCheckpointer
 from grpo.config import GRPOConfig
@@ -182,6 +182,7 @@ def start_run(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOCo
     """
     out = Path(train_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    aside = run_files.start_over(out, train_cfg.resume)
     grpo_cfg = align_grpo_config(grpo_cfg, rollout_cfg)
     policy = FullPolicy(model_cfg) if policy is None else policy
     if policy.model_cfg != model_cfg:
@@ -199,6 +200,8 @@ def start_run(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOCo
                      logprobs_fn=_compiled_logprobs(policy, grpo_cfg, mesh),
                      reference=reference, log=log, ckpt=ckpt, best=BestCheckpointer(out))
     state = LoopState(params, opt_state, level=level_mix.start_index(level_names(task), train_cfg.start_level))
+    if aside:
+        ctx.log.say(f"starting over: the previous run in {out} was moved to {aside} (delete it to free the space)")
     previous = ctx.log.previous_status()
     found = ctx.ckpt.restore_latest(params, opt_state, say=ctx.log.say) if train_cfg.resume else None
     if found:
@@ -215,7 +218,7 @@ def start_run(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOCo
     if best:  # kept across resumes, even when it is newer than the rolling checkpoint resumed from
         state = dataclasses.replace(state, best_step=int(best["step"]), best_score=list(best["score"]))
     if previous and previous.get("state") == "running":
-        ctx.log.say(_unclean_stop_hint(previous))
+        ctx.log.say(run_files.unclean_stop_hint(previous))
     for note in ctx.log.rewind(state.step):
         ctx.log.say(f"repaired {note}")
     ctx.log.set_status("running", state.step)
@@ -229,15 +232,6 @@ def with_learning_rate(ctx: RunContext, learning_rate: float) -> RunContext:
         return ctx
     grpo_cfg = dataclasses.replace(ctx.grpo_cfg, learning_rate=learning_rate)
     return dataclasses.replace(ctx, grpo_cfg=grpo_cfg, step_fn=_compiled_step(ctx.policy, grpo_cfg, ctx.mesh))
-
-
-def _unclean_stop_hint(previous: dict) -> str:
-    """What to say when the previous process died without its final line (status still "running")."""
-    rss = previous.get("peak_rss_bytes")
-    used = f" (peak RSS {rss / 2**30:.1f} GiB when it last wrote its status)" if rss else ""
-    return (f"the previous run stopped without finishing after step {previous.get('step', '?')}{used}; if the "
-            f"OOM killer ended it, lower the memory: --remat, more --num_micro_batches, fewer --prompts_per_step "
-            f"or --num_generations")
 
 
 def rollout_phase(ctx: RunContext, state: LoopState) -> Rollout:
@@ -436,11 +430,12 @@ def train(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOConfig
           train_cfg: TrainConfig, mesh: Mesh, echo: Callable[[str], None] = print,
           lora_cfg: LoraConfig | None = None) -> dict:
     """Run GRPO, fully fine-tuned or (LoRA settings of rank > 0) with adapters over the frozen params; returns the
-    last step's metrics, the latest eval metrics, the final "params" (the trained tree: LoRA's adapters) and
-    "policy" (the weights the policy samples with: base + adapters merged, in the compute dtype)."""
+    last step's metrics, the latest eval metrics, the final "params" (the trained tree: LoRA's adapters),
+    "policy" (the weights the policy samples with: base + adapters merged, in the compute dtype) and "final_state"
+    (finished, paused or stopped: status.json's)."""
     ctx, state = start_run(model_cfg, params, task, grpo_cfg, rollout_cfg, train_cfg, mesh, echo,
                            make_policy(model_cfg, lora_cfg))
-    profiler = Profiler(train_cfg.profile_steps, Path(train_cfg.output_dir) / "profile")
+    profiler = Profiler(train_cfg.profile_steps, Path(train_cfg.output_dir) / "profile", ctx.log.say)
     try:
         if state.step == 0:
             state = eval_phase(ctx, state)
@@ -453,7 +448,8 @@ def train(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOConfig
         except OSError:
             pass
         raise
-    return {**state.last_metrics, **state.last_eval, "params": state.params, "policy": policy_params(ctx, state)}
+    return {**state.last_metrics, **state.last_eval, "params": state.params, "policy": policy_params(ctx, state),
+            "final_state": final_state}
 
 
 def _run_steps(ctx: RunContext, state: LoopState, profiler: Profiler) -> tuple[RunContext, LoopState, str, str | None]:
@@ -463,30 +459,35 @@ def _run_steps(ctx: RunContext, state: LoopState, profiler: Profiler) -> tuple[R
     train_cfg = ctx.train_cfg
     clock = StopClock(train_cfg.time_limit_s)
     final_state, reason = "finished", None
-    while state.step < train_cfg.steps:
-        why = clock.reason_to_stop()
-        if why:
-            ctx.log.say(f"pausing before step {state.step + 1}: {why}; checkpoint saved at step {state.step}, "
-                        f"re-run the same command to continue")
-            checkpoint_phase(ctx, state)
-            final_state = "paused"
-            break
-        profiler.before(state.step)
-        state = train_step(ctx, state)
-        clock.step_done()
-        profiler.after(state.step - 1)
-        if not state.alarm and _due(state.step, train_cfg.eval_every, train_cfg.steps):
-            state = eval_phase(ctx, state)
-        if state.alarm:
-            ctx, state, reason = answer_alarm(ctx, state)
-            if reason:
-                final_state = "stopped"
-                break
-        if _due(state.step, train_cfg.checkpoint_every, train_cfg.steps):
-            with clock.checkpointing():  # the pause writes one too: its cost is part of what must fit
+    try:
+        while state.step < train_cfg.steps:
+            why = clock.reason_to_stop()
+            if why:
+                ctx.log.say(f"pausing before step {state.step + 1}: {why}; checkpoint saved at step {state.step}, "
+                            f"re-run the same command to continue")
                 checkpoint_phase(ctx, state)
-    profiler.close()
-    clock.close()
+                final_state = "paused"
+                break
+            profiler.before(state.step)
+            state = train_step(ctx, state)
+            clock.step_done()
+            profiler.after(state.step - 1)
+            if not state.alarm and _due(state.step, train_cfg.eval_every, train_cfg.steps):
+                state = eval_phase(ctx, state)
+            if state.alarm:
+                ctx, state, reason = answer_alarm(ctx, state)
+                if reason:
+                    final_state = "stopped"
+                    break
+            if _due(state.step, train_cfg.checkpoint_every, train_cfg.steps):
+                with clock.checkpointing():  # the pause writes one too: its cost is part of what must fit
+                    checkpoint_phase(ctx, state)
+    except KeyboardInterrupt:  # a second Ctrl-C: so the next start does not blame the OOM killer
+        ctx.log.set_status("interrupted", state.step)
+        raise
+    finally:
+        profiler.close()
+        clock.close()
     return ctx, state, final_state, reason
 
 

@@ -146,17 +146,23 @@ def _status(out: Path) -> str:
     return json.loads((out / "status.json").read_text())["state"]
 
 
-def test_time_limit_and_sigterm_pause_cleanly_and_continue(tiny_dir, reference, tmp_path):
-    """--time_limit pauses before a step would end past it; SIGTERM pauses after the step in flight. Both
-    checkpoint and exit 0 without the final export; the same command then continues to the reference's end."""
+def test_time_limit_and_signals_pause_cleanly_and_continue_and_noresume_starts_over(tiny_dir, reference, tmp_path):
+    """--time_limit pauses before a step would end past it; SIGTERM and Ctrl-C (SIGINT) pause after the step in
+    flight. Each checkpoints and exits 0 without the final export; the same command then continues to the
+    reference's end. --noresume there then starts over: the finished run is set aside whole into
+    previous_runs/1/ and the new one, from a clean directory, is the reference run again."""
     reference, env = reference
     out = tmp_path / "paused"
     assert _run_until(_command(tiny_dir, out, "--time_limit=1s"), env) == "finished"  # exits cleanly, early
     assert _status(out) == "paused" and not (out / "final_hf").exists()
     assert 1 <= _lines(out / "metrics.jsonl") < STEPS
     cmd = _command(tiny_dir, out)
-    start = _lines(out / "metrics.jsonl")
-    assert _run_until(cmd, env, lambda: _lines(out / "metrics.jsonl") > start, sig=signal.SIGTERM) == "finished"
-    assert _status(out) == "paused" and _lines(out / "metrics.jsonl") < STEPS
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        start = _lines(out / "metrics.jsonl")
+        assert _run_until(cmd, env, lambda: _lines(out / "metrics.jsonl") > start, sig=sig) == "finished"  # noqa: B023
+        assert _status(out) == "paused" and _lines(out / "metrics.jsonl") < STEPS, sig
     assert _run_until(cmd, env) == "finished" and _status(out) == "finished"
+    _assert_same_run(out, reference)
+    assert _run_until([*cmd, "--noresume"], env) == "finished"
+    _assert_same_run(out / "previous_runs" / "1", reference)
     _assert_same_run(out, reference)

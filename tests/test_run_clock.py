@@ -6,6 +6,8 @@ checkpoint every 5 steps and one more at the pause, as grpo/trainer.py writes th
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pytest
 
@@ -58,7 +60,23 @@ def test_sigterm_pauses_at_once():
     clock = StopClock(None)
     try:
         assert clock.reason_to_stop() is None
-        clock._on_sigterm(15, None)
+        clock._on_signal(signal.SIGTERM, None)
         assert clock.reason_to_stop() == "SIGTERM received"
     finally:
         clock.close()
+
+
+def test_ctrl_c_pauses_and_a_second_stops_at_once(capsys):
+    """A notebook's interrupt button or Ctrl-C: the first pauses after the step (checkpointed, like SIGTERM) and
+    says so; the second raises KeyboardInterrupt as Ctrl-C always did. close() gives back the handlers it took."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    clock = StopClock(None)
+    try:
+        clock._on_signal(signal.SIGINT, None)
+        assert clock.reason_to_stop() == "SIGINT received"
+        assert "Ctrl-C: pausing after this step" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            clock._on_signal(signal.SIGINT, None)
+    finally:
+        clock.close()
+    assert {s: signal.getsignal(s) for s in before} == before

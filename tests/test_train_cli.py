@@ -116,3 +116,18 @@ def test_the_defaults_run_the_ladder_with_lora_end_to_end(tmp_path):
     assert status["state"] == "finished" and status["best_step"] in (0, 2) and len(status["best_score"]) == 7
     assert {"frac_zero_std_solved", "answer_templates", "level_shares", "entropy_coef_applied"} <= metrics[0].keys()
     assert (out / "final_hf" / "tokenizer.model").read_bytes() == (model_dir / "tokenizer.model").read_bytes()
+
+
+def test_more_held_out_puzzles_than_a_level_has(train, real_tokenizer):
+    """The first rung has a few hundred distinct puzzles: asking for more is a flag error, not a traceback."""
+    line = _error_line(train("--model_dir", str(real_tokenizer.parent), "--eval_size", "200"))
+    assert line.startswith("error: --eval_size / --num_train_puzzles:") and "distinct" in line
+
+
+@pytest.mark.parametrize("args,start", [(("--output_dir=",), "error: --output_dir is empty"),
+                                        (("--profile_steps=3,1",), "error: --profile_steps: expected A,B with A <= B"),
+                                        (("--steps=5", "--profile_steps=0,5"), "error: --profile_steps: expected A,B")])
+def test_values_that_would_write_elsewhere_or_nothing(train, args, start):
+    """An empty --output_dir would train in the working directory; a profile window outside the run's steps
+    would trace nothing, silently."""
+    assert _error_line(train("--model_dir", str(TINY), *args)).startswith(start)
