@@ -1,4 +1,4 @@
-"""Turn a run's metrics.jsonl (and eval.jsonl) into one PNG of the training curves.
+"""Turn a run's metrics.jsonl (and eval.jsonl) into one image of the training curves (PNG unless --out says).
 
     bin/plot --run_dir runs/quickstart            # writes runs/quickstart/curves.png
 
@@ -18,7 +18,7 @@ from bin.cli import FlagError
 
 F = flags.FLAGS
 flags.DEFINE_string("run_dir", None, "A bin/train --output_dir (holds metrics.jsonl).")
-flags.DEFINE_string("out", None, "PNG path. Default: <run_dir>/curves.png.")
+flags.DEFINE_string("out", None, "Image file: .png, .pdf, .svg, ... (its suffix). Default: <run_dir>/curves.png.")
 
 
 def main(argv: list[str]) -> None:
@@ -28,17 +28,16 @@ def main(argv: list[str]) -> None:
     run_dir = Path(F.run_dir).expanduser()
     if not run_dir.is_dir():
         raise FlagError(f"--run_dir: no such directory {run_dir}")
-    out = Path(F.out).expanduser() if F.out else run_dir / "curves.png"
-    if not out.parent.is_dir():
-        raise FlagError(f"--out: no such directory {out.parent}")
-    from grpo.report import plot_curves, pyplot  # after the checks: the analysis imports grpo (and so jax)
+    from grpo.report import OutError, plot_curves, pyplot  # after the checks: the analysis imports grpo (and so jax)
 
     plt = pyplot()
     if plt is None:
         raise FlagError("bin/plot needs matplotlib: pip install -e '.[plot]'")
     try:
-        print(plot_curves(plt, run_dir, out))
-    except ValueError as e:  # a malformed JSON line (file and line number), or nothing to draw
+        print(plot_curves(plt, run_dir, Path(F.out).expanduser() if F.out else run_dir / "curves.png"))
+    except OutError as e:  # no suffix matplotlib writes, a directory, an unwritable folder: checked before reading
+        raise FlagError(f"--out: {e}") from None
+    except (ValueError, OSError) as e:  # a malformed JSON line (file and line number), nothing to draw, unreadable
         raise FlagError(f"--run_dir: {e}") from None
 
 

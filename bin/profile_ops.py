@@ -1,24 +1,26 @@
 """Summarise a jax.profiler trace per HLO op, named by source scope (grpo/profile_ops.py).
 
     bin/bench_train --rows 16 --repeats 1 --tails completion --profile_dir runs/prof   # writes and summarises
-    python -m bin.profile_ops runs/prof/completion                                         # summarise again
+    bin/profile_ops runs/prof/completion     # again; or a bin/train --output_dir traced with --profile_steps A,B
 """
 
-from __future__ import annotations
+from absl import flags
 
-import sys
-from pathlib import Path
+from bin import cli
 
-from grpo.profile_ops import scope_names, summary, top_ops
+flags.DEFINE_string("trace_dir", None, "Where jax.profiler wrote (the newest trace under it is read): a --profile_dir "
+                    "of bin/bench_train or bin/bench_sample, or a bin/train --output_dir traced with --profile_steps.")
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) != 2:
-        sys.exit("usage: python -m bin.profile_ops TRACE_DIR   (a --profile_dir of bin/bench_train or bin/train)")
-    hlo = Path(argv[1]) / "step.hlo.txt"
-    names = scope_names(hlo.read_text()) if hlo.exists() else None
-    print(summary(top_ops(argv[1]), names, top=25))
+    dirs = [d for d in [flags.FLAGS.trace_dir, *argv[1:]] if d]  # the flag, or the only argument (the older form)
+    if len(dirs) != 1:
+        raise cli.FlagError(f"--trace_dir: expected one directory (the flag or one argument), got {dirs or 'none'}")
+    from grpo.profile_ops import trace_summary  # after the checks: grpo imports jax
+
+    with cli.flag_errors("--trace_dir: ", (ValueError, OSError)):
+        print(trace_summary(dirs[0]))
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    cli.run(main)

@@ -20,7 +20,7 @@ from bin.cli import FlagError
 
 F = flags.FLAGS
 flags.DEFINE_string("run_dir", None, "A bin/train --output_dir (holds metrics.jsonl and the samples files).")
-flags.DEFINE_string("out", None, "HTML path. Default: <run_dir>/report.html.")
+flags.DEFINE_string("out", None, "HTML file (.html or .htm). Default: <run_dir>/report.html.")
 flags.DEFINE_integer("browse_steps", 6, "Steps shown in the completion browser: the first, the last, and evenly "
                      "spaced ones between.")
 
@@ -34,16 +34,14 @@ def main(argv: list[str]) -> None:
         raise FlagError(f"--run_dir: no such directory {run_dir}")
     if F.browse_steps < 1:
         raise FlagError(f"--browse_steps: expected a positive number of steps, got {F.browse_steps}")
-    out = Path(F.out).expanduser() if F.out else run_dir / "report.html"
-    if not out.parent.is_dir():
-        raise FlagError(f"--out: no such directory {out.parent}")
-    from grpo.report import build  # after the checks: the analysis imports grpo (and so jax)
+    from grpo.report import OutError, build  # after the checks: the analysis imports grpo (and so jax)
 
     try:
-        print(build(run_dir, out, F.browse_steps))
-    except OSError as e:  # an unreadable run file or an unwritable --out
-        flag = "--out" if str(out) in str(e) or str(out) + ".tmp" in str(e) else "--run_dir"
-        raise FlagError(f"{flag}: {e}") from None
+        print(build(run_dir, Path(F.out).expanduser() if F.out else run_dir / "report.html", F.browse_steps))
+    except OutError as e:  # not an .html name, a directory, an unwritable folder: checked before the run is read
+        raise FlagError(f"--out: {e}") from None
+    except OSError as e:  # an unreadable run file
+        raise FlagError(f"--run_dir: {e}") from None
 
 
 def run() -> None:

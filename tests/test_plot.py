@@ -16,7 +16,15 @@ from binaries import run_tool
 pytest.importorskip("matplotlib", reason="bin/plot needs the plot extra (CI installs it)")
 
 from grpo.entropy_control import ENTROPY_BAND  # noqa: E402  (after the skip: grpo.report draws with matplotlib)
-from grpo.report import chart_specs, grid_figure, grid_size, load_curves, plot_curves, pyplot  # noqa: E402
+from grpo.report import (  # noqa: E402
+    chart_specs,
+    grid_figure,
+    grid_size,
+    image_formats,
+    load_curves,
+    plot_curves,
+    pyplot,
+)
 from grpo.report.charts import DPI  # noqa: E402
 
 STEPS = (1, 2, 3, 4)
@@ -123,3 +131,29 @@ def test_cli_errors_are_one_line_naming_the_flag(tmp_path):
     for args, message in cases:
         res = run_tool("plot", *args)
         assert (res.returncode, res.stderr.strip()) == (2, f"error: {message}"), args
+
+
+def test_out_errors_name_out_and_write_nothing(tmp_path):
+    """A directory used to get `<dir>.png` beside it, a name without a suffix `<name>.png` while the tool printed
+    the name, an unwritable folder a traceback, an unknown suffix an error blamed on --run_dir: each is now one line
+    naming --out, exit 2, nothing written. The formats listed are matplotlib's own (savefig's)."""
+    (tmp_path / "run").mkdir()
+    d = write_run(tmp_path / "run")
+    images = "a file name ending in " + ", ".join(f".{f}" for f in image_formats())
+    cases = [(d, f"{d} is a directory (expected {images})"),
+             (d / "noext", f"expected {images}, got {d / 'noext'}"),
+             (d / "c.txt", f"expected {images}, got {d / 'c.txt'}"),
+             (Path("/proc/c.png"), "cannot write into /proc (")]
+    for out, message in cases:
+        res = run_tool("plot", "--run_dir", str(d), "--out", str(out))
+        assert res.returncode == 2 and res.stderr.startswith(f"error: --out: {message}"), (out, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["eval.jsonl", "metrics.jsonl", "run"]
+
+
+@pytest.mark.parametrize("name, magic", [("c.pdf", b"%PDF"), ("c.svg", b"<?xml"), ("C.PNG", b"\x89PNG")])
+def test_the_suffix_picks_the_format(tmp_path, name, magic):
+    """The file written is the one named, in the format its suffix names (any case); nothing else is left."""
+    out = plot_curves(pyplot(), write_run(tmp_path), tmp_path / name)
+    assert out == tmp_path / name and out.read_bytes().startswith(magic)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "eval.jsonl", "metrics.jsonl"])

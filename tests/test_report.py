@@ -317,6 +317,44 @@ def test_cli_writes_report_and_rejects_missing_dir(tmp_path):
     assert res.returncode == 2 and res.stderr.strip() == "error: --run_dir is required"
 
 
+def test_out_that_is_not_an_html_file_is_refused_before_anything_is_written(tmp_path):
+    """A run's own files (metrics, the exported config) used to be overwritten with HTML, and a directory left a
+    stray `<dir>.tmp`: each is now one line naming --out, exit 2, every file as it was and nothing new written."""
+    d = new_run(tmp_path / "run", steps=3)
+    (d / "final_hf").mkdir()
+    (d / "final_hf" / "config.json").write_text('{"model_type": "gemma3_text"}')
+    (tmp_path / "dir.html").mkdir()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    html = "a file name ending in .html, .htm"
+    cases = [(d / "metrics.jsonl", f"expected {html}, got {d / 'metrics.jsonl'}"),
+             (d / "final_hf" / "config.json", f"expected {html}, got {d / 'final_hf' / 'config.json'}"),
+             (tmp_path, f"{tmp_path} is a directory (expected {html})"),
+             (tmp_path / "dir.html", f"{tmp_path / 'dir.html'} is a directory (expected {html})"),
+             (tmp_path / "no" / "r.html", f"no such directory {tmp_path / 'no'}"),
+             (Path("/proc/r.html"), "cannot write into /proc (")]
+    for out, message in cases:
+        res = run_tool("report", "--run_dir", str(d), "--out", str(out))
+        assert res.returncode == 2 and res.stderr.startswith(f"error: --out: {message}"), (out, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    res = run_tool("report", "--run_dir", str(d), "--out", str(tmp_path / "R.HTM"))  # either suffix, any case
+    assert res.returncode == 0 and res.stdout.strip() == str(tmp_path / "R.HTM"), res.stderr
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path):
+    """write_whole: the old file stays as it was and no temporary file is left when the write fails midway."""
+    out = tmp_path / "report.html"
+    out.write_text("the old report")
+
+    def half_then_fail(tmp: Path) -> None:
+        tmp.write_text("half a page")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(report.OutError, match=f"^cannot write {re.escape(str(out))} \\(No space left on device\\)$"):
+        report.write_whole(out, half_then_fail)
+    assert out.read_text() == "the old report" and sorted(tmp_path.iterdir()) == [out]
+
+
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--enable-logging=stderr", "--v=0")

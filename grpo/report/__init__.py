@@ -4,6 +4,7 @@
     analysis.py  what the report says about them: warnings naming their steps, the aha evidence, the best eval
     charts.py    chart_specs, the one list of curves; drawn per chart for the page, or as one figure (bin/plot)
     page.py      the self-contained HTML page (bin/report)
+    output.py    where bin/report and bin/plot write: the path checked first, the file written whole
 
 Nothing here defines flags: bin/report and bin/plot turn theirs into a call of build or plot_curves.
 """
@@ -30,11 +31,13 @@ from grpo.report.charts import (
     plot_curves,
     pyplot,
 )
+from grpo.report.output import HTML, OutError, check_out, image_formats, write_whole
 from grpo.report.page import build, render
 from grpo.report.reading import Run, Sample, load_curves, load_run, read_jsonl
 
 __all__ = [
-    "Chart", "ChartSpec", "Line", "Run", "Sample", "Warn", "aha_shares", "best_eval", "build", "chart_specs",
-    "draw_on", "entropy_warnings", "eval_drop_warnings", "first_aha", "grid_figure", "grid_size", "load_curves",
-    "load_run", "make_charts", "plot_curves", "pyplot", "read_jsonl", "render", "template_table", "warnings",
+    "HTML", "Chart", "ChartSpec", "Line", "OutError", "Run", "Sample", "Warn", "aha_shares", "best_eval", "build",
+    "chart_specs", "check_out", "draw_on", "entropy_warnings", "eval_drop_warnings", "first_aha", "grid_figure",
+    "grid_size", "image_formats", "load_curves", "load_run", "make_charts", "plot_curves", "pyplot", "read_jsonl",
+    "render", "template_table", "warnings", "write_whole",
 ]

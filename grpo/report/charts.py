@@ -16,6 +16,7 @@ from pathlib import Path
 
 from grpo.entropy_control import ENTROPY_BAND
 from grpo.report.analysis import aha_by_level_rows, aha_shares, best_eval
+from grpo.report.output import check_out, image_formats, write_whole
 from grpo.report.reading import Run, load_curves, number, series
 
 # (id, title, train curves [(metrics key, label)], eval curves [(eval.jsonl key, label)])
@@ -248,8 +249,10 @@ def grid_figure(plt, specs: list[ChartSpec], title: str):
 
 
 def plot_curves(plt, run_dir: Path, out: Path) -> Path:
-    """bin/plot: run_dir's curves as one PNG at out. ValueError (naming the file) when a line is malformed or
-    nothing was recorded that a chart could show."""
+    """bin/plot: run_dir's curves as one image at out, in the format its suffix names (png, pdf, svg, ...).
+    OutError (checked before anything is read) for an out that cannot be written; ValueError (naming the file)
+    when a line is malformed or nothing was recorded that a chart could show."""
+    check_out(out, image_formats())
     run = load_curves(run_dir)
     if not run.metrics:
         raise ValueError(f"no metrics in {run_dir / 'metrics.jsonl'}")
@@ -257,6 +260,7 @@ def plot_curves(plt, run_dir: Path, out: Path) -> Path:
     if not specs:
         raise ValueError(f"nothing recorded to draw in {run_dir / 'metrics.jsonl'}")
     fig = grid_figure(plt, specs, f"GRPO on Countdown: {run_dir}")
-    fig.savefig(out, dpi=DPI)
-    plt.close(fig)
-    return out
+    try:  # the format named, as the temporary file's suffix names none
+        return write_whole(out, lambda tmp: fig.savefig(tmp, dpi=DPI, format=out.suffix[1:].lower()))
+    finally:
+        plt.close(fig)

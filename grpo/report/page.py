@@ -26,6 +26,7 @@ from grpo.report.analysis import (
     warnings,
 )
 from grpo.report.charts import Chart, make_charts, pyplot
+from grpo.report.output import HTML, check_out, write_whole
 from grpo.report.reading import Run, Sample, format_steps, load_run, number
 from grpo.rollout import AHA_PHRASES, has_aha
 
@@ -247,12 +248,12 @@ def render(run: Run, charts: list[Chart] | None, built: str, browse_steps: int =
 
 
 def build(run_dir: Path, out: Path, browse_steps: int = 6) -> Path:
-    """Read run_dir, write the report to out (via a temporary file, so a browser never sees half a page)."""
+    """Read run_dir, write the report to out (an .html or .htm name, checked before anything is read; written
+    whole: grpo/report/output.py). OutError for an out that cannot be written."""
+    check_out(out, HTML)
     run = load_run(run_dir)
     plt = pyplot()
     charts = make_charts(plt, run) if plt is not None else None
     built = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(render(run, charts, built, browse_steps), encoding="utf-8")
-    tmp.replace(out)
-    return out
+    text = render(run, charts, built, browse_steps)
+    return write_whole(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
