@@ -36,15 +36,11 @@ JSON_FLAGS = ("prompts", "num_generations", "max_new_tokens", "beta", "remat", "
               "machine", "num_micro_batches", "rollout_batch_size")
 
 
-def check_flags() -> None:
+def main(argv):
+    cli.no_extra_args(argv)
     cli.check_at_least(1, "prompts", "max_new_tokens", "repeats", "num_micro_batches")
     cli.check_at_least(0, "rollout_batch_size")
     cli.check_at_least(2, "num_generations")
-
-
-def main(argv):
-    cli.no_extra_args(argv)
-    check_flags()
     logging.set_verbosity(logging.WARNING)  # orbax (start_run's checkpointer) logs every step it takes at INFO
     import jax
     import jax.numpy as jnp
@@ -55,8 +51,9 @@ def main(argv):
     bench = grpo_bench.BenchConfig(**{f.name: F[f.name].value for f in dataclasses.fields(grpo_bench.BenchConfig)
                                       if f.name in F})
     model_dir = cli.resolve_model_dir(F.model_dir)
+    with cli.flag_errors():  # the tokenizer, and the prompts + --max_new_tokens against the sampler's cache
+        tok = grpo_bench.load_tokenizer(model_dir, cli.load_model_config(model_dir), bench)
     model_cfg, params = cli.load_model(model_dir, jnp.float32)
-    tok = cli.load_tokenizer(None, model_dir, model_cfg)
     mesh = grpo.make_mesh(data=1, fsdp=len(jax.devices()))
     if F.machine:
         from grpo import planner

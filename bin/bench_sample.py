@@ -44,24 +44,18 @@ flags.DEFINE_list("command_buffer", ["default"], "GPU only: which XLA:GPU comman
                   "plus while loops and conditionals, run on the device), off.")
 
 
-def _check_flags() -> tuple[list[int], list[int]]:
-    """(batch sizes, check_every values), every flag checked."""
+def _check_flags() -> tuple[list[int], list[int], sample_bench.SampleShape]:
+    """(batch sizes, check_every values, the shape), every flag checked; --profile_dir last (it is created)."""
     batches, every = cli.integers("batch_sizes"), cli.integers("check_every")
-    if min(every) < 1:
-        raise cli.FlagError(f"--check_every must be >= 1, got {FLAGS.check_every}")
-    unknown = [c for c in FLAGS.command_buffer if c != "default" and c not in sample_bench.COMMAND_BUFFERS]
-    if unknown:
-        raise cli.FlagError(f"--command_buffer: unknown {unknown[0]!r}; choose from default, "
-                        f"{', '.join(sample_bench.COMMAND_BUFFERS)}")
-    if min(batches) < 1 or FLAGS.prompt_len < 2 or FLAGS.new_tokens < 2 or FLAGS.repeats < 1:
-        raise cli.FlagError("need batch sizes >= 1, --prompt_len >= 2, --new_tokens >= 2, --repeats >= 1")
-    if FLAGS.num_repeats < 1 or any(b % FLAGS.num_repeats for b in batches):
-        raise cli.FlagError(f"--num_repeats: {FLAGS.num_repeats} must be >= 1 and divide every batch size {batches}")
+    cli.check_at_least(1, "repeats")
+    with cli.flag_errors():  # the messages name the flag
+        shape = sample_bench.SampleShape(FLAGS.prompt_len, FLAGS.new_tokens, FLAGS.num_repeats)
+        sample_bench.check_rows(batches, every, FLAGS.command_buffer, shape)
     if FLAGS.compare_hf and FLAGS.random_270m:
         raise cli.FlagError("--compare_hf: needs a checkpoint both sides can load (drop --random_270m)")
     if FLAGS.profile_dir is not None:
         cli.check_writable_dir("profile_dir", FLAGS.profile_dir)
-    return batches, every
+    return batches, every, shape
 
 
 def _load_model(dtype: str):
@@ -95,10 +89,9 @@ def _compare_hf(batches: list[int], rows: list[dict], dtype: str) -> list[dict]:
 def main(argv):
     cli.no_extra_args(argv)
     cli.expand_user("profile_dir")
-    batches, every = _check_flags()
+    batches, every, shape = _check_flags()
     dtype = sample_bench.sample_dtype(FLAGS.dtype, jax.default_backend())
     model_cfg, params, name = _load_model(dtype)
-    shape = sample_bench.SampleShape(FLAGS.prompt_len, FLAGS.new_tokens, FLAGS.num_repeats)
     print(f"{name}: {dtype}, prompt {FLAGS.prompt_len}, {FLAGS.new_tokens} new tokens, greedy, no early stop, "
           f"median of {FLAGS.repeats} after a warm-up; {jax.devices()[0].device_kind} x{jax.device_count()}")
     print(" | ".join(sample_bench.HEADER))

@@ -39,7 +39,7 @@ flags.DEFINE_integer("num_generations", 4, "Rows per prompt (GRPO's G): each gro
 flags.DEFINE_bool("shared_prompt", True, "Run each group's prompt once in the step (GRPOConfig.shared_prompt, "
                   "what bin/train does); --noshared_prompt runs every row whole.")
 flags.DEFINE_integer("repeats", 3, "Timed steps.")
-flags.DEFINE_list("tails", ["0", "completion"], "Log-prob tails to time: 0 = all positions, completion = tail.")
+flags.DEFINE_list("tails", list(train_bench.TAILS), "Log-prob tails to time: 0 = all positions, completion = tail.")
 flags.DEFINE_bool("json", False, "Print one JSON object with every timing on the last line of stdout.")
 flags.DEFINE_string("profile_dir", None, "Trace the timed steps with jax.profiler into <dir>/<tail>/ and print the "
                     "top ops by time (bin/profile_ops.py), with the compiled HLO saved beside as step.hlo.txt.")
@@ -49,15 +49,13 @@ JSON_FLAGS = ("rows", "prompt_len", "completion_len", "remat", "fused_unembed", 
 
 
 def _check_flags() -> None:
-    if F.profile_dir is not None:
-        cli.check_writable_dir("profile_dir", F.profile_dir)
     cli.check_at_least(1, "rows", "prompt_len", "completion_len", "repeats", "num_generations")
     if F.rows % F.num_generations:
         raise cli.FlagError(f"--rows ({F.rows}) must be a multiple of --num_generations ({F.num_generations})")
     if F.compare_hf and F.random:
         raise cli.FlagError("--compare_hf: needs a checkpoint both sides can load (drop --random)")
-    if F.compare_hf and "completion" not in F.tails:
-        raise cli.FlagError("--compare_hf: compares the completion tail; keep 'completion' in --tails")
+    with cli.flag_errors():  # the message names the flag
+        train_bench.check_tails(F.tails, F.compare_hf)
 
 
 def _model_config():
@@ -93,6 +91,8 @@ def main(argv):
     cli.expand_user("profile_dir")
     _check_flags()
     model_dir, model_cfg = _model_config()
+    if F.profile_dir is not None:  # last of the checks: it makes the directory
+        cli.check_writable_dir("profile_dir", F.profile_dir)
     shape = train_bench.StepShape(F.rows, F.prompt_len, F.completion_len, F.num_generations)
     mesh = grpo.make_mesh(data=1, fsdp=len(jax.devices()))
     configs, steps = _compile_steps(model_cfg, shape, mesh)

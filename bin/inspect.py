@@ -56,7 +56,7 @@ flags.DEFINE_integer("max_new_tokens", None, "With --machine: completion budget 
 flags.DEFINE_bool("json", False, "print one JSON object with every reported number as the last line of stdout")
 flags.DEFINE_string("dump_hlo", None, "directory to write <what>.stablehlo.mlir and <what>.optimized.hlo.txt")
 flags.DEFINE_bool("stablehlo", False, "print the StableHLO text to stdout")
-flags.DEFINE_string("platform", "cpu", "JAX platform; cpu makes as many fake devices as the mesh needs")
+flags.DEFINE_enum("platform", "cpu", ["cpu", "gpu", "tpu"], "JAX platform; cpu fakes the devices the mesh needs")
 
 
 def _check_flags() -> None:
@@ -106,13 +106,17 @@ def main(argv):
     devices = 1 if FLAGS.what == "forward" else axes["data"] * axes["fsdp"]
     if machine and machine.devices is not None and devices != machine.devices:
         raise cli.FlagError(f"--mesh: {FLAGS.mesh} uses {devices} devices; {machine.name} has {machine.devices}")
+    with cli.flag_errors("--preset: "):
+        cfg = cli.preset_config(FLAGS.preset)
+    with cli.flag_errors():  # the messages name the flag (the batch against the mesh among them)
+        opts = _options(cfg)
+    if FLAGS.dump_hlo:  # last of the checks (it makes the directory), before anything lowers
+        cli.check_writable_dir("dump_hlo", FLAGS.dump_hlo)
     cli.set_fake_cpu_devices(devices, FLAGS.platform)
     # An accelerator's estimate traces the accelerator's program: without the XLA:CPU-only layout choices.
     for_accelerator = FLAGS.accelerator_estimate or (machine is not None and machine.platform != "cpu")
-    # bad preset or batch shape: one line (flag_errors), not a traceback
     with compiling_for_accelerator() if for_accelerator else contextlib.nullcontext(), cli.flag_errors():
-        cfg = cli.preset_config(FLAGS.preset)
-        opts = _options(cfg)
+        program_inspect.check_platform(FLAGS.platform)  # first use of the backend: --platform gpu without one
         if machine:
             n = program_inspect.machine_check(cfg, opts, machine, FLAGS.rollout_batch_size, FLAGS.max_new_tokens)
         else:

@@ -15,7 +15,7 @@ import time
 from absl import flags
 
 from bin import cli
-from data.puzzles import PuzzleConfig, make_splits
+from data.puzzles import PuzzleConfig, check_splits, make_splits
 from data.tinyzero import save_puzzles
 
 F = flags.FLAGS
@@ -31,14 +31,6 @@ flags.DEFINE_integer("target_max", 100, "Largest target.")
 flags.DEFINE_integer("show", 5, "Print this many test puzzles with their solutions.")
 
 
-def config_from_flags() -> PuzzleConfig:
-    counts = tuple(cli.integers("counts"))
-    with cli.flag_errors():
-        return PuzzleConfig(
-            counts=counts, num_min=F.num_min, num_max=F.num_max, target_min=F.target_min, target_max=F.target_max
-        )
-
-
 def main(argv: list[str]) -> None:
     cli.no_extra_args(argv)
     cli.expand_user("out")
@@ -46,11 +38,15 @@ def main(argv: list[str]) -> None:
         raise cli.FlagError("--out is required: the directory for train.jsonl and test.jsonl")
     if F.num_train < 0 or F.num_test < 0:
         raise cli.FlagError(f"--num_train and --num_test must be >= 0, got {F.num_train} and {F.num_test}")
-    cfg = config_from_flags()
+    counts = tuple(cli.integers("counts"))
+    with cli.flag_errors("--"):  # each message starts with a field of the config or a size: the flag's name
+        cfg = PuzzleConfig(counts, F.num_min, F.num_max, F.target_min, F.target_max)
+        check_splits(F.num_test, cfg)
+    cli.check_writable_dir("out", F.out)  # last of the checks (it makes the directory), before any work
     start = time.perf_counter()
-    train, test = make_splits(F.num_train, F.num_test, F.seed, cfg)
+    with cli.flag_errors("--"):
+        train, test = make_splits(F.num_train, F.num_test, F.seed, cfg)
     elapsed = time.perf_counter() - start
-    os.makedirs(F.out, exist_ok=True)
     for name, puzzles in (("train", train), ("test", test)):
         save_puzzles(os.path.join(F.out, f"{name}.jsonl"), puzzles)
     print(f"wrote {len(train)} train and {len(test)} test puzzles to {F.out} ({elapsed:.1f} s to generate)")

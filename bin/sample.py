@@ -42,10 +42,12 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
     """The --prompt values followed by the non-blank lines of --prompts_file."""
     out = list(prompts)
     if prompts_file:
-        path = Path(prompts_file)
-        if not path.is_file():
-            raise cli.FlagError(f"--prompts_file: {path} does not exist")
-        out += [line for line in path.read_text().splitlines() if line.strip()]
+        try:
+            out += [line for line in Path(prompts_file).read_text("utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            raise cli.FlagError(f"--prompts_file: {prompts_file} is not UTF-8 ({e.reason} at byte {e.start})") from None
+        except OSError as e:  # missing, a directory, unreadable
+            raise cli.FlagError(f"--prompts_file: cannot read {prompts_file} ({e.strerror or e})") from None
     if not out:
         raise cli.FlagError("no prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE")
     return out
@@ -54,16 +56,17 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
 def main(argv):
     cli.no_extra_args(argv)
     cli.expand_user("prompts_file")
-    cli.check_at_least(1, "num_samples")
+    cli.check_at_least(1, "num_samples", "max_new_tokens")  # before think_budget compares the budgets
     texts = read_prompts(FLAGS.prompt, FLAGS.prompts_file)
     budget = cli.think_budget(FLAGS.max_new_tokens)
     with cli.flag_errors("--"):  # the config names the field, which is the flag's name
         sampling = SamplingConfig(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
     model_dir = cli.resolve_model_dir(FLAGS.model_dir)
     tokenizer = cli.load_tokenizer(FLAGS.tokenizer, model_dir, cli.load_model_config(model_dir))
-    model_cfg, params = cli.load_model(model_dir, cli.resolve_dtypes(FLAGS.dtype, jax.default_backend())[0])
-
     prompts = [tokenizer.encode(t, add_bos=True) for t in texts for _ in range(FLAGS.num_samples)]
+    with cli.flag_errors():  # the longest prompt and the budget must fit the sampler's cache
+        model.sampler.check_fits(max(map(len, prompts)), FLAGS.max_new_tokens)
+    model_cfg, params = cli.load_model(model_dir, cli.resolve_dtypes(FLAGS.dtype, jax.default_backend())[0])
     think = model.think_forcing(budget, tokenizer.piece_texts(), lambda s: tokenizer.encode(s, add_bos=False),
                                 model_cfg.vocab_size)
 

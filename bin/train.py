@@ -229,14 +229,12 @@ def _our_flags() -> list[str]:
 def _check_budget(task) -> int:
     """The longest prompt's bucket plus --max_new_tokens must fit the sampler's cache. Returns the longest
     prompt's length in tokens."""
-    from model.sampler import MAX_CACHE_LEN, prompt_bucket
+    from model.sampler import check_fits
 
     items = [it for level in range(len(task.levels)) for it in task.eval_items(level)]
     items += task.train_items(0, min(len(task.train[-1]), 256), level=len(task.levels) - 1)
     longest = max(len(task.encode_prompt(it)) for it in items)
-    if prompt_bucket(longest) + F.max_new_tokens > MAX_CACHE_LEN:
-        raise FlagError(f"--max_new_tokens: {F.max_new_tokens} new tokens after a {longest}-token prompt "
-                        f"(bucket {prompt_bucket(longest)}) exceed the {MAX_CACHE_LEN}-token context")
+    _named(check_fits, longest, F.max_new_tokens)
     return longest
 
 

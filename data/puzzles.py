@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 from collections.abc import Iterator
 from fractions import Fraction
 
@@ -57,24 +58,54 @@ class PuzzleConfig:
     max_draws: int = 100_000  # draws of numbers for one target before deciding the ranges cannot work
 
     def __post_init__(self):
+        # Each message starts with the field's name, which is bin/make_dataset's flag (it adds the "--").
         if not self.counts or not all(2 <= k <= 4 for k in self.counts):
-            raise ValueError(f"PuzzleConfig.counts must be numbers of operands in 2..4, got {self.counts}")
+            raise ValueError(f"counts must list numbers of operands in 2..4, got {self.counts} (PuzzleConfig)")
         if not 1 <= self.num_min <= self.num_max:
-            raise ValueError(f"PuzzleConfig needs 1 <= num_min <= num_max, got {self.num_min}..{self.num_max}")
+            raise ValueError(f"num_min must be >= 1 and <= num_max, got num_min {self.num_min}, num_max "
+                             f"{self.num_max} (PuzzleConfig)")
         if not 1 <= self.target_min <= self.target_max:
-            raise ValueError(
-                f"PuzzleConfig needs 1 <= target_min <= target_max, got {self.target_min}..{self.target_max}"
-            )
+            raise ValueError(f"target_min must be >= 1 and <= target_max, got target_min {self.target_min}, "
+                             f"target_max {self.target_max} (PuzzleConfig)")
         if max(self.num_max, self.target_max) ** (max(self.counts) + 1) >= _EXACT_FLOAT:
-            raise ValueError(f"PuzzleConfig ranges too large for the float64 search: {self}")
+            raise ValueError(f"num_max {self.num_max} / target_max {self.target_max}: ranges too large for the "
+                             f"float64 search (PuzzleConfig)")
         if self.max_draws < 1:
-            raise ValueError(f"PuzzleConfig.max_draws must be >= 1, got {self.max_draws}")
+            raise ValueError(f"max_draws must be >= 1, got {self.max_draws} (PuzzleConfig)")
+
+
+def max_puzzles(cfg: PuzzleConfig) -> int:
+    """An upper bound on the distinct puzzles of cfg: multisets of numbers times targets, solvable or not."""
+    values = cfg.num_max - cfg.num_min + 1
+    return sum(math.comb(values + k - 1, k) for k in set(cfg.counts)) * (cfg.target_max - cfg.target_min + 1)
+
+
+def check_splits(num_test: int, cfg: PuzzleConfig) -> None:
+    """make_splits' checks that need no drawing, each a ValueError starting with the field or size to change: the
+    targets within reach (first: an unreachable target shrinks the space), num_test within the space's bound."""
+    _check_reachable(cfg)
+    if num_test > max_puzzles(cfg):
+        raise ValueError(f"num_test {num_test} is more than the {max_puzzles(cfg)} distinct puzzles (numbers x "
+                         f"targets, solvable or not) the ranges of {cfg} allow: the puzzle space is too small")
+
+
+def _check_reachable(cfg: PuzzleConfig) -> None:
+    """No target may lie above what the smallest count of numbers can make: the generator draws every count with
+    every target, and would spend max_draws on such a target before failing. k numbers make at most num_max ** k
+    (for x, y >= 2, x * y >= x + y), or k when every number is 1. A target below that bound may still be
+    unreachable (a prime just under it); the draws find that out."""
+    k = min(cfg.counts)
+    reach = cfg.num_max**k if cfg.num_max >= 2 else k
+    if cfg.target_max > reach:
+        raise ValueError(f"target_max {cfg.target_max} is out of reach: {k} numbers in {cfg.num_min}..{cfg.num_max} "
+                         f"make at most {reach}; widen the ranges of {cfg}")
 
 
 def generate(n: int, seed: int, cfg: PuzzleConfig = PuzzleConfig()) -> list[Puzzle]:
     """n puzzles from `seed`; deterministic, and generate(k, s) is a prefix of generate(k + m, s)."""
     if n < 0:
         raise ValueError(f"generate needs n >= 0, got {n}")
+    _check_reachable(cfg)
     return list(itertools.islice(_stream(seed, cfg), n))
 
 
@@ -88,6 +119,7 @@ def make_splits(
     """
     if num_train < 0 or num_test < 0:
         raise ValueError(f"make_splits needs non-negative sizes, got num_train={num_train}, num_test={num_test}")
+    check_splits(num_test, cfg)
     train: list[Puzzle] = []
     test: list[Puzzle] = []
     test_keys: set[tuple[tuple[int, ...], int]] = set()
@@ -97,8 +129,9 @@ def make_splits(
             break
         if drawn == budget:
             raise ValueError(
-                f"drew {budget} puzzles but found only {len(test)}/{num_test} distinct test and "
-                f"{len(train)}/{num_train} train puzzles: the puzzle space of {cfg} is too small"
+                f"num_test {num_test} / num_train {num_train}: drew {budget} puzzles but found only {len(test)}/"
+                f"{num_test} distinct test and {len(train)}/{num_train} train puzzles: the puzzle space of {cfg} is "
+                "too small"
             )
         if len(test) < num_test:
             if puzzle.key not in test_keys:
@@ -129,8 +162,8 @@ def _block(rng: np.random.Generator, cfg: PuzzleConfig) -> list[Puzzle]:
             draws = int(np.clip(rows // (4 * hits) if hits else 1, 1, _MAX_DRAWS_PER_ROUND))
             if drawn + draws > cfg.max_draws:
                 raise ValueError(
-                    f"no {k} numbers in {cfg.num_min}..{cfg.num_max} reached target {targets[pending[0]]} "
-                    f"in {drawn} draws: widen the ranges of {cfg}"
+                    f"target_min..target_max {cfg.target_min}..{cfg.target_max}: no {k} numbers in {cfg.num_min}.."
+                    f"{cfg.num_max} reached target {targets[pending[0]]} in {drawn} draws: widen the ranges of {cfg}"
                 )
             cand = rng.integers(cfg.num_min, cfg.num_max, size=(pending.size, draws, k), endpoint=True)
             found = _solve_rows(cand.reshape(-1, k), np.repeat(targets[pending], draws)).reshape(pending.size, draws)

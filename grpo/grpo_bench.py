@@ -16,6 +16,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 from jax.sharding import Mesh
@@ -59,6 +60,28 @@ class BenchConfig:
                               remat=self.remat, shared_prompt=self.shared_prompt, entropy_control=None,
                               num_micro_batches=self.num_micro_batches, compute_dtype=self.compute_dtype)
         return grpo_cfg, rollout_cfg
+
+
+def load_tokenizer(model_dir: Path, model_cfg: GemmaConfig, bench: BenchConfig):
+    """<model_dir>/tokenizer.model checked against the model, and the longest prompt run_bench feeds the sampler
+    plus bench.max_new_tokens against its cache; before any weight loads. Bad input: a ValueError naming the flag
+    (--model_dir for the tokenizer: bin/bench_grpo has no --tokenizer)."""
+    from model.sampler import check_fits
+    from model.tokenizer import load_for_model
+
+    try:
+        tokenizer = load_for_model(model_dir / "tokenizer.model", model_cfg)
+    except ValueError as e:
+        raise ValueError("--model_dir: " + str(e).removeprefix("--tokenizer: ")) from None
+    task = _task(bench, tokenizer)
+    check_fits(max(len(task.encode_prompt(it)) for it in task.train_items(0, len(task.train[0]))), bench.max_new_tokens)
+    return tokenizer
+
+
+def _task(bench: BenchConfig, tokenizer) -> CountdownTask:
+    """run_bench's prompts: TinyZero puzzles, enough for the warm-up and the timed steps."""
+    train, test = puzzles.make_splits(bench.prompts * (bench.repeats + 1), 1, 0)
+    return CountdownTask(train=[train], test=[test], tokenizer=tokenizer)
 
 
 def planned(bench: BenchConfig, machine, model_cfg: GemmaConfig, tokenizer, mesh: Mesh,
@@ -106,8 +129,7 @@ def run_bench(model_cfg: GemmaConfig, params: dict, tokenizer, bench: BenchConfi
               on_step: Callable[[int, dict], None]) -> list[dict]:
     """The warm-up step and `repeats` timed ones on TinyZero puzzles; on_step(i, row) after each (i = 0: the
     warm-up). Returns the timed rows."""
-    train, test = puzzles.make_splits(bench.prompts * (bench.repeats + 1), 1, 0)
-    task = CountdownTask(train=[train], test=[test], tokenizer=tokenizer)
+    task = _task(bench, tokenizer)
     grpo_cfg, rollout_cfg = bench.run_configs()
     timings = []
     with tempfile.TemporaryDirectory(prefix="bench_grpo_") as out:

@@ -69,6 +69,9 @@ class InspectOptions:
                              f"got {self.logprob_tail}")
         if self.lora_cfg is not None and self.what == "forward":
             raise ValueError("--lora_rank applies to --what logprobs or step, not forward")
+        if self.what != "forward" and self.batch % (self.devices * self.num_micro_batches):  # fsdp_forward.check_rows
+            raise ValueError(f"--batch {self.batch} must be a multiple of the --mesh's {self.devices} devices x "
+                             f"--num_micro_batches {self.num_micro_batches}")
 
     @property
     def devices(self) -> int:
@@ -87,6 +90,16 @@ class InspectOptions:
     def float32_program(self) -> InspectOptions:
         """The same program with float32 weights and compute: no XLA:CPU copies of bf16 weights."""
         return dataclasses.replace(self, param_dtype=jnp.float32, compute_dtype=None)
+
+
+def check_platform(platform: str) -> None:
+    """JAX's backend for `platform` started (bin/inspect picked it before any backend ran), or a ValueError naming
+    --platform: a GPU asked for on a machine without one is a bad flag, not a traceback."""
+    try:
+        jax.devices()
+    except RuntimeError as e:  # JAX's hint to set JAX_PLATFORMS does not apply: the flag sets it
+        raise ValueError(f"--platform {platform}: JAX cannot start it here ({str(e).split(' (set JAX_PLATFORMS')[0]})"
+                         ) from None
 
 
 def analytic_flops(cfg: GemmaConfig, rows: int, seq: int, what: str, remat: bool, lora: bool = False) -> float:

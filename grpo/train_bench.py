@@ -29,6 +29,7 @@ from model.config import GemmaConfig
 
 FIRST_ID = 4  # random prompt ids start past pad / eos / bos / unk
 MAX_ID = 1000  # ... and stay among the common pieces
+TAILS = ("0", "completion")  # log-probs on every position, or on the completion tail only (what bin/train does)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,15 @@ class StepShape:
     @property
     def length(self) -> int:
         return self.prompt_len + self.completion_len
+
+
+def check_tails(tails: list[str], compare_hf: bool) -> None:
+    """bin/bench_train's --tails, a ValueError naming the flag unless it lists one or both TAILS, each once, and
+    (with --compare_hf, which times HF on the completion tail) the completion tail among them."""
+    if not tails or set(tails) - set(TAILS) or len(set(tails)) < len(tails):
+        raise ValueError(f"--tails: give one or both of {', '.join(TAILS)}, got {','.join(tails) or 'none'}")
+    if compare_hf and "completion" not in tails:
+        raise ValueError("--compare_hf: compares the completion tail; keep 'completion' in --tails")
 
 
 def available_bytes() -> int:

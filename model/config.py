@@ -153,7 +153,10 @@ _ARCHS = {"gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 
 def named_config(name: str) -> GemmaConfig:
     """A preset by name (PRESETS), or tiny-gemma2 / tiny-gemma3 (tiny_config); ValueError when unknown."""
-    return tiny_config(name.removeprefix("tiny-")) if name.startswith("tiny-") else get_preset(name)
+    tiny = ("tiny-gemma2", "tiny-gemma3")
+    if name not in (*PRESETS, *tiny):  # the list a user may pick from: the tiny ones are accepted too
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join([*sorted(PRESETS), *tiny])}")
+    return tiny_config(name.removeprefix("tiny-")) if name in tiny else get_preset(name)
 
 
 def _rope_bases(hf: dict, arch: str) -> tuple[float, float, float]:

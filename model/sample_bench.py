@@ -44,11 +44,34 @@ HEADER = ("batch", "check every", "command buffer", "bucket", "prefill s", "pref
 
 @dataclasses.dataclass(frozen=True)
 class SampleShape:
-    """What every measured call shares."""
+    """What every measured call shares. Fields are bin/bench_sample's flags: a bad value is a ValueError naming it."""
 
     prompt_len: int  # tokens per prompt, bos included
     new_tokens: int  # generated tokens per row
     num_repeats: int = 1  # rows per distinct prompt sharing ONE prefill (GRPO's G)
+
+    def __post_init__(self):
+        if self.prompt_len < 2 or self.new_tokens < 2:  # bos + one id; prefill samples one token, decode the rest
+            raise ValueError(f"--prompt_len and --new_tokens must be >= 2, got {self.prompt_len} and {self.new_tokens}")
+        if self.num_repeats < 1:
+            raise ValueError(f"--num_repeats must be >= 1, got {self.num_repeats}")
+        sampler.check_fits(self.prompt_len, self.new_tokens, "prompt_len/--new_tokens")  # either shrinks the cache
+
+
+def check_rows(batches: list[int], check_every: list[int], command_buffers: list[str], shape: SampleShape) -> None:
+    """bin/bench_sample's table (a row per batch size x check_every x command buffer): a ValueError naming the flag
+    unless each list has a value and every value is valid."""
+    for flag, values in (("batch_sizes", batches), ("check_every", check_every), ("command_buffer", command_buffers)):
+        if not values:
+            raise ValueError(f"--{flag} is empty: give at least one value (one row per value)")
+    for flag, values in (("batch_sizes", batches), ("check_every", check_every)):
+        if min(values) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {','.join(map(str, values))}")
+    unknown = [c for c in command_buffers if c != "default" and c not in COMMAND_BUFFERS]
+    if unknown:
+        raise ValueError(f"--command_buffer: unknown {unknown[0]!r}; choose from default, {', '.join(COMMAND_BUFFERS)}")
+    if any(b % shape.num_repeats for b in batches):
+        raise ValueError(f"--num_repeats: {shape.num_repeats} must divide every batch size {batches}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -148,6 +148,15 @@ def prompt_bucket(length: int) -> int:
     return -(-length // step) * step
 
 
+def check_fits(prompt_len: int, new_tokens: int, flag: str = "max_new_tokens") -> None:
+    """A ValueError naming --flag unless a prompt of prompt_len tokens (padded to its bucket) plus new_tokens
+    fits the cache: what pad_prompts refuses, checked by a tool before any weight loads."""
+    bucket = prompt_bucket(prompt_len)
+    if bucket + new_tokens > MAX_CACHE_LEN:
+        raise ValueError(f"--{flag}: {new_tokens} new tokens after a {prompt_len}-token prompt (bucket {bucket}) "
+                         f"exceed the {MAX_CACHE_LEN}-token context")
+
+
 def pad_prompts(
     prompts: Sequence[Sequence[int]], cfg: GemmaConfig, max_new_tokens: int
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -126,6 +126,14 @@ def test_the_table_covers_every_flag():
     ("plot", "run_dir", "/nonexistent/run"), ("report", "run_dir", "/nonexistent/run"),
     ("make_dataset", "counts", "3,x"), ("import_gguf", "gguf", "/nonexistent.gguf"),
     ("sample", "wait_text", ""), ("pass_at_k", "min_think_tokens", "9"),  # 9 > --max_think_tokens 8
+    # Each fails before a model loads: below 1 (checked before the thinking budget's comparison with it), a
+    # level's puzzle space, a bad config field, an empty list or tail, a prompt past the sampler's context, an
+    # unknown preset or platform, an unwritable directory (checked before compiling), the tokenizer of --model_dir.
+    ("sample", "max_new_tokens", "-3"), ("sample", "max_new_tokens", "0"), ("pass_at_k", "eval_size", "100000"),
+    ("make_dataset", "num_min", "0"), ("make_dataset", "counts", "5"), ("bench_sample", "batch_sizes", ""),
+    ("bench_sample", "command_buffer", ""), ("bench_sample", "prompt_len", "40000"), ("bench_train", "tails", "foo"),
+    ("bench_train", "tails", ""), ("inspect", "preset", "nope"), ("inspect", "platform", "nope"),
+    ("inspect", "dump_hlo", "/proc/no_such_dir"), ("bench_grpo", "model_dir", "tests/fixtures/gemma3_g2"),
 ])
 def test_shared_flags_of_other_binaries(tool, flag, value, tmp_path):
     args = [f"--{flag}={value}"]
