@@ -108,4 +108,5 @@ class Profiler:
             jax.profiler.stop_trace()
             self.active = False
             a, b = self.window
-            self.say(f"jax.profiler trace of loop steps {a}..{b} (metrics.jsonl steps {a + 1}..{b + 1}) in {self.out}")
+            self.say(f"jax.profiler trace of loop steps {a}..{b} (metrics.jsonl steps {a + 1}..{b + 1}) in {self.out}; "
+                     f"bin/profile_ops {self.out} sums it per op")
