@@ -114,9 +114,11 @@ RECIPES: dict[str, dict[str, object]] = {
     },
     # TinyZero's GRPO run on Countdown (BUILD.md lists each value with the file it comes from): 128 prompts x
     # 5 completions, lr 1e-6, k3 KL at 0.001, verl's entropy bonus 0.001, PPO clip 0.2 both sides, 1,024 new
-    # tokens, temperature 1, its reward and puzzles only, sampling on to EOS.
+    # tokens, temperature 1, its reward and puzzles only, sampling on to EOS, and none of bin/train's learning
+    # mechanisms beyond it (the adaptive entropy controller is on by default there).
     "tinyzero": {
-        "curriculum": "off", "stop_at_answer": False, "skip_zero_std_groups": False, "prompts_per_step": 128,
+        "curriculum": "off", "stop_at_answer": False, "skip_zero_std_groups": False, "adaptive_entropy": False,
+        "prompts_per_step": 128,
         "num_generations": 5, "learning_rate": 1e-6, "beta": 0.001, "entropy_coef": 0.001, "epsilon_low": 0.2,
         "epsilon_high": 0.2,
         "max_new_tokens": 1024, "temperature": 1.0, "loss_type": "token_mean", "scale_rewards": "group",
