@@ -168,6 +168,7 @@ cli.define_mesh_flag(None)
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (jax.distributed).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's id.")
+flags.adopt_module_key_flags(cli)  # --help lists the shared flags (--model_dir, --lora_rank, --mesh, ...) too
 
 
 def _load_task(tok):
@@ -271,13 +272,19 @@ def _configs(compute_dtype: str | None):
             eval_size=F.eval_size, checkpoint_every=F.checkpoint_every, keep_checkpoints=F.keep_checkpoints,
             seed=F.seed, resume=F.resume, export_hf=F.export_hf,
             profile_steps=tuple(int(s) for s in F.profile_steps) if F.profile_steps else None,
-            log_to=log_to, promote_at=F.promote_at, time_limit_s=time_limit_s,
+            log_to=log_to, promote_at=F.promote_at, time_limit_s=time_limit_s, task_flags=_task_flags(),
             level_mix=F.level_mix, level_floor=F.level_floor, start_level=F.start_level, eval_think=eval_think,
             guard=GuardConfig(enabled=F.guard, warmup_steps=F.guard_warmup_steps, patience=F.guard_patience,
                               max_bad_steps=F.max_bad_steps, action=F.guard_action, max_rollbacks=F.max_rollbacks))
     except ValueError as e:
         raise FlagError(f"--{e}") from None
     return grpo_cfg, rollout_cfg, train_cfg
+
+
+def _task_flags() -> dict:
+    """The flags that define the puzzles, prompts and held-out sets (a resume must keep them: TrainConfig)."""
+    names = ("curriculum", "shaping", "template", "data_file", "num_train_puzzles", "seed", "eval_size", "start_level")
+    return {name: F[name].value for name in names}
 
 
 def _learning_rate() -> float:
@@ -346,7 +353,7 @@ def _host_setup(presets, given):
     if machine:
         _named(planner.check_full_fine_tuning, machine, model_cfg, axes["fsdp"], F.lora_rank)
     lora_cfg = cli.lora_config(model_cfg)
-    _named(check_resume_layout, F.output_dir, F.resume, lora_cfg)
+    _named(check_resume_layout, F.output_dir, F.resume, lora_cfg, _task_flags())
     tok = cli.load_tokenizer(F.tokenizer, model_dir, model_cfg)
     task = _load_task(tok)
     longest = _check_budget(task)
@@ -382,6 +389,7 @@ def _plan(machine, planner, given, model_cfg, lora_cfg, dtype, compute_dtype, me
 
     from grpo.rollout import align_grpo_config
 
+    _named(planner.check_platform, machine, jax.default_backend())
     grpo_cfg, rollout_cfg, _ = _configs(compute_dtype)
     plan = _named(lambda: planner.plan_run(
         machine, model_cfg, align_grpo_config(grpo_cfg, rollout_cfg), mesh, lora_cfg=lora_cfg, param_dtype=dtype,
@@ -413,8 +421,8 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except Exception as e:  # XLA out of memory: one line that says what lowers memory (checkpoints are kept)
-        wanted = re.search(r"Out of memory allocating (\d+) bytes", str(e))
-        if "RESOURCE_EXHAUSTED" not in str(e):
+        wanted = re.search(r"Out of memory allocating (\d+) bytes", str(e))  # XLA:CPU says so as INTERNAL
+        if not wanted and "RESOURCE_EXHAUSTED" not in str(e):
             raise
         size = f" ({int(wanted.group(1)) / 2**30:.1f} GiB in one buffer)" if wanted else ""
         print(f"error: out of memory{size}: use --remat, fewer --prompts_per_step / --num_generations, more "

@@ -103,6 +103,13 @@ def check_devices(machine: Machine, present: int, backend: str) -> None:
                          f"device(s) are present; pick the machine you are on (or --machine auto)")
 
 
+def check_platform(machine: Machine, backend: str) -> None:
+    """A machine's budget is its devices' memory: planning a GPU's on a CPU would plan past this box's RAM."""
+    if machine.platform != backend:
+        raise ValueError(f"--machine: {machine.name} is a {machine.platform} machine but JAX runs on {backend} here; "
+                         f"pick the machine you are on (or --machine auto)")
+
+
 # ------------------------------------------------------------------------- the checked plan (the fallback)
 
 

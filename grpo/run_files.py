@@ -105,6 +105,13 @@ class RunLog:
             _write_atomic(self.out / STATUS_FILE, json.dumps({"state": state, "step": step,
                                                               "peak_rss_bytes": peak_rss_bytes(), **extra}) + "\n")
 
+    def previous_config(self) -> dict | None:
+        """run_config.json as the last start wrote it (None: none, or unreadable)."""
+        try:
+            return json.loads((self.out / "run_config.json").read_text())
+        except (OSError, ValueError):
+            return None
+
     def previous_status(self) -> dict | None:
         try:
             return json.loads((self.out / STATUS_FILE).read_text())
@@ -221,23 +228,58 @@ def _entropy_part(m: dict) -> str:
     return f" | entropy {m['entropy']:.2f}{coef}" + (" OUT OF BAND" if band_note(m["entropy"]) else "")
 
 
-def check_resume_layout(output_dir: str, resume: bool, lora_cfg) -> None:
+# Settings a resume may change without a note: how long it runs and how it is watched.
+UNNOTED_CHANGES = ("train.steps", "train.resume", "train.time_limit_s", "train.log_to", "train.profile_steps",
+                   "grpo.total_steps")
+
+
+def config_changes(old: dict | None, new: dict) -> list[str]:
+    """'section.key old -> new' for every setting of run_config.json that differs between two starts (but
+    UNNOTED_CHANGES), so a resume with other flags says what it changed."""
+    def flat(tree, prefix=""):
+        if not isinstance(tree, dict):
+            return {prefix[:-1]: tree}
+        return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    before, after = flat(old or {}), flat(json.loads(json.dumps(new, default=str)))
+    return [f"{key} {before[key]!r} -> {after[key]!r}" for key in after
+            if key in before and before[key] != after[key] and key not in UNNOTED_CHANGES]
+
+
+def check_resume_layout(output_dir: str, resume: bool, lora_cfg, task_flags: dict | None = None) -> None:
     """A run that would resume checkpoints of the other kind (full fine-tuning vs LoRA, or another rank / alpha /
-    targets) is refused before anything compiles (ValueError naming --lora_rank); the checkpoint signature
-    catches the rest later. What the last start recorded is run_config.json's "lora" entry."""
+    targets: ValueError naming the flag), or of another task (task_flags, TrainConfig's: ValueError naming the
+    first flag that differs), is refused before anything compiles; the checkpoint signature catches the rest
+    later. What the last start recorded is run_config.json's."""
     out = Path(output_dir)
     if not resume or not (out / "checkpoints").is_dir() or not any((out / "checkpoints").iterdir()):
         return
     try:
-        previous = json.loads((out / "run_config.json").read_text()).get("lora")
+        config = json.loads((out / "run_config.json").read_text())
     except (OSError, ValueError):
         return
+    _check_same_lora(out, config.get("lora"), lora_cfg)
+    before = config.get("train", {}).get("task_flags") or {}
+    for name, value in (task_flags or {}).items():
+        if name in before and before[name] != value:
+            raise ValueError(f"--{name}: {out} holds a run with --{name} {before[name]!r}, this one has {value!r} "
+                             f"(its puzzles, held-out sets and best/ scores would not match); pass the same value, "
+                             f"or use another --output_dir or --noresume (start over there)")
+
+
+def _check_same_lora(out: Path, previous: dict | None, lora_cfg) -> None:
     now = None if lora_cfg is None or lora_cfg.rank == 0 else {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha,
                                                                "targets": list(lora_cfg.targets)}
     if previous is not None:
         previous = {**previous, "targets": list(previous.get("targets", ()))}
-    if previous != now:
-        had = "full fine-tuning" if previous is None else f"LoRA rank {previous['rank']}"
-        wants = "full fine-tuning" if now is None else f"LoRA rank {now['rank']}"
-        raise ValueError(f"--lora_rank: {out} holds checkpoints of a {had} run, this is a {wants} run (with its "
-                         f"--lora_alpha / --lora_targets); use another --output_dir or --noresume")
+    if previous is None or now is None:
+        if previous != now:
+            had = "full fine-tuning" if previous is None else f"LoRA rank {previous['rank']}"
+            wants = "full fine-tuning" if now is None else f"LoRA rank {now['rank']}"
+            raise ValueError(f"--lora_rank: {out} holds checkpoints of a {had} run, this is a {wants} run; use "
+                             f"another --output_dir or --noresume")
+        return
+    for key in ("rank", "alpha", "targets"):
+        if previous.get(key) != now[key]:
+            raise ValueError(f"--lora_{key}: {out} holds checkpoints of a LoRA run with {key} {previous.get(key)}, "
+                             f"this one has {now[key]}; use the same value, another --output_dir or --noresume")

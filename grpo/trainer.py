@@ -56,7 +56,7 @@ from grpo.rollout import (
     sample_rows,
 )
 from grpo.run_clock import Profiler, StopClock
-from grpo.run_files import RunLog, RunWriteError, console_line, describe_write_failure, export_hf, peak_rss_bytes
+from grpo.run_files import RunLog, console_line, describe_write_failure, export_hf, peak_rss_bytes
 from grpo.step import make_policy_step
 from grpo.tasks import Task
 from model.config import GemmaConfig
@@ -97,6 +97,10 @@ class TrainConfig:
     start_level: str | None = None
     guard: GuardConfig = GuardConfig()  # when a degrading run stops or rolls back (grpo/guard.py)
     eval_think: ThinkBudget = ThinkBudget()  # s1 budget forcing of the evals' completions (rollouts never)
+    # What defined the task's puzzles and prompts, as the tool that built it names its flags (bin/train: curriculum,
+    # seed, eval_size, ...): kept in run_config.json, and a resume with other values is refused
+    # (grpo/run_files.py check_resume_layout): the data stream, the held-out sets and best/'s scores would not match.
+    task_flags: dict | None = None
 
     def __post_init__(self):
         if not 0 <= self.level_floor < 1:
@@ -193,6 +197,7 @@ def start_run(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOCo
               "rollout": dataclasses.asdict(rollout_cfg), "train": dataclasses.asdict(train_cfg),
               "lora": policy.config_json()}
     log = RunLog(out, echo, make_loggers(list(train_cfg.log_to), str(out), config) if jax.process_index() == 0 else [])
+    previous_config = log.previous_config()
     log.write_config(config)
     ckpt = TrainCheckpointer(out / "checkpoints", keep=train_cfg.keep_checkpoints)
     ctx = RunContext(model_cfg, task, grpo_cfg, rollout_cfg, train_cfg, mesh, policy, frozen,
@@ -214,6 +219,9 @@ def start_run(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOCo
                           lr_scale=float(record.get("lr_scale", 1.0)))
         ctx = with_learning_rate(ctx, grpo_cfg.learning_rate * state.lr_scale)
         ctx.log.say(f"resumed from {ctx.ckpt.directory}/{step} (data position {state.position})")
+        changed = run_files.config_changes(previous_config, config)
+        if changed:
+            ctx.log.say(f"resumed with changed settings: {', '.join(changed)}")
     best = ctx.best.record(say=ctx.log.say) if train_cfg.resume else None
     if best:  # kept across resumes, even when it is newer than the rolling checkpoint resumed from
         state = dataclasses.replace(state, best_step=int(best["step"]), best_score=list(best["score"]))
@@ -394,6 +402,7 @@ def checkpoint_phase(ctx: RunContext, state: LoopState) -> None:
         ctx.ckpt.save(state.step, state.params, state.opt_state, record)
     except Exception as e:  # noqa: BLE001 (an earlier async save's failure surfaces here, as any type)
         raise describe_write_failure(e, f"checkpoint {ctx.ckpt.directory}") from None
+    ctx.log.set_status("running", state.step)  # so a start after a kill names the step it got to
 
 
 def finish_run(ctx: RunContext, state: LoopState, final_state: str = "finished", reason: str | None = None) -> None:
@@ -418,8 +427,9 @@ def finish_run(ctx: RunContext, state: LoopState, final_state: str = "finished",
                   tokenizer_file)
     ctx.log.close()
     ctx.log.set_status(final_state, state.step, best_step=state.best_step, best_score=state.best_score, reason=reason)
+    kept = "best_hf/" if exporting and best else "best/"  # best_hf/ is written when a run finishes
     ctx.log.say(f"{final_state} at step {state.step}; peak RSS {peak_rss_bytes() / 2**30:.2f} GiB"
-                + (f"; best held-out eval at step {state.best_step} (best_hf/)" if state.best_step is not None else ""))
+                + (f"; best held-out eval at step {state.best_step} ({kept})" if state.best_step is not None else ""))
 
 
 def _due(step: int, every: int, last: int) -> bool:
@@ -441,10 +451,11 @@ def train(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOConfig
             state = eval_phase(ctx, state)
         ctx, state, final_state, reason = _run_steps(ctx, state, profiler)
         finish_run(ctx, state, final_state, reason)
-    except RunWriteError:
+    except Exception as e:  # a full disk, out of memory, a bug: so the next start does not blame the OOM killer
         profiler.close()
-        try:  # so the next start does not blame the OOM killer; the disk may still refuse this small file
-            ctx.log.set_status("failed", state.step)
+        last = (ctx.log.previous_status() or {}).get("step", state.step)  # the last checkpoint's (checkpoint_phase)
+        try:  # the disk may still refuse this small file
+            ctx.log.set_status("failed", last, reason=f"{type(e).__name__}: {str(e)[:300]}")
         except OSError:
             pass
         raise

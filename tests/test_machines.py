@@ -100,6 +100,16 @@ def test_bin_train_device_count_must_match(tmp_path):
     assert not out.exists()
 
 
+def test_bin_train_machine_of_another_platform(tmp_path):
+    """gpu-80g's one device matches this CPU's count, but its budget is a GPU's memory: refused before the plan."""
+    from tiny_model import make_tiny_model_dir
+
+    out = tmp_path / "run"
+    line = _one_line(run_tool("train", f"--model_dir={make_tiny_model_dir(tmp_path / 'model')}", f"--output_dir={out}",
+                              "--machine=gpu-80g"), "machine")
+    assert "is a gpu machine but JAX runs on cpu" in line and not out.exists()
+
+
 def test_bin_train_full_fine_tuning_that_cannot_fit_names_the_flag(tmp_path):
     """Full fine-tuning of Gemma 2 2B on one 16 GiB chip: only its config is needed, the check runs before any
     weight loads. (A plan that cannot fit even one row: tests/test_planner.py.)"""

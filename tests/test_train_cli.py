@@ -131,3 +131,32 @@ def test_values_that_would_write_elsewhere_or_nothing(train, args, start):
     """An empty --output_dir would train in the working directory; a profile window outside the run's steps
     would trace nothing, silently."""
     assert _error_line(train("--model_dir", str(TINY), *args)).startswith(start)
+
+
+def test_a_resume_that_would_change_the_task_or_the_adapters_is_refused(tmp_path):
+    """What the last start recorded in run_config.json against this start's flags (grpo/run_files.py), before
+    anything compiles: the LoRA layout, and the flags that define the puzzles and held-out sets."""
+    import json
+
+    from grpo.run_files import check_resume_layout
+    from model.lora import LoraConfig
+
+    (tmp_path / "checkpoints" / "2").mkdir(parents=True)
+    lora, task = LoraConfig(rank=16, alpha=32.0), {"curriculum": "countdown", "seed": 0, "start_level": None}
+    (tmp_path / "run_config.json").write_text(json.dumps({
+        "lora": {"rank": 16, "alpha": 32.0, "targets": list(lora.targets)}, "train": {"task_flags": task}}))
+    check_resume_layout(str(tmp_path), True, lora, task)  # the same run continues
+    check_resume_layout(str(tmp_path), False, None, {**task, "seed": 1})  # --noresume starts over: nothing checked
+    for other_lora, other_task, flag in [
+        (None, task, "--lora_rank"), (LoraConfig(rank=8, alpha=32.0), task, "--lora_rank"),
+        (LoraConfig(rank=16, alpha=7.0), task, "--lora_alpha"), (lora, {**task, "curriculum": "off"}, "--curriculum"),
+        (lora, {**task, "start_level": "3x1-30"}, "--start_level"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{flag}: {tmp_path} holds"):
+            check_resume_layout(str(tmp_path), True, other_lora, other_task)
+
+
+def test_help_lists_the_shared_flags():
+    """The usage lines name --model_dir; --help (not only --helpfull) must list it and the other shared flags."""
+    shown = run_tool("train", "--help").stdout
+    assert all(f"  --{name}:" in shown for name in ("model_dir", "tokenizer", "lora_rank", "mesh", "dtype")), shown
