@@ -23,9 +23,10 @@ flags.DEFINE_string("out", None, "Image file: .png, .pdf, .svg, ... (its suffix)
 
 def main(argv: list[str]) -> None:
     cli.no_extra_args(argv)
+    cli.expand_user("run_dir", "out")
     if not F.run_dir:
         raise FlagError("--run_dir is required")
-    run_dir = Path(F.run_dir).expanduser()
+    run_dir = Path(F.run_dir)
     if not run_dir.is_dir():
         raise FlagError(f"--run_dir: no such directory {run_dir}")
     from grpo.report import OutError, plot_curves, pyplot  # after the checks: the analysis imports grpo (and so jax)
@@ -34,7 +35,7 @@ def main(argv: list[str]) -> None:
     if plt is None:
         raise FlagError("bin/plot needs matplotlib: pip install -e '.[plot]'")
     try:
-        print(plot_curves(plt, run_dir, Path(F.out).expanduser() if F.out else run_dir / "curves.png"))
+        print(plot_curves(plt, run_dir, Path(F.out) if F.out else run_dir / "curves.png"))
     except OutError as e:  # no suffix matplotlib writes, a directory, an unwritable folder: checked before reading
         raise FlagError(f"--out: {e}") from None
     except (ValueError, OSError) as e:  # a malformed JSON line (file and line number), nothing to draw, unreadable

@@ -13,6 +13,7 @@ flags.DEFINE_string("trace_dir", None, "Where jax.profiler wrote (the newest tra
 
 
 def main(argv: list[str]) -> None:
+    cli.expand_user("trace_dir")
     dirs = [d for d in [flags.FLAGS.trace_dir, *argv[1:]] if d]  # the flag, or the only argument (the older form)
     if len(dirs) != 1:
         raise cli.FlagError(f"--trace_dir: expected one directory (the flag or one argument), got {dirs or 'none'}")

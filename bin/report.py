@@ -27,9 +27,10 @@ flags.DEFINE_integer("browse_steps", 6, "Steps shown in the completion browser: 
 
 def main(argv: list[str]) -> None:
     cli.no_extra_args(argv)
+    cli.expand_user("run_dir", "out")
     if not F.run_dir:
         raise FlagError("--run_dir is required")
-    run_dir = Path(F.run_dir).expanduser()
+    run_dir = Path(F.run_dir)
     if not run_dir.is_dir():
         raise FlagError(f"--run_dir: no such directory {run_dir}")
     if F.browse_steps < 1:
@@ -37,7 +38,7 @@ def main(argv: list[str]) -> None:
     from grpo.report import OutError, build  # after the checks: the analysis imports grpo (and so jax)
 
     try:
-        print(build(run_dir, Path(F.out).expanduser() if F.out else run_dir / "report.html", F.browse_steps))
+        print(build(run_dir, Path(F.out) if F.out else run_dir / "report.html", F.browse_steps))
     except OutError as e:  # not an .html name, a directory, an unwritable folder: checked before the run is read
         raise FlagError(f"--out: {e}") from None
     except OSError as e:  # an unreadable run file

@@ -118,7 +118,7 @@ def trace_summary(trace_dir: str | Path, top: int = 25) -> str:
     ops are named by scope from the nearest step.hlo.txt between the trace and trace_dir (bin/bench_train saves
     one where it traces); without one (bin/train, bin/bench_sample) each op is `<program>:<op>`. ValueError, or
     FileNotFoundError, saying what was expected when trace_dir holds no readable trace."""
-    trace_dir = Path(trace_dir).expanduser()  # `--trace_dir=~/x`: the shell leaves that ~ alone
+    trace_dir = Path(trace_dir)
     if not trace_dir.is_dir():
         raise FileNotFoundError(f"no such directory {trace_dir}: expected {TRACE_DIRS}")
     trace = trace_file(trace_dir)

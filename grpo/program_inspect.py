@@ -19,6 +19,7 @@ Why the numbers need care (BUILD.md has the measured ones):
 from __future__ import annotations
 
 import dataclasses
+import types
 from pathlib import Path
 
 import jax
@@ -27,6 +28,7 @@ import numpy as np
 
 from grpo import planner
 from grpo.config import GRPOConfig
+from grpo.fsdp_forward import check_rows
 from grpo.logprobs import make_policy_logprobs, step_settings
 from grpo.policy import make_policy
 from grpo.presets import GIB, Machine
@@ -69,9 +71,12 @@ class InspectOptions:
                              f"got {self.logprob_tail}")
         if self.lora_cfg is not None and self.what == "forward":
             raise ValueError("--lora_rank applies to --what logprobs or step, not forward")
-        if self.what != "forward" and self.batch % (self.devices * self.num_micro_batches):  # fsdp_forward.check_rows
-            raise ValueError(f"--batch {self.batch} must be a multiple of the --mesh's {self.devices} devices x "
-                             f"--num_micro_batches {self.num_micro_batches}")
+        if self.what != "forward":  # the rows check the step makes while lowering, made here with the flags' names
+            try:
+                check_rows(self.batch, types.SimpleNamespace(size=self.devices), self.num_micro_batches, self.what)
+            except ValueError:
+                raise ValueError(f"--batch {self.batch} must be a multiple of the --mesh's {self.devices} devices x "
+                                 f"--num_micro_batches {self.num_micro_batches}") from None
 
     @property
     def devices(self) -> int:
