@@ -278,7 +278,10 @@ def test_no_metrics_and_empty_dir(tmp_path):
     assert "step 5" not in text and "Steps 1, 2, 3 of 3 with stored training completions" in text
     empty = tmp_path / "empty"
     empty.mkdir()
-    text = build(empty)
+    with pytest.raises(FileNotFoundError, match="holds none of a run's files"):  # no page written into a wrong dir
+        build(empty)
+    assert list(empty.iterdir()) == []
+    text = report.render(load_run(empty), None, "now")
     check_html(text)
     for name in ("metrics.jsonl", "eval.jsonl", "train_samples.jsonl", "eval_samples.jsonl"):
         assert f"{name}: not found" in text

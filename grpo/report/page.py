@@ -27,8 +27,9 @@ from grpo.report.analysis import (
 )
 from grpo.report.charts import Chart, make_charts, pyplot
 from grpo.report.output import HTML, check_out, write_whole
-from grpo.report.reading import Run, Sample, format_steps, load_run, number
+from grpo.report.reading import RUN_CONFIG, Run, Sample, format_steps, load_run, number
 from grpo.rollout import AHA_PHRASES, has_aha
+from grpo.run_files import JSONL_FILES, STATUS_FILE
 
 # One pattern for all phrases, longest first, so "let me verify" is marked whole rather than just "verify";
 # word boundaries and case-insensitivity as grpo.rollout counts them.
@@ -251,6 +252,9 @@ def build(run_dir: Path, out: Path, browse_steps: int = 6) -> Path:
     """Read run_dir, write the report to out (an .html or .htm name, checked before anything is read; written
     whole: grpo/report/output.py). OutError for an out that cannot be written."""
     check_out(out, HTML)
+    if not any((run_dir / name).is_file() for name in (*JSONL_FILES, STATUS_FILE, RUN_CONFIG)):  # a page of nothing
+        raise FileNotFoundError(f"{run_dir} holds none of a run's files ({', '.join(JSONL_FILES)}, {STATUS_FILE}, "
+                                f"{RUN_CONFIG}) yet: expected a bin/train --output_dir")
     run = load_run(run_dir)
     plt = pyplot()
     charts = make_charts(plt, run) if plt is not None else None
