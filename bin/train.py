@@ -404,6 +404,7 @@ def main(argv):
     cli.no_extra_args(argv)
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     model_dir, dtype, task, grpo_cfg, rollout_cfg, train_cfg, mesh, lora_cfg = _setup()
+    from grpo import planner
     from grpo.checkpoints import CheckpointMismatch
     from grpo.run_files import RunWriteError
     from grpo.trainer import train
@@ -421,13 +422,10 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except Exception as e:  # XLA out of memory: one line that says what lowers memory (checkpoints are kept)
-        wanted = re.search(r"Out of memory allocating (\d+) bytes", str(e))  # XLA:CPU says so as INTERNAL
-        if not wanted and "RESOURCE_EXHAUSTED" not in str(e):
+        advice = planner.out_of_memory_advice(e, planned=bool(F.machine))
+        if advice is None:
             raise
-        size = f" ({int(wanted.group(1)) / 2**30:.1f} GiB in one buffer)" if wanted else ""
-        print(f"error: out of memory{size}: use --remat, fewer --prompts_per_step / --num_generations, more "
-              f"--num_micro_batches, or --lora_rank 16; re-run the same command to continue from the last "
-              f"checkpoint", file=sys.stderr)
+        print(f"error: {advice}", file=sys.stderr)
         sys.exit(1)
     if result["final_state"] == "finished" and result.get("reward_mean") is not None:  # else its line said why
         print(f"done: last step reward {result['reward_mean']:.3f}, eval solved "

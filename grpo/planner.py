@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,6 +55,18 @@ def compiled_peak_bytes(compiled) -> int:
     """XLA's memory analysis of a compiled program: arguments + outputs - aliased (donated) + temporaries."""
     m = compiled.memory_analysis()
     return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+
+
+def out_of_memory_advice(error: Exception, planned: bool) -> str | None:
+    """One line for XLA's out-of-memory error (None for any other error): what lowers memory, and that the
+    run's checkpoints are kept. Unplanned runs (no --machine) are pointed at the planner first."""
+    wanted = re.search(r"Out of memory allocating (\d+) bytes", str(error))  # XLA:CPU says so as INTERNAL
+    if not wanted and "RESOURCE_EXHAUSTED" not in str(error):
+        return None
+    size = f" ({int(wanted.group(1)) / GIB:.1f} GiB in one buffer)" if wanted else ""
+    plan = "" if planned else "--machine auto (plans micro-batches and sampler rows for this machine's memory), "
+    return (f"out of memory{size}: use {plan}--remat, fewer --prompts_per_step / --num_generations, more "
+            f"--num_micro_batches, or --lora_rank 16; re-run the same command to continue from the last checkpoint")
 
 
 # ------------------------------------------------------------------------------------------------ machines

@@ -172,3 +172,13 @@ def test_270m_at_tinyzero_shape_on_an_80g_gpu():
     assert plan.num_micro_batches <= 8 and plan.rollout_rows >= 320, plan.describe()
     assert plan.step_bytes <= plan.budget_bytes and plan.rollout_bytes <= plan.budget_bytes
     assert plan.compiles <= 5
+
+
+def test_out_of_memory_advice():
+    cpu = RuntimeError("INTERNAL: Out of memory allocating 3221225472 bytes.")
+    line = planner.out_of_memory_advice(cpu, planned=False)
+    assert line.startswith("out of memory (3.0 GiB in one buffer): use --machine auto")
+    assert "\n" not in line and "re-run the same command" in line
+    gpu = planner.out_of_memory_advice(RuntimeError("RESOURCE_EXHAUSTED: while allocating"), planned=True)
+    assert gpu.startswith("out of memory: use --remat") and "--machine" not in gpu  # planned: the plan is not the fix
+    assert planner.out_of_memory_advice(ValueError("shapes differ"), planned=False) is None
