@@ -25,9 +25,9 @@ blow up.
 
 Intended differences from TinyZero (everything else is identical):
   * `**` and `//` are invalid (format_score): eval would compute them, and `9**9**9` hangs it.
-  * an answer over MAX_ANSWER_CHARS characters scores format_score. Only padding can make a real
-    expression over four numbers that long, and CPython itself gives up on unary chains of a few
-    thousand (RecursionError).
+  * an answer over MAX_ANSWER_CHARS characters scores format_score: a bound on our work, not a copy of
+    eval's limits (which differ between CPython versions). Only padding makes a real expression over
+    four numbers that long.
 """
 
 from __future__ import annotations
@@ -195,6 +195,13 @@ def _reduce(values: list[int | float], op: str) -> None:
         values[-1] = _BINARY[op](values[-1], right)
 
 
+def _within_tolerance(value, target) -> bool:
+    try:
+        return abs(value - target) < TOLERANCE
+    except OverflowError:  # a (data file's) target past float range: TinyZero catches it as a wrong answer
+        return False
+
+
 def breakdown(
     completion: str,
     nums: Sequence[int],
@@ -210,7 +217,7 @@ def breakdown(
     if not uses_numbers_once(answer, nums):
         return ScoreBreakdown(has_answer=True, numbers_valid=False, solved=False, score=float(format_score))
     value = evaluate(answer)
-    solved = value is not None and abs(value - target) < TOLERANCE
+    solved = value is not None and _within_tolerance(value, target)
     return ScoreBreakdown(
         has_answer=True,
         numbers_valid=True,

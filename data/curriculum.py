@@ -106,7 +106,11 @@ class Level:
         Python's salted hash), so held-out prompts are the same in every run; None without examples."""
         if not self.examples:
             return None
-        return self.examples[zlib.crc32(repr((tuple(puzzle.nums), puzzle.target)).encode()) % len(self.examples)]
+        i = zlib.crc32(repr((tuple(puzzle.nums), puzzle.target)).encode()) % len(self.examples)
+        ex = self.examples[i]
+        if (tuple(sorted(ex.nums)), ex.target) == puzzle.key:  # never the puzzle's own solution
+            i = (i + 1) % len(self.examples)
+        return self.examples[i]
 
     def heldout_seed(self) -> int:
         """A seed from the level's name alone: the same held-out puzzles in every run."""
@@ -169,13 +173,30 @@ def ladder(name: str | None, shaping: str = "first_rung") -> tuple[Level, ...]:
     return (*levels[:shaped], *(dataclasses.replace(lv, reward=LevelReward()) for lv in levels[shaped:]))
 
 
-def level_splits(level: Level, num_train: int, num_heldout: int, seed: int) -> tuple[list[Puzzle], list[Puzzle]]:
-    """(train, held-out): train from the run's seed, held-out from the level's own seed; disjoint."""
-    _, heldout = make_splits(0, num_heldout, level.heldout_seed(), level.puzzles)
-    keys = {p.key for p in heldout}
+def heldout_split(level: Level, num_heldout: int) -> list[Puzzle]:
+    """The level's held-out puzzles, distinct, from the level's own seed: the same in every run."""
+    return make_splits(0, num_heldout, level.heldout_seed(), level.puzzles)[1]
+
+
+def train_split(level: Level, num_train: int, seed: int, exclude: set) -> list[Puzzle]:
+    """The run's stream of the level's puzzles (repeats allowed, like TinyZero's rows) minus the keys in exclude:
+    EVERY level's held-out puzzles, since the levels' puzzle spaces nest (2x1-30's stream holds 2x1-9's)."""
     train: list[Puzzle] = []
     drawn = num_train
-    while len(train) < num_train:  # the run's stream minus the held-out puzzles (a prefix of a longer draw)
-        train = [p for p in make_splits(drawn, 0, seed, level.puzzles)[0] if p.key not in keys][:num_train]
+    while len(train) < num_train:  # a prefix of a longer draw of the same stream
+        train = [p for p in make_splits(drawn, 0, seed, level.puzzles)[0] if p.key not in exclude][:num_train]
+        if not train and drawn >= EMPTY_AFTER:
+            raise ValueError(f"level {level.name}: every one of its puzzles is held out; lower --eval_size")
         drawn *= 2
-    return train, heldout
+    return train
+
+
+EMPTY_AFTER = 4096  # draws with no puzzle left over: the held-out sets cover the level's whole (small) space
+
+
+def level_splits(level: Level, num_train: int, num_heldout: int, seed: int,
+                 exclude: frozenset = frozenset()) -> tuple[list[Puzzle], list[Puzzle]]:
+    """(train, held-out): held-out from the level's own seed, train from the run's seed without the held-out
+    puzzles (nor those in exclude)."""
+    heldout = heldout_split(level, num_heldout)
+    return train_split(level, num_train, seed, exclude | {p.key for p in heldout}), heldout

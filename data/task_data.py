@@ -4,26 +4,28 @@ scoring) is grpo/tasks.py's CountdownTask."""
 
 from __future__ import annotations
 
-from data import curriculum, puzzles, tinyzero
+from data import curriculum, tinyzero
 
 
 def level_puzzles(ladder: str, shaping: str, data_file: str | None, num_train: int, eval_size: int, seed: int):
     """(levels, train lists, held-out lists), easiest level first. The top level is TinyZero's: its puzzles come
-    from data_file when given (TinyZero's train / test split of it), else are generated from the seed. Bad input:
-    ValueError naming the flag."""
+    from data_file when given (TinyZero's train / test split of it), else are generated like the others: held-out
+    from the level's own seed (the same puzzles in every run), train from the run's seed. Bad input: ValueError
+    naming the flag."""
     try:
         levels = curriculum.ladder(ladder, shaping=shaping)
     except ValueError as e:
         raise ValueError(f"--curriculum: {e}") from None
     top = _tinyzero_splits(data_file, eval_size) if data_file else None
-    try:
-        if top is None:  # no data file: the top level's puzzles from the run's seed
-            top = (puzzles.make_splits(num_train, eval_size, seed) if len(levels) == 1
-                   else curriculum.level_splits(levels[-1], num_train, eval_size, seed))
-        splits = [*(curriculum.level_splits(level, num_train, eval_size, seed) for level in levels[:-1]), top]
+    try:  # held-out first: no level trains on any level's held-out puzzle (nor on the data file's test rows)
+        tests = [curriculum.heldout_split(level, eval_size) for level in levels[:-1]]
+        tests.append(top[1] if top else curriculum.heldout_split(levels[-1], eval_size))
+        exclude = {p.key for test in tests for p in test}
+        trains = [curriculum.train_split(level, num_train, seed, exclude) for level in levels[:-1]]
+        trains.append(top[0] if top else curriculum.train_split(levels[-1], num_train, seed, exclude))
     except ValueError as e:  # a level with fewer distinct puzzles than asked for
         raise ValueError(f"--eval_size / --num_train_puzzles: {e}") from None
-    return levels, [train for train, _ in splits], [test for _, test in splits]
+    return levels, trains, tests
 
 
 def _tinyzero_splits(data_file: str, eval_size: int):

@@ -152,3 +152,9 @@ def test_score_batch():
     assert score_batch([A("1 + 2")], [[1, 2]], [3], correct_score=5.0).tolist() == [5.0]
     with pytest.raises(ValueError, match="equal lengths"):
         score_batch([A("1 + 2")], [[1, 2], [1, 2]], [3])
+
+
+def test_a_target_past_float_range_is_a_wrong_answer_not_an_error():
+    # TinyZero's eval raises OverflowError on 1.0 - 10**400 and its caller scores the format; so do we
+    assert score("<answer>1 / 1</answer>", [1, 1], 10**400) == 0.1
+    assert score("<answer>1 + 1</answer>", [1, 1], 10**400) == 0.1

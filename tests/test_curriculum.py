@@ -15,6 +15,7 @@ from absl import flags
 
 from data import countdown, curriculum
 from data.curriculum import LADDERS, TINYZERO, LevelReward, level_splits
+from data.puzzles import Puzzle
 from grpo.ladder_steps import promote
 from grpo.rollout import zero_std_groups
 from grpo.trainer import LoopState, TrainConfig
@@ -84,6 +85,46 @@ def test_heldout_is_fixed_across_runs_and_never_trained_on(level):
         assert len(p.nums) in cfg.counts and cfg.num_min <= min(p.nums) <= max(p.nums) <= cfg.num_max
         assert cfg.target_min <= p.target <= cfg.target_max
         assert countdown.score(f"<answer>{p.solution}</answer>", p.nums, p.target) == 1.0
+
+
+def test_no_level_trains_on_any_levels_heldout():
+    """The levels' puzzle spaces nest (2x1-30 holds every 2x1-9 puzzle): before, 2x1-30's train list held 62 of
+    2x1-9's 64 held-out puzzles, so a promoted run's easy-level eval measured recall."""
+    from data.task_data import level_puzzles
+
+    levels, trains, tests = level_puzzles("countdown", "first_rung", None, 3000, 64, 0)
+    heldout = {p.key for test in tests for p in test}
+    assert [len(t) for t in tests] == [64] * len(levels) and all(len(t) == 3000 for t in trains)
+    for level, train in zip(levels, trains, strict=True):
+        assert not heldout & {p.key for p in train}, level.name
+    # without the exclusion the nesting shows up: the next level's stream draws the easy level's held-out puzzles
+    plain = curriculum.train_split(levels[1], 3000, 0, set())
+    assert {p.key for p in tests[0]} & {p.key for p in plain}
+
+
+def test_curriculum_off_evaluates_on_the_ladders_tinyzero_puzzles():
+    """--curriculum off draws its held-out set from the level's seed too: off and ladder runs compare."""
+    from data.task_data import level_puzzles
+
+    _, _, off0 = level_puzzles("off", "first_rung", None, 50, 16, 0)
+    _, _, off1 = level_puzzles("off", "first_rung", None, 50, 16, 1)
+    _, _, ladder = level_puzzles("countdown", "first_rung", None, 50, 16, 0)
+    assert off0 == off1 == [ladder[-1]]
+
+
+def test_a_level_whose_space_is_all_held_out_is_an_error_not_a_hang():
+    easy = LEVELS[0]  # 115 distinct puzzles
+    with pytest.raises(ValueError, match="every one of its puzzles is held out; lower --eval_size"):
+        level_splits(easy, 10, 115, seed=0)
+    assert len(level_splits(easy, 10, 114, seed=0)[0]) == 10  # one left: drawn again and again
+
+
+def test_no_prompt_shows_its_own_solution():
+    for lv in LEVELS:
+        for ex in lv.examples:
+            for nums in (ex.nums, ex.nums[::-1]):
+                shown = lv.example_for(Puzzle(nums, ex.target))
+                assert (tuple(sorted(shown.nums)), shown.target) != (tuple(sorted(ex.nums)), ex.target)
 
 
 @pytest.mark.parametrize("completion,want", [
@@ -206,7 +247,6 @@ def test_worked_examples_on_easy_levels_only(template):
     really solves its puzzle, by TinyZero's reward); the pick is fixed per puzzle and covers every example;
     TinyZero's level keeps TinyZero's prompt verbatim."""
     from data import prompts
-    from data.puzzles import Puzzle
     from grpo.tasks import CountdownTask, LevelPuzzle
 
     for i, lv in enumerate(LEVELS):
