@@ -161,8 +161,8 @@ flags.DEFINE_integer("rollout_batch_size", _default(R, "batch_rows"),
                      "Rows per sampler call (0: the whole batch at once); a --machine "
                      "caps it so one call's KV cache fits a device.")
 flags.DEFINE_float("temperature", SamplingConfig().temperature, "Sampling temperature for rollouts (eval is greedy).")
-flags.DEFINE_integer("top_k", SamplingConfig().top_k, "Top-k for rollouts.")
-flags.DEFINE_float("top_p", SamplingConfig().top_p, "Top-p for rollouts.")
+flags.DEFINE_integer("top_k", SamplingConfig().top_k, "Top-k for rollouts (the loss uses the full softmax).")
+flags.DEFINE_float("top_p", SamplingConfig().top_p, "Top-p for rollouts (the loss uses the full softmax).")
 # Devices
 cli.define_mesh_flag(None)
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (jax.distributed).")

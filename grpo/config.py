@@ -30,7 +30,9 @@ class GRPOConfig:
     scale_rewards: str = "group"  # divide (r - group mean) by the group std, the batch std, or nothing
     mask_truncated_completions: bool = False  # rows flagged batch["truncated"] get no loss (DAPO)
     max_completion_length: int | None = None  # the dr_grpo denominator; required for it
-    temperature: float = 1.0  # logits / temperature, as the sampler used, so ratios compare like with like
+    # logits / temperature, as the sampler used, so ratios compare like with like. Over the whole vocabulary even
+    # when rollouts cut it with top-k / top-p (as TRL and verl do): the loss sees the untruncated policy.
+    temperature: float = 1.0
     # --- objective ---
     beta: float = 0.0  # k3 KL coefficient; 0 skips the reference forward entirely
     epsilon_low: float = 0.2  # ratio clipped below at 1 - epsilon_low

@@ -3,6 +3,7 @@
     ratio  = exp(logp - logp_old)
     pg     = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
     kl     = exp(logp_ref - logp) - (logp_ref - logp) - 1      # k3: unbiased, always >= 0
+    (both log-ratios clamped to +-20 first, as verl does: see per_token_loss)
     loss_t = pg + beta * kl
 
 Aggregations take their denominators (completion tokens, rows) as ARGUMENTS, for the whole batch:
@@ -25,12 +26,17 @@ from grpo.logprobs import cast_params, tail_start, token_logprobs
 from model.config import GemmaConfig
 from model.forward import hidden_states
 
+LOG_RATIO_BOUND = 20.0  # verl's clamp of log-ratios: far from any real token's, far below float32's exp overflow
+
 
 def per_token_loss(
     logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None, advantages: jax.Array, grpo_cfg: GRPOConfig
 ) -> dict[str, jax.Array]:
-    """[B, T] pieces: loss, pg, clipped (1.0 where the clip is active), kl (only if ref_logp is given)."""
-    ratio = jnp.exp(logp - old_logp)
+    """[B, T] pieces: loss, pg, clipped (1.0 where the clip is active), kl (only if ref_logp is given).
+
+    Log-ratios are clamped to +-LOG_RATIO_BOUND before exp (as verl does): a padding position's log-probs drift
+    freely (no loss reaches them), and exp past ~88 is float32 inf, whose 0 * inf under the mask is NaN."""
+    ratio = jnp.exp(jnp.clip(logp - old_logp, -LOG_RATIO_BOUND, LOG_RATIO_BOUND))
     a = advantages[:, None] if advantages.ndim == 1 else advantages  # [B, 1] (a row's tokens share it) or [B, T]
     low, high = 1.0 - grpo_cfg.epsilon_low, 1.0 + grpo_cfg.epsilon_high
     pg = -jnp.minimum(ratio * a, jnp.clip(ratio, low, high) * a)
@@ -38,7 +44,7 @@ def per_token_loss(
     clipped = ((ratio < low) & (a < 0)) | ((ratio > high) & (a > 0))
     out = {"pg": pg, "clipped": clipped.astype(jnp.float32), "loss": pg}
     if ref_logp is not None:
-        d = ref_logp - logp
+        d = jnp.clip(ref_logp - logp, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)
         out["kl"] = jnp.exp(d) - d - 1.0
         if grpo_cfg.beta:
             out["loss"] = pg + grpo_cfg.beta * out["kl"]

@@ -303,7 +303,7 @@ def train_step(ctx: RunContext, state: LoopState) -> LoopState:
     metrics = {**rollout.metrics, **step_metrics, **entropy_metrics, "step": state.step + 1, "train_s": train_s,
                "train_tokens_per_s": n_tokens / train_s, "peak_rss_bytes": peak_rss_bytes()}
     metrics.setdefault("kl", None)  # JSON null when beta == 0: no reference pass ran, never a silent nan
-    if not rollout.batch["completion_mask"].any():  # every group filtered out: no token measured the entropy
+    if not metrics.get("num_completion_tokens"):  # every group filtered out or truncated: no token measured it
         metrics["entropy"] = None
     if metrics.get("entropy") is not None:
         metrics["entropy_in_band"] = band_note(metrics["entropy"]) is None

@@ -45,9 +45,11 @@ class Tokenizer:
         return [self.bos_id, *ids] if add_bos else list(ids)
 
     def decode(self, ids: Iterable[int]) -> str:
-        # Skip pad (left or right padding) and bos; other control ids decode to "" in SentencePiece anyway.
+        # Skip pad (left or right padding) and bos; other control ids decode to "" in SentencePiece anyway. Ids past
+        # the tokenizer (a model may have up to MAX_EXTRA_VOCAB_ROWS more rows, and its sampler may pick one) have
+        # no text: "" as in the stop automaton's table, where SentencePiece would raise.
         skip = {self.bos_id, self.pad_id}
-        return self._sp.decode([int(i) for i in ids if int(i) not in skip])
+        return self._sp.decode([int(i) for i in ids if int(i) not in skip and 0 <= int(i) < self.vocab_size])
 
     def piece_texts(self) -> tuple[str, ...]:
         """What each id contributes to decoded text: "▁" as a space, byte pieces <0xNN> as their character

@@ -127,6 +127,27 @@ def test_k3_kl_zero_at_reference_and_positive_elsewhere():
         grpo.per_token_loss(logp, logp, None, jnp.zeros(1), cfg)
 
 
+@pytest.mark.parametrize("loss_type", ["token_mean", "sequence_mean", "dr_grpo"])
+def test_a_drifted_padding_position_cannot_make_the_loss_nan(loss_type):
+    # a masked (padding) position whose log-probs drifted 100-200 nats from the old / reference policy: exp of
+    # that is float32 inf, and inf * mask 0 was NaN, so the NaN guard dropped the whole step
+    cfg = grpo.GRPOConfig(beta=0.04, loss_type=loss_type, max_completion_length=2)
+    old = ref = jnp.array([[-1.0, -100.0]])
+    mask = jnp.array([[1.0, 0.0]])
+
+    def loss(lp):
+        return grpo.aggregate(grpo.per_token_loss(lp, old, ref, jnp.ones(1), cfg)["loss"], mask, cfg,
+                              jnp.sum(mask), 1)
+
+    for far in (-200.0, 50.0):
+        lp = jnp.array([[-1.0, far]])
+        value, grad = jax.value_and_grad(loss)(lp)
+        want = -1.0 if loss_type != "dr_grpo" else -0.5  # ratio 1, A = 1, kl 0 on the one real token
+        np.testing.assert_allclose(value, want, atol=1e-6)
+        np.testing.assert_allclose(grad[0, 1], 0.0)  # nothing reaches the masked position
+        assert bool(jnp.isfinite(grad).all())
+
+
 def test_training_mask_drops_prompt_padding_and_truncated_rows():
     batch = {"completion_mask": jnp.array([[0, 1, 1], [0, 1, 1]]), "attention_mask": jnp.array([[1, 1, 0], [1, 1, 1]]),
              "truncated": jnp.array([False, True])}

@@ -15,7 +15,7 @@ import pytest
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from model.gguf_import import sentencepiece_from_vocab
-from model.tokenizer import Tokenizer
+from model.tokenizer import MAX_EXTRA_VOCAB_ROWS, Tokenizer
 
 ROUND_TRIP = [
     "Hello world",
@@ -86,6 +86,14 @@ def test_decode_skips_padding_and_bos(tiny):
     ids = tiny.encode("the cat")
     assert tiny.decode([0, 0, *ids, 0]) == "the cat"
     assert tiny.encode("the cat", add_bos=False) == ids[1:]
+
+
+def test_decode_of_model_rows_past_the_tokenizer_is_empty_text(tiny):
+    # a model may have up to MAX_EXTRA_VOCAB_ROWS more rows (Gemma 3 4B: 262,208 for 262,144 pieces) and its
+    # sampler may pick one; SentencePiece raised IndexError on it and ended the rollout step
+    ids = tiny.encode("the cat")
+    past = tiny.vocab_size + MAX_EXTRA_VOCAB_ROWS - 1
+    assert tiny.decode([*ids[:2], tiny.vocab_size, *ids[2:], past]) == "the cat"
 
 
 def test_default_piece_names_would_break_bos(tmp_path):
