@@ -111,6 +111,17 @@ def test_sharded_step_equals_single_device(setup, mesh_shape, micro, remat):
     _check_against_reference(new_params, metrics, params, want_params, want)
 
 
+@pytest.mark.parametrize("loss_type", ["sequence_mean", "dr_grpo"])
+def test_other_loss_types_over_micro_batches_equal_single_device(setup, loss_type):
+    """sequence_mean divides each row by ITS token count, then by the global row count; dr_grpo by rows x the
+    budget: a micro-batch that normalised by its own rows or tokens would differ from the full-batch reference."""
+    params, batch, _, _, _ = setup
+    gcfg = dataclasses.replace(GCFG, loss_type=loss_type, num_micro_batches=2, max_completion_length=T)
+    want_params, want = _reference_update(params, batch, gcfg)
+    new_params, _, metrics = _run_step(params, batch, (2, 4), gcfg)
+    _check_against_reference(new_params, metrics, params, want_params, want)
+
+
 def test_compiles_once_keeps_layout_and_skips_nonfinite_steps(setup, monkeypatch):
     """Traces counted through grpo.loss.policy_loss (called once per trace of the step body)."""
     params, batch, want_params, want, _ = setup
