@@ -52,7 +52,8 @@ class RolloutConfig:
     # behaviour (it samples to EOS or the budget): see BUILD.md. Tasks without a stop_table() ignore it.
     stop_at_answer: bool = True
     # DAPO's dynamic sampling, as a filter: a group whose G rewards are all equal has zero advantages; with this
-    # on its rows also leave the loss's token count (and the KL term), so they do not dilute the other groups.
+    # on its rows also leave the loss's token count (and the KL term and entropy bonus, as in DAPO, whose filter drops
+    # them from the batch), so they do not dilute the other groups.
     skip_zero_std_groups: bool = True
     # DAPO's dynamic sampling, as a refill (grpo/dynamic_sampling.py): sample further rounds of prompts until the
     # step holds prompts_per_step groups whose rewards differ, at most max_oversample x prompts_per_step prompts
