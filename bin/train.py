@@ -199,8 +199,8 @@ def _check_flags() -> None:
                         f"{','.join(F.profile_steps)}")
     if not 0 < F.promote_at <= 1:
         raise FlagError(f"--promote_at must be in (0, 1], got {F.promote_at}")
-    if not F.target_entropy > 0:
-        raise FlagError(f"--target_entropy must be > 0, got {F.target_entropy}")
+    if not 0 < F.target_entropy < float("inf"):
+        raise FlagError(f"--target_entropy must be a finite number > 0, got {F.target_entropy}")
     _check_start_level()
     _named(check_coordinator, F.coordinator_address, F.num_processes, F.process_id)
 
@@ -254,7 +254,7 @@ def _configs(compute_dtype: str | None):
     try:  # the configs name the field, which is the flag's name
         grpo_cfg = GRPOConfig(
             num_generations=F.num_generations, beta=F.beta, entropy_coef=F.entropy_coef,
-            epsilon_low=F.epsilon_low, epsilon_high=F.epsilon_high,
+            epsilon_low=F.epsilon_low, epsilon_high=F.epsilon_high, max_completion_length=F.max_new_tokens,
             loss_type=F.loss_type, scale_rewards=F.scale_rewards, num_micro_batches=F.num_micro_batches,
             mask_truncated_completions=F.mask_truncated_completions, learning_rate=_learning_rate(),
             warmup_steps=F.warmup_steps, lr_schedule=F.lr_schedule, total_steps=max(F.steps * F.num_iterations, 1),

@@ -10,6 +10,7 @@ they cannot drift apart from what the sampler did.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from grpo.entropy_control import EntropyControl
 
@@ -84,11 +85,11 @@ class GRPOConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("beta", "entropy_coef", "epsilon_low", "epsilon_high", "weight_decay", "learning_rate",
                      "warmup_steps", "adam_eps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:  # NaN fails too: it would skip every step as non-finite
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if self.compute_dtype not in (None, "bfloat16", "float32"):
             raise ValueError(f"compute_dtype must be None, 'bfloat16' or 'float32', got {self.compute_dtype!r}")
-        if self.temperature <= 0:
+        if not 0 < self.temperature < math.inf:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.logprob_tail is not None and self.logprob_tail < 1:
             raise ValueError(f"logprob_tail must be >= 1 or None, got {self.logprob_tail}")
@@ -98,7 +99,7 @@ class GRPOConfig:
             raise ValueError("entropy_control needs fused_unembed=True (the fused path makes the entropy's gradient)")
         if self.loss_type == "dr_grpo" and not self.max_completion_length:
             raise ValueError("loss_type='dr_grpo' divides by max_completion_length; set it (got None)")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+        if self.max_grad_norm is not None and not 0 < self.max_grad_norm < math.inf:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
 
 

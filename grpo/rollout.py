@@ -15,6 +15,7 @@ columns on padding.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import time
 
@@ -71,8 +72,8 @@ class RolloutConfig:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if self.batch_rows < 0:
             raise ValueError(f"rollout_batch_size must be >= 0, got {self.batch_rows}")
-        if not self.max_oversample >= 1:
-            raise ValueError(f"max_oversample must be >= 1, got {self.max_oversample}")
+        if not 1 <= self.max_oversample < math.inf:
+            raise ValueError(f"max_oversample must be a finite number >= 1, got {self.max_oversample}")
 
 
 def align_grpo_config(grpo_cfg: GRPOConfig, rollout_cfg: RolloutConfig) -> GRPOConfig:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -84,8 +85,8 @@ def validate_lora(lora_cfg: LoraConfig, model_cfg: GemmaConfig) -> None:
     if lora_cfg.rank > smallest:
         raise ValueError(f"--lora_rank {lora_cfg.rank} exceeds the smallest dimension of the targeted weights "
                          f"of {model_cfg.name} ({smallest})")
-    if lora_cfg.alpha <= 0:
-        raise ValueError(f"--lora_alpha must be > 0, got {lora_cfg.alpha:g}")
+    if not 0 < lora_cfg.alpha < math.inf:
+        raise ValueError(f"--lora_alpha must be a finite number > 0, got {lora_cfg.alpha:g}")
 
 
 def lora_schema(model_cfg: GemmaConfig, lora_cfg: LoraConfig) -> dict:

@@ -105,6 +105,25 @@ def test_bin_train_bad_value_as_a_subprocess(flag, tmp_path, request):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flag,value", [
+    ("learning_rate", "nan"), ("beta", "nan"), ("epsilon_high", "nan"), ("weight_decay", "inf"),
+    ("max_grad_norm", "nan"), ("temperature", "nan"), ("max_oversample", "inf"), ("target_entropy", "inf"),
+    ("lora_alpha", "nan"),
+])
+def test_nan_and_inf_are_bad_values(flag, value, tmp_path, capsys):
+    """NaN passed every `< 0` check: the run went on and skipped every step as non-finite (an infinite
+    --max_oversample ended in an OverflowError after the compiles)."""
+    args = [f"--model_dir={TINY}", f"--output_dir={tmp_path / 'run'}", f"--{flag}={value}", "--lora_rank=4"]
+    _assert_one_line_error(train_in_process(args, capsys), flag)
+
+
+def test_dr_grpo_gets_past_the_configs(tmp_path, capsys):
+    # --loss_type dr_grpo was refused for a max_completion_length no flag sets (it is --max_new_tokens); with a
+    # checkpoint that has no tokenizer the first error is now the tokenizer's, after the configs
+    args = [f"--model_dir={TINY}", f"--output_dir={tmp_path / 'run'}", "--loss_type=dr_grpo"]
+    _assert_one_line_error(train_in_process(args, capsys), "tokenizer")
+
+
 def test_the_table_covers_every_flag():
     helpfull = run_tool("train", "--helpfull").stdout
     defined, section = set(), None
