@@ -157,6 +157,8 @@ def resolve_model_dir(value: str | None) -> Path:
         from model.default_model import default_model_dir
 
         return Path(default_model_dir())
+    if not value.strip():
+        raise FlagError("--model_dir is empty: name a checkpoint directory or leave the flag out")
     path = Path(value).expanduser()
     if not path.is_dir():
         raise FlagError(f"--model_dir: checkpoint directory not found: {path}")
@@ -183,6 +185,8 @@ def load_tokenizer(value: str | None, model_dir: Path, model_cfg):
     """The SentencePiece tokenizer (--tokenizer or <model_dir>/tokenizer.model), checked against the model."""
     from model.tokenizer import load_for_model
 
+    if value is not None and not value.strip():
+        raise FlagError("--tokenizer is empty: name a tokenizer.model or leave the flag out")
     with flag_errors():
         return load_for_model(Path(value).expanduser() if value else model_dir / "tokenizer.model", model_cfg)
 

@@ -428,8 +428,8 @@ def main(argv):
         print(f"error: {advice}", file=sys.stderr)
         sys.exit(1)
     if result["final_state"] == "finished" and result.get("reward_mean") is not None:  # else its line said why
-        print(f"done: last step reward {result['reward_mean']:.3f}, eval solved "
-              f"{result.get('eval_solved_frac', float('nan')):.3f}; metrics in {F.output_dir}/metrics.jsonl")
+        solved = f", eval solved {result['eval_solved_frac']:.3f}" if "eval_solved_frac" in result else ""
+        print(f"done: last step reward {result['reward_mean']:.3f}{solved}; metrics in {F.output_dir}/metrics.jsonl")
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -50,7 +50,9 @@ class BestCheckpointer:
         return self.ckpt.directory
 
     def save(self, step: int, params, opt_state, record: dict) -> None:
-        self.ckpt.save(step, params, opt_state, record)
+        """Replaces a best of the same step (a re-run's better eval of it: a run killed before its first checkpoint
+        evaluates step 0 again, maybe with other settings); orbax refuses to save a step twice."""
+        self.ckpt.replace(step, params, opt_state, record)
 
     def record(self, say: Callable[[str], None] = print) -> dict | None:
         """The saved best's record (cheap: no arrays read); a damaged one is set aside like any checkpoint."""

@@ -70,6 +70,13 @@ class TrainCheckpointer:
         )
         self._manager.save(step, args=args, force=True)
 
+    def replace(self, step: int, params, opt_state, record: dict) -> None:
+        """save, where a checkpoint of `step` may already exist: that one is deleted first."""
+        self._manager.wait_until_finished()
+        if step in self._manager.all_steps():
+            self._manager.delete(step)
+        self.save(step, params, opt_state, record)
+
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 

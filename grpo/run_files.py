@@ -252,7 +252,8 @@ def check_resume_layout(output_dir: str, resume: bool, lora_cfg, task_flags: dic
     first flag that differs), is refused before anything compiles; the checkpoint signature catches the rest
     later. What the last start recorded is run_config.json's."""
     out = Path(output_dir)
-    if not resume or not (out / "checkpoints").is_dir() or not any((out / "checkpoints").iterdir()):
+    saved = [out / name for name in ("checkpoints", "best") if (out / name).is_dir() and any((out / name).iterdir())]
+    if not resume or not saved:  # best/ alone: a run killed before its first checkpoint, whose best/ is resumed
         return
     try:
         config = json.loads((out / "run_config.json").read_text())

@@ -216,7 +216,7 @@ def start_run(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOCo
                           level_stats=tuple(LevelStats(*pair) for pair in record.get("level_stats", ())),
                           entropy_coef=float(record.get("entropy_coef", 0.0)),
                           last_entropy=record.get("last_entropy"), guard=GuardState.from_json(record.get("guard")),
-                          lr_scale=float(record.get("lr_scale", 1.0)))
+                          lr_scale=float(record.get("lr_scale", 1.0)), bad_in_a_row=int(record.get("bad_in_a_row", 0)))
         ctx = with_learning_rate(ctx, grpo_cfg.learning_rate * state.lr_scale)
         ctx.log.say(f"resumed from {ctx.ckpt.directory}/{step} (data position {state.position})")
         changed = run_files.config_changes(previous_config, config)
@@ -397,7 +397,8 @@ def checkpoint_phase(ctx: RunContext, state: LoopState) -> None:
     record = {"step": state.step, "data_position": state.position, "seed": ctx.train_cfg.seed,
               "level": state.level, "recent_solved": list(state.recent_solved),
               "level_stats": [[st.solved, st.rows] for st in state.level_stats], "entropy_coef": state.entropy_coef,
-              "last_entropy": state.last_entropy, "guard": state.guard.to_json(), "lr_scale": state.lr_scale}
+              "last_entropy": state.last_entropy, "guard": state.guard.to_json(), "lr_scale": state.lr_scale,
+              "bad_in_a_row": state.bad_in_a_row}
     try:
         ctx.ckpt.save(state.step, state.params, state.opt_state, record)
     except Exception as e:  # noqa: BLE001 (an earlier async save's failure surfaces here, as any type)
@@ -451,16 +452,28 @@ def train(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOConfig
             state = eval_phase(ctx, state)
         ctx, state, final_state, reason = _run_steps(ctx, state, profiler)
         finish_run(ctx, state, final_state, reason)
-    except Exception as e:  # a full disk, out of memory, a bug: so the next start does not blame the OOM killer
-        profiler.close()
+    except (Exception, KeyboardInterrupt) as e:  # a full disk, out of memory, a bug, a second Ctrl-C: so the next
+        profiler.close()  # start does not blame the OOM killer
+        settle_checkpoints(ctx)
         last = (ctx.log.previous_status() or {}).get("step", state.step)  # the last checkpoint's (checkpoint_phase)
+        why = {} if isinstance(e, KeyboardInterrupt) else {"reason": f"{type(e).__name__}: {str(e)[:300]}"}
         try:  # the disk may still refuse this small file
-            ctx.log.set_status("failed", last, reason=f"{type(e).__name__}: {str(e)[:300]}")
+            ctx.log.set_status("interrupted" if isinstance(e, KeyboardInterrupt) else "failed", last, **why)
         except OSError:
             pass
         raise
     return {**state.last_metrics, **state.last_eval, "params": state.params, "policy": policy_params(ctx, state),
             "final_state": final_state}
+
+
+def settle_checkpoints(ctx: RunContext) -> None:
+    """On the way out after an error: let a checkpoint write in flight finish (orbax renames it into place), so the
+    error does not also cost the last checkpoint or best/; a write that fails now stays the error's footnote."""
+    for ckpt in (ctx.ckpt, ctx.best):
+        try:
+            ckpt.close()
+        except Exception:  # noqa: BLE001, S110 (the disk that failed the run may fail this too)
+            pass
 
 
 def _run_steps(ctx: RunContext, state: LoopState, profiler: Profiler) -> tuple[RunContext, LoopState, str, str | None]:
@@ -493,9 +506,6 @@ def _run_steps(ctx: RunContext, state: LoopState, profiler: Profiler) -> tuple[R
             if _due(state.step, train_cfg.checkpoint_every, train_cfg.steps):
                 with clock.checkpointing():  # the pause writes one too: its cost is part of what must fit
                     checkpoint_phase(ctx, state)
-    except KeyboardInterrupt:  # a second Ctrl-C: so the next start does not blame the OOM killer
-        ctx.log.set_status("interrupted", state.step)
-        raise
     finally:
         profiler.close()
         clock.close()

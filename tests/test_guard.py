@@ -13,6 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
 import pytest
 from test_train_loop import LowIdTask, _setup
 
@@ -206,3 +207,41 @@ def test_rollback_restores_the_best_and_lowers_the_learning_rate(learned, tmp_pa
     lrs = sorted({round(m["learning_rate"], 6) for m in metrics if m["step"] > 24})
     assert lrs == [0.015, 0.03]
     assert _status(out)["state"] == "stopped"
+
+
+def test_the_count_of_nonfinite_steps_survives_a_resume(tmp_path, monkeypatch):
+    """Every step reported as skipped for a non-finite loss (the counter is what is tested): max_bad_steps 3 stops the
+    run after step 3 whether or not it was resumed after step 2 (the count was not checkpointed: it stopped
+    after step 5)."""
+    import grpo.trainer as trainer
+
+    real = trainer.update_phase
+
+    def skipped(ctx, params, opt_state, batch):
+        params, opt_state, metrics = real(ctx, params, opt_state, batch)  # the step donates the old params
+        return params, opt_state, {**metrics, "skipped": 1.0}
+
+    monkeypatch.setattr(trainer, "update_phase", skipped)
+    out = tmp_path / "run"
+    train(*_setup(out, steps=2), echo=lambda s: None)
+    assert _status(out)["state"] == "finished"
+    said = []
+    train(*_setup(out, steps=6), echo=said.append)
+    assert _status(out)["state"] == "stopped" and _status(out)["step"] == 3, said
+    assert any("3 non-finite steps in a row" in s for s in said)
+
+
+def test_best_of_a_step_already_saved_is_replaced(tmp_path):
+    """A run killed before its first checkpoint evaluates step 0 again on the next start; an eval that scores
+    better (other settings) saves best/ at step 0 once more: orbax refused ("Checkpoint for step 0 already
+    exists") and the run failed at every start."""
+    from grpo.best_model import BestCheckpointer
+
+    params, opt_state = {"w": jax.numpy.zeros(3)}, {"m": jax.numpy.zeros(3)}
+    best = BestCheckpointer(tmp_path)
+    best.save(0, params, opt_state, {"step": 0, "score": [0.1]})
+    best.save(0, {"w": jax.numpy.ones(3)}, opt_state, {"step": 0, "score": [0.5]})
+    assert best.record(say=lambda s: None)["score"] == [0.5]
+    step, restored, _, _ = best.restore(params, opt_state, say=lambda s: None)
+    assert step == 0 and float(restored["w"].sum()) == 3.0
+    best.close()

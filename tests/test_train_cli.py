@@ -126,11 +126,17 @@ def test_more_held_out_puzzles_than_a_level_has(train, real_tokenizer):
 
 @pytest.mark.parametrize("args,start", [(("--output_dir=",), "error: --output_dir is empty"),
                                         (("--profile_steps=3,1",), "error: --profile_steps: expected A,B with A <= B"),
-                                        (("--steps=5", "--profile_steps=0,5"), "error: --profile_steps: expected A,B")])
+                                        (("--steps=5", "--profile_steps=0,5"), "error: --profile_steps: expected A,B"),
+                                        (("--tokenizer=",), "error: --tokenizer is empty")])
 def test_values_that_would_write_elsewhere_or_nothing(train, args, start):
     """An empty --output_dir would train in the working directory; a profile window outside the run's steps
-    would trace nothing, silently."""
+    would trace nothing, silently; an empty --tokenizer meant the default one."""
     assert _error_line(train("--model_dir", str(TINY), *args)).startswith(start)
+
+
+def test_an_empty_model_dir_is_named(train):
+    # it read "no config.json at config.json" (the working directory's)
+    assert _error_line(train("--model_dir=", "--output_dir=/tmp/unused")).startswith("error: --model_dir is empty")
 
 
 def test_a_resume_that_would_change_the_task_or_the_adapters_is_refused(tmp_path):
@@ -154,6 +160,13 @@ def test_a_resume_that_would_change_the_task_or_the_adapters_is_refused(tmp_path
     ]:
         with pytest.raises(ValueError, match=f"^{flag}: {tmp_path} holds"):
             check_resume_layout(str(tmp_path), True, other_lora, other_task)
+    # killed before its first checkpoint: best/ alone is resumed (its record and scores), so it is checked too
+    (tmp_path / "checkpoints" / "2").rmdir()
+    (tmp_path / "best" / "0").mkdir(parents=True)
+    with pytest.raises(ValueError, match=f"^--seed: {tmp_path} holds"):
+        check_resume_layout(str(tmp_path), True, lora, {**task, "seed": 1})
+    (tmp_path / "best" / "0").rmdir()
+    check_resume_layout(str(tmp_path), True, lora, {**task, "seed": 1})  # nothing saved: nothing to keep
 
 
 def test_help_lists_the_shared_flags():

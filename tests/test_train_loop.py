@@ -148,3 +148,20 @@ def test_lora_run_trains_only_adapters_and_resumes_exactly(tmp_path):
     train(*_setup(tmp_path / "plain", steps=2), echo=lambda s: None)  # a full-fine-tuning run's checkpoints
     with pytest.raises(CheckpointMismatch, match="does not match this run"):
         train(*_setup(tmp_path / "plain", steps=4), echo=lambda s: None, lora_cfg=lora)
+
+
+@pytest.mark.parametrize("error, state", [(KeyboardInterrupt, "interrupted"), (RuntimeError, "failed")])
+def test_an_error_or_ctrl_c_in_the_first_eval_is_recorded(tmp_path, monkeypatch, error, state):
+    """A second Ctrl-C or an error during the step-0 eval (before the steps' own handling): status.json says
+    so, where it said "running" and the next start blamed the OOM killer."""
+    import grpo.trainer as trainer
+
+    def fail(ctx, state):
+        raise error("in the eval")
+
+    monkeypatch.setattr(trainer, "eval_phase", fail)
+    with pytest.raises(error):
+        train(*_setup(tmp_path, steps=2, eval_size=2), echo=lambda s: None)
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["state"] == state and status["step"] == 0
+    assert ("reason" in status) == (state == "failed")
