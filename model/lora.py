@@ -86,7 +86,7 @@ def validate_lora(lora_cfg: LoraConfig, model_cfg: GemmaConfig) -> None:
         raise ValueError(f"--lora_rank {lora_cfg.rank} exceeds the smallest dimension of the targeted weights "
                          f"of {model_cfg.name} ({smallest})")
     if not 0 < lora_cfg.alpha < math.inf:
-        raise ValueError(f"--lora_alpha must be a finite number > 0, got {lora_cfg.alpha:g}")
+        raise ValueError(f"--lora_alpha must be > 0 and finite, got {lora_cfg.alpha:g}")
 
 
 def lora_schema(model_cfg: GemmaConfig, lora_cfg: LoraConfig) -> dict:
