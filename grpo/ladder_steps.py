@@ -1,24 +1,21 @@
 """The loop's side of the difficulty ladder: which levels a step's prompts come from (grpo/level_mix.py decides),
 the per-level solved-rate estimates, and promotion of the frontier.
 
-Functions of the trainer's RunContext and LoopState (grpo/trainer.py), kept apart so the trainer reads as its
+Functions of the trainer's RunContext and LoopState (grpo/run_state.py), kept apart so the trainer reads as its
 phases.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from grpo import level_mix
 from grpo.level_mix import LevelStats
 from grpo.rollout import SampledRows
+from grpo.run_state import LoopState, RunContext
 from grpo.tasks import Task
-
-if TYPE_CHECKING:
-    from grpo.trainer import LoopState, RunContext
 
 
 def step_level_shares(ctx: RunContext, state: LoopState) -> np.ndarray | None:

@@ -88,6 +88,10 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     assert [(s["step"], s["group"]) for s in samples[:5]] == [(1, 0)] * 4 + [(1, 1)]
     assert {"item", "completion", "reward", "solved", "format", "length", "truncated"} <= samples[0].keys()
     assert all(s["length"] == 8 for s in samples if s["truncated"])  # truncated: the whole budget, no stop
+    said = []  # asked for fewer steps than the run has: said, and nothing trains
+    again = train(*_setup(tmp_path / "cut", steps=3), echo=said.append)
+    assert "nothing to train: the run is already at step 4 (steps: 3)" in said and again["final_state"] == "finished"
+    assert len(_rewards(tmp_path / "cut")) == 4
 
 
 def test_rollout_settings_drive_the_grpo_config():
