@@ -75,8 +75,8 @@ def test_panels_hold_the_files_numbers(tmp_path):
         assert len(fig.axes) == 9 and not any(ax.axison for ax in fig.axes[len(specs):])  # 3 rows of 3
         panel = dict(zip(PANELS, map(plotted, shown), strict=True))
         assert panel["reward"]["train (sampled, mean)"] == column(METRICS, "reward_mean")
-        assert panel["reward"]["eval (greedy)"] == column(EVALS, "eval_reward_mean")
-        assert panel["solved"]["eval (greedy)"] == column(EVALS, "eval_solved_frac")
+        assert panel["reward"]["eval (greedy, top level)"] == column(EVALS, "eval_reward_mean")
+        assert panel["solved"]["eval (greedy, top level)"] == column(EVALS, "eval_solved_frac")
         assert panel["entropy"]["train"] == column(METRICS, "entropy")
         assert panel["entropy"]["healthy band"][1] == [ENTROPY_BAND[0]] * 2
         assert panel["aha"]["aha_count"] == column(METRICS, "aha_count")

@@ -490,7 +490,7 @@ def test_eval_drops_and_the_best_step(tmp_path):
     assert got == {"Eval format collapsed": (20, 30), "Held-out score fell": (30,)}
     assert best_eval(run.evals)["step"] == 10
     text = page(d)
-    assert "eval solved, best (step 10)" in text and "eval solved, last (step 30)" in text
+    assert "eval solved, top level, best eval (step 10)" in text and "eval solved, top level, last (step 30)" in text
     drawn = [c.best_step for c in report.chart_specs(run)]
     assert drawn and set(drawn) == {10}  # every chart marks the best step
 
@@ -529,6 +529,10 @@ def test_aha_against_the_base_model(tmp_path):
     assert "stayed at the base model's level (0.10 at step 0, 0.12 at step 10)" in verdict[1]
     assert "superficial: completions with a phrase solve no more often (0.00 vs 0.20 without)" in verdict[1]
     assert aha_verdict(evals[:1]) == []  # a baseline alone says nothing
+    later = [{**evals[0], "step": 5}, evals[1]]  # no step-0 record (an older run's): a trained model is no baseline
+    assert aha_verdict(later) == []
+    odd = [evals[0], {"step": 10, "aha_by_level": {"2x1-9": 0.3, "3x1-30": None, "x": _aha(0.5, 0.5, 0.5)}}]
+    assert aha_verdict(odd) == []  # entries that are not objects are left out, not a crash (no level in both)
     run = tmp_path / "run"
     run.mkdir()
     (run / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
@@ -548,3 +552,20 @@ def test_aha_split_of_held_out_records():
             {"completion": "9 - 1", "solved": False}]
     assert aha_split(rows) == {"aha_frac": 0.5, "solved_with_aha": 0.5, "solved_without_aha": 0.5}
     assert aha_split(rows[2:]) == {"aha_frac": 0.0, "solved_with_aha": None, "solved_without_aha": 0.5}
+
+
+def test_eval_browser_keeps_each_levels_puzzles_apart(tmp_path):
+    """The eval numbers its groups per level (each level's held-out puzzles from 0): one heading per puzzle,
+    with that puzzle's completion under it (a heading took six levels' group-0 completions as its own)."""
+    from grpo.report.analysis import groups_of
+    from grpo.report.reading import parse_sample
+
+    rows = [{"step": 0, "group": g, "nums": [lv, g + 1], "target": 10 * lv + g, "completion": f"c{lv}{g}",
+             "reward": 0.1, "solved": False, "level": f"L{lv}"} for lv in (1, 2, 3) for g in range(2)]
+    groups = groups_of([parse_sample(r) for r in rows])
+    assert [[s.completion for s in g] for g in groups] == [["c10"], ["c11"], ["c20"], ["c21"], ["c30"], ["c31"]]
+    run = tmp_path / "run"
+    run.mkdir()
+    write_jsonl(run / "eval_samples.jsonl", rows)
+    text = page(run)
+    assert text.count("1/1 solved") + text.count("0/1 solved") == 6 and "0/3 solved" not in text

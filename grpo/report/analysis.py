@@ -69,11 +69,13 @@ def by_step_samples(samples: list[Sample]) -> dict[int, list[Sample]]:
 
 
 def groups_of(samples: list[Sample]) -> list[list[Sample]]:
-    """One step's samples as prompt groups, in group order."""
-    out: dict[int, list[Sample]] = {}
+    """One step's samples as prompt groups: level by level (as stored), in group order within a level. The eval
+    numbers its groups per level (each level's held-out puzzles from 0), so the group alone mixes puzzles."""
+    out: dict[tuple[str | None, int], list[Sample]] = {}
     for s in samples:
-        out.setdefault(s.group, []).append(s)
-    return [out[g] for g in sorted(out)]
+        out.setdefault((s.level, s.group), []).append(s)
+    levels = list(dict.fromkeys(level for level, _ in out))
+    return [out[k] for k in sorted(out, key=lambda k: (levels.index(k[0]), k[1]))]
 
 
 def _share(flags: list[bool]) -> float | None:
@@ -278,16 +280,19 @@ AHA_RISE = 0.05  # a share of held-out completions with a phrase this far above 
 
 
 def aha_by_level_rows(evals: list[dict]) -> list[tuple[int, dict]]:
-    """(step, aha_by_level) of every eval that recorded it, in step order."""
-    return [(e["step"], e["aha_by_level"]) for e in evals if isinstance(e.get("aha_by_level"), dict)]
+    """(step, aha_by_level) of every eval that recorded it, in step order; a level's entry that is not an object
+    (a hand-edited or foreign file) is left out."""
+    return [(e["step"], {k: v for k, v in e["aha_by_level"].items() if isinstance(v, dict)})
+            for e in evals if isinstance(e.get("aha_by_level"), dict)]
 
 
 def aha_verdict(evals: list[dict]) -> list[str]:
     """Plain sentences per level: did self-verification on the held-out set rise beyond the first eval's (the base
     model's, at step 0), and does it go with solving (OAT-Zero's superficial self-reflection: a phrase, a wrong
-    answer)? Empty when fewer than two evals recorded aha_by_level."""
+    answer)? Empty when fewer than two evals recorded aha_by_level, or the step-0 eval did not (a later eval is
+    not the base model)."""
     rows = aha_by_level_rows(evals)
-    if len(rows) < 2:
+    if len(rows) < 2 or rows[0][0] != 0:
         return []
     (step0, base), (step, last) = rows[0], rows[-1]
     out = []

@@ -19,11 +19,13 @@ from grpo.report.analysis import aha_by_level_rows, aha_shares, best_eval
 from grpo.report.output import check_out, image_formats, write_whole
 from grpo.report.reading import Run, load_curves, number, series
 
-# (id, title, train curves [(metrics key, label)], eval curves [(eval.jsonl key, label)])
+# (id, title, train curves [(metrics key, label)], eval curves [(eval.jsonl key, label)]). The eval's headline
+# rates are the top level's (grpo/evaluation.py); the per-level ones have a chart of their own.
+EVAL = "eval (greedy, top level)"
 CURVES = (
-    ("reward", "reward", [("reward_mean", "train (sampled, mean)")], [("eval_reward_mean", "eval (greedy)")]),
-    ("solved", "solved fraction", [("solved_frac", "train (sampled)")], [("eval_solved_frac", "eval (greedy)")]),
-    ("format", "format rate", [("format_frac", "train (sampled)")], [("eval_format_frac", "eval (greedy)")]),
+    ("reward", "reward", [("reward_mean", "train (sampled, mean)")], [("eval_reward_mean", EVAL)]),
+    ("solved", "solved fraction", [("solved_frac", "train (sampled)")], [("eval_solved_frac", EVAL)]),
+    ("format", "format rate", [("format_frac", "train (sampled)")], [("eval_format_frac", EVAL)]),
     ("length", "completion length (tokens)", [("completion_len_mean", "mean"), ("completion_len_max", "max")], []),
     ("truncated", "truncated fraction (hit the token budget)", [("truncated_frac", "train")], []),
     ("kl", "KL to the reference policy", [("kl", "k3 estimate")], []),

@@ -139,9 +139,9 @@ def header(run: Run, built: str) -> str:
     cards = [("steps recorded", len(run.metrics)), ("last step", last.get("step", DASH)),
              ("reward (last step)", fmt(last.get("reward_mean"))), ("solved (last step)", fmt(last.get("solved_frac"))),
              ("format (last step)", fmt(last.get("format_frac"))),
-             (f"eval solved, last (step {ev.get('step', DASH)})", fmt(ev.get("eval_solved_frac"))),
-             (f"eval solved, best (step {best.get('step', DASH)})", fmt(best.get("eval_solved_frac"))),
-             ("first solved aha", f"step {aha.step}" if aha else "none yet")]
+             (f"eval solved, top level, last (step {ev.get('step', DASH)})", fmt(ev.get("eval_solved_frac"))),
+             (f"eval solved, top level, best eval (step {best.get('step', DASH)})", fmt(best.get("eval_solved_frac"))),
+             ("first solved aha among the stored completions", f"step {aha.step}" if aha else "none yet")]
     return (f"<h1>GRPO run report: {esc(run.run_dir.resolve().name)}</h1>"
             f'<p class="sub">{esc(run.run_dir.resolve())} \u00b7 built {esc(built)} from the run\'s files; rebuild '
             f"any time (also while training) with <code>bin/report --run_dir {esc(run.run_dir)}</code></p>"
