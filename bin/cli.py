@@ -247,11 +247,3 @@ def check_writable_dir(flag: str, value: str) -> Path:
     except OSError as e:
         raise FlagError(f"--{flag}: cannot write into {path} ({e.strerror or e})") from None
     return path
-
-
-def set_fake_cpu_devices(count: int, platform: str = "cpu") -> None:
-    """Before JAX starts a backend: pick the platform and, on CPU, fake `count` devices (for abstract lowering;
-    grpo.sharding.set_fake_cpu_devices)."""
-    from grpo.sharding import set_fake_cpu_devices as fake_devices
-
-    fake_devices(count, platform)

@@ -20,7 +20,7 @@ from pathlib import Path
 from absl import flags
 
 from bin import cli
-from grpo import presets, program_inspect
+from grpo import presets, program_inspect, sharding
 from model.forward import compiling_for_accelerator
 
 FLAGS = flags.FLAGS
@@ -112,7 +112,7 @@ def main(argv):
         opts = _options(cfg)
     if FLAGS.dump_hlo:  # last of the checks (it makes the directory), before anything lowers
         cli.check_writable_dir("dump_hlo", FLAGS.dump_hlo)
-    cli.set_fake_cpu_devices(devices, FLAGS.platform)
+    sharding.set_fake_cpu_devices(devices, FLAGS.platform)  # before JAX starts a backend
     # An accelerator's estimate traces the accelerator's program: without the XLA:CPU-only layout choices.
     for_accelerator = FLAGS.accelerator_estimate or (machine is not None and machine.platform != "cpu")
     with compiling_for_accelerator() if for_accelerator else contextlib.nullcontext(), cli.flag_errors():

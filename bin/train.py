@@ -325,6 +325,8 @@ def _setup():
     given = {name: F[name].value for name in ("num_micro_batches", "rollout_batch_size") if F[name].present}
     if F.machine and F.machine != presets.AUTO:
         presets.apply(F, _named(presets.get_machine, F.machine).train_flags())
+    if F.machine:  # a planned run takes GPU_MEM_FRACTION of a GPU (JAX's default: 75%), before JAX starts
+        presets.claim_gpu_memory()
     _check_flags()
     import jax
 

@@ -85,19 +85,25 @@ def auto_machine(devices: list) -> Machine:
         raise ValueError(f"--machine: auto cannot read the memory of this {platform} device ({devices[0].device_kind}"
                          f": memory_stats() has no bytes_limit); name a machine instead")
     n = len(devices)
-    like = _nearest_checked(platform, limit / GIB)
+    like = _nearest_checked(platform, limit / GIB, n)
     return dataclasses.replace(like, name=AUTO, about=f"{n} x {devices[0].device_kind}, {limit / GIB:.1f} GiB each "
                                f"(read from JAX; fallback plan from {like.name})", devices=n,
                                device_gib=limit / GIB, mesh=f"data=1,fsdp={n}")
 
 
-def _nearest_checked(platform: str, gib: float) -> Machine:
-    """The table machine of this platform with the most memory per device at most `gib` (else the smallest)."""
-    same = sorted((m for m in MACHINES.values() if m.platform == platform), key=lambda m: m.device_gib or 0)
+def _nearest_checked(platform: str, gib: float, devices: int) -> Machine:
+    """The table machine of this platform with the most usable memory per device at most `gib` (with AUTO_SLACK:
+    a 16 GiB TPU core reports ~15.75 GiB) and, among those, the most devices up to `devices` (full fine-tuning
+    fits over 8 chips where one takes LoRA); else the smallest."""
+    size = lambda m: (m.usable_bytes(), m.devices or 0)  # noqa: E731
+    same = sorted((m for m in MACHINES.values() if m.platform == platform), key=size)
     if not same:
         same = [MACHINES["gpu-80g"]]
-    below = [m for m in same if (m.device_gib or 0) <= gib]
+    below = [m for m in same if m.usable_bytes() <= AUTO_SLACK * gib * GIB and (m.devices or 0) <= devices]
     return below[-1] if below else same[0]
+
+
+AUTO_SLACK = 1.1
 
 
 def resolve_machine(name: str, devices: list) -> Machine:
@@ -222,6 +228,9 @@ class Peak:
         return self.fixed + self.temp
 
 
+TOO_BIG = Peak(2**62, 0)  # a program the compiler refused for memory (XLA:TPU checks its HBM when compiling)
+
+
 def first_fitting(candidates: list[int], peak: Callable[[int], Peak | None], budget: int,
                   temp_scale: Callable[[int, int], float]) -> tuple[int, int] | None:
     """The first candidate (in order) whose peak fits the budget, or None. Candidates are ordered so the peak
@@ -237,6 +246,8 @@ def first_fitting(candidates: list[int], peak: Callable[[int], Peak | None], bud
         raise LookupError("memory analysis unavailable")
     if first.total <= budget:
         return candidates[0], first.total
+    if first is TOO_BIG:  # the compiler refused it for memory: no sizes to scale, so bisect the ordered list
+        return _bisect(candidates[1:], peak, budget)
     guess = [c for c in candidates[1:] if first.fixed + first.temp * temp_scale(candidates[0], c) <= budget]
     for c in candidates[candidates.index(guess[0]):] if guess else []:
         need = peak(c)
@@ -245,6 +256,21 @@ def first_fitting(candidates: list[int], peak: Callable[[int], Peak | None], bud
         if need.total <= budget:
             return c, need.total
     return None
+
+
+def _bisect(candidates: list[int], peak: Callable[[int], Peak | None], budget: int) -> tuple[int, int] | None:
+    """The first fitting candidate of a list along which the peak shrinks, in log2(len) compiles."""
+    lo, hi, found = 0, len(candidates) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        need = peak(candidates[mid])
+        if need is None:
+            raise LookupError("memory analysis unavailable")
+        if need.total <= budget:
+            found, hi = (candidates[mid], need.total), mid - 1
+        else:
+            lo = mid + 1
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,7 +313,10 @@ def search(rows: int, group: int, shards: int, budget: int, programs: Programs,
                              f"fit the {budget / GIB:.1f} GiB per device budget; use --lora_rank 16, --remat, fewer "
                              f"--max_new_tokens, or a machine with more memory")
     stored = programs.stored_bytes()
-    rollout_peak = lambda r: None if (p := sample_peak(r)) is None else Peak(p.fixed + stored, p.temp)  # noqa: E731
+    # The training state is what stays; the whole sampler (its KV cache, an argument, too) scales with the rows:
+    # as "temporaries", first_fitting's estimate for fewer rows stays a lower bound.
+    rollout_peak = lambda r: None if (p := sample_peak(r)) is None else (  # noqa: E731
+        p if p is TOO_BIG else Peak(stored, p.fixed + p.temp))
     if given.get("rollout_batch_size"):
         r = given["rollout_batch_size"]
         rollout = _given(r, rollout_peak(r), budget, f"--rollout_batch_size: {r} rows per sampler call with the "
@@ -359,8 +388,8 @@ def plan_run(machine: Machine, model_cfg, grpo_cfg, mesh, *, lora_cfg, param_dty
                             stop_states=stop_states, on_target=on_target)
     key = {"model": repr(model_cfg), "grpo": repr(dataclasses.replace(grpo_cfg, num_micro_batches=1)),
            "lora": repr(lora_cfg), "dtype": str(param_dtype), "machine": repr(machine), "backend": backend,
-           "devices": mesh.size, "rows": rows, "prompt": prompt_len, "new": new_tokens, "stops": stop_states,
-           "given": given}
+           "mesh": dict(mesh.shape), "jax": _jax_version(), "rows": rows, "prompt": prompt_len, "new": new_tokens,
+           "stops": stop_states, "given": given}
     try:
         return cached_search(key, lambda: search(rows, grpo_cfg.num_generations, mesh.size, machine.budget_bytes(),
                                                  programs, given))
@@ -369,6 +398,12 @@ def plan_run(machine: Machine, model_cfg, grpo_cfg, mesh, *, lora_cfg, param_dty
 
 
 # ------------------------------------------------------------------------------- the programs of a GRPO run
+
+
+def _jax_version() -> str:
+    import jax
+
+    return jax.__version__
 
 
 def run_programs(model_cfg, grpo_cfg, mesh, *, lora_cfg, param_dtype, rows: int, seq_len: int, prompt_len: int,
@@ -391,12 +426,18 @@ def run_programs(model_cfg, grpo_cfg, mesh, *, lora_cfg, param_dtype, rows: int,
     keys = ("old_logprobs", "entropy_coef") + (("ref_logprobs",) if grpo_cfg.beta else ())
     policy = grpo.make_policy(model_cfg, lora_cfg)
 
+    shards = mesh.shape.get("fsdp", mesh.size)  # state is sharded over fsdp, replicated over data
+    # full fine-tuning with a KL term keeps a frozen reference copy on the device all along, the step included
+    reference = (model_cfg.num_params() * jnp.dtype(param_dtype).itemsize // shards
+                 if grpo_cfg.beta and isinstance(policy, grpo.FullPolicy) else 0)
+
     def step_peak(m: int) -> Peak | None:
         cfg = dataclasses.replace(grpo_cfg, num_micro_batches=m, compute_dtype=compute)
         inputs = grpo.abstract_step_inputs(policy, cfg, mesh, rows, seq_len, param_dtype=param_dtype,
                                            optional_keys=keys)
         with tracing():
-            return _peak(grpo.make_policy_step(policy, cfg, mesh).lower(*inputs))
+            p = _peak(grpo.make_policy_step(policy, cfg, mesh).lower(*inputs))
+        return p if p in (None, TOO_BIG) else Peak(p.fixed + reference, p.temp)
 
     sample_dtype = jnp.dtype(compute or param_dtype) if on_target else jnp.dtype(param_dtype)
 
@@ -419,10 +460,7 @@ def run_programs(model_cfg, grpo_cfg, mesh, *, lora_cfg, param_dtype, rows: int,
 
     def stored_bytes() -> int:
         *state, _ = grpo.abstract_step_inputs(policy, grpo_cfg, mesh, rows, seq_len, param_dtype=param_dtype)
-        total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))  # all but the batch
-        if grpo_cfg.beta and isinstance(policy, grpo.FullPolicy):  # full fine-tuning keeps a frozen reference copy
-            total += model_cfg.num_params() * jnp.dtype(param_dtype).itemsize
-        return total // mesh.size
+        return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state)) // shards + reference
 
     return Programs(step_peak, sample_peak, stored_bytes)
 
@@ -434,6 +472,10 @@ def _peak(lowered) -> Peak | None:
         return Peak(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes, m.temp_size_in_bytes)
     except (AttributeError, NotImplementedError, TypeError):
         return None
+    except Exception as e:  # XLA:TPU refuses a program over its HBM at compile time: it does not fit
+        if "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e):
+            return TOO_BIG
+        raise
 
 
 __all__ = ["PROMPT_TOKENS", "Peak", "Plan", "Programs", "auto_machine", "cached_search", "check_devices",

@@ -19,6 +19,9 @@ import os
 
 GIB = 2**30
 FIT_FRACTION = 0.92  # an 8% margin under the device's memory: XLA's analysis is an estimate
+# The share of a GPU's memory JAX's allocator takes for a planned run (XLA_PYTHON_CLIENT_MEM_FRACTION, which bin/train
+# sets to this with --machine unless it is set; JAX's own default is 0.75): what a GPU machine's plan may use.
+GPU_MEM_FRACTION = 0.9
 PROMPT_TOKENS = 256  # TinyZero's max_prompt_length; Countdown prompts bucket below it (grpo/rollout.py)
 
 
@@ -45,9 +48,17 @@ class Machine:
             return int(self.device_gib * GIB)
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
+    def usable_bytes(self) -> int:
+        """The device's memory JAX may use: on a GPU, JAX's allocator takes XLA_PYTHON_CLIENT_MEM_FRACTION of the
+        card (GPU_MEM_FRACTION under bin/train --machine; JAX's default 0.75 read an H200's 141 GB as a 104.9 GiB
+        limit). `auto` machines hold the limit JAX reported, which is that fraction already."""
+        if self.platform != "gpu" or self.name == AUTO:
+            return self.device_bytes()
+        return int(float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEM_FRACTION)) * self.device_bytes())
+
     def budget_bytes(self) -> int:
-        """What a plan may use per device: FIT_FRACTION of its memory."""
-        return int(FIT_FRACTION * self.device_bytes())
+        """What a plan may use per device: FIT_FRACTION of its usable memory."""
+        return int(FIT_FRACTION * self.usable_bytes())
 
     def hardware_flags(self) -> dict[str, object]:
         """The hardware flags bin/train and bin/inspect take from the machine (lora_rank 0 too: full fine-tuning
@@ -137,6 +148,12 @@ def recipe(name: str) -> dict[str, object]:
     if name not in RECIPES:
         raise ValueError(f"--recipe: unknown recipe {name!r}; choose from {', '.join(sorted(RECIPES))}")
     return RECIPES[name]
+
+
+def claim_gpu_memory() -> None:
+    """Before JAX starts a backend: let its GPU allocator take GPU_MEM_FRACTION of the card unless the user chose
+    (a no-op on TPU and CPU)."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(GPU_MEM_FRACTION))
 
 
 def apply(flag_values, values: dict[str, object]) -> None:

@@ -37,7 +37,7 @@ from grpo.checkpoints import TrainCheckpointer
 from grpo.config import GRPOConfig
 from grpo.dynamic_sampling import max_rounds, sample_with_signal
 from grpo.entropy_control import applied_coef, band_note, next_coef
-from grpo.evaluation import evaluate
+from grpo.evaluation import EVAL_BATCH, evaluate
 from grpo.guard import GuardState, after_rollback, observe
 from grpo.ladder_steps import after_levels, draw_items, level_metrics, level_names, step_level_shares
 from grpo.level_mix import LevelStats
@@ -271,8 +271,9 @@ def eval_phase(ctx: RunContext, state: LoopState) -> LoopState:
     if ctx.train_cfg.eval_size <= 0:
         return state
     t0 = time.perf_counter()
+    rows = min(EVAL_BATCH, ctx.rollout_cfg.batch_rows or EVAL_BATCH)  # no more per call than the plan's rollout
     metrics, samples = evaluate(policy_params(ctx, state), ctx.model_cfg, ctx.task, ctx.rollout_cfg,
-                                think=ctx.train_cfg.eval_think)
+                                batch_size=rows, think=ctx.train_cfg.eval_think)
     metrics["eval_s"] = time.perf_counter() - t0
     ctx.log.write("eval.jsonl", {"step": state.step, **metrics})
     ctx.log.scalars(state.step, {k: v for k, v in metrics.items() if k != "solved_by_level"})

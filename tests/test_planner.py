@@ -8,6 +8,7 @@ of the tiny model's own programs (budgets set between them), and the issue's acc
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,56 @@ def test_first_fitting_equals_brute_force():
         found = planner.first_fitting(counts, peak, budget, lambda first, m: first / m)
         truth = next(((m, peak(m).total) for m in counts if peak(m).total <= budget), None)
         assert found == truth
+
+
+def test_a_program_the_compiler_refuses_for_memory_is_bisected_past():
+    """XLA:TPU fails a compile over its HBM (RESOURCE_EXHAUSTED) instead of analysing it: that candidate does not
+    fit, and with no sizes to scale the ordered list is bisected (log2 compiles) to the first that does."""
+    counts = planner.micro_batch_counts(640, 1)  # 16 candidates
+    for first_fit in range(1, len(counts)):
+        compiled = []
+
+        def peak(m, compiled=compiled, first_fit=first_fit):
+            compiled.append(m)
+            return planner.TOO_BIG if counts.index(m) < first_fit else Peak(1, 1)
+
+        assert planner.first_fitting(counts, peak, 10, lambda first, m: first / m) == (counts[first_fit], 2)
+        assert len(compiled) <= 1 + 4  # the first, then log2(15) rounded up
+    assert planner.first_fitting(counts, lambda m: planner.TOO_BIG, 10, lambda first, m: first / m) is None
+
+    class Refused(Exception):
+        pass
+
+    class Lowered:
+        def compile(self):
+            raise Refused("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm")
+
+    assert planner._peak(Lowered()) is planner.TOO_BIG
+
+
+def test_rollout_rows_whose_kv_cache_scales_are_found():
+    """A sampler whose arguments (the KV cache) scale with its rows: at 640 rows it is over the budget, at 80 it
+    fits. Scaling only the temporaries, the search ruled every smaller call out without compiling it."""
+    programs = Programs(lambda m: Peak(10, 10), lambda r: Peak(r, 1), lambda: 10)
+    plan = planner.search(640, 5, 1, 100, programs)
+    assert plan.rollout_rows == 80 and plan.rollout_bytes == 10 + 80 + 1
+
+
+def test_gpu_budgets_are_jax_s_share_of_the_card(monkeypatch):
+    """JAX's GPU allocator takes a share of the card (75% by default: the H200's 141 GB read as a 104.9 GiB
+    limit; bin/train --machine asks for GPU_MEM_FRACTION): a table GPU's budget is that share; an auto machine
+    holds the limit JAX reported, already that share."""
+    gpu = presets.MACHINES["gpu-80g"]
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0")  # recorded, so the end of the test restores it
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    assert gpu.budget_bytes() == int(presets.FIT_FRACTION * int(presets.GPU_MEM_FRACTION * gpu.device_bytes()))
+    presets.claim_gpu_memory()  # what bin/train does with --machine, unless the user set it
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == str(presets.GPU_MEM_FRACTION)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")
+    presets.claim_gpu_memory()
+    assert gpu.usable_bytes() == int(0.75 * gpu.device_bytes())
+    tpu = presets.MACHINES["kaggle-tpu-v5e-8"]
+    assert tpu.usable_bytes() == tpu.device_bytes()
 
 
 def test_candidate_lists():
@@ -116,6 +167,13 @@ def test_auto_machine_reads_jax():
     assert planner.auto_machine(jax.devices()) is presets.MACHINES["cpu"]  # this CPU
     with pytest.raises(ValueError, match="^--machine: auto cannot read the memory"):
         planner.auto_machine([_Device("tpu", None, "TPU v9")])
+    # a 16 GiB TPU core reports a little less: its table machine's choices, not an 8 GiB one's (bf16, LoRA 16);
+    # an 80 GB card's JAX limit (its GPU_MEM_FRACTION) is the 80 GB machine's, not a T4's
+    v5e = planner.auto_machine([_Device("tpu", int(15.75 * 2**30))] * 8)
+    assert v5e.device_gib == 15.75 and (v5e.dtype, v5e.lora_rank) == (presets.MACHINES["kaggle-tpu-v5e-8"].dtype,
+                                                                       presets.MACHINES["kaggle-tpu-v5e-8"].lora_rank)
+    h100 = planner.auto_machine([_Device("gpu", int(presets.GPU_MEM_FRACTION * 79.6 * 2**30))])
+    assert h100.lora_rank == presets.MACHINES["gpu-80g"].lora_rank == 0
 
 
 def test_without_memory_analysis_the_checked_plan_is_used(monkeypatch):
