@@ -16,14 +16,14 @@ FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive
 
 
 def run_tool(name: str, *args: str, launcher: bool = False, env: dict | None = None,
-             timeout: float = 300) -> subprocess.CompletedProcess:
+             timeout: float = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Run bin/<name> with this interpreter on CPU (no fake devices unless the tool makes its own).
 
-    launcher=False: `python -m bin.<name>` from the repo root; True: the `bin/<name>` launcher script.
+    launcher=False: `python -m bin.<name>` from the repo root; True: the `bin/<name>` launcher script (from cwd).
     """
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE, "PYTHON": sys.executable, **(env or {})}
     cmd = [str(ROOT / "bin" / name)] if launcher else [sys.executable, "-m", f"bin.{name}"]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
 
 
 # The resilience tests (kill/resume, damage, multi-host) pin the loop they were written for: TinyZero's puzzles,

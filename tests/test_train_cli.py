@@ -33,8 +33,11 @@ def test_missing_checkpoint(train, tmp_path):
 def test_launcher_path_and_module_agree(tmp_path):
     """`bin/train` (the launcher, from another working directory) and `python -m bin.train` are one program."""
     missing = str(tmp_path / "x")
-    via_path = run_tool("train", "--model_dir", missing, launcher=True, timeout=120)
+    via_path = run_tool("train", "--model_dir", missing, launcher=True, timeout=120, cwd=tmp_path)
     assert _error_line(via_path) == _error_line(_train("--model_dir", missing))
+    # from inside bin/, whose inspect.py would shadow the standard library's inspect on a `python -m` path
+    inside = run_tool("train", "--model_dir", missing, launcher=True, timeout=120, cwd=ROOT / "bin")
+    assert _error_line(inside) == _error_line(via_path)
 
 
 def test_tokenizer_not_sentencepiece(train, tmp_path):
