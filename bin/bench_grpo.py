@@ -51,9 +51,9 @@ def main(argv):
     bench = grpo_bench.BenchConfig(**{f.name: F[f.name].value for f in dataclasses.fields(grpo_bench.BenchConfig)
                                       if f.name in F})
     model_dir = cli.resolve_model_dir(F.model_dir)
-    with cli.flag_errors():  # the tokenizer, and the prompts + --max_new_tokens against the sampler's cache
-        tok = grpo_bench.load_tokenizer(model_dir, cli.load_model_config(model_dir), bench)
-    model_cfg, params = cli.load_model(model_dir, jnp.float32)
+    model_cfg = cli.load_model_config(model_dir)
+    with cli.flag_errors():  # the configs, the tokenizer, and the prompts + --max_new_tokens against the cache
+        tok = grpo_bench.load_tokenizer(model_dir, model_cfg, bench, len(jax.devices()))
     mesh = grpo.make_mesh(data=1, fsdp=len(jax.devices()))
     if F.machine:
         from grpo import planner
@@ -64,6 +64,7 @@ def main(argv):
             bench, plan = grpo_bench.planned(bench, machine, model_cfg, tok, mesh, given)
         F.remat, F.num_micro_batches, F.rollout_batch_size = bench.remat, plan.num_micro_batches, plan.rollout_rows
         print(f"machine {machine.name}: compute {bench.compute_dtype or 'float32'}; plan: {plan.describe()}")
+    model_cfg, params = cli.load_model(model_dir, jnp.float32)  # after every check and the plan
     print(f"{model_cfg.name}: {F.prompts} prompts x {F.num_generations} completions, {F.max_new_tokens} new tokens, "
           f"beta {F.beta}, full fine-tuning, remat={F.remat}, {jax.device_count()} x {jax.devices()[0].platform}")
     echo = lambda i, row: print(("warm-up" if i == 0 else f"step {i}") + ": " + grpo_bench.format_row(row))

@@ -62,13 +62,21 @@ class BenchConfig:
         return grpo_cfg, rollout_cfg
 
 
-def load_tokenizer(model_dir: Path, model_cfg: GemmaConfig, bench: BenchConfig):
-    """<model_dir>/tokenizer.model checked against the model, and the longest prompt run_bench feeds the sampler
-    plus bench.max_new_tokens against its cache; before any weight loads. Bad input: a ValueError naming the flag
-    (--model_dir for the tokenizer: bin/bench_grpo has no --tokenizer)."""
+def load_tokenizer(model_dir: Path, model_cfg: GemmaConfig, bench: BenchConfig, devices: int = 1):
+    """<model_dir>/tokenizer.model checked against the model, the run's configs and its rows against `devices` x
+    the micro-batches, and the longest prompt run_bench feeds the sampler plus bench.max_new_tokens against its
+    cache; before any weight loads. Bad input: a ValueError naming the flag (--model_dir for the tokenizer:
+    bin/bench_grpo has no --tokenizer)."""
     from model.sampler import check_fits
     from model.tokenizer import load_for_model
 
+    try:  # the configs name the field, which is the flag's name
+        bench.run_configs()
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
+    if (bench.prompts * bench.num_generations) % (devices * bench.num_micro_batches):
+        raise ValueError(f"--num_micro_batches: {bench.prompts} x {bench.num_generations} rows do not split over "
+                         f"{devices} device(s) x {bench.num_micro_batches} micro-batches")
     try:
         tokenizer = load_for_model(model_dir / "tokenizer.model", model_cfg)
     except ValueError as e:
@@ -93,6 +101,7 @@ def planned(bench: BenchConfig, machine, model_cfg: GemmaConfig, tokenizer, mesh
     from grpo.rollout import align_grpo_config
 
     backend = jax.default_backend()
+    planner.check_platform(machine, backend)  # another platform's budget is not this machine's memory
     compute = "bfloat16" if backend != "cpu" and machine.dtype != "float32" else None
     bench = dataclasses.replace(bench, remat=machine.remat, compute_dtype=compute)
     grpo_cfg, rollout_cfg = bench.run_configs()

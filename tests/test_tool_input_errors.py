@@ -169,6 +169,11 @@ def test_bench_grpo_tokenizer_is_named_by_model_dir(tiny_model_dir):
     assert grpo_bench.load_tokenizer(tiny_model_dir, cfg, bench).vocab_size <= cfg.vocab_size
     with pytest.raises(ValueError, match=r"^--max_new_tokens: 100000 new tokens after a \d+-token prompt"):
         grpo_bench.load_tokenizer(tiny_model_dir, cfg, grpo_bench.BenchConfig(max_new_tokens=100_000))
+    # the run's configs and its rows, before the weights load (they failed after, with a traceback)
+    with pytest.raises(ValueError, match="^--beta must be a finite number >= 0, got nan"):
+        grpo_bench.load_tokenizer(tiny_model_dir, cfg, grpo_bench.BenchConfig(beta=float("nan")))
+    with pytest.raises(ValueError, match="^--num_micro_batches: 4 x 4 rows do not split over 2 device"):
+        grpo_bench.load_tokenizer(tiny_model_dir, cfg, grpo_bench.BenchConfig(num_micro_batches=3), devices=2)
 
 
 # --- the binaries ---------------------------------------------------------------------------------------------
