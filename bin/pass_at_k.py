@@ -39,7 +39,7 @@ def main(argv):
     import jax.numpy as jnp
 
     from data import curriculum
-    from grpo.evaluation import pass_at_k
+    from grpo.evaluation import pass_at_k, task_think_forcing
     from grpo.rollout import RolloutConfig
     from grpo.tasks import CountdownTask
     from model.sampler import check_fits
@@ -47,7 +47,7 @@ def main(argv):
 
     with cli.flag_errors("--curriculum: "):
         levels = curriculum.ladder(F.curriculum)
-    if set(F.levels or ()) - {lv.name for lv in levels}:
+    if F.levels is not None and not F.levels or set(F.levels or ()) - {lv.name for lv in levels}:
         raise cli.FlagError(f"--levels: {F.levels} are not all among {', '.join(lv.name for lv in levels)}")
     levels = tuple(lv for lv in levels if not F.levels or lv.name in F.levels)  # held-out sets as with all
     with cli.flag_errors("--"):  # the config names the field, which is the flag's name
@@ -55,12 +55,13 @@ def main(argv):
     with cli.flag_errors("--eval_size: "):  # a level may hold fewer puzzles (make_splits' num_test)
         splits = [curriculum.level_splits(lv, 1, F.eval_size, 0) for lv in levels]
     model_dir = cli.resolve_model_dir(F.model_dir)
-    tok = cli.load_tokenizer(F.tokenizer, model_dir, cli.load_model_config(model_dir))
+    tok = cli.load_tokenizer(F.tokenizer, model_dir, config := cli.load_model_config(model_dir))
     task = CountdownTask(train=[t for t, _ in splits], test=[h for _, h in splits], tokenizer=tok,
                          template=F.template, levels=levels)
-    with cli.flag_errors():  # the longest prompt and the budget must fit the sampler's cache, before weights load
+    with cli.flag_errors():  # the longest prompt and the budget must fit the sampler's cache, the wait text be
         check_fits(max(len(task.encode_prompt(it)) for i in range(len(levels)) for it in task.eval_items(i)),
-                   F.max_new_tokens)
+                   F.max_new_tokens)  # tokens: before the weights load
+        task_think_forcing(task, think, config.vocab_size)
     model_cfg, params = cli.load_model(model_dir, jnp.float32)
     rollout_cfg = RolloutConfig(max_new_tokens=F.max_new_tokens, sampling=sampling, stop_at_answer=F.stop_at_answer)
     out = {}

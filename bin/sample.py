@@ -62,13 +62,14 @@ def main(argv):
     with cli.flag_errors("--"):  # the config names the field, which is the flag's name
         sampling = SamplingConfig(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
     model_dir = cli.resolve_model_dir(FLAGS.model_dir)
-    tokenizer = cli.load_tokenizer(FLAGS.tokenizer, model_dir, cli.load_model_config(model_dir))
+    model_cfg = cli.load_model_config(model_dir)
+    tokenizer = cli.load_tokenizer(FLAGS.tokenizer, model_dir, model_cfg)
     prompts = [tokenizer.encode(t, add_bos=True) for t in texts for _ in range(FLAGS.num_samples)]
-    with cli.flag_errors():  # the longest prompt and the budget must fit the sampler's cache
+    with cli.flag_errors():  # the longest prompt and the budget must fit the sampler's cache; the wait text be tokens
         model.sampler.check_fits(max(map(len, prompts)), FLAGS.max_new_tokens)
+        think = model.think_forcing(budget, tokenizer.piece_texts(), lambda s: tokenizer.encode(s, add_bos=False),
+                                    model_cfg.vocab_size)
     model_cfg, params = cli.load_model(model_dir, cli.resolve_dtypes(FLAGS.dtype, jax.default_backend())[0])
-    think = model.think_forcing(budget, tokenizer.piece_texts(), lambda s: tokenizer.encode(s, add_bos=False),
-                                model_cfg.vocab_size)
 
     sample_once = functools.partial(model.generate, params, model_cfg, prompts, jax.random.key(FLAGS.seed),
                                     max_new_tokens=FLAGS.max_new_tokens, temperature=sampling.temperature,

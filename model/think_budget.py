@@ -108,8 +108,8 @@ def think_forcing(budget: ThinkBudget, pieces: Sequence[str], encode: Callable[[
         return None
     pieces = tuple(pieces) + ("",) * (vocab_size - len(pieces))  # ids past the tokenizer's pieces add no text
     ids = [list(encode(budget.wait_text)), list(encode(budget.end_text))]
-    if not all(ids):
-        raise ValueError(f"wait_text {budget.wait_text!r} / end_text {budget.end_text!r} encode to no tokens")
+    if not all(ids):  # end_text is a fixed delimiter, wait_text the flag
+        raise ValueError(f"--wait_text {budget.wait_text!r} / end_text {budget.end_text!r}: encode to no tokens")
     width = max(map(len, ids))
     rule = ForcingRule(
         end_table=cached_stop_table(pieces, budget.end_text),

@@ -145,6 +145,7 @@ def test_the_table_covers_every_flag():
     ("plot", "run_dir", "/nonexistent/run"), ("report", "run_dir", "/nonexistent/run"),
     ("make_dataset", "counts", "3,x"), ("import_gguf", "gguf", "/nonexistent.gguf"),
     ("sample", "wait_text", ""), ("pass_at_k", "min_think_tokens", "9"),  # 9 > --max_think_tokens 8
+    ("pass_at_k", "levels", ""),  # an empty list ran every level
     # Each fails before a model loads: below 1 (checked before the thinking budget's comparison with it), a
     # level's puzzle space, a bad config field, an empty list or tail, a prompt past the sampler's context, an
     # unknown preset or platform, an unwritable directory (checked before compiling), the tokenizer of --model_dir.

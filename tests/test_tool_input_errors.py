@@ -190,6 +190,17 @@ def test_a_budget_past_the_context_is_refused_before_the_weights_load(tool, args
     assert "exceed the 32768-token context" in line
 
 
+@pytest.mark.parametrize("tool,args", [
+    ("sample", ["--prompt=hi"]),
+    ("pass_at_k", ["--k=1", "--eval_size=1", "--levels=2x1-9"]),
+])  # fmt: skip
+def test_a_wait_text_without_tokens_is_refused_before_the_weights_load(tool, args, tiny_model_dir):
+    # the tiny tokenizer drops whitespace-only text (Gemma's does not): the forcing was built after the load
+    line = _one_line_error(run_tool(tool, f"--model_dir={tiny_model_dir}", "--wait_text=   ", "--min_think_tokens=2",
+                                    "--max_new_tokens=8", *args), "wait_text")
+    assert "encode to no tokens" in line
+
+
 @pytest.mark.parametrize("content,expected", [(None, "(Is a directory)"), (b"\xff\xfehello\n", "is not UTF-8")])
 def test_sample_prompts_file_that_cannot_be_read(content, expected, tmp_path):
     path = tmp_path
