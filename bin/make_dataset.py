@@ -9,14 +9,13 @@ data.tinyzero.load_puzzles reads them back. The test split is distinct and share
 
 from __future__ import annotations
 
-import os
 import time
 
 from absl import flags
 
 from bin import cli
 from data.puzzles import PuzzleConfig, check_splits, make_splits
-from data.tinyzero import save_puzzles
+from data.tinyzero import save_splits
 
 F = flags.FLAGS
 flags.DEFINE_integer("num_train", 100_000, "Training puzzles.")
@@ -47,8 +46,8 @@ def main(argv: list[str]) -> None:
     with cli.flag_errors("--"):
         train, test = make_splits(F.num_train, F.num_test, F.seed, cfg)
     elapsed = time.perf_counter() - start
-    for name, puzzles in (("train", train), ("test", test)):
-        save_puzzles(os.path.join(F.out, f"{name}.jsonl"), puzzles)
+    with cli.flag_errors("--out: ", (ValueError, OSError)):  # both files replaced together, or neither
+        save_splits(F.out, {"train": train, "test": test})
     print(f"wrote {len(train)} train and {len(test)} test puzzles to {F.out} ({elapsed:.1f} s to generate)")
     for p in (test or train)[: F.show]:
         print(f"  nums={list(p.nums)} target={p.target}  solution: {p.solution}")

@@ -43,7 +43,8 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
     out = list(prompts)
     if prompts_file:
         try:
-            out += [line for line in Path(prompts_file).read_text("utf-8").splitlines() if line.strip()]
+            text = Path(prompts_file).read_text("utf-8-sig")  # a BOM is not prompt text; lines end at \n only
+            out += [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
         except UnicodeDecodeError as e:
             raise cli.FlagError(f"--prompts_file: {prompts_file} is not UTF-8 ({e.reason} at byte {e.start})") from None
         except OSError as e:  # missing, a directory, unreadable

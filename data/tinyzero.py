@@ -49,6 +49,28 @@ def save_puzzles(path: str | os.PathLike, puzzles: list[Puzzle]) -> None:
             f.write(json.dumps({"target": p.target, "nums": list(p.nums), "solution": p.solution}) + "\n")
 
 
+def save_splits(out_dir: str | os.PathLike, splits: dict[str, list[Puzzle]]) -> None:
+    """Each split as <out_dir>/<name>.jsonl (save_puzzles' rows), written whole: every file is written under a
+    temporary name first and replaces its target only once all are written, so a failure leaves the previous
+    files as they were (never a new train.jsonl beside an old test.jsonl). ValueError for a target that is a
+    directory; OSError for a failed write."""
+    paths = {name: os.path.join(out_dir, f"{name}.jsonl") for name in splits}
+    for path in paths.values():
+        if os.path.isdir(path):
+            raise ValueError(f"{path} is a directory")
+    written = {}
+    try:
+        for name, puzzles in splits.items():
+            written[name] = paths[name] + f".{os.getpid()}.tmp"
+            save_puzzles(written[name], puzzles)
+        for name, tmp in written.items():
+            os.replace(tmp, paths[name])
+    finally:
+        for tmp in written.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
 def _jsonl_rows(path: str, start: int, stop: int | None) -> Iterator[tuple[str, Any]]:
     """(where, parsed row) for rows [start, stop); blank lines are not rows. Parses only those rows."""
     selected = []

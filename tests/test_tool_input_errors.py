@@ -201,6 +201,15 @@ def test_a_wait_text_without_tokens_is_refused_before_the_weights_load(tool, arg
     assert "encode to no tokens" in line
 
 
+def test_sample_prompts_file_lines_end_at_newlines_only(tmp_path, tiny_model_dir):
+    # a BOM is not prompt text, and U+2028 inside a line does not split it (str.splitlines made two prompts)
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("\ufeffhello\nb\u2028c\r\n\n".encode())
+    out = run_tool("sample", f"--model_dir={tiny_model_dir}", f"--prompts_file={path}", "--max_new_tokens=2")
+    assert out.returncode == 0 and "(batch 2," in out.stdout, out.stderr[-2000:]
+    assert "\ufeff" not in out.stdout
+
+
 @pytest.mark.parametrize("content,expected", [(None, "(Is a directory)"), (b"\xff\xfehello\n", "is not UTF-8")])
 def test_sample_prompts_file_that_cannot_be_read(content, expected, tmp_path):
     path = tmp_path
@@ -223,6 +232,22 @@ def test_make_dataset_checks_ranges_then_the_directory_before_generating(args, f
     args = [a.format(tmp=tmp_path) for a in args]
     _one_line_error(run_tool("make_dataset", f"--out={out}", *args), flag)
     assert not out.exists()
+
+
+def test_make_dataset_replaces_both_files_or_neither(tmp_path):
+    """test.jsonl in the way (a directory): one line naming --out, and the previous train.jsonl untouched (a new
+    train.jsonl was written beside the old test split, then a traceback)."""
+    from data.tinyzero import save_splits
+
+    (tmp_path / "train.jsonl").write_text("old\n")
+    (tmp_path / "test.jsonl").mkdir()
+    line = _one_line_error(run_tool("make_dataset", f"--out={tmp_path}", "--num_train=10", "--num_test=5"), "out")
+    assert line.endswith("test.jsonl is a directory") and (tmp_path / "train.jsonl").read_text() == "old\n"
+    (tmp_path / "test.jsonl").rmdir()
+    train, test = make_splits(3, 2, 0)
+    save_splits(tmp_path, {"train": train, "test": test})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test.jsonl", "train.jsonl"]  # no temporary file left
+    assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 3
 
 
 @pytest.mark.parametrize("args,flag", [
