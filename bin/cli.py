@@ -24,6 +24,7 @@ from pathlib import Path
 from absl import app, flags
 
 FLAGS = flags.FLAGS
+flags.disclaim_key_flags()  # the define_* functions below make key flags of the tool that calls them: its --help
 
 
 class FlagError(ValueError):

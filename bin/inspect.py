@@ -71,9 +71,9 @@ def _machine() -> presets.Machine | None:
         return None
     with cli.flag_errors():
         machine = presets.get_machine(FLAGS.machine)
-    if FLAGS.what == "forward" or FLAGS.accelerator_estimate or FLAGS.platform != "cpu":
+    if FLAGS.what == "forward" or FLAGS.accelerator_estimate or FLAGS.platform != "cpu" or FLAGS.dump_hlo:
         raise cli.FlagError("--machine: needs --what step or logprobs, on --platform cpu, without "
-                        "--accelerator_estimate (a machine's check is its own estimate)")
+                            "--accelerator_estimate or --dump_hlo (a machine's check compiles its own stand-in)")
     presets.apply(FLAGS, machine.inspect_flags())
     return machine
 

@@ -168,7 +168,6 @@ cli.define_mesh_flag(None)
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (jax.distributed).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's id.")
-flags.adopt_module_key_flags(cli)  # --help lists the shared flags (--model_dir, --lora_rank, --mesh, ...) too
 
 
 def _load_task(tok):

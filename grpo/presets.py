@@ -139,6 +139,11 @@ RECIPES: dict[str, dict[str, object]] = {
 
 
 def get_machine(name: str) -> Machine:
+    """A table machine by name (`auto` is read from the devices by planner.resolve_machine, where a tool runs on
+    them: bin/train, bin/bench_grpo)."""
+    if name == AUTO:
+        raise ValueError(f"--machine: auto reads the devices JAX runs on (bin/train, bin/bench_grpo); here name one "
+                         f"of {', '.join(MACHINES)}")
     if name not in MACHINES:
         raise ValueError(f"--machine: unknown machine {name!r}; choose from {', '.join([*MACHINES, AUTO])}")
     return MACHINES[name]

@@ -71,6 +71,12 @@ class InspectOptions:
                              f"got {self.logprob_tail}")
         if self.lora_cfg is not None and self.what == "forward":
             raise ValueError("--lora_rank applies to --what logprobs or step, not forward")
+        per_call = self.batch // max(self.devices * self.num_micro_batches, 1)  # rows one device's pass holds
+        if self.shared_prompt and self.what != "forward" and (self.logprob_tail is None
+                                                              or per_call % self.num_generations):
+            raise ValueError(f"--shared_prompt needs --logprob_tail (the prompt: the columns before it) and each "
+                             f"device's micro-batch ({per_call} rows) in whole groups of --num_generations "
+                             f"{self.num_generations}; the step would run every row whole")
         if self.what != "forward":  # the rows check the step makes while lowering, made here with the flags' names
             try:
                 check_rows(self.batch, types.SimpleNamespace(size=self.devices), self.num_micro_batches, self.what)
@@ -239,6 +245,10 @@ def machine_check(cfg: GemmaConfig, opts: InspectOptions, machine: Machine, roll
     dtype; plus the rollout's upper bound (grpo/planner.py `rollout_bytes`) at `rollout_rows` rows per sampler
     call (default: the machine's, at most the batch) with `max_new_tokens` inside seq_len (default: seq_len less
     TinyZero's prompt budget)."""
+    if rollout_rows is not None and rollout_rows < 1:
+        raise ValueError(f"--rollout_batch_size must be >= 1 (or left out: the machine's), got {rollout_rows}")
+    if max_new_tokens is not None and not 1 <= max_new_tokens < opts.seq_len:
+        raise ValueError(f"--max_new_tokens must be in 1..{opts.seq_len - 1} (inside --seq_len), got {max_new_tokens}")
     n = numbers(cfg, opts, lower(cfg, opts.float32_program()).compile())
     itemsize = np.dtype(opts.param_dtype).itemsize
     if itemsize < 4:  # bf16 storage: the compiled float32 params are twice the real ones

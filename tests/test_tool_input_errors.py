@@ -254,6 +254,16 @@ def test_make_dataset_replaces_both_files_or_neither(tmp_path):
     (["--preset=nope", "--dump_hlo={tmp}/dump"], "preset"),  # checked before the directory is made
     (["--preset=tiny-gemma2", "--dump_hlo={tmp}/a_file"], "dump_hlo"),
     (["--preset=tiny-gemma2", "--what=step", "--mesh=data=3", "--batch=4"], "batch"),
+    # silently not applied before: the step runs every row whole without a tail or whole groups
+    (["--preset=tiny-gemma3", "--what=step", "--batch=8", "--seq_len=64", "--mesh=fsdp=1", "--logprob_tail=16",
+      "--shared_prompt", "--num_generations=3"], "shared_prompt"),
+    (["--preset=tiny-gemma3", "--what=step", "--batch=8", "--seq_len=64", "--mesh=fsdp=1", "--shared_prompt",
+      "--num_generations=4"], "shared_prompt"),
+    # accepted before: a negative rollout, a budget outside --seq_len, a dump that wrote nothing, auto without devices
+    (["--preset=tiny-gemma2", "--what=step", "--machine=gpu-80g", "--rollout_batch_size=-3"], "rollout_batch_size"),
+    (["--preset=tiny-gemma2", "--what=step", "--machine=gpu-80g", "--max_new_tokens=-500"], "max_new_tokens"),
+    (["--preset=tiny-gemma2", "--what=step", "--machine=gpu-80g", "--dump_hlo={tmp}/dump"], "machine"),
+    (["--preset=tiny-gemma2", "--what=step", "--machine=auto"], "machine"),
 ])  # fmt: skip
 def test_inspect_refuses_before_lowering(args, flag, tmp_path):
     (tmp_path / "a_file").write_text("a file where a directory is expected\n")

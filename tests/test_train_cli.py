@@ -176,3 +176,5 @@ def test_help_lists_the_shared_flags():
     """The usage lines name --model_dir; --help (not only --helpfull) must list it and the other shared flags."""
     shown = run_tool("train", "--help").stdout
     assert all(f"  --{name}:" in shown for name in ("model_dir", "tokenizer", "lora_rank", "mesh", "dtype")), shown
+    shown = run_tool("sample", "--help").stdout  # every tool's: bin/cli.py's define_* make them its key flags
+    assert all(f"  --{name}:" in shown for name in ("model_dir", "tokenizer", "dtype", "wait_text")), shown
