@@ -22,10 +22,10 @@ _OUT = flags.DEFINE_string("out", None, "Output directory; default (only without
 def main(argv: list[str]) -> None:
     cli.no_extra_args(argv)
     cli.expand_user("gguf", "out")
+    if _GGUF.value is not None and _OUT.value is None:
+        raise cli.FlagError("--out is required with --gguf")
     with cli.flag_errors(f"--{'gguf' if _GGUF.value else 'out'}: ", (FileNotFoundError, ValueError, ImportError)):
         if _GGUF.value is not None:
-            if _OUT.value is None:
-                raise cli.FlagError("--out is required with --gguf")
             out = import_gguf(_GGUF.value, _OUT.value)
         elif _OUT.value is not None:
             out = import_embedded(_OUT.value)
