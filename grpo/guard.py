@@ -125,10 +125,12 @@ def observe(cfg: GuardConfig, state: GuardState, step: int, values: dict[str, fl
         best = value if w.best is None or name in EVAL_METRICS and value > w.best else w.best
         if name not in EVAL_METRICS:
             best = None
-        armed = w.armed or (step >= cfg.warmup_steps or name == "nonfinite") and ok and _arms(cfg, name, value,
-                                                                                              best or 0.0)
+        armed = name == "nonfinite" or w.armed or step >= cfg.warmup_steps and ok and _arms(cfg, name, value,
+                                                                                            best or 0.0)
         bad = w.bad + 1 if armed and not ok else 0
         since = (w.since if w.bad else step) if bad else None
+        if bad and name == "nonfinite":  # the value counts the skipped steps: the stretch began that many back
+            since = step - int(value) + 1
         watches[name] = Watch(armed, best, bad, since)
         needed = 1 if name == "nonfinite" else cfg.patience
         if bad >= needed and alarm is None:
@@ -137,8 +139,11 @@ def observe(cfg: GuardConfig, state: GuardState, step: int, values: dict[str, fl
 
 
 def after_rollback(state: GuardState, metric: str) -> GuardState:
-    """The state once a rollback has answered `metric`: its count starts afresh, bests are kept."""
-    watches = dict(state.watches)
+    """The state once a rollback has answered `metric`: its count starts afresh, and the eval watches start over
+    (unarmed, no best). Their bests were the run's, but best/ holds the model grpo/best_model.py's eval_score
+    ranks first (the top level first), which may be below them on the guard's means over the levels: kept, they
+    would fire again at the restored model's first evals and spend every rollback on it."""
+    watches = {name: Watch() if name in EVAL_METRICS else w for name, w in state.watches.items()}
     if metric in watches:
         watches[metric] = dataclasses.replace(watches[metric], bad=0, since=None)
     return GuardState(watches, state.rollbacks + 1)

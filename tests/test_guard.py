@@ -19,7 +19,7 @@ from test_train_loop import LowIdTask, _setup
 
 import model
 from grpo.best_model import BEST_DIR, better, eval_score
-from grpo.guard import GuardConfig, GuardState, after_rollback, observe
+from grpo.guard import GuardConfig, GuardState, Watch, after_rollback, observe
 from grpo.trainer import train
 
 CFG = GuardConfig(warmup_steps=4, patience=2, format_drop=0.3, score_drop=0.15)
@@ -69,6 +69,11 @@ def test_entropy_arms_inside_the_band_after_warmup():
 def test_nonfinite_is_always_armed_and_survives_noguard():
     seq = [(1, {"nonfinite": 1.0}), (2, {"nonfinite": 2.0}), (3, {"nonfinite": 3.0})]
     assert _run(CFG, seq) == [(3, "nonfinite")]
+    # --max_bad_steps 1 with a run non-finite from step 1: it never armed (arming needed a value inside the limits)
+    one = dataclasses.replace(CFG, max_bad_steps=1)
+    assert _run(one, [(s, {"nonfinite": float(s)}) for s in range(1, 4)])[0] == (1, "nonfinite")
+    _, alarm = observe(CFG, GuardState(), 7, {"nonfinite": 3.0})
+    assert alarm.since == 5  # three skipped steps in a row at step 7: the stretch began at step 5
     off = dataclasses.replace(CFG, enabled=False)
     assert _run(off, seq) == [(3, "nonfinite")]
     assert _run(off, [(s, {"entropy": 1.0 if s < 6 else 5.0}) for s in range(1, 12)]) == []
@@ -80,10 +85,16 @@ def test_rollback_restarts_the_count_and_state_round_trips():
         state, alarm = observe(CFG, state, step, {"format": f})
     assert alarm.metric == "format"
     state = after_rollback(state, "format")
-    assert state.rollbacks == 1 and state.watches["format"].bad == 0 and state.watches["format"].best == 0.9
+    # the eval watches start over: best/ may hold a model below the run's best on the guard's means (best/ ranks
+    # the top level first), and a kept best fired again at its first evals, spending every rollback on it
+    assert state.rollbacks == 1 and state.watches["format"] == Watch()
     assert GuardState.from_json(json.loads(json.dumps(state.to_json()))) == state
-    state, alarm = observe(CFG, state, 12, {"format": 0.1})
-    assert alarm is None  # one bad eval after the rollback: patience starts afresh
+    for step, f in ((12, 0.5), (14, 0.5), (16, 0.5), (18, 0.5)):  # the restored model's level: no alarm
+        state, alarm = observe(CFG, state, step, {"format": f})
+        assert alarm is None
+    for step in (20, 22, 24):  # a drop from the restored model's best fires again
+        state, alarm = observe(CFG, state, step, {"format": 0.1})
+    assert alarm.metric == "format" and alarm.since == 20
 
 
 def test_eval_score_order():
