@@ -27,17 +27,20 @@ class StopClock:
 
     The next step is estimated from the recent steps' median, leaving out the first step (it compiles, and can
     take several steady steps' time); twice the median, so steps up to twice the recent typical length (a long
-    sampling round, an eval falling due) still fit. The checkpoint's cost is the longest one measured so far.
-    `now` is the clock (a fake one in tests).
+    sampling round, an eval falling due) still fit. The checkpoint's cost is the longest one measured so far,
+    with its wait for the write (`checkpointing(wait)`). The limit counts from `start` (the trainer passes the
+    time train() began: compiles and the step-0 eval count). `now` is the clock (a fake one in tests).
     """
 
     MARGIN = 2.0  # the next step must fit twice over its recent median
     WINDOW = 8  # recent steps whose median is taken
 
-    def __init__(self, time_limit_s: float | None, now: Callable[[], float] = time.monotonic):
+    def __init__(self, time_limit_s: float | None, now: Callable[[], float] = time.monotonic,
+                 start: float | None = None):
         self.now, self.limit = now, time_limit_s
         self.signalled: str | None = None  # the name of the signal received
-        self.start = self._last = now()
+        self._last = now()
+        self.start = self._last if start is None else start
         self.steps: list[float] = []  # seconds between consecutive step_done calls (the first: since start)
         self.checkpoint_s = 0.0
         self._previous = {}
@@ -58,11 +61,14 @@ class StopClock:
         self._last = now
 
     @contextlib.contextmanager
-    def checkpointing(self):
-        """Times a checkpoint write: the pause writes one, so its cost is part of what must fit."""
+    def checkpointing(self, wait: Callable[[], None] | None = None):
+        """Times a checkpoint write: the pause writes one, so its cost is part of what must fit. An asynchronous
+        save returns once its arrays are copied; `wait` (the checkpointer's) makes the time the whole write."""
         began = self.now()
         try:
             yield
+            if wait is not None:
+                wait()
         finally:
             self.checkpoint_s = max(self.checkpoint_s, self.now() - began)
 

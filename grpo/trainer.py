@@ -359,13 +359,14 @@ def train(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOConfig
     last step's metrics, the latest eval metrics, the final "params" (the trained tree: LoRA's adapters),
     "policy" (the weights the policy samples with: base + adapters merged, in the compute dtype) and "final_state"
     (finished, paused or stopped: status.json's)."""
+    started = time.monotonic()  # --time_limit counts from here: the compiles and the step-0 eval too
     ctx, state = start_run(model_cfg, params, task, grpo_cfg, rollout_cfg, train_cfg, mesh, echo,
                            make_policy(model_cfg, lora_cfg))
     profiler = Profiler(train_cfg.profile_steps, Path(train_cfg.output_dir) / "profile", ctx.log.say)
     try:
         if state.step == 0:
             state = eval_phase(ctx, state)
-        ctx, state, final_state, reason = _run_steps(ctx, state, profiler)
+        ctx, state, final_state, reason = _run_steps(ctx, state, profiler, started)
         finish_run(ctx, state, final_state, reason)
     except (Exception, KeyboardInterrupt) as e:  # a full disk, out of memory, a bug, a second Ctrl-C: so the next
         profiler.close()  # start does not blame the OOM killer
@@ -391,12 +392,13 @@ def settle_checkpoints(ctx: RunContext) -> None:
             pass
 
 
-def _run_steps(ctx: RunContext, state: LoopState, profiler: Profiler) -> tuple[RunContext, LoopState, str, str | None]:
+def _run_steps(ctx: RunContext, state: LoopState, profiler: Profiler,
+               started: float) -> tuple[RunContext, LoopState, str, str | None]:
     """The steps from state.step to train_cfg.steps with their evals and checkpoints; returns the context (a
     rollback recompiles the step), the final state, how the run ends ("finished", "paused", or "stopped" by the
     guard) and why."""
     train_cfg = ctx.train_cfg
-    clock = StopClock(train_cfg.time_limit_s)
+    clock = StopClock(train_cfg.time_limit_s, start=started)
     final_state, reason = "finished", None
     try:
         while state.step < train_cfg.steps:
@@ -419,7 +421,9 @@ def _run_steps(ctx: RunContext, state: LoopState, profiler: Profiler) -> tuple[R
                     final_state = "stopped"
                     break
             if _due(state.step, train_cfg.checkpoint_every, train_cfg.steps):
-                with clock.checkpointing():  # the pause writes one too: its cost is part of what must fit
+                # the pause writes one too: its cost is part of what must fit, the write's wait included (with a
+                # limit only: otherwise the write overlaps the next step)
+                with clock.checkpointing(ctx.ckpt.wait if train_cfg.time_limit_s else None):
                     checkpoint_phase(ctx, state)
     finally:
         profiler.close()

@@ -80,3 +80,21 @@ def test_ctrl_c_pauses_and_a_second_stops_at_once(capsys):
     finally:
         clock.close()
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_the_limit_counts_from_the_start_given_and_a_checkpoint_with_its_wait():
+    """The trainer starts the clock when train() begins: 100 s of compiles and step-0 eval before the first step
+    count against a 150 s limit (before, the clock began at the first step and `--time_limit 1s` ran 10 s). A
+    checkpoint's cost includes the wait for its asynchronous write."""
+    now = [100.0]
+    clock = StopClock(150, now=lambda: now[0], start=0.0)
+    try:
+        assert clock.reason_to_stop() is None  # nothing measured yet: the first step may start
+        now[0] += 40.0
+        clock.step_done()
+        with clock.checkpointing(wait=lambda: now.__setitem__(0, now[0] + 5.0)):  # the write finishes 5 s later
+            now[0] += 1.0
+        assert clock.checkpoint_s == 6.0
+        assert clock.reason_to_stop().startswith("the next step would end past --time_limit")  # 146 + 80 + 6 > 150
+    finally:
+        clock.close()
