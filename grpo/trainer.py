@@ -178,7 +178,10 @@ def rollout_phase(ctx: RunContext, state: LoopState) -> Rollout:
     return dataclasses.replace(rollout, sampled=every, prompts_used=used * p)
 
 
-_ROUND_SALT = 0xD5  # dynamic sampling's round keys: never equal to a sampler chunk's fold_in(key, i)
+# Dynamic sampling's round keys: past any sampler chunk index fold_in(key, i). A decode step's fold_in(.., t) can
+# meet it (t = 213); the keys that meet are then split differently, so no two streams share draws. Kept as it is:
+# recorded runs reproduce with it.
+_ROUND_SALT = 0xD5
 
 
 def logprob_phase(ctx: RunContext, params: dict, batch: dict) -> dict:
