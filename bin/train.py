@@ -140,7 +140,7 @@ flags.DEFINE_float("max_grad_norm", _default(G, "max_grad_norm"), "Global gradie
 cli.define_lora_flags(default_rank=16)
 flags.DEFINE_bool("remat", _default(G, "remat"),
                   "Rematerialise each layer in the backward pass (less memory, ~1/3 more FLOPs; "
-                  "off, 64 rows x 256 tokens of the 270M need ~30 GiB of activations).")
+                  "off, a 64 x 256-token LoRA step of the 270M peaks at ~24 GiB: BUILD.md).")
 # Sampling
 flags.DEFINE_integer("max_new_tokens", _default(R, "max_new_tokens"), "Completion budget.")
 flags.DEFINE_bool("stop_at_answer", _default(R, "stop_at_answer"),

@@ -1,6 +1,6 @@
 """Measuring the batched KV-cache sampler: prefill and decode throughput at one batch size (bin/bench_sample).
 
-Method (BUILD.md "Sampler speed" has the numbers): one random prompt of `prompt_len` tokens (bos + ids drawn
+Method (BUILD.md "Sampler" has the numbers): one random prompt of `prompt_len` tokens (bos + ids drawn
 with numpy seed 0, as in tests/bench_hf_generate.py, the HF transformers baseline) repeated over the batch;
 greedy, no stop ids, so every row decodes the whole budget. Prefill and decode are separate jitted calls
 (model.sampler.prefill, model.sampler.decode), compiled ahead of time, run once as a warm-up, then timed

@@ -1,4 +1,4 @@
-"""Batched KV-cache sampler: one prefill pass, then ONE `lax.while_loop` of single-token decode steps.
+"""Batched KV-cache sampler: one prefill pass, then a `lax.while_loop` over blocks of single-token decode steps.
 
 Layout (P = prompt bucket, M = max_new_tokens, S = P + M slots):
 - Prompts are LEFT-padded into a bucket of P slots (`prompt_bucket`: quarter-octave steps, min 16), so a run
@@ -25,7 +25,7 @@ Layout (P = prompt bucket, M = max_new_tokens, S = P + M slots):
 - Budget forcing (s1, model/think_budget.py; off unless `generate(think=...)`): rows get their own output columns
   and can rewind; the cache slots still advance with the shared step.
 
-Decode speed on CPU (bin/bench_sample; BUILD.md "Sampler speed" has the numbers): at batch 1 a step is bound
+Decode speed on CPU (bin/bench_sample; BUILD.md "Sampler" has the numbers): at batch 1 a step is bound
 by reading the weights; at larger batches by the tied-unembedding GEMM. Five XLA:CPU traps, each a sizeable
 share of a step (BUILD.md), are avoided: (1) slicing layer l out of stacked
 [L, ...] weights or cache inside the loop (XLA copies the slice every token): per-layer cache buffers, a
