@@ -46,7 +46,10 @@ def main(argv):
     import jax.numpy as jnp
 
     import grpo
-    from grpo import grpo_bench
+    from grpo import grpo_bench, presets
+
+    if F.machine:  # as bin/train: a planned run takes GPU_MEM_FRACTION of a GPU, before JAX starts a backend
+        presets.claim_gpu_memory()
 
     bench = grpo_bench.BenchConfig(**{f.name: F[f.name].value for f in dataclasses.fields(grpo_bench.BenchConfig)
                                       if f.name in F})
