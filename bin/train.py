@@ -259,8 +259,7 @@ def _configs(compute_dtype: str | None):
             warmup_steps=F.warmup_steps, lr_schedule=F.lr_schedule, total_steps=max(F.steps * F.num_iterations, 1),
             weight_decay=F.weight_decay, max_grad_norm=F.max_grad_norm, remat=F.remat,
             num_iterations=F.num_iterations, compute_dtype=compute_dtype, shared_prompt=F.shared_prompt,
-            entropy_control=EntropyControl(target=F.target_entropy) if F.adaptive_entropy else None,
-        )
+            entropy_control=EntropyControl(target=F.target_entropy) if F.adaptive_entropy else None)
         sampling = SamplingConfig(temperature=F.temperature, top_k=F.top_k, top_p=F.top_p)
         rollout_cfg = RolloutConfig(max_new_tokens=F.max_new_tokens, sampling=sampling,
                                     stop_at_answer=F.stop_at_answer, skip_zero_std_groups=F.skip_zero_std_groups,
@@ -407,7 +406,7 @@ def main(argv):
     model_dir, dtype, task, grpo_cfg, rollout_cfg, train_cfg, mesh, lora_cfg = _setup()
     from grpo import planner
     from grpo.checkpoints import CheckpointMismatch
-    from grpo.run_files import RunWriteError
+    from grpo.run_files import RunWriteError, quiet_failed_writes
     from grpo.trainer import train
 
     model_cfg, params = cli.load_model(model_dir, dtype)
@@ -420,6 +419,7 @@ def main(argv):
     except CheckpointMismatch as e:
         raise FlagError(f"--output_dir: {e} (use another --output_dir, or --noresume to start over there)") from None
     except RunWriteError as e:  # disk full, quota: what was written before stays valid; re-run to continue
+        quiet_failed_writes()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except Exception as e:  # XLA out of memory: one line that says what lowers memory (checkpoints are kept)

@@ -20,6 +20,7 @@ checkpoints and logs never mix with the old ones, and nothing is deleted.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import resource
@@ -45,6 +46,13 @@ RUN_ENTRIES = (*JSONL_FILES, STATUS_FILE, "run_config.json", "checkpoints", "bes
 
 class RunWriteError(RuntimeError):
     """A file of the run could not be written (disk full, quota, a read-only mount): one line naming it."""
+
+
+def quiet_failed_writes() -> None:
+    """For a process that ends on a failed write (bin/train): orbax's asynchronous writes leave asyncio futures whose
+    exceptions nobody retrieves, and asyncio logs each with a traceback when it is collected at exit, after the
+    one-line error that already said what failed. So asyncio's logger is silenced for the rest of the process."""
+    logging.getLogger("asyncio").disabled = True
 
 
 def describe_write_failure(error: Exception, what: str) -> RunWriteError:

@@ -56,7 +56,7 @@ from grpo.rollout import (
     sample_rows,
 )
 from grpo.run_clock import Profiler, StopClock
-from grpo.run_files import RunLog, console_line, describe_write_failure, export_hf, peak_rss_bytes
+from grpo.run_files import RunLog, RunWriteError, console_line, describe_write_failure, export_hf, peak_rss_bytes
 from grpo.run_state import LoopState, RunContext, TrainConfig
 from grpo.step import make_policy_step
 from grpo.tasks import Task
@@ -373,7 +373,8 @@ def train(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOConfig
         finish_run(ctx, state, final_state, reason)
     except (Exception, KeyboardInterrupt) as e:  # a full disk, out of memory, a bug, a second Ctrl-C: so the next
         profiler.close()  # start does not blame the OOM killer
-        settle_checkpoints(ctx)
+        if not isinstance(e, RunWriteError):  # a failed write is the error itself: nothing in flight to keep
+            settle_checkpoints(ctx)
         last = (ctx.log.previous_status() or {}).get("step", state.step)  # the last checkpoint's (checkpoint_phase)
         why = {} if isinstance(e, KeyboardInterrupt) else {"reason": f"{type(e).__name__}: {str(e)[:300]}"}
         try:  # the disk may still refuse this small file
