@@ -50,8 +50,8 @@ class Machine:
 
     def usable_bytes(self) -> int:
         """The device's memory JAX may use: on a GPU, JAX's allocator takes XLA_PYTHON_CLIENT_MEM_FRACTION of the
-        card (GPU_MEM_FRACTION under bin/train --machine; JAX's default 0.75 read an H200's 141 GB as a 104.9 GiB
-        limit). `auto` machines hold the limit JAX reported, which is that fraction already."""
+        card (GPU_MEM_FRACTION under bin/train --machine; BUILD.md "Machine presets"). `auto` machines hold the
+        limit JAX reported, which is that fraction already."""
         if self.platform != "gpu" or self.name == AUTO:
             return self.device_bytes()
         return int(float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEM_FRACTION)) * self.device_bytes())
