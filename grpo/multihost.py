@@ -9,6 +9,7 @@ import zlib
 from collections.abc import Callable
 from typing import TypeVar
 
+import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -65,3 +66,22 @@ def agreed(setup: Callable[[], Result]) -> Result:
     if error:
         raise ValueError(error)
     return result
+
+
+def any_process_stops(reason: str | None) -> str | None:
+    """The loop's reason to pause before a step, made the same in every process: a time limit or a signal is seen
+    by each process on its own clock, and a process that paused while its peers started the next step would leave
+    them waiting in that step's collectives. A collective (one flag per process) with several processes."""
+    if jax.process_count() == 1:
+        return reason
+    wants = np.asarray(multihost_utils.process_allgather(np.array(reason is not None)))
+    return reason or ("another process is pausing" if wants.any() else None)
+
+
+def host_array(x) -> np.ndarray:
+    """x as a whole numpy array on this host, also when its shards span other processes' devices (an fsdp axis
+    across hosts). A collective with several processes: every process must call it, in the same order."""
+    if jax.process_count() == 1 or x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+

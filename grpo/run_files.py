@@ -33,6 +33,7 @@ from jax.experimental import multihost_utils
 
 import model
 from grpo.entropy_control import band_note
+from grpo.multihost import host_array
 
 JSONL_FILES = ("metrics.jsonl", "train_samples.jsonl", "eval.jsonl", "eval_samples.jsonl")
 EVAL_FILES = ("eval.jsonl", "eval_samples.jsonl")
@@ -207,11 +208,13 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def export_hf(directory: Path, model_cfg, params: dict, tokenizer_file: str | None) -> None:
     """params as an HF checkpoint in `directory` with the run's tokenizer, so the export loads alone (bin/sample,
-    bin/pass_at_k --model_dir); a run started from its own export already reads its tokenizer from there."""
+    bin/pass_at_k --model_dir); a run started from its own export already reads its tokenizer from there. Every
+    process calls it: each tensor is gathered to the hosts (its shards may span processes), process 0 writes."""
+    write = jax.process_index() == 0
     try:
-        model.save_hf_checkpoint(directory, model_cfg, params)
+        model.save_hf_checkpoint(directory, model_cfg, params, host=host_array, write=write)
         target = Path(directory) / "tokenizer.model"
-        if tokenizer_file is not None and Path(tokenizer_file).resolve() != target.resolve():
+        if write and tokenizer_file is not None and Path(tokenizer_file).resolve() != target.resolve():
             shutil.copyfile(tokenizer_file, target)
     except Exception as e:  # noqa: BLE001 (safetensors raises its own error type for I/O)
         raise describe_write_failure(e, str(directory)) from None

@@ -43,6 +43,7 @@ from grpo.ladder_steps import after_levels, draw_items, level_metrics, level_nam
 from grpo.level_mix import LevelStats
 from grpo.loggers import make_loggers
 from grpo.logprobs import cast_params, make_policy_logprobs, step_settings
+from grpo.multihost import any_process_stops
 from grpo.policy import FullPolicy, Policy, init_policy_state, make_policy
 from grpo.rollout import (
     Rollout,
@@ -338,8 +339,7 @@ def finish_run(ctx: RunContext, state: LoopState, final_state: str = "finished",
             raise describe_write_failure(e, f"checkpoint {ckpt.directory}") from None
     tokenizer_file = getattr(getattr(ctx.task, "tokenizer", None), "file", None)
     out = Path(ctx.train_cfg.output_dir)
-    exporting = exporting and jax.process_index() == 0
-    if exporting:
+    if exporting:  # every process: the tensors are gathered across them, process 0 writes
         export_hf(out / "final_hf", ctx.model_cfg, policy_params(ctx, state), tokenizer_file)
     if exporting and best:
         export_hf(out / "best_hf", ctx.model_cfg, policy_params(ctx, dataclasses.replace(state, params=best[1])),
@@ -406,7 +406,7 @@ def _run_steps(ctx: RunContext, state: LoopState, profiler: Profiler,
     final_state, reason = "finished", None
     try:
         while state.step < train_cfg.steps:
-            why = clock.reason_to_stop()
+            why = any_process_stops(clock.reason_to_stop())  # every process pauses before the same step
             if why:
                 ctx.log.say(f"pausing before step {state.step + 1}: {why}; checkpoint saved at step {state.step}, "
                             f"re-run the same command to continue")

@@ -214,25 +214,32 @@ def _raise_if_bad(path: Path, missing: list, unexpected: list, bad_shape: list, 
 
 
 def save_hf_checkpoint(path: str | Path, cfg: GemmaConfig, params: dict, *,
-                       max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+                       max_shard_bytes: int = MAX_SHARD_BYTES, host: Callable = np.asarray,
+                       write: bool = True) -> Path:
     """Write config.json + safetensors in the HF layout (loadable by transformers, vLLM, llama.cpp's converter).
 
     Tensors are fetched to the host one layer at a time, in HF order (embedding, final norm, then layer by
-    layer), and written by `save_tensors`.
+    layer), and written by `save_tensors`. A multi-host run calls this in every process with `host` a collective
+    fetch (grpo.multihost.host_array) and `write` True in one of them: the others fetch the same tensors, in the
+    same order, and write nothing.
     """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     table = _name_table(cfg)
 
     def tensors():
         for key, (name, _, to_hf) in table.items():
             if "{i}" not in name:
-                yield "model." + name, to_hf(np.asarray(_get(params, key)))
+                yield "model." + name, to_hf(host(_get(params, key)))
         for i in range(cfg.num_layers):
             for key, (name, _, to_hf) in table.items():
                 if "{i}" in name:
-                    yield "model." + name.format(i=i), to_hf(np.asarray(_get(params, key)[i]))
+                    yield "model." + name.format(i=i), to_hf(host(_get(params, key)[i]))
 
+    if not write:
+        for _ in tensors():
+            pass
+        return path
+    path.mkdir(parents=True, exist_ok=True)
     save_tensors(path, tensors(), max_shard_bytes=max_shard_bytes)
     save_config(path, cfg, torch_dtype=np.dtype(params["embed"].dtype).name)
     return path

@@ -127,3 +127,35 @@ def test_a_setup_error_on_one_host_stops_every_process_at_once(tiny_dir, tmp_pat
         assert code == 2 and len(lines) == 1, stderr[-2000:]
         assert lines[0].startswith(f"error: --output_dir: cannot write into {not_a_dir}/pair"), lines
         assert "Traceback" not in stdout + stderr
+
+
+def test_params_sharded_across_processes_export_whole(tiny_dir, tmp_path):
+    """fsdp over both processes' devices (the default multi-host mesh): each tensor's shards span the processes,
+    which process 0 alone could not fetch (final_hf/ failed, `Fetching value for jax.Array that spans
+    non-addressable devices`). The pair's export equals one process's with the same 4-device mesh (1e-6)."""
+    import model
+
+    extra = ("--mesh=data=1,fsdp=4", "--num_generations=4", "--eval_size=3", "--steps=2")
+    single = tmp_path / "single"
+    result = subprocess.run(_command(tiny_dir, single, *extra), cwd=ROOT, env=_env(4, tmp_path / "cache1"),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    port, pair = _free_port(), tmp_path / "pair"
+    procs = [subprocess.Popen(_command(tiny_dir, pair, *extra, f"--coordinator_address=127.0.0.1:{port}",
+                                       "--num_processes=2", f"--process_id={i}"),
+                              cwd=ROOT, env=_env(2, tmp_path / "cache2"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for code, stdout, stderr in _finish(procs):
+        assert code == 0, (stdout + stderr)[-3000:]
+    for name in ("final_hf", "best_hf"):
+        _, want = model.load_hf_checkpoint(single / name)
+        _, got = model.load_hf_checkpoint(pair / name)
+        for a, b in zip(jax_leaves(got), jax_leaves(want), strict=True):
+            assert abs(a - b).max() <= 1e-6, name
+
+
+def jax_leaves(tree):
+    import jax
+    import numpy as np
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
