@@ -93,8 +93,8 @@ def auto_machine(devices: list) -> Machine:
 
 def _nearest_checked(platform: str, gib: float, devices: int) -> Machine:
     """The table machine of this platform with the most usable memory per device at most `gib` (with AUTO_SLACK:
-    a 16 GiB TPU core reports ~15.75 GiB) and, among those, the most devices up to `devices` (full fine-tuning
-    fits over 8 chips where one takes LoRA); else the smallest."""
+    a TPU core reports a little less than its nominal memory) and, among those, the most devices up to `devices`
+    (full fine-tuning fits over 8 chips where one takes LoRA); else the smallest."""
     size = lambda m: (m.usable_bytes(), m.devices or 0)  # noqa: E731
     same = sorted((m for m in MACHINES.values() if m.platform == platform), key=size)
     if not same:

@@ -17,6 +17,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 from binaries import FAST_COMPILE, ROOT
 from test_kill_resume import STEPS, _assert_same_run, _command
@@ -150,12 +152,5 @@ def test_params_sharded_across_processes_export_whole(tiny_dir, tmp_path):
     for name in ("final_hf", "best_hf"):
         _, want = model.load_hf_checkpoint(single / name)
         _, got = model.load_hf_checkpoint(pair / name)
-        for a, b in zip(jax_leaves(got), jax_leaves(want), strict=True):
-            assert abs(a - b).max() <= 1e-6, name
-
-
-def jax_leaves(tree):
-    import jax
-    import numpy as np
-
-    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert float(abs(np.asarray(a) - np.asarray(b)).max()) <= 1e-6, name
