@@ -353,6 +353,7 @@ def test_decode_attend_equals_attend(layout):
     """Reference: model.forward.attend over the cache slots plus the new token's key. Gemma 2 soft-cap, G=2,
     window 8, left padding and unwritten slots masked; within 1e-5, in both decode layouts (the accelerator's
     traced here on CPU)."""
+    from model.decode_attention import decode_attend
     from model.forward import compiling_for_accelerator
     cfg = model.tiny_config("gemma2")
     b, s, kh, n, h = 3, 12, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim
@@ -369,7 +370,7 @@ def test_decode_attend_equals_attend(layout):
     if layout == "accelerator":
         jax.clear_caches()  # the layout is chosen while tracing: no trace of the CPU layout may be reused
     with compiling_for_accelerator() if layout == "accelerator" else contextlib.nullcontext():
-        got = jax.jit(sampler.decode_attend, static_argnames="cfg")(
+        got = jax.jit(decode_attend, static_argnames="cfg")(
             q, k_cache, v_cache, k_new, v_new, q_pos, k_pos, k_valid, window, cfg=cfg
         )
 
