@@ -23,6 +23,7 @@ import grpo
 import model
 from bin import cli
 from grpo import profile_ops, train_bench
+from model.config import named_config
 
 F = flags.FLAGS
 cli.define_model_dir_flag()
@@ -64,7 +65,7 @@ def _model_config():
         model_dir = cli.resolve_model_dir(F.model_dir)
         return model_dir, cli.load_model_config(model_dir)
     with cli.flag_errors("--preset: "):
-        return None, cli.preset_config(F.preset)
+        return None, named_config(F.preset)
 
 
 def _compile_steps(model_cfg, shape, mesh) -> tuple[dict, dict]:

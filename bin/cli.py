@@ -201,19 +201,13 @@ def run_reference_script(name: str, *args: str) -> dict:
         return run_script(name, *args, echo=lambda text: print(text, end=""))
 
 
-def preset_config(preset: str):
-    """A model preset by name (model.PRESETS), or tiny-gemma2 / tiny-gemma3; ValueError when unknown."""
-    from model.config import named_config
-
-    return named_config(preset)
-
-
 def lora_config(model_cfg):
     """--lora_* as a LoraConfig checked against the model (one line naming the flag), or None for rank 0."""
     from model.lora import TARGETS, LoraConfig, validate_lora
 
     with flag_errors():  # the message names the flag
-        lora_cfg = LoraConfig(FLAGS.lora_rank, FLAGS.lora_alpha, tuple(FLAGS.lora_targets or TARGETS))
+        targets = TARGETS if FLAGS.lora_targets is None else tuple(FLAGS.lora_targets)  # "" is no target: an error
+        lora_cfg = LoraConfig(FLAGS.lora_rank, FLAGS.lora_alpha, targets)
         validate_lora(lora_cfg, model_cfg)
     return lora_cfg if lora_cfg.rank else None
 

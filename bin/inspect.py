@@ -21,6 +21,7 @@ from absl import flags
 
 from bin import cli
 from grpo import presets, program_inspect, sharding
+from model.config import named_config
 from model.forward import compiling_for_accelerator
 
 FLAGS = flags.FLAGS
@@ -107,7 +108,7 @@ def main(argv):
     if machine and machine.devices is not None and devices != machine.devices:
         raise cli.FlagError(f"--mesh: {FLAGS.mesh} uses {devices} devices; {machine.name} has {machine.devices}")
     with cli.flag_errors("--preset: "):
-        cfg = cli.preset_config(FLAGS.preset)
+        cfg = named_config(FLAGS.preset)
     with cli.flag_errors():  # the messages name the flag (the batch against the mesh among them)
         opts = _options(cfg)
     if FLAGS.dump_hlo:  # last of the checks (it makes the directory), before anything lowers

@@ -117,6 +117,12 @@ def test_nan_and_inf_are_bad_values(flag, value, tmp_path, capsys):
     _assert_one_line_error(train_in_process(args, capsys), flag)
 
 
+def test_empty_lora_targets_is_an_error(tmp_path, capsys):
+    # an empty list used to mean the default (every projection) instead of what was typed
+    args = [f"--model_dir={TINY}", f"--output_dir={tmp_path / 'run'}", "--lora_rank=4", "--lora_targets="]
+    assert "is empty" in _assert_one_line_error(train_in_process(args, capsys), "lora_targets")
+
+
 def test_dr_grpo_gets_past_the_configs(tmp_path, capsys):
     # --loss_type dr_grpo was refused for a max_completion_length no flag sets (it is --max_new_tokens); with a
     # checkpoint that has no tokenizer the first error is now the tokenizer's, after the configs
