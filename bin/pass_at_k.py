@@ -52,6 +52,8 @@ def main(argv):
     levels = tuple(lv for lv in levels if not F.levels or lv.name in F.levels)  # held-out sets as with all
     with cli.flag_errors("--"):  # the config names the field, which is the flag's name
         sampling = SamplingConfig(temperature=F.temperature)
+    if F.temperature == 0 and F.k > 1:  # pass@k would be pass@1, at k times the cost
+        raise cli.FlagError(f"--k {F.k} with --temperature 0: greedy draws one completion k times; use --k 1")
     with cli.flag_errors("--eval_size: "):  # a level may hold fewer puzzles (make_splits' num_test)
         splits = [curriculum.level_splits(lv, 1, F.eval_size, 0) for lv in levels]
     model_dir = cli.resolve_model_dir(F.model_dir)

@@ -152,6 +152,7 @@ def test_the_table_covers_every_flag():
     ("make_dataset", "counts", "3,x"), ("import_gguf", "gguf", "/nonexistent.gguf"),
     ("sample", "wait_text", ""), ("pass_at_k", "min_think_tokens", "9"),  # 9 > --max_think_tokens 8
     ("pass_at_k", "levels", ""),  # an empty list ran every level
+    ("pass_at_k", "temperature", "0"),  # with the default --k 8: greedy draws the same completion eight times
     # Each fails before a model loads: below 1 (checked before the thinking budget's comparison with it), a
     # level's puzzle space, a bad config field, an empty list or tail, a prompt past the sampler's context, an
     # unknown preset or platform, an unwritable directory (checked before compiling), the tokenizer of --model_dir.
