@@ -124,7 +124,13 @@ def _open_tensors(path: Path, stack: contextlib.ExitStack) -> dict:
     """Map every tensor name to the open file holding it (single file or sharded with an index)."""
     index = path / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not all(isinstance(f, str) for f in dict(weight_map).values()):
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise ValueError(f"{index}: not a safetensors index (a JSON object whose weight_map maps names to "
+                             "files)") from None
         files = {f: _open(path / f, stack) for f in sorted(set(weight_map.values()))}
         held = {f: set(h.keys()) for f, h in files.items()}
         return {name: files[f] for name, f in weight_map.items() if name in held[f]}  # the rest count as missing

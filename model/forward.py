@@ -16,7 +16,8 @@ from positions (not buffer slots), so a left- or right-padded row gets the logit
 One layer loop: `scan_layers` runs the stacked layers for `hidden_states`, the sampler's prefill
 (model/sampler.py, which also collects each layer's k, v) and the FSDP training forward (grpo/logprobs.py,
 which all-gathers each layer's weights inside the loop). The sampler's decode step reuses the pieces:
-`layer_constants`, `attention_inputs`, `attend` and `layer_output`.
+`layer_constants`, `attention_inputs` and `layer_output`, with `attend`'s numerics for one token over the cache in
+model/decode_attention.py.
 
 LoRA: a layer's weights may carry low-rank adapters under lp["lora"][name] = {"a": [in, r], "b": [r, out]}
 (model/lora.py `with_adapters` puts them there, the scale already folded into b). `project` then adds

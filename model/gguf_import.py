@@ -249,14 +249,31 @@ def _array_field(reader: Any, key: str) -> list[Any]:
     return [field.parts[i][0].item() for i in field.data]
 
 
-def _tokenizer_bytes(reader: Any, meta: dict[str, Any]) -> bytes:
+_SPECIAL_PIECES = {"bos": "<bos>", "eos": "<eos>", "padding": "<pad>", "unknown": "<unk>"}
+
+
+def with_special_ids(meta: dict[str, Any], tokens: list[str]) -> dict[str, Any]:
+    """meta with its bos / eos / padding / unknown ids taken from Gemma's pieces by name where the vocab has them.
+
+    An instruction-tuned GGUF names <end_of_turn> as its eos: imported as is, a row that emits <eos> would not
+    stop and <eos> would become plain text. <end_of_turn> is a chat stop (model/tokenizer.py `stop_ids`); <eos>
+    stays the eos. A vocab without these pieces keeps the metadata's ids (Gemma's defaults where it has none).
+    """
+    by_name = {piece: i for i, piece in enumerate(tokens) if piece in _SPECIAL_PIECES.values()}
+    out = dict(meta)
+    for kind, default in (("bos", 2), ("eos", 1), ("padding", 0), ("unknown", 3)):
+        key = f"tokenizer.ggml.{kind}_token_id"
+        out[key] = by_name.get(_SPECIAL_PIECES[kind], int(meta.get(key, default)))
+    return out
+
+
+def _tokenizer_bytes(reader: Any, meta: dict[str, Any], tokens: list[str]) -> bytes:
+    """The SentencePiece model of the GGUF's vocab; meta: with_special_ids's."""
     kind = meta.get("tokenizer.ggml.model")
     if kind != "llama":  # llama.cpp's name for a SentencePiece vocabulary
         raise ValueError(f"GGUF tokenizer.ggml.model is {kind!r}; expected 'llama' (SentencePiece)")
-    tokens, scores = _array_field(reader, "tokenizer.ggml.tokens"), _array_field(reader, "tokenizer.ggml.scores")
-    types = _array_field(reader, "tokenizer.ggml.token_type")
-    ids = {k: int(meta.get(f"tokenizer.ggml.{k}_token_id", v))
-           for k, v in (("bos", 2), ("eos", 1), ("padding", 0), ("unknown", 3))}
+    scores, types = _array_field(reader, "tokenizer.ggml.scores"), _array_field(reader, "tokenizer.ggml.token_type")
+    ids = {k: int(meta[f"tokenizer.ggml.{k}_token_id"]) for k in _SPECIAL_PIECES}
     return sentencepiece_from_vocab(tokens, scores, types, bos_id=ids["bos"], eos_id=ids["eos"],
                                     pad_id=ids["padding"], unk_id=ids["unknown"])
 
@@ -328,7 +345,8 @@ def _write_checkpoint(gguf_path: Path, tmp: Path, progress: Callable[[str], None
              "~30 s)")
     reader = _open_reader(gguf_path)
     try:
-        meta = _scalar_metadata(reader)
+        tokens = _array_field(reader, "tokenizer.ggml.tokens")
+        meta = with_special_ids(_scalar_metadata(reader), tokens)
         embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
         if embed is None:
             raise ValueError("GGUF has no token_embd.weight tensor")
@@ -336,7 +354,7 @@ def _write_checkpoint(gguf_path: Path, tmp: Path, progress: Callable[[str], None
         progress(f"opened in {time.monotonic() - t0:.0f} s: {cfg.name}, {cfg.num_layers} layers, "
                  f"{len(reader.tensors)} tensors")
         plan = _plan_tensors(reader, cfg)
-        (tmp / "tokenizer.model").write_bytes(_tokenizer_bytes(reader, meta))
+        (tmp / "tokenizer.model").write_bytes(_tokenizer_bytes(reader, meta, tokens))
         context = int(meta.get(f"{cfg.arch}.context_length", 8192))
         save_config(tmp, cfg, max_position_embeddings=context, torch_dtype="float32")
         progress(f"writing float32 safetensors ({4 * sum(int(t.n_elements) for t, _, _ in plan) / 2**30:.2f} GiB)")

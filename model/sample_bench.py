@@ -5,8 +5,8 @@ with numpy seed 0, as in tests/bench_hf_generate.py, the HF transformers baselin
 greedy, no stop ids, so every row decodes the whole budget. Prefill and decode are separate jitted calls
 (model.sampler.prefill, model.sampler.decode), compiled ahead of time, run once as a warm-up, then timed
 `repeats` times (median):
-- prefill tok/s = batch * prompt_len / prefill seconds (real tokens; the bucket pads the prompt to a power of
-  two, and that padding is computed too);
+- prefill tok/s = batch * prompt_len / prefill seconds (real tokens; the bucket pads the prompt to its
+  quarter-octave bucket, `model.sampler.prompt_bucket`, and that padding is computed too);
 - decode tok/s = batch * (new_tokens - 1) / decode seconds (prefill samples the first token, the while_loop
   the other new_tokens - 1);
 - GFLOP/s = XLA's cost_analysis flops / seconds. cost_analysis counts a loop body once, so decode flops = the

@@ -13,10 +13,10 @@ Layout (P = prompt bucket, M = max_new_tokens, S = P + M slots):
 - prefill (jit): a forward over [B, P] (model.forward.scan_layers, PREFILL_ROWS rows at a time) that fills
   the cache, unembeds only the last slot (the [B, P, V] logits would be GBs for a 262k vocabulary) and samples
   generated token 0.
-- decode (jit): blocks of CHECK_EVERY steps (a fixed trip count) inside `lax.while_loop(step < M and not
-  all(done))` over DecodeState, so the host is asked once per block (see `decode`). Each step feeds the previous
-  token, attends over the cache as it was plus the token's own k/v (model/decode_attention.py), then writes that k/v
-  at its slot, and samples.
+- decode (jit): blocks of CHECK_EVERY steps (a fixed trip count) inside `lax.while_loop(step < M (+ budget
+  forcing's extra steps) and not all(done))` over DecodeState, so the host is asked once per block (see
+  `decode`). Each step feeds the previous token, attends over the cache as it was plus the token's own k/v
+  (model/decode_attention.py), then writes that k/v at its slot, and samples.
 - Stopping (StopRule): a row is done once it emits any of `eos_ids` (default: cfg.eos_id) or once its decoded
   text contains a stop string (an automaton over whole tokens, model/stop_text.py; the training loop's
   `</answer>`); afterwards it gets cfg.pad_id and log-prob 0. `lengths` counts generated tokens including the
@@ -125,7 +125,7 @@ class SampleResult:
     """What `generate` returns (numpy, on the host)."""
 
     tokens: np.ndarray  # [B, max_new_tokens] int32, cfg.pad_id after the stop
-    lengths: np.ndarray  # [B] int32 generated tokens, the EOS included when one was emitted
+    lengths: np.ndarray  # [B] int32 generated tokens, the stopping one (EOS or stop string's last) included
     logprobs: np.ndarray  # [B, max_new_tokens] float32, 0 after the stop
     truncated: np.ndarray  # [B] bool: no stop (EOS or stop string) within max_new_tokens
     forced: np.ndarray | None = None  # [B, max_new_tokens] bool: tokens budget forcing put there; None: no forcing
@@ -196,11 +196,12 @@ def eos_vector(eos_ids: Sequence[int]) -> np.ndarray:
 
 def stop_rule(cfg: GemmaConfig, eos_ids: Sequence[int], text_table: np.ndarray | None = None) -> StopRule:
     """The StopRule for these EOS ids and an optional stop-string table ([S, V'] int8, V' <= vocab: ids past the
-    tokenizer's pieces reset the match)."""
+    tokenizer's pieces add no text, as in Tokenizer.decode, so they leave the match state as it is)."""
     table = no_stop_table(cfg.vocab_size) if text_table is None else np.asarray(text_table, np.int8)
     if table.ndim != 2 or table.shape[1] > cfg.vocab_size:
         raise ValueError(f"text_table must be [S, <= {cfg.vocab_size}], got shape {table.shape}")
-    table = np.pad(table, ((0, 0), (0, cfg.vocab_size - table.shape[1])))
+    states = np.arange(table.shape[0], dtype=np.int8)[:, None]
+    table = np.concatenate([table, np.broadcast_to(states, (table.shape[0], cfg.vocab_size - table.shape[1]))], 1)
     return StopRule(jnp.asarray(eos_vector(eos_ids)), jnp.asarray(table))
 
 
@@ -273,7 +274,8 @@ def prefill(params: dict, tokens: jax.Array, pad: jax.Array, stops: StopRule, ke
     use it. Token 0 is sampled per row, after the replication.
 
     Rows go through the layer stack PREFILL_ROWS at a time (lax.map): one [32 * P, F] pass ran slower than
-    four [8 * P, F] passes on CPU (BUILD.md), and the activations stay bounded for big batches.
+    four [8 * P, F] passes on CPU (BUILD.md), and the activations stay bounded for batches with a divisor in
+    (PREFILL_ROWS / 2, PREFILL_ROWS]; others run in one pass (`_prefill_rows`).
 
     rule: budget forcing (model/think_budget.py), whose rewinds take up to extra_steps more steps and slots.
     """
@@ -323,7 +325,7 @@ def _unstack_layers(params: dict, cfg: GemmaConfig) -> tuple[dict, ...]:
     """Per-layer weight dicts for decode, sliced from the stacked [L, ...] weights once, before the loop.
 
     The decode step is a Python loop over layers rather than a scan: a scan slices every layer's weights out
-    of the stacked arrays each token, which XLA on CPU materialises as a copy (400 MB per token for 270M).
+    of the stacked arrays each token, which XLA on CPU materialises as a copy (BUILD.md "Sampler").
     The output projection is viewed as ONE head of width N*H ([1, N*H, D]): with o [N, H, D], XLA's CPU dot
     transposes o (and the attention output) every token for the two contracting dims.
     """
@@ -449,6 +451,8 @@ def generate_in_chunks(params: dict, cfg: GemmaConfig, prompts: Sequence[Sequenc
     """`generate` over the prompts `chunk` at a time (bounding one call's KV cache), results concatenated in
     order. Chunk i samples with fold_in(key, i), or with key itself when one chunk holds every prompt, so a run
     that fits in one call draws what `generate` would. The last chunk may be smaller (one more compile)."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
     parts = []
     for i, start in enumerate(range(0, len(prompts), chunk)):
         part_key = key if chunk >= len(prompts) else jax.random.fold_in(key, i)

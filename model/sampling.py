@@ -11,8 +11,8 @@ Choices:
 - randomness only from the explicit key; row r of a batch draws from fold_in(key, r), so a row's sample does
   not depend on how many rows share the batch.
 
-Speed (Gemma 3: V = 262144, on CPU): `jax.random.categorical` draws V Gumbel variates per row (threefry,
-~0.5 s per step at batch 32) and a full-vocabulary sort costs seconds, so neither is used. Tokens are drawn
+Speed (Gemma 3: V = 262144, on CPU): `jax.random.categorical` draws V Gumbel variates per row (threefry:
+BUILD.md "Sampler" has the cost) and a full-vocabulary sort is slower still, so neither is used. Tokens are drawn
 by a two-level inverse CDF (block masses, then one block; two uniforms per row) and the nucleus is found
 by bisecting the probability threshold (30 masked sums, no sort).
 """
@@ -27,6 +27,9 @@ import jax.numpy as jnp
 
 CDF_BLOCK = 512  # inverse-CDF block size: cumsums of at most V / 512 and 512 entries instead of V
 _ONE_BITS = 0x3F800000  # int32 bit pattern of float32 1.0; non-negative floats sort like their bit patterns
+# The smallest temperature above 0 (greedy): below ~1e-36 logits / T overflow float32 into NaN log-probs, and
+# long before that the distribution is the argmax's.
+MIN_TEMPERATURE = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +42,9 @@ class SamplingConfig:
 
     def __post_init__(self):
         t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or 0 < t < MIN_TEMPERATURE \
+                or t < 0:
+            raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, got {t!r}")
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
                                        or self.top_k < 1):
             raise ValueError(f"top_k must be a positive integer or None, got {self.top_k!r}")
@@ -106,7 +110,7 @@ def _take(x: jax.Array, index: jax.Array) -> jax.Array:
 
 def argmax(logits: jax.Array) -> jax.Array:
     """jnp.argmax over the last axis (first index of the max) of [B, V], via per-block maxima: XLA:CPU's
-    argmax is a variadic (value, index) reduce that costs ~40 ms per step at batch 32 over 262k entries."""
+    argmax is a variadic (value, index) reduce, slow over 262k entries (BUILD.md "Sampler")."""
     blocks = _blocks(logits, -jnp.inf)  # [B, blocks, block]
     first = jnp.argmax(jnp.max(blocks, axis=-1), axis=-1)  # the first block holding the max
     inner = jnp.take_along_axis(blocks, first[:, None, None], axis=1)[:, 0]  # [B, block]

@@ -144,6 +144,7 @@ def test_the_table_covers_every_flag():
 @pytest.mark.parametrize("tool,flag,value", [
     ("sample", "model_dir", "/nonexistent/model"), ("sample", "checkpoint", "/nonexistent/model"),
     ("sample", "dtype", "int8"), ("sample", "temperature", "-1"), ("sample", "top_p", "2"),
+    ("sample", "temperature", "1e-40"),  # logits / T overflowed: NaN log-probs, every token pad
     ("inspect", "mesh", "data=x"), ("inspect", "dtype", "fp8"), ("inspect", "batch", "0"),
     ("inspect", "logprob_tail", "1024"), ("inspect", "num_generations", "0"),
     ("bench_train", "profile_dir", "/proc/no_such_dir"),

@@ -60,7 +60,7 @@ def _is_norm(gguf_name):
     return gguf_name.split(".")[-2].endswith("norm")
 
 
-def write_tiny_gguf(path, *, arch="gemma3", quantize=("attn_q", "ffn_up"), skip=(), seed=0):
+def write_tiny_gguf(path, *, arch="gemma3", quantize=("attn_q", "ffn_up"), skip=(), seed=0, eos_id=1):
     """A tiny Gemma GGUF like llama.cpp writes it: norms stored as 1 + w, some tensors Q8_0."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(128)
@@ -79,7 +79,7 @@ def write_tiny_gguf(path, *, arch="gemma3", quantize=("attn_q", "ffn_up"), skip=
     w.add_token_scores([-1000.0] * len(_SPECIALS) + [0.0] * 256 + [-float(i) for i in range(len(_NORMAL))])
     w.add_token_types([3] * len(_SPECIALS) + [6] * 256 + [1] * len(_NORMAL))
     w.add_bos_token_id(2)
-    w.add_eos_token_id(1)
+    w.add_eos_token_id(eos_id)
     w.add_unk_token_id(3)
     w.add_pad_token_id(0)
     for (g, _), x in _hf_weights(seed).items():
@@ -136,6 +136,18 @@ def test_config_reads_back(tiny_gguf, tmp_path):
     assert (cfg.rope_base_global, cfg.rope_base_local, cfg.rope_scale_global) == (1e6, 1e4, 1.0)
     assert (cfg.sliding_window, cfg.rms_eps, cfg.attn_softcap, cfg.final_softcap) == (16, 1e-6, None, None)
     assert (cfg.pad_id, cfg.eos_id, cfg.bos_id) == (0, 1, 2)
+
+
+def test_instruction_tuned_eos_is_a_chat_stop(tmp_path):
+    # An instruction-tuned GGUF names <end_of_turn> (id 5 here) as its eos: imported as is, <eos> became plain text
+    # (a row emitting it did not stop). Gemma's special pieces are found by name; <end_of_turn> stays a chat stop.
+    from model.tokenizer import Tokenizer
+
+    out = import_gguf(write_tiny_gguf(tmp_path / "it.gguf", eos_id=5), tmp_path / "ckpt", progress=_quiet)
+    assert load_config(out).eos_id == 1
+    tok = Tokenizer(out / "tokenizer.model")
+    assert tok.eos_id == 1 and tok.decode([1]) == ""  # a control piece again, not the text "<eos>"
+    assert tok.encode("<end_of_turn>", add_bos=False) == [5] and tok.stop_ids == (1, 5)
 
 
 def test_gemma2_gguf(tmp_path):

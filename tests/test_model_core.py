@@ -70,6 +70,18 @@ def test_gemma3_rope_parameters_per_layer_type():
     assert config_from_hf(wrapped) == model.get_preset("gemma3-4b")
 
 
+def test_missing_keys_mean_what_they_mean_to_transformers():
+    # Gemma 2 without its soft-cap keys has transformers' caps (it was loaded with none: wrong logits, no error);
+    # an explicit null still means no cap
+    hf = {k: v for k, v in _hf_gemma2().items() if not k.endswith("softcapping") and k != "head_dim"}
+    assert config_from_hf(hf) == model.get_preset("gemma2-2b")
+    assert config_from_hf(_hf_gemma2(attn_logit_softcapping=None)).attn_softcap is None
+    # the released Gemma 3 4B config.json's text_config lists only what differs from transformers' defaults
+    short = {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_hidden_layers": 34,
+             "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024}
+    assert config_from_hf({"model_type": "gemma3", "text_config": short}) == model.get_preset("gemma3-4b")
+
+
 def test_config_round_trips_through_hf_json():
     for cfg in (model.get_preset("gemma2-27b"), model.get_preset("gemma3-4b"), model.tiny_config("gemma3")):
         assert config_from_hf(json.loads(json.dumps(config_to_hf(cfg)))) == cfg
@@ -80,6 +92,17 @@ def test_config_errors_are_clear():
         config_from_hf({"model_type": "llama"})
     with pytest.raises(ValueError, match="missing required key 'hidden_size'"):
         config_from_hf({k: v for k, v in _hf_gemma2().items() if k != "hidden_size"})
+    with pytest.raises(ValueError, match="untied lm_head"):
+        config_from_hf(_hf_gemma2(tie_word_embeddings=False))
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        config_from_hf([1, 2])
+    with pytest.raises(ValueError, match="wrong kind"):
+        config_from_hf(_hf_gemma2(hidden_size=[2304]))
+    with pytest.raises(ValueError, match="num_kv_heads 0"):
+        config_from_hf(_hf_gemma2(num_key_value_heads=0))
+    yarn = {"full_attention": {"rope_type": "yarn", "factor": 8.0}, "sliding_attention": {"rope_type": "default"}}
+    with pytest.raises(ValueError, match="unsupported rope_scaling type 'yarn'"):  # was read as no scaling
+        config_from_hf(_hf_gemma2(model_type="gemma3_text", rope_parameters=yarn))
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
@@ -220,6 +243,10 @@ def test_sharded_index_and_multimodal_prefix(saved, tmp_path):
     _, a = model.load_hf_checkpoint(saved)
     _, b = model.load_hf_checkpoint(out)
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+    for bad in ('{"weight_map": [1]}', '{"metadata": {}}', "{oops"):  # a KeyError / TypeError traceback before
+        (out / "model.safetensors.index.json").write_text(bad)
+        with pytest.raises(ValueError, match="not a safetensors index"):
+            model.load_hf_checkpoint(out)
 
 
 def test_sharded_save_round_trip_and_resave(tmp_path):

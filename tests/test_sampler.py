@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import model
@@ -32,7 +32,7 @@ from model.config import GLOBAL, SLIDING
 from model.forward import attend
 from model.params import map_schema
 from model.sampling import SamplingConfig, nucleus_threshold, sample_tokens
-from model.stop_text import stop_table
+from model.stop_text import match_start_table, stop_table
 
 NEW = 10
 PROMPT_LENGTHS = (20, 5, 13, 1)  # 20 and 13 exceed the window 8; 1 is bos alone; bucket 20
@@ -279,19 +279,39 @@ def test_stop_string_ends_a_row_inside_the_loop(tiny2):
     assert stopped.lengths[0] <= 4
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
 @given(st.lists(st.text("ab<>/", max_size=4), min_size=1, max_size=6), st.lists(st.integers(0, 5), max_size=12),
        st.text("ab<>/", min_size=1, max_size=4))
+@example(list("</answer>"), list(range(9)), "</answer>")  # one character per token: every state in turn
+@example(["</answer", ">"], [0, 1], "</answer>")  # the last step, len - 1 -> len (the 270M's "</" "answer" ">")
+@example(["x<", "/think>", "\n"], [0, 1, 2], "</think>")  # the match begins inside a token (match_start_table)
+@example(["</think>\n", "a"], [1, 0], "</think>")  # ... and ends inside one
 def test_stop_table_matches_a_substring_search(pieces, ids, stop):
     """Reference: `stop in text` on the host, after every token. The automaton reaches len(stop) at the first
-    token whose text completes the stop string, and never before."""
+    token whose text completes the stop string, and never before; there, match_start_table says how many of the
+    match's characters came before that token (the text's length before it minus where the match begins)."""
     ids = [i % len(pieces) for i in ids]
-    table, state, text = stop_table(pieces, stop), 0, ""
+    table, back, state, text = stop_table(pieces, stop), match_start_table(pieces, stop), 0, ""
     for i in ids:
-        state, text = int(table[state, i]), text + pieces[i]
+        prev, before = state, text
+        state, text = int(table[prev, i]), text + pieces[i]
         assert (state == len(stop)) == (stop in text)
         if state == len(stop):
+            assert back[prev, i] == max(0, len(before) - text.find(stop))
             break
+
+
+def test_ids_past_the_tokenizer_add_no_text():
+    """Reference: Tokenizer.decode, which drops ids past the tokenizer's pieces. In the sampler's table (padded to
+    the model's vocabulary) such an id leaves a partial match as it is, as think_forcing's pieces ("") do."""
+    cfg = model.tiny_config("gemma3")
+    pieces = ["<", "/", "x", ">"]
+    table = np.asarray(sampler.stop_rule(cfg, (), stop_table(pieces, "</x>")).text_table)
+    assert table.shape == (4, cfg.vocab_size)
+    state = 0
+    for i in (0, 1, 200, 2, cfg.vocab_size - 1, 3):  # "</x>" with two ids past the pieces in between
+        state = int(table[state, i]) if state < 4 else state
+    assert state == 4
 
 
 def test_stop_and_pad_ids_default_to_the_config(tiny2):
