@@ -144,3 +144,23 @@ def test_real_ids_match_transformers_gguf_tokenizer(real):
     # Exact ids transformers' GGUF tokenizer gives on the same file (no dummy prefix; "  " is piece 138).
     assert real.encode("Paris is the capital of") == [2, 50429, 563, 506, 5279, 529]
     assert real.encode("  two  spaces", add_bos=False) == [138, 13498, 138, 35220]
+
+
+@pytest.mark.parametrize("text", [
+    "<think> 3 + 5 = 8 </think> <answer> 3 + 5 </answer>", "<answer>(7*3)-1</answer>\n", "x</answer></answer>",
+    "</ans wer> then </answer>", "<answer> 1 </answer >",  # the last: no stop string at all
+])
+def test_real_stop_table_stops_where_the_text_does(real, text):
+    """Reference: the decoded text of the first k + 1 tokens, searched for "</answer>". The automaton over the real
+    vocabulary's pieces (`piece_texts`) reaches its match state at that token and not before, whatever the split."""
+    from model.stop_text import cached_stop_table
+
+    stop = "</answer>"
+    table, state = cached_stop_table(real.piece_texts(), stop), 0
+    ids = real.encode(text, add_bos=False)
+    for k, i in enumerate(ids):
+        state = int(table[state, i])
+        assert (state == len(stop)) == (stop in real.decode(ids[: k + 1])), (text, k)
+        if state == len(stop):
+            break
+    assert (state == len(stop)) == (stop in text)

@@ -119,6 +119,30 @@ def test_phases_compose_to_one_train_step(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, whole)
 
 
+def test_reference_and_old_policy_passes(tmp_path):
+    """beta > 0 scores the batch under the frozen reference (the starting params), num_iterations > 1 under the
+    policy that sampled it. Reference: the log-prob function on those params directly, exactly; the policy after
+    one update differs from the reference (so reading the current params for ref_logprobs would fail)."""
+    cfg, params, task, gcfg, rollout, tcfg, mesh = _setup(tmp_path, steps=2)
+    gcfg = dataclasses.replace(gcfg, beta=0.04, num_iterations=2)
+    ctx, state = start_run(cfg, params, task, gcfg, rollout, tcfg, mesh, echo=lambda s: None)
+    batch = logprob_phase(ctx, state.params, rollout_phase(ctx, state).batch)
+    rows = (batch["tokens"], batch["attention_mask"])
+    start = np.asarray(ctx.logprobs_fn(ctx.frozen, state.params, *rows))
+    np.testing.assert_array_equal(np.asarray(batch["ref_logprobs"]), start)
+    np.testing.assert_array_equal(np.asarray(batch["old_logprobs"]), start)
+    moved, _, metrics = update_phase(ctx, state.params, state.opt_state, batch)
+    assert metrics["kl"] > 0  # the second iteration's policy has left the reference
+    again = logprob_phase(ctx, moved, {k: np.asarray(v) for k, v in batch.items() if k.endswith("mask")
+                                       or k in ("tokens", "advantages", "truncated")})
+    now = np.asarray(ctx.logprobs_fn(ctx.frozen, moved, *rows))
+    mask = np.asarray(batch["completion_mask"])[:, -now.shape[1]:] > 0
+    np.testing.assert_array_equal(np.asarray(again["ref_logprobs"]), start)  # still the starting params
+    np.testing.assert_array_equal(np.asarray(again["old_logprobs"]), now)
+    assert np.abs(now - start)[mask].max() > 1e-4
+    finish_run(ctx, state)
+
+
 def test_log_to_tensorboard_mirrors_metrics(tmp_path):
     """--log_to tensorboard: the loop's step numbers land in event files (reference: metrics.jsonl's values)."""
     pytest.importorskip("tensorboardX", reason="needs the tensorboard extra (CI installs it)")
