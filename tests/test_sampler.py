@@ -101,7 +101,7 @@ def _no_cache_greedy(params, cfg, prompt, steps):
 
 def test_cached_greedy_equals_no_cache_path(tiny):
     """Reference: the no-cache argmax loop per prompt ALONE. Tokens exact; log-probs (log-softmax of the raw
-    logits) within 1e-4 (float32 vs the same logits through the other path)."""
+    logits) within 4e-5 (float32 vs the same logits through the other path; 3.5e-6 measured on the CI CPU)."""
     cfg, params = tiny
     prompts = _prompts()
     result = model.generate(params, cfg, prompts, jax.random.key(0), max_new_tokens=NEW, temperature=0, eos_ids=())
@@ -110,7 +110,7 @@ def test_cached_greedy_equals_no_cache_path(tiny):
     for row, prompt in enumerate(prompts):
         tokens, logps = _no_cache_greedy(params, cfg, prompt, NEW)
         np.testing.assert_array_equal(result.tokens[row], tokens, err_msg=f"row {row} (prompt length {len(prompt)})")
-        np.testing.assert_allclose(result.logprobs[row], logps, atol=1e-4)
+        np.testing.assert_allclose(result.logprobs[row], logps, atol=4e-5)
     np.testing.assert_array_equal(result.lengths, NEW)
     assert result.truncated.all()  # no EOS ids: every row runs the whole budget
 
@@ -169,7 +169,7 @@ def sampled(tiny2):
 
 def test_sampled_tokens_lie_in_the_allowed_set_with_their_logprobs(tiny2, sampled):
     """Reference: the teacher-forced no-cache forward over prompt + completion, then the float64 sampling
-    distribution. Every sampled token (16 rows x 10) is inside top-k / top-p; its log-prob matches within 2e-4."""
+    distribution. Every sampled token (16 rows x 10) is inside top-k / top-p; its log-prob matches within 8e-5."""
     cfg, params = tiny2
     prompts, result = sampled
     for row, prompt in enumerate(prompts):
@@ -180,7 +180,7 @@ def test_sampled_tokens_lie_in_the_allowed_set_with_their_logprobs(tiny2, sample
         for j, token in enumerate(result.tokens[row]):
             ref = _reference_logprobs(logits[len(prompt) - 1 + j], SAMPLING)
             assert np.isfinite(ref[token]), f"row {row} step {j}: token {token} is outside the top-k/top-p set"
-            np.testing.assert_allclose(result.logprobs[row, j], ref[token], atol=2e-4)
+            np.testing.assert_allclose(result.logprobs[row, j], ref[token], atol=8e-5)  # 7.6e-6 measured (CI CPU)
 
 
 def test_a_row_does_not_depend_on_other_rows_or_its_padding(tiny2, sampled):

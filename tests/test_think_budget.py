@@ -61,7 +61,7 @@ def _match_column(pieces, tokens, n) -> int | None:
 
 def _assert_logprobs_match_a_full_forward(tiny, result, prompts, rows):
     """Reference: a no-cache forward over prompt + the row's output as it stands (forced tokens included): every
-    unforced token's log-prob (temperature 1: raw log-softmax) within 1e-4. Keys of rewound tokens left visible in
+    unforced token's log-prob (temperature 1: raw log-softmax) within 3e-5. Keys of rewound tokens left visible in
     the cache, or positions off by the rewind, would change them."""
     from test_sampler import BUFFER, _padded_logits
 
@@ -76,7 +76,8 @@ def _assert_logprobs_match_a_full_forward(tiny, result, prompts, rows):
         logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
         want = np.take_along_axis(logp, result.tokens[r, :n, None], axis=1)[:, 0]
         free = ~result.forced[r, :n]
-        np.testing.assert_allclose(result.logprobs[r, :n][free], want[free], atol=1e-4, err_msg=f"row {r}")
+        # 2.5e-6 measured on the CI CPU (float32 cache path vs a float64 log-softmax of the no-cache logits)
+        np.testing.assert_allclose(result.logprobs[r, :n][free], want[free], atol=3e-5, err_msg=f"row {r}")
 
 
 def test_min_budget_rewinds_to_where_the_delimiter_began_and_forces_wait(tiny):
