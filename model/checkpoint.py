@@ -155,6 +155,8 @@ def load_hf_checkpoint(path: str | Path, dtype=jnp.float32, shardings=None) -> t
     `jax.sharding.Sharding` shaped like params; each leaf is placed there as soon as it is read.
     """
     path = Path(path)
+    if not jnp.issubdtype(dtype, jnp.floating):  # an integer dtype would truncate every weight silently
+        raise ValueError(f"dtype must be a floating-point type, got {jnp.dtype(dtype).name}")
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     cfg = load_config(path)

@@ -47,6 +47,8 @@ class LoraConfig:
     targets: tuple[str, ...] = TARGETS
 
     def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int):
+            raise ValueError(f"--lora_rank must be an integer, got {self.rank!r}")
         # Normalised here so equal settings hash equal (the config is a static jit argument).
         object.__setattr__(self, "targets", tuple(self.targets))
         if self.alpha is None:
@@ -54,8 +56,8 @@ class LoraConfig:
         object.__setattr__(self, "alpha", float(self.alpha))
 
     @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
+    def scale(self) -> float:  # rank 0 (no adapters) scales nothing
+        return self.alpha / self.rank if self.rank else 0.0
 
 
 def target_dims(model_cfg: GemmaConfig) -> dict[str, tuple[int, int, str, str]]:

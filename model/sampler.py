@@ -147,7 +147,7 @@ def prompt_bucket(length: int) -> int:
 
 def check_fits(prompt_len: int, new_tokens: int, flag: str = "max_new_tokens") -> None:
     """A ValueError naming --flag unless a prompt of prompt_len tokens (padded to its bucket) plus new_tokens
-    fits the cache: what pad_prompts refuses, checked by a tool before any weight loads."""
+    fits the cache: pad_prompts' rule, which a tool checks before any weight loads."""
     bucket = prompt_bucket(prompt_len)
     if bucket + new_tokens > MAX_CACHE_LEN:
         raise ValueError(f"--{flag}: {new_tokens} new tokens after a {prompt_len}-token prompt (bucket {bucket}) "
@@ -171,10 +171,8 @@ def pad_prompts(
                 f"prompt {i} has token ids outside [0, {cfg.vocab_size}): min {row.min()}, max {row.max()}"
             )
     longest = max(r.size for r in rows)
+    check_fits(longest, max_new_tokens)
     bucket = prompt_bucket(longest)
-    if bucket + max_new_tokens > MAX_CACHE_LEN:
-        raise ValueError(f"longest prompt has {longest} tokens (bucket {bucket}); bucket + max_new_tokens "
-                         f"{max_new_tokens} must be <= {MAX_CACHE_LEN}")
     tokens = np.full((len(rows), bucket), cfg.pad_id, np.int32)
     for i, row in enumerate(rows):
         tokens[i, bucket - row.size:] = row

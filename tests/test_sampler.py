@@ -465,7 +465,7 @@ def test_nucleus_keeps_ties_together():
         (dict(top_p=1.5), "top_p"),
         (dict(top_k=0), "top_k"),
         (dict(max_new_tokens=0), "max_new_tokens"),
-        (dict(prompts=[[2] * 32_768], max_new_tokens=1), "must be <="),
+        (dict(prompts=[[2] * 32_768], max_new_tokens=1), "exceed the 32768-token context"),
         (dict(eos_ids=(-1,)), "eos_ids"),
     ],
 )
