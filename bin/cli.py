@@ -162,7 +162,7 @@ def resolve_model_dir(value: str | None) -> Path:
         raise FlagError("--model_dir is empty: name a checkpoint directory or leave the flag out")
     path = Path(value).expanduser()
     if not path.is_dir():
-        raise FlagError(f"--model_dir: checkpoint directory not found: {path}")
+        raise FlagError(f"--model_dir: checkpoint directory not found: {path}" + (" (it is a file)" * path.exists()))
     return path
 
 

@@ -341,7 +341,7 @@ def _host_setup(presets, given):
 
     import grpo
     from grpo import planner
-    from grpo.run_files import check_resume_layout
+    from grpo.run_files import check_resume_layout, claim_run_dir
 
     cli.expand_user("output_dir", "data_file")
     machine = _machine(presets, planner, jax.devices())
@@ -353,7 +353,7 @@ def _host_setup(presets, given):
     if machine:
         _named(planner.check_full_fine_tuning, machine, model_cfg, axes["fsdp"], F.lora_rank)
     lora_cfg = cli.lora_config(model_cfg)
-    _named(check_resume_layout, F.output_dir, F.resume, lora_cfg, _task_flags())
+    _named(check_resume_layout, F.output_dir, F.resume, lora_cfg, _task_flags(), model_dir)
     tok = cli.load_tokenizer(F.tokenizer, model_dir, model_cfg)
     task = _load_task(tok)
     longest = _check_budget(task)
@@ -362,7 +362,7 @@ def _host_setup(presets, given):
         _plan(machine, planner, given, model_cfg, lora_cfg, dtype, compute_dtype, mesh, longest)
     grpo_cfg, rollout_cfg, train_cfg = _configs(compute_dtype)
     _check_batch_layout(axes)
-    cli.check_writable_dir("output_dir", F.output_dir)  # last: a bad flag above leaves nothing behind
+    _named(claim_run_dir, cli.check_writable_dir("output_dir", F.output_dir))  # last: a bad flag leaves nothing
     return model_dir, dtype, task, grpo_cfg, rollout_cfg, train_cfg, mesh, lora_cfg
 
 

@@ -1,30 +1,60 @@
 """Orbax checkpoints of the whole training state, so a run killed at any moment resumes on the same trajectory.
 
 What is saved at step s (the state AFTER s updates): params, optimizer state, and a small JSON record with
-the step, the data position, the seed and the state's signature (every leaf's path, shape and dtype). Saves
-are asynchronous (training continues while the files are written); orbax writes into a temporary directory
-and renames it when complete, so a kill mid-save leaves the previous checkpoint as the latest one. The last
-`keep` are kept.
+the step, the data position, the seed, the state's signature (every leaf's path, shape and dtype) and a checksum
+of its bits (`state_checksum`). Saves are asynchronous (training continues while the files are written); orbax
+writes into a temporary directory and renames it when complete, so a kill mid-save leaves the previous checkpoint
+as the latest one. The last `keep` are kept.
 
 Resume (`restore_latest`) trusts nothing it has not read back: newest first, a checkpoint whose record or
-arrays cannot be read (truncated or deleted files) is moved aside into `<output_dir>/damaged_checkpoints/`
-(never deleted) and the next older one is tried. A checkpoint that reads fine but holds a different state
-(another model, dtype, or adapter layout) is not damage: it raises CheckpointMismatch naming the first leaf
-that differs, since resuming it would be wrong and setting it aside would hide the user's mistake.
+arrays cannot be read (truncated or deleted files) or whose arrays differ from its checksum is moved aside into
+`<output_dir>/damaged_checkpoints/` (never deleted) and the next older one is tried. A checkpoint that reads fine
+but holds a different state (another model, dtype, or adapter layout) is not damage: it raises CheckpointMismatch
+naming the first leaf that differs, since resuming it would be wrong and setting it aside would hide the user's
+mistake.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
+import re
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 DAMAGED_DIR = "damaged_checkpoints"
+
+
+def quiet_abandoned_io() -> None:
+    """Silence what orbax's abandoned asynchronous reads and writes print after their failure was reported in one
+    line (a damaged checkpoint set aside, a full disk): asyncio logs each unretrieved future with a traceback, and
+    Python prints "Exception ignored in: <coroutine ...>" for each coroutine collected with its error. For the rest
+    of the process; other unraisable errors still print."""
+    logging.getLogger("asyncio").disabled = True
+    if getattr(sys.unraisablehook, "quiet_abandoned_io", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not inspect.iscoroutine(unraisable.object):
+            previous(unraisable)
+
+    hook.quiet_abandoned_io = True
+    sys.unraisablehook = hook
+
+
+def error_line(error: Exception) -> str:
+    """An orbax / TensorStore error as one short line: TensorStore appends a repr of a bound method and its spec."""
+    text = re.split(r"\s*See full TensorStore details", str(error))[0]
+    return f"{type(error).__name__}: {' '.join(text.split())[:200]}"
 
 
 class CheckpointMismatch(ValueError):
@@ -37,6 +67,32 @@ def state_signature(params, opt_state) -> list[list]:
     for name, tree in (("params", params), ("opt_state", opt_state)):
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
             out.append([name + jax.tree_util.keystr(path), list(jnp.shape(leaf)), str(jnp.result_type(leaf))])
+    return out
+
+
+@jax.jit
+def _leaf_sums(leaves: list) -> list:
+    """Each leaf's bit patterns summed as uint32, wrapping: the same number in any summation order, so on any mesh."""
+    def one(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        if x.dtype == jnp.bool_ or x.dtype.itemsize not in (1, 2, 4):
+            return jnp.sum(x.astype(jnp.uint32), dtype=jnp.uint32)
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+        return jnp.sum(jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32), dtype=jnp.uint32)
+
+    return [one(x) for x in leaves]
+
+
+def state_checksum(params, opt_state) -> dict[str, int]:
+    """{"params": n, "opt_state": n}: a checksum of every bit of each tree (leaf sums weighted by position, mod
+    2**32), saved in a checkpoint's record and compared on restore: a file damaged where orbax reads it without
+    an error (flipped bits) would otherwise resume as garbage, NaN steps that the guard stops on."""
+    out = {}
+    for name, tree in (("params", params), ("opt_state", opt_state)):
+        sums = _leaf_sums(jax.tree.leaves(tree))
+        host = [int(np.asarray(x.addressable_data(0))) for x in sums]  # replicated scalars, on every process
+        out[name] = sum((i + 1) * v for i, v in enumerate(host)) % 2**32
     return out
 
 
@@ -62,7 +118,8 @@ class TrainCheckpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, params, opt_state, record: dict) -> None:
-        record = {**record, "signature": state_signature(params, opt_state)}
+        record = {**record, "signature": state_signature(params, opt_state),
+                  "checksum": state_checksum(params, opt_state)}
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
@@ -91,6 +148,9 @@ class TrainCheckpointer:
                 record=ocp.args.JsonRestore(),
             ),
         )
+        saved = out["record"].get("checksum")  # None: written before checksums
+        if saved is not None and saved != state_checksum(out["params"], out["opt_state"]):
+            raise ValueError("its arrays read back differ from the checksum saved with them (damaged files)")
         return out["params"], out["opt_state"], out["record"]
 
     def read_record(self, step: int) -> dict:
@@ -137,9 +197,9 @@ class TrainCheckpointer:
         if jax.process_index() == 0:
             aside.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(self.directory / str(step)), str(aside))
-        reason = " ".join(str(error).split())[:200]
-        say(f"checkpoint {self.directory / str(step)} is damaged ({type(error).__name__}: {reason}); "
-            f"moved to {aside}, trying the previous one")
+        quiet_abandoned_io()  # the reads orbax gave up on fail again in the background: this line says it all
+        say(f"checkpoint {self.directory / str(step)} is damaged ({error_line(error)}); moved to {aside}, trying the "
+            "previous one")
         self._manager.reload()
 
     def wait(self) -> None:

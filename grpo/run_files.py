@@ -19,8 +19,9 @@ checkpoints and logs never mix with the old ones, and nothing is deleted.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
-import logging
 import os
 import re
 import resource
@@ -32,8 +33,10 @@ import jax
 from jax.experimental import multihost_utils
 
 import model
+from grpo.checkpoints import quiet_abandoned_io
 from grpo.entropy_control import band_note
 from grpo.multihost import host_array
+from model.tokenizer import Tokenizer, hf_tokenizer_files
 
 JSONL_FILES = ("metrics.jsonl", "train_samples.jsonl", "eval.jsonl", "eval_samples.jsonl")
 EVAL_FILES = ("eval.jsonl", "eval_samples.jsonl")
@@ -45,15 +48,46 @@ RUN_ENTRIES = (*JSONL_FILES, STATUS_FILE, "run_config.json", "checkpoints", "bes
                "final_hf", "best_hf", "profile", "tensorboard", "wandb", "report.html", "curves.png")
 
 
+LOCK_FILE = ".run.lock"  # held by the process running in the directory; not a RUN_ENTRY, so never set aside
+_claimed: dict[Path, object] = {}  # this process's open lock files: a lock lasts as long as its file stays open
+
+
+def claim_run_dir(out: Path) -> Path:
+    """Lock `out` for this process (process 0 of a multi-host run) until it exits, or a ValueError naming
+    --output_dir when another process holds it: a second bin/train there would repair the live run's files as if
+    it had died, and both would write the same steps. The OS's lock (flock): a killed run releases it, so nothing
+    is left to clean up. A file system without locks (some network mounts) runs unlocked."""
+    out = Path(out).resolve()
+    if jax.process_index() or out in _claimed:
+        return out
+    f = open(out / LOCK_FILE, "a+")  # noqa: SIM115 (kept open: it holds the lock)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise ValueError(f"--output_dir: another bin/train (pid {holder or '?'}) is running in {out}; let it "
+                             "finish (or stop it) first, or pick another --output_dir") from None
+        return out
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _claimed[out] = f
+    return out
+
+
 class RunWriteError(RuntimeError):
     """A file of the run could not be written (disk full, quota, a read-only mount): one line naming it."""
 
 
 def quiet_failed_writes() -> None:
     """For a process that ends on a failed write (bin/train): orbax's asynchronous writes leave asyncio futures whose
-    exceptions nobody retrieves, and asyncio logs each with a traceback when it is collected at exit, after the
-    one-line error that already said what failed. So asyncio's logger is silenced for the rest of the process."""
-    logging.getLogger("asyncio").disabled = True
+    exceptions nobody retrieves, logged with tracebacks at exit after the one-line error that already said what
+    failed (grpo.checkpoints.quiet_abandoned_io)."""
+    quiet_abandoned_io()
 
 
 def describe_write_failure(error: Exception, what: str) -> RunWriteError:
@@ -216,6 +250,9 @@ def export_hf(directory: Path, model_cfg, params: dict, tokenizer_file: str | No
         target = Path(directory) / "tokenizer.model"
         if write and tokenizer_file is not None and Path(tokenizer_file).resolve() != target.resolve():
             shutil.copyfile(tokenizer_file, target)
+        if write and tokenizer_file is not None:  # what transformers needs to tokenize as Gemma does
+            for name, content in hf_tokenizer_files(Tokenizer(target)).items():
+                _write_atomic(Path(directory) / name, json.dumps(content, indent=2) + "\n")
     except Exception as e:  # noqa: BLE001 (safetensors raises its own error type for I/O)
         raise describe_write_failure(e, str(directory)) from None
 
@@ -257,12 +294,20 @@ def config_changes(old: dict | None, new: dict) -> list[str]:
             if key in before and before[key] != after[key] and key not in UNNOTED_CHANGES]
 
 
-def check_resume_layout(output_dir: str, resume: bool, lora_cfg, task_flags: dict | None = None) -> None:
+def check_resume_layout(output_dir: str, resume: bool, lora_cfg, task_flags: dict | None = None,
+                        model_dir: Path | None = None) -> None:
     """A run that would resume checkpoints of the other kind (full fine-tuning vs LoRA, or another rank / alpha /
     targets: ValueError naming the flag), or of another task (task_flags, TrainConfig's: ValueError naming the
     first flag that differs), is refused before anything compiles; the checkpoint signature catches the rest
-    later. What the last start recorded is run_config.json's."""
+    later. What the last start recorded is run_config.json's. Starting over (resume False) from a model inside the
+    run files it sets aside (its own final_hf/) is refused too: the export would lose its tokenizer half-way."""
     out = Path(output_dir)
+    if not resume and model_dir is not None:
+        inside = [name for name in RUN_ENTRIES if (out / name).exists()
+                  and Path(model_dir).resolve().is_relative_to((out / name).resolve())]
+        if inside:
+            raise ValueError(f"--model_dir: {model_dir} is inside {out / inside[0]}, which --noresume moves into "
+                             f"{out / PREVIOUS_RUNS_DIR}/; copy the model elsewhere first, or resume")
     saved = [out / name for name in ("checkpoints", "best") if (out / name).is_dir() and any((out / name).iterdir())]
     if not resume or not saved:  # best/ alone: a run killed before its first checkpoint, whose best/ is resumed
         return

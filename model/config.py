@@ -299,7 +299,11 @@ def load_config(path: str | Path) -> GemmaConfig:
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"no config.json at {file}")
+        hint = ""
+        if (path / "status.json").is_file() or (path / "commit_success.txt").is_file() or path.name == "checkpoints":
+            hint = (" (that is a bin/train run or its checkpoints: its models are the run's final_hf/ and best_hf/; "
+                    "a paused run writes final_hf/ when it finishes, e.g. re-run it with --steps at its last step)")
+        raise FileNotFoundError(f"no config.json at {file}{hint}")
     try:
         hf = json.loads(file.read_text())
     except json.JSONDecodeError as e:

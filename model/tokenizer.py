@@ -31,6 +31,7 @@ class Tokenizer:
         self.bos_id: int = self._sp.bos_id()
         self.eos_id: int = self._sp.eos_id()
         self.pad_id: int = self._sp.pad_id()
+        self.unk_id: int = self._sp.unk_id()
         self.vocab_size: int = self._sp.get_piece_size()
         self.end_of_turn_id: int | None = self.piece_to_id(END_OF_TURN)
         if self.bos_id < 0:
@@ -72,6 +73,22 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
+
+
+def hf_tokenizer_files(tok: Tokenizer) -> dict[str, dict]:
+    """tokenizer_config.json and generation_config.json for a checkpoint holding tok's tokenizer.model: without
+    the first, transformers' AutoTokenizer reads the file with add_bos_token off, and Gemma without <bos> is
+    another model; the second makes `generate` stop on the ids our sampler stops on."""
+    piece = tok.id_to_piece
+    return {
+        "tokenizer_config.json": {
+            "tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
+            "bos_token": piece(tok.bos_id), "eos_token": piece(tok.eos_id), "pad_token": piece(tok.pad_id),
+            "unk_token": piece(tok.unk_id),
+        },
+        "generation_config.json": {"bos_token_id": tok.bos_id, "eos_token_id": list(tok.stop_ids),
+                                   "pad_token_id": tok.pad_id},
+    }
 
 
 def load_for_model(path: Path, model_cfg) -> Tokenizer:

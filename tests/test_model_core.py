@@ -105,6 +105,15 @@ def test_config_errors_are_clear():
         config_from_hf(_hf_gemma2(model_type="gemma3_text", rope_parameters=yarn))
 
 
+def test_a_run_directory_given_as_a_model_points_at_its_exports(tmp_path):
+    (tmp_path / "status.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="its models are the run's final_hf/ and best_hf/"):
+        model.load_config(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"config.json$"):  # any other directory: no hint
+        model.load_config(tmp_path / "elsewhere")
+
+
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
 def test_init_params_follows_schema(arch):
     cfg = model.tiny_config(arch)

@@ -112,6 +112,15 @@ def test_malformed_metrics_line(tmp_path, text, why):
     assert not (tmp_path / "c.png").exists()
 
 
+def test_a_cut_off_last_line_is_the_step_being_written(tmp_path):
+    """A run killed mid-write (or still writing) ends metrics.jsonl in a line without its newline: the steps
+    before it are drawn, as bin/report does; a bad line in the middle is still refused (above)."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "reward_mean": 0.5}\n{"step": 2, "rew')
+    run = load_curves(tmp_path)
+    assert [r["step"] for r in run.metrics] == [1]
+    assert plot_curves(pyplot(), tmp_path, tmp_path / "c.png").is_file()
+
+
 def test_nothing_to_draw(tmp_path):
     with pytest.raises(ValueError, match=r"^no metrics in .*metrics.jsonl$"):
         plot_curves(pyplot(), tmp_path, tmp_path / "c.png")

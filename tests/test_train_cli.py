@@ -119,6 +119,12 @@ def test_the_defaults_run_the_ladder_with_lora_end_to_end(tmp_path):
     assert status["state"] == "finished" and status["best_step"] in (0, 2) and len(status["best_score"]) == 7
     assert {"frac_zero_std_solved", "answer_templates", "level_shares", "entropy_coef_applied"} <= metrics[0].keys()
     assert (out / "final_hf" / "tokenizer.model").read_bytes() == (model_dir / "tokenizer.model").read_bytes()
+    # transformers' AutoTokenizer on the export adds <bos> only when tokenizer_config.json says so (it read the bare
+    # tokenizer.model with add_bos_token off); generate stops on our stop ids (the tiny tokenizer's pieces)
+    tok_cfg = json.loads((out / "final_hf" / "tokenizer_config.json").read_text())
+    assert tok_cfg["add_bos_token"] is True and (tok_cfg["bos_token"], tok_cfg["eos_token"]) == ("<s>", "</s>")
+    gen = json.loads((out / "best_hf" / "generation_config.json").read_text())
+    assert gen == {"bos_token_id": 2, "eos_token_id": [1, 4], "pad_token_id": 0}
 
 
 def test_more_held_out_puzzles_than_a_level_has(train, real_tokenizer):
@@ -170,6 +176,38 @@ def test_a_resume_that_would_change_the_task_or_the_adapters_is_refused(tmp_path
         check_resume_layout(str(tmp_path), True, lora, {**task, "seed": 1})
     (tmp_path / "best" / "0").rmdir()
     check_resume_layout(str(tmp_path), True, lora, {**task, "seed": 1})  # nothing saved: nothing to keep
+
+
+def test_a_second_run_in_a_busy_output_dir_is_refused(train, tmp_path):
+    """Two bin/train in one --output_dir: the second repaired the live run's files as if it had died and both wrote
+    the same steps. Reference: a process holding the directory's lock (flock on grpo.run_files.LOCK_FILE, as a
+    running bin/train does); the second run stops in setup with one line and touches nothing."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tiny_model import make_tiny_model_dir
+
+    from grpo.run_files import LOCK_FILE
+
+    model_dir = make_tiny_model_dir(tmp_path / "model")
+    out = tmp_path / "run"
+    out.mkdir()
+    hold = ("import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write('4242\\n'); "
+            "f.flush(); print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out / LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = _error_line(train("--model_dir", str(model_dir), "--output_dir", str(out), "--steps", "1"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "--output_dir: another bin/train (pid 4242) is running in" in line
+    assert [p.name for p in out.iterdir()] == [LOCK_FILE]
+    # --noresume would move the run's own export, the model it starts from, into previous_runs/
+    shutil.copytree(model_dir, out / "final_hf")
+    line = _error_line(train("--model_dir", str(out / "final_hf"), "--output_dir", str(out), "--noresume"))
+    assert "--model_dir:" in line and "which --noresume moves into" in line
 
 
 def test_help_lists_the_shared_flags():

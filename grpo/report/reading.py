@@ -68,7 +68,9 @@ def read_jsonl(path: Path, notes: list[str], strict: bool = False) -> list[dict]
     """The JSON objects of a JSON-lines file. Unreadable lines are skipped and noted, because a run killed
     mid-write leaves a cut-off last line and a live run may be writing one right now. strict=True raises
     ValueError at the first one instead, naming file and line: a picture (bin/plot) has no place to list
-    what it left out, so a damaged file must not quietly become a figure with missing points."""
+    what it left out, so a damaged file must not quietly become a figure with missing points. A cut-off last
+    line (no newline after it) is not damage even then: it is the step being written, or the one a killed run's
+    resume drops, and the steps before it are whole."""
     if not path.is_file():
         notes.append(f"{path.name}: not found")
         return []
@@ -81,7 +83,7 @@ def read_jsonl(path: Path, notes: list[str], strict: bool = False) -> list[dict]
         row, why = _parse_line(line)
         if row is not None:
             rows.append(row)
-        elif strict:
+        elif strict and not (i == len(lines) and not text.endswith("\n")):
             raise ValueError(f"{path}:{i}: {why}")
         else:
             bad.append(i)
