@@ -4,7 +4,8 @@
     # writes data/countdown/train.jsonl and data/countdown/test.jsonl, rows like
     # {"target": 24, "nums": [4, 6, 1, 3], "solution": "6 / (1 - (3 / 4))"}
 
-data.tinyzero.load_puzzles reads them back. The test split is distinct and shares no puzzle with train.
+`bin/train --data_file data/countdown` trains on them (the top level's puzzles; data.tinyzero.load_puzzles reads
+them back). The test split is distinct and shares no puzzle with train.
 """
 
 from __future__ import annotations

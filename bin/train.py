@@ -45,7 +45,8 @@ G, R, T, GC = GRPOConfig, RolloutConfig, TrainConfig, GuardConfig
 cli.define_model_dir_flag()
 cli.define_tokenizer_flag()
 cli.define_dtype_flag("auto")
-flags.DEFINE_string("data_file", None, "TinyZero Countdown-Tasks-3to4 file (JSONL or Parquet). Default: generate.")
+flags.DEFINE_string("data_file", None, "TinyZero Countdown-Tasks-3to4 file (JSONL or Parquet), or bin/make_dataset's "
+                    "--out directory (its train.jsonl / test.jsonl). The top level's puzzles; default: generate.")
 flags.DEFINE_integer("num_train_puzzles", 20_000, "Generated puzzles for training (without --data_file).")
 flags.DEFINE_enum("template", "base", ["base", "chat"], "Prompt template: TinyZero's base, or Gemma chat turns.")
 flags.DEFINE_string("recipe", None, "A named set of algorithm flag defaults (grpo/presets.py): laptop, ladder, "

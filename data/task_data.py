@@ -4,6 +4,8 @@ scoring) is grpo/tasks.py's CountdownTask."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from data import curriculum, tinyzero
 
 
@@ -28,15 +30,28 @@ def level_puzzles(ladder: str, shaping: str, data_file: str | None, num_train: i
     return levels, trains, tests
 
 
+def _made_splits(data_file: str) -> Path | None:
+    """The directory of a bin/make_dataset output that data_file names (the directory, or its train.jsonl beside
+    a test.jsonl), else None."""
+    path = Path(data_file)
+    base = path if path.is_dir() else path.parent if path.name == "train.jsonl" else None
+    return base if base is not None and (base / "train.jsonl").is_file() and (base / "test.jsonl").is_file() else None
+
+
 def _tinyzero_splits(data_file: str, eval_size: int):
-    """(train, test) of TinyZero's data file, split as TinyZero's preprocessing does; ValueError naming the flag."""
+    """(train, test) of TinyZero's data file, split as TinyZero's preprocessing does, or of bin/make_dataset's
+    train.jsonl / test.jsonl (whole: its test split shares no puzzle with train); ValueError naming the flag."""
     try:
-        train = tinyzero.load_puzzles(data_file, *tinyzero.TINYZERO_TRAIN)
-        test = tinyzero.load_puzzles(data_file, *tinyzero.TINYZERO_TEST)[:eval_size]
+        if made := _made_splits(data_file):
+            train = tinyzero.load_puzzles(made / "train.jsonl")
+            test = tinyzero.load_puzzles(made / "test.jsonl")[:eval_size]
+        else:
+            train = tinyzero.load_puzzles(data_file, *tinyzero.TINYZERO_TRAIN)
+            test = tinyzero.load_puzzles(data_file, *tinyzero.TINYZERO_TEST)[:eval_size]
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise ValueError(f"--data_file: {e} (expected TinyZero's Countdown-Tasks-3to4: its train split is rows "
-                         f"{tinyzero.TINYZERO_TRAIN}, its test split {tinyzero.TINYZERO_TEST}; without --data_file "
-                         f"the puzzles are generated)") from None
+                         f"{tinyzero.TINYZERO_TRAIN}, its test split {tinyzero.TINYZERO_TEST}; or bin/make_dataset's "
+                         "--out directory; without --data_file the puzzles are generated)") from None
     if not train:
         raise ValueError(f"--data_file: no training rows in {data_file}")
     return train, test

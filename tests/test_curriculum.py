@@ -112,6 +112,23 @@ def test_curriculum_off_evaluates_on_the_ladders_tinyzero_puzzles():
     assert off0 == off1 == [ladder[-1]]
 
 
+def test_make_datasets_output_is_a_data_file(tmp_path):
+    """bin/make_dataset's --out (or its train.jsonl) as --data_file: the top level trains on its train split and
+    evaluates on its test split, whole (it was read as TinyZero's 328,704-row file and refused)."""
+    from data.puzzles import make_splits
+    from data.task_data import level_puzzles
+    from data.tinyzero import save_splits
+
+    train, test = make_splits(40, 12, seed=3)
+    save_splits(tmp_path, {"train": train, "test": test})
+    for data_file in (tmp_path, tmp_path / "train.jsonl"):
+        _, trains, tests = level_puzzles("off", "first_rung", str(data_file), 50, 8, 0)
+        assert trains == [train] and tests == [test[:8]]
+    (tmp_path / "test.jsonl").unlink()  # a lone train.jsonl is read as TinyZero's file, whose row ranges it lacks
+    with pytest.raises(ValueError, match="--data_file: .*or bin/make_dataset's --out directory"):
+        level_puzzles("off", "first_rung", str(tmp_path / "train.jsonl"), 50, 8, 0)
+
+
 def test_a_level_whose_space_is_all_held_out_is_an_error_not_a_hang():
     easy = LEVELS[0]  # 115 distinct puzzles
     with pytest.raises(ValueError, match="every one of its puzzles is held out; lower --eval_size"):
