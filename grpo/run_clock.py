@@ -39,6 +39,7 @@ class StopClock:
                  start: float | None = None):
         self.now, self.limit = now, time_limit_s
         self.signalled: str | None = None  # the name of the signal received
+        self.stop_now = False  # a second Ctrl-C
         self._last = now()
         self.start = self._last if start is None else start
         self.steps: list[float] = []  # seconds between consecutive step_done calls (the first: since start)
@@ -49,6 +50,7 @@ class StopClock:
 
     def _on_signal(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.signalled == "SIGINT":
+            self.stop_now = True  # raised again at the step's end if the code it lands in swallows it
             raise KeyboardInterrupt
         self.signalled = signal.Signals(signum).name
         if signum == signal.SIGINT:
@@ -81,6 +83,10 @@ class StopClock:
         return self.MARGIN * statistics.median(recent)
 
     def reason_to_stop(self) -> str | None:
+        """Why to pause before the next step, or None; after a second Ctrl-C, KeyboardInterrupt (a library that
+        caught the one raised in its code must not turn "stop at once" into a pause)."""
+        if self.stop_now:
+            raise KeyboardInterrupt
         if self.signalled:
             return f"{self.signalled} received"
         if self.limit is not None and self.now() - self.start + self.next_step_s() + self.checkpoint_s > self.limit:
