@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from absl import flags, logging
+from absl import flags
 
 from bin import cli
 
@@ -41,7 +41,6 @@ def main(argv):
     cli.check_at_least(1, "prompts", "max_new_tokens", "repeats", "num_micro_batches")
     cli.check_at_least(0, "rollout_batch_size")
     cli.check_at_least(2, "num_generations")
-    logging.set_verbosity(logging.WARNING)  # orbax (start_run's checkpointer) logs every step it takes at INFO
     import jax
     import jax.numpy as jnp
 

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.disclaim_key_flags()  # the define_* functions below make key flags of the tool that calls them: its --help
@@ -37,6 +37,8 @@ def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> Non
     usage hint). argv: the command line (default sys.argv), so a test can run a binary in its own process."""
 
     def guarded(argv: list[str]) -> None:
+        if not FLAGS["verbosity"].present:  # absl's default shows INFO: JAX probing for a TPU, orbax's every file
+            logging.set_verbosity(logging.WARNING)
         try:
             main(argv)
         except FlagError as e:

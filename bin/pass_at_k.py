@@ -68,8 +68,8 @@ def main(argv):
     rollout_cfg = RolloutConfig(max_new_tokens=F.max_new_tokens, sampling=sampling, stop_at_answer=F.stop_at_answer)
     out = {}
     for i, level in enumerate(levels):
-        r = pass_at_k(params, model_cfg, task, task.eval_items(i), F.k, rollout_cfg, jax.random.key(F.seed),
-                      think=think)
+        r = pass_at_k(params, model_cfg, task, task.eval_items(i), F.k, rollout_cfg,
+                      jax.random.fold_in(jax.random.key(F.seed), i), think=think)  # each level its own draws
         print(f"{level.name:10s} pass@1 {r['pass@1']:.3f}  pass@{F.k} {r[f'pass@{F.k}']:.3f}  "
               f"format {r['format']:.3f}  reward {r['reward']:.3f}   e.g. {r['samples'][0][-80:]!r}", flush=True)
         out[level.name] = {k: v for k, v in r.items() if k != "samples"}

@@ -15,7 +15,7 @@ import dataclasses
 import re
 import sys
 
-from absl import flags, logging
+from absl import flags
 
 from bin import cli
 from bin.cli import FlagError
@@ -403,7 +403,6 @@ def _plan(machine, planner, given, model_cfg, lora_cfg, dtype, compute_dtype, me
 
 def main(argv):
     cli.no_extra_args(argv)
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     model_dir, dtype, task, grpo_cfg, rollout_cfg, train_cfg, mesh, lora_cfg = _setup()
     from grpo import planner
     from grpo.checkpoints import CheckpointMismatch
