@@ -227,7 +227,8 @@ def _rewind_file(path: Path, last_step: int) -> str | None:
         return None
     _write_atomic(path, "".join(line + "\n" for line in kept))
     return ", ".join(filter(None, [f"removed {torn} torn line(s)" if torn else "",
-                                   f"removed {dropped} line(s) past step {max(last_step, 0)}" if dropped else ""]))
+                                   f"removed {dropped} line(s) past step {last_step}" if dropped and last_step >= 0
+                                   else f"removed {dropped} line(s) (step 0 on: it re-runs)" if dropped else ""]))
 
 
 def _write_atomic(path: Path, text: str) -> None:

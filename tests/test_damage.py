@@ -101,7 +101,7 @@ def test_rewind_repairs_torn_line_and_drops_steps_past_the_checkpoint(tmp_path):
     assert notes == ["metrics.jsonl: removed 1 torn line(s), removed 2 line(s) past step 3",
                      "eval.jsonl: removed 1 line(s) past step 3"]
     assert RunLog(tmp_path, echo=lambda s: None).rewind(0) == [
-        "metrics.jsonl: removed 3 line(s) past step 0", "eval.jsonl: removed 1 line(s) past step 0"]
+        "metrics.jsonl: removed 3 line(s) past step 0", "eval.jsonl: removed 1 line(s) (step 0 on: it re-runs)"]
 
 
 def test_write_failure_names_the_file():
