@@ -162,9 +162,9 @@ def resolve_model_dir(value: str | None) -> Path:
         return Path(default_model_dir())
     if not value.strip():
         raise FlagError("--model_dir is empty: name a checkpoint directory or leave the flag out")
-    path = Path(value).expanduser()
-    if not path.is_dir():
-        raise FlagError(f"--model_dir: checkpoint directory not found: {path}" + (" (it is a file)" * path.exists()))
+    if not (path := Path(value).expanduser()).is_dir():
+        why = "not a directory" if path.exists() else "checkpoint directory not found"
+        raise FlagError(f"--model_dir: {why}: {path}")
     return path
 
 

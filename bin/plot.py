@@ -28,7 +28,7 @@ def main(argv: list[str]) -> None:
         raise FlagError("--run_dir is required")
     run_dir = Path(F.run_dir)
     if not run_dir.is_dir():
-        raise FlagError(f"--run_dir: no such directory {run_dir}" + (" (it is a file)" if run_dir.exists() else ""))
+        raise FlagError(f"--run_dir: {'not a directory:' if run_dir.exists() else 'no such directory'} {run_dir}")
     from grpo.report import OutError, plot_curves, pyplot  # after the checks: the analysis imports grpo (and so jax)
 
     plt = pyplot()

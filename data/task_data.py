@@ -11,7 +11,8 @@ from data import curriculum, tinyzero
 
 def level_puzzles(ladder: str, shaping: str, data_file: str | None, num_train: int, eval_size: int, seed: int):
     """(levels, train lists, held-out lists), easiest level first. The top level is TinyZero's: its puzzles come
-    from data_file when given (TinyZero's train / test split of it), else are generated like the others: held-out
+    from data_file when given (TinyZero's train / test split of it, or bin/make_dataset's pair; its training rows
+    less any level's held-out puzzle), else are generated like the others: held-out
     from the level's own seed (the same puzzles in every run), train from the run's seed. Bad input: ValueError
     naming the flag."""
     try:
@@ -24,7 +25,8 @@ def level_puzzles(ladder: str, shaping: str, data_file: str | None, num_train: i
         tests.append(top[1] if top else curriculum.heldout_split(levels[-1], eval_size))
         exclude = {p.key for test in tests for p in test}
         trains = [curriculum.train_split(level, num_train, seed, exclude) for level in levels[:-1]]
-        trains.append(top[0] if top else curriculum.train_split(levels[-1], num_train, seed, exclude))
+        trains.append([p for p in top[0] if p.key not in exclude] if top  # the file's rows, less the held-out
+                      else curriculum.train_split(levels[-1], num_train, seed, exclude))
     except ValueError as e:  # a level with fewer distinct puzzles than asked for
         raise ValueError(f"--eval_size / --num_train_puzzles: {e}") from None
     return levels, trains, tests

@@ -43,8 +43,9 @@ def quiet_abandoned_io() -> None:
         return
     previous = sys.unraisablehook
 
-    def hook(unraisable):
-        if not inspect.iscoroutine(unraisable.object):
+    def hook(unraisable):  # only orbax's own coroutines: any other unraisable error still prints
+        code = getattr(unraisable.object, "cr_code", None) if inspect.iscoroutine(unraisable.object) else None
+        if code is None or "orbax" not in code.co_filename:
             previous(unraisable)
 
     hook.quiet_abandoned_io = True
@@ -71,29 +72,40 @@ def state_signature(params, opt_state) -> list[list]:
 
 
 @jax.jit
-def _leaf_sums(leaves: list) -> list:
-    """Each leaf's bit patterns summed as uint32, wrapping: the same number in any summation order, so on any mesh."""
-    def one(x):
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            x = jax.random.key_data(x)
-        if x.dtype == jnp.bool_ or x.dtype.itemsize not in (1, 2, 4):
-            return jnp.sum(x.astype(jnp.uint32), dtype=jnp.uint32)
-        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
-        return jnp.sum(jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32), dtype=jnp.uint32)
+def _leaf_sum(x: jax.Array) -> jax.Array:
+    """A leaf's bit patterns summed as uint32, wrapping: the same number in any summation order, so on any mesh;
+    any one flipped bit changes it. One leaf per call: XLA:CPU materialises the reinterpreted copy, so the
+    temporary is at most the largest leaf, not the whole state."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_ or x.dtype.itemsize not in (1, 2, 4):
+        return jnp.sum(x.astype(jnp.uint32), dtype=jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    return jnp.sum(jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32), dtype=jnp.uint32)
 
-    return [one(x) for x in leaves]
 
-
-def state_checksum(params, opt_state) -> dict[str, int]:
-    """{"params": n, "opt_state": n}: a checksum of every bit of each tree (leaf sums weighted by position, mod
-    2**32), saved in a checkpoint's record and compared on restore: a file damaged where orbax reads it without
-    an error (flipped bits) would otherwise resume as garbage, NaN steps that the guard stops on."""
+def state_checksum(params, opt_state) -> dict[str, list[int]]:
+    """{"params": [...], "opt_state": [...]}: a checksum of each leaf's bits (in state_signature's order), saved in
+    a checkpoint's record and compared on restore: a file damaged where orbax reads it without an error (flipped
+    bits) would otherwise resume as garbage, NaN steps that the guard stops on."""
     out = {}
     for name, tree in (("params", params), ("opt_state", opt_state)):
-        sums = _leaf_sums(jax.tree.leaves(tree))
-        host = [int(np.asarray(x.addressable_data(0))) for x in sums]  # replicated scalars, on every process
-        out[name] = sum((i + 1) * v for i, v in enumerate(host)) % 2**32
+        sums = [_leaf_sum(leaf) for leaf in jax.tree.leaves(tree)]
+        out[name] = [int(np.asarray(x.addressable_data(0))) for x in sums]  # replicated scalars, on every process
     return out
+
+
+def checksum_mismatch(saved: dict, params, opt_state) -> str | None:
+    """The first leaf whose bits differ from the checksum saved with it (its path), or None."""
+    now = state_checksum(params, opt_state)
+    for name, tree in (("params", params), ("opt_state", opt_state)):
+        paths = [name + jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+        for path, want, got in zip(paths, saved.get(name, []), now[name], strict=False):
+            if want != got:
+                return path
+        if len(saved.get(name, [])) != len(now[name]):
+            return name
+    return None
 
 
 def signature_mismatch(saved: list[list], current: list[list]) -> str | None:
@@ -149,8 +161,10 @@ class TrainCheckpointer:
             ),
         )
         saved = out["record"].get("checksum")  # None: written before checksums
-        if saved is not None and saved != state_checksum(out["params"], out["opt_state"]):
-            raise ValueError("its arrays read back differ from the checksum saved with them (damaged files)")
+        bad = isinstance(saved, dict) and checksum_mismatch(saved, out["params"], out["opt_state"])
+        if bad:
+            raise ValueError(f"its arrays read back differ from the checksum saved with them (damaged files; first: "
+                             f"{bad})")
         return out["params"], out["opt_state"], out["record"]
 
     def read_record(self, step: int) -> dict:

@@ -26,6 +26,7 @@ import os
 import re
 import resource
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,6 +49,9 @@ RUN_ENTRIES = (*JSONL_FILES, STATUS_FILE, "run_config.json", "checkpoints", "bes
                "final_hf", "best_hf", "profile", "tensorboard", "wandb", "report.html", "curves.png")
 
 
+# transformers' files beside tokenizer.model in an HF checkpoint, copied from the source model into the exports
+HF_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "chat_template.jinja",
+                      "generation_config.json")
 LOCK_FILE = ".run.lock"  # held by the process running in the directory; not a RUN_ENTRY, so never set aside
 _claimed: dict[Path, object] = {}  # this process's open lock files: a lock lasts as long as its file stays open
 
@@ -68,12 +72,12 @@ def claim_run_dir(out: Path) -> Path:
         holder = f.read().strip()
         f.close()
         if e.errno in (errno.EAGAIN, errno.EACCES):
-            raise ValueError(f"--output_dir: another bin/train (pid {holder or '?'}) is running in {out}; let it "
-                             "finish (or stop it) first, or pick another --output_dir") from None
+            raise ValueError(f"--output_dir: another bin/train ({holder or 'a process'}) is running in {out}; let "
+                             "it finish (or stop it) first, or pick another --output_dir") from None
         return out
     f.seek(0)
     f.truncate()
-    f.write(f"{os.getpid()}\n")
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")  # a shared file system: the pid alone is ambiguous
     f.flush()
     _claimed[out] = f
     return out
@@ -252,8 +256,13 @@ def export_hf(directory: Path, model_cfg, params: dict, tokenizer_file: str | No
         if write and tokenizer_file is not None and Path(tokenizer_file).resolve() != target.resolve():
             shutil.copyfile(tokenizer_file, target)
         if write and tokenizer_file is not None:  # what transformers needs to tokenize as Gemma does
+            source = Path(tokenizer_file).parent
+            for name in HF_TOKENIZER_FILES:  # the source's own (a chat template, tokenizer.json) when it has them
+                if (source / name).is_file() and (source / name).resolve() != (Path(directory) / name).resolve():
+                    shutil.copyfile(source / name, Path(directory) / name)
             for name, content in hf_tokenizer_files(Tokenizer(target)).items():
-                _write_atomic(Path(directory) / name, json.dumps(content, indent=2) + "\n")
+                if not (Path(directory) / name).is_file():
+                    _write_atomic(Path(directory) / name, json.dumps(content, indent=2) + "\n")
     except Exception as e:  # noqa: BLE001 (safetensors raises its own error type for I/O)
         raise describe_write_failure(e, str(directory)) from None
 

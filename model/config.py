@@ -203,7 +203,7 @@ def _layer_types(hf: dict, arch: str, layers: int) -> tuple[str, ...]:
     if hf.get("layer_types"):
         types = tuple(hf["layer_types"])
         if len(types) != layers:
-            raise ValueError(f"config.json layer_types has {len(types)} entries but num_hidden_layers={layers}")
+            raise ValueError(f"layer_types has {len(types)} entries but num_hidden_layers={layers}")
         return types
     if arch == "gemma2":
         return gemma2_layer_types(layers)
@@ -212,10 +212,13 @@ def _layer_types(hf: dict, arch: str, layers: int) -> tuple[str, ...]:
 
 def config_from_hf(hf: dict, name: str = "checkpoint") -> GemmaConfig:
     """Build a GemmaConfig from a parsed HF `config.json` (transformers 4.x or 5.x key style)."""
-    if not isinstance(hf, dict) or not isinstance(hf.get("text_config", {}), dict):
+    if not isinstance(hf, dict):
         raise ValueError(f"config.json must hold a JSON object, got {type(hf).__name__}")
     if hf.get("model_type") == "gemma3" and "text_config" in hf:  # multimodal wrapper: take the text tower
-        hf = {**hf["text_config"], "model_type": "gemma3_text"}
+        text = hf["text_config"] or {}  # null: transformers' defaults, as for any key left out
+        if not isinstance(text, dict):
+            raise ValueError(f"config.json: text_config must be a JSON object, got {type(text).__name__}")
+        hf = {**text, "model_type": "gemma3_text"}
     model_type = hf.get("model_type")
     if model_type not in _ARCHS:
         raise ValueError(f"unsupported model_type {model_type!r} in config.json; supported: {sorted(_ARCHS)}")
@@ -244,8 +247,8 @@ def config_from_hf(hf: dict, name: str = "checkpoint") -> GemmaConfig:
         )
     except KeyError as e:
         raise ValueError(f"config.json is missing required key {e.args[0]!r}") from None
-    except TypeError as e:  # a list or an object where a number goes
-        raise ValueError(f"config.json has a value of the wrong kind: {e}") from None
+    except (TypeError, ValueError, AttributeError) as e:  # text or a list where a number goes, a bad rope dict
+        raise ValueError(f"config.json: {e}") from None
 
 
 def _first_id(value, default: int) -> int:

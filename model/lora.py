@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -47,8 +48,9 @@ class LoraConfig:
     targets: tuple[str, ...] = TARGETS
 
     def __post_init__(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral):
             raise ValueError(f"--lora_rank must be an integer, got {self.rank!r}")
+        object.__setattr__(self, "rank", int(self.rank))  # numpy's integers hash and print as Python's
         # Normalised here so equal settings hash equal (the config is a static jit argument).
         object.__setattr__(self, "targets", tuple(self.targets))
         if self.alpha is None:

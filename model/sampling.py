@@ -42,8 +42,8 @@ class SamplingConfig:
 
     def __post_init__(self):
         t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or 0 < t < MIN_TEMPERATURE \
-                or t < 0:
+        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or (t < MIN_TEMPERATURE
+                                                                                            and t != 0):
             raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, got {t!r}")
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
                                        or self.top_k < 1):

@@ -124,6 +124,11 @@ def test_make_datasets_output_is_a_data_file(tmp_path):
     for data_file in (tmp_path, tmp_path / "train.jsonl"):
         _, trains, tests = level_puzzles("off", "first_rung", str(data_file), 50, 8, 0)
         assert trains == [train] and tests == [test[:8]]
+    # a training row that is another level's held-out puzzle leaves the top level's training list
+    _, _, ladder_tests = level_puzzles("countdown", "first_rung", None, 50, 8, 0)
+    save_splits(tmp_path, {"train": [ladder_tests[2][0], *train], "test": test})
+    _, trains, _ = level_puzzles("countdown", "first_rung", str(tmp_path), 50, 8, 0)
+    assert trains[-1] == train
     (tmp_path / "test.jsonl").unlink()  # a lone train.jsonl is read as TinyZero's file, whose row ranges it lacks
     with pytest.raises(ValueError, match="--data_file: .*or bin/make_dataset's --out directory"):
         level_puzzles("off", "first_rung", str(tmp_path / "train.jsonl"), 50, 8, 0)

@@ -19,7 +19,7 @@ import pytest
 from binaries import CLASSIC_LOOP, FAST_COMPILE, ROOT
 from tiny_model import make_tiny_model_dir
 
-from grpo.checkpoints import DAMAGED_DIR, CheckpointMismatch, TrainCheckpointer
+from grpo.checkpoints import DAMAGED_DIR, CheckpointMismatch, TrainCheckpointer, checksum_mismatch, state_checksum
 from grpo.run_files import RunLog, describe_write_failure
 
 W = np.random.default_rng(0).normal(size=2000).astype(np.float32)  # incompressible: orbax stores the bytes as they are
@@ -56,7 +56,7 @@ def test_damaged_latest_is_set_aside_and_previous_restored(tmp_path, damage):
     elif damage == "checksum":
         record = next((latest / "record").iterdir())
         text = json.loads(record.read_text())
-        text["checksum"]["params"] = (text["checksum"]["params"] + 1) % 2**32
+        text["checksum"]["params"][-1] = (text["checksum"]["params"][-1] + 1) % 2**32
         record.write_text(json.dumps(text))
     elif damage == "truncate":
         with open(_biggest_file(latest / "params"), "r+b") as f:
@@ -78,6 +78,21 @@ def test_damaged_latest_is_set_aside_and_previous_restored(tmp_path, damage):
     aside = list((tmp_path / DAMAGED_DIR).iterdir())
     assert len(aside) == 1 and aside[0].name.startswith("3-")  # kept for inspection, not deleted
     assert not latest.exists()
+
+
+@pytest.mark.parametrize("bit", [0, 22, 30, 31])  # mantissa, exponent, sign
+def test_one_flipped_bit_in_any_leaf_is_named(bit):
+    """Reference: the leaf whose bit was flipped. Each leaf keeps its own sum (one sum over leaves weighted by their
+    position lost the top bits of even-position leaves: a sign flip there went unseen)."""
+    params, opt_state = _state(3.0)
+    saved = state_checksum(params, opt_state)
+    assert checksum_mismatch(saved, params, opt_state) is None
+    for path, leaf in [("params['n']['b']", params["n"]["b"]), ("params['w']", params["w"])]:
+        bits = np.asarray(leaf).copy().view(np.uint32)
+        bits.flat[7] ^= np.uint32(1 << bit)
+        changed = {**params, "n": {"b": jnp.asarray(bits.view(np.float32))}} if "n" in path else {
+            **params, "w": jnp.asarray(bits.view(np.float32))}
+        assert checksum_mismatch(saved, changed, opt_state) == path
 
 
 def test_other_state_is_a_mismatch_not_damage(tmp_path):

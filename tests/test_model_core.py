@@ -96,8 +96,13 @@ def test_config_errors_are_clear():
         config_from_hf(_hf_gemma2(tie_word_embeddings=False))
     with pytest.raises(ValueError, match="must hold a JSON object"):
         config_from_hf([1, 2])
-    with pytest.raises(ValueError, match="wrong kind"):
-        config_from_hf(_hf_gemma2(hidden_size=[2304]))
+    for bad in ([2304], "abc"):  # a TypeError / a bare int() ValueError before
+        with pytest.raises(ValueError, match=r"^config.json: "):
+            config_from_hf(_hf_gemma2(hidden_size=bad))
+    with pytest.raises(ValueError, match=r"^config.json: "):  # an AttributeError traceback before
+        config_from_hf(_hf_gemma2(rope_scaling=[8.0]))
+    with pytest.raises(ValueError, match="text_config must be a JSON object, got list"):
+        config_from_hf({"model_type": "gemma3", "text_config": [1]})
     with pytest.raises(ValueError, match="num_kv_heads 0"):
         config_from_hf(_hf_gemma2(num_key_value_heads=0))
     yarn = {"full_attention": {"rope_type": "yarn", "factor": 8.0}, "sliding_attention": {"rope_type": "default"}}

@@ -193,8 +193,8 @@ def test_a_second_run_in_a_busy_output_dir_is_refused(train, tmp_path):
     model_dir = make_tiny_model_dir(tmp_path / "model")
     out = tmp_path / "run"
     out.mkdir()
-    hold = ("import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write('4242\\n'); "
-            "f.flush(); print('held', flush=True); time.sleep(120)")
+    hold = ("import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "f.write('pid 4242 on elsewhere\\n'); f.flush(); print('held', flush=True); time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", hold, str(out / LOCK_FILE)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -202,12 +202,32 @@ def test_a_second_run_in_a_busy_output_dir_is_refused(train, tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    assert "--output_dir: another bin/train (pid 4242) is running in" in line
+    assert "--output_dir: another bin/train (pid 4242 on elsewhere) is running in" in line
     assert [p.name for p in out.iterdir()] == [LOCK_FILE]
     # --noresume would move the run's own export, the model it starts from, into previous_runs/
     shutil.copytree(model_dir, out / "final_hf")
     line = _error_line(train("--model_dir", str(out / "final_hf"), "--output_dir", str(out), "--noresume"))
     assert "--model_dir:" in line and "which --noresume moves into" in line
+
+
+def test_a_run_holds_its_output_dir_until_it_exits(tmp_path):
+    """Reference: another process's non-blocking flock on the lock file, refused while this one holds it; the file
+    names this process."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from grpo.run_files import LOCK_FILE, claim_run_dir
+
+    claim_run_dir(tmp_path)
+    try_lock = ("import fcntl, sys; f = open(sys.argv[1], 'a+')\ntry: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+                "except BlockingIOError: print('busy')\nelse: print('free')")
+    other = subprocess.run([sys.executable, "-c", try_lock, str(tmp_path / LOCK_FILE)], capture_output=True,
+                           text=True, timeout=60)
+    assert other.stdout.strip() == "busy", other.stderr
+    assert (tmp_path / LOCK_FILE).read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
+    assert claim_run_dir(tmp_path) == tmp_path.resolve()  # this process again: already its own
 
 
 def test_help_lists_the_shared_flags():
