@@ -60,7 +60,7 @@ def main(argv):
     if F.machine:
         from grpo import planner
 
-        given = {k: F[k].value for k in ("num_micro_batches", "rollout_batch_size") if F[k].present}
+        given = {k: F[k].value for k in ("num_micro_batches", "rollout_batch_size", "remat") if F[k].present}
         with cli.flag_errors():
             machine = planner.resolve_machine(F.machine, jax.devices())
             bench, plan = grpo_bench.planned(bench, machine, model_cfg, tok, mesh, given)

@@ -94,16 +94,16 @@ def _task(bench: BenchConfig, tokenizer) -> CountdownTask:
 
 def planned(bench: BenchConfig, machine, model_cfg: GemmaConfig, tokenizer, mesh: Mesh,
             given: dict[str, int]) -> tuple[BenchConfig, object]:
-    """bench on `machine` (grpo/presets.py): its remat, bf16 compute off-CPU unless the machine says float32,
-    and the micro-batches and rows per sampler call its plan gives for this model and shape (grpo/planner.py).
-    Returns (that bench, the plan)."""
+    """bench on `machine` (grpo/presets.py): its remat (unless `given` says, as an explicit --remat / --noremat),
+    bf16 compute off-CPU unless the machine says float32, and the micro-batches and rows per sampler call its
+    plan gives for this model and shape (grpo/planner.py). Returns (that bench, the plan)."""
     from grpo import planner
     from grpo.rollout import align_grpo_config
 
     backend = jax.default_backend()
     planner.check_platform(machine, backend)  # another platform's budget is not this machine's memory
     compute = "bfloat16" if backend != "cpu" and machine.dtype != "float32" else None
-    bench = dataclasses.replace(bench, remat=machine.remat, compute_dtype=compute)
+    bench = dataclasses.replace(bench, remat=given.get("remat", machine.remat), compute_dtype=compute)
     grpo_cfg, rollout_cfg = bench.run_configs()
     train, _ = puzzles.make_splits(64, 1, 0)
     task = CountdownTask(train=[train], test=[train[:1]], tokenizer=tokenizer)

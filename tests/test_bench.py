@@ -37,16 +37,18 @@ def test_bench_train_refuses_a_shape_that_cannot_fit_before_allocating():
 
 def test_bench_grpo_splits_the_step_into_its_phases(tmp_path):
     """The trainer's phases timed one by one, with --machine auto's plan (this CPU: the tiny model's programs
-    against this machine's RAM, so one micro-batch and all 16 rows in one sampler call)."""
+    against this machine's RAM, so one micro-batch and all 16 rows in one sampler call); an explicit --noremat
+    wins over the machine's remat, as every explicit flag does in bin/train."""
     from tiny_model import make_tiny_model_dir
 
     model_dir = make_tiny_model_dir(tmp_path / "model")
     out = run_tool("bench_grpo", f"--model_dir={model_dir}", "--max_new_tokens", "8", "--repeats", "2", "--json",
-                   "--machine", "auto", env={"AHA_CACHE_DIR": str(tmp_path / "cache")}, timeout=600)
+                   "--machine", "auto", "--noremat", env={"AHA_CACHE_DIR": str(tmp_path / "cache")}, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert (result["prompts"], result["num_generations"], result["beta"]) == (4, 4, 0.04)
     assert (result["machine"], result["num_micro_batches"], result["rollout_batch_size"]) == ("auto", 1, 16)
+    assert result["remat"] is False  # the cpu machine's remat is on
     assert "from memory analysis, 2 programs compiled" in out.stdout
     median, steps = result["median"], result["steps"]
     for key in ("rollout_s", "reference_s", "update_s", "total_s"):
