@@ -276,7 +276,8 @@ def console_line(m: dict) -> str:
             f"train {m['train_s']:.1f}s | {m['sample_tokens_per_s']:.0f} tok/s" + _entropy_part(m)
             + (f" | level {m['level']}" if "level" in m else "")
             + (f" | x{m['oversample_ratio']:.0f} sampled" if m.get("oversample_ratio", 1) > 1 else "")
-            + (" | SKIPPED (non-finite)" if m.get("skipped") else ""))
+            + (" | SKIPPED (non-finite)" if m.get("skipped") else "")
+            + (" | no update: no group with signal" if m.get("num_completion_tokens") == 0 else ""))
 
 
 def _entropy_part(m: dict) -> str:

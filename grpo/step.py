@@ -209,10 +209,13 @@ def _step_body(frozen, trained, opt_state, batch, *, loss_of, grpo_cfg, specs, t
     updates, new_state = tx.update(grads, opt_state, trained)
     new_trained = optax.apply_updates(trained, updates)
     new_state = jax.tree.map(lambda n, o: n.astype(o.dtype), new_state, opt_state)  # a stable signature
-    ok = jnp.isfinite(shares["loss"]) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(shares["loss"]) & jnp.isfinite(grad_norm)
+    # No token to learn from (every group without signal, masked out): no update at all. AdamW would still move
+    # the weights by its momentum and the weight decay, and advance the schedule, on a zero gradient.
+    ok = finite & (num_tokens > 0)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
     metrics = {**shares, "grad_norm": grad_norm, "learning_rate": new_state.hyperparams["learning_rate"],
-               "num_completion_tokens": num_tokens, "skipped": 1.0 - ok.astype(jnp.float32)}
+               "num_completion_tokens": num_tokens, "skipped": 1.0 - finite.astype(jnp.float32)}
     return keep(new_trained, trained), keep(new_state, opt_state), metrics
 
 

@@ -86,7 +86,14 @@ def test_one_step_builder_for_both_modes(setup, mode):
     frozen_before, trained_before = _host(frozen), _host(trained)
 
     step = grpo.make_policy_step(policy, GCFG, mesh, compiler_options=FAST)
-    new, _, metrics = step(frozen, trained, opt_state, batch)
+    new, new_opt, metrics = step(frozen, trained, opt_state, batch)
+    # a batch with no token to learn from (every group masked out as without signal) leaves the state as it is:
+    # AdamW moved the weights by its momentum and weight decay on the zero gradient, and advanced its schedule
+    before = _host((new, new_opt))
+    still, still_opt, empty = step(frozen, new, new_opt, {**batch, "completion_mask": 0 * batch["completion_mask"]})
+    assert _max_diff((still, still_opt), before) == 0.0
+    assert (float(empty["num_completion_tokens"]), float(empty["skipped"]), float(empty["loss"])) == (0, 0, 0)
+    new, new_opt = before
 
     assert abs(float(metrics["loss"]) - float(want_loss)) <= TOL
     for k in ("pg_loss", "kl", "clip_frac", "entropy"):

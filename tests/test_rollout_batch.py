@@ -100,3 +100,12 @@ def test_pass_at_k_counts_puzzles_solved_at_least_once(task, monkeypatch):
     cfg = tiny_config("gemma3", vocab_size=tok.vocab_size)
     out = evaluation.pass_at_k(None, cfg, task, items, 2, RolloutConfig(stop_at_answer=False), None)
     assert (out["pass@1"], out["pass@2"], out["format"]) == (0.5, pytest.approx(2 / 3), 1.0)
+
+
+def test_the_console_says_when_a_step_updates_nothing():
+    from grpo.run_files import console_line
+
+    m = {"step": 3, "reward_mean": 0.1, "solved_frac": 0.0, "format_frac": 1.0, "completion_len_mean": 9.0,
+         "aha_count": 0, "sample_s": 1.0, "train_s": 1.0, "sample_tokens_per_s": 9.0, "num_completion_tokens": 0.0}
+    assert console_line(m).endswith(" | no update: no group with signal")
+    assert "no update" not in console_line({**m, "num_completion_tokens": 12.0})
