@@ -8,7 +8,10 @@
 
 Aggregations take their denominators (completion tokens, rows) as ARGUMENTS, for the whole batch:
 a micro-batch on one device contributes sum(its loss_t) / global denominator, so summing the
-pieces over micro-batches and devices gives exactly the full-batch loss and gradient.
+pieces over micro-batches and devices gives exactly the full-batch loss and gradient. Rows masked out whole
+(groups without signal, truncated rows under mask_truncated_completions) leave token_mean's denominator but stay
+in sequence_mean's and dr_grpo's row count B, as in TRL: for those two the step's gradient shrinks with the share
+of rows kept.
 
 Metrics (kl, clip_frac, entropy) are token means over completion tokens whatever the loss_type;
 loss and pg_loss use the loss_type's aggregation. kl exists only when reference logprobs were given. The
