@@ -7,8 +7,8 @@ metrics.jsonl, also sent where users already watch their runs. metrics.jsonl sta
 
 Neither package is a dependency (extras `tensorboard` -> tensorboardX, `wandb` -> wandb); each is imported only
 when asked for, and a missing one is a one-line ValueError naming --log_to and the pip command, raised before
-any training starts. Only numbers are logged: None (kl when beta == 0), strings (the curriculum level) and
-non-finite values are skipped. Call these from process 0 only (the trainer's RunLog.main).
+any training starts. Only numbers are logged, dicts of them one curve per key: None (kl when beta == 0), strings
+(the curriculum level) and non-finite values are skipped. Call these from process 0 only (the trainer's RunLog.main).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Protocol
 
 WANDB_PROJECT = "getting-to-aha"
+# Shares of the answer shapes the completions took: new keys (curves) every step, and text as tag names.
+UNLOGGED = ("answer_templates",)
 EXTRAS = {"tensorboard": ("tensorboardX", "tensorboardX"), "wandb": ("wandb", "wandb")}  # name: (module, extra pkg)
 
 
@@ -31,9 +33,15 @@ class Logger(Protocol):
 
 def scalars(metrics: dict, prefix: str = "") -> dict[str, float]:
     """The loggable part of a metrics dict: finite numbers (bools as 0/1), keys prefixed; 'step' is the x axis,
-    not a curve."""
+    not a curve. Dicts of numbers become one curve per key, named by path (`solved_by_level/2x1-9`,
+    `aha_by_level/2x1-9/aha_frac`): the per-level evals are where a ladder run's progress shows."""
     out = {}
     for key, value in metrics.items():
+        if key in UNLOGGED:
+            continue
+        if isinstance(value, dict):
+            out.update(scalars(value, f"{prefix}{key}/"))
+            continue
         if key == "step" or value is None or isinstance(value, str):
             continue
         try:

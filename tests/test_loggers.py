@@ -22,6 +22,16 @@ def test_scalars_keeps_finite_numbers_only():
     assert scalars(STEPS[0], "train/") == {"train/reward_mean": 0.25, "train/skipped": 0.0, "train/aha/wait": 2.0}
 
 
+def test_per_level_dicts_become_one_curve_per_level():
+    """Reference: eval.jsonl's nested fields (the per-level evals were dropped: a ladder run logged only the top
+    level's solved rate, 0 on a CPU run, while 2x1-9's rose); answer shapes, whose keys are text that changes every
+    step, are not logged."""
+    row = {"step": 4, "eval_solved_frac": 0.0, "solved_by_level": {"2x1-9": 0.25, "tinyzero": 0.0},
+           "aha_by_level": {"2x1-9": {"aha_frac": 0.5, "solved_with_aha": None}}, "answer_templates": {"a + b": 1.0}}
+    assert scalars(row, "eval/") == {"eval/eval_solved_frac": 0.0, "eval/solved_by_level/2x1-9": 0.25,
+                                     "eval/solved_by_level/tinyzero": 0.0, "eval/aha_by_level/2x1-9/aha_frac": 0.5}
+
+
 def test_bad_names_are_one_line_errors(monkeypatch):
     assert check_names([]) == [] and make_loggers(["", " "], "unused", {}) == []
     with pytest.raises(ValueError, match=r"^--log_to: unknown logger 'mlflow' \(choose from tensorboard, wandb\)$"):

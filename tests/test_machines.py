@@ -126,8 +126,9 @@ def test_bin_train_full_fine_tuning_that_cannot_fit_names_the_flag(tmp_path):
 
 def test_bin_train_machine_auto_on_cpu_prints_its_plan_and_runs(tmp_path):
     """--machine auto on this CPU is the cpu machine: its hardware choices reach the run (float32, remat, LoRA rank
-    16 as bin/train's default: full fine-tuning before, which doubled a laptop's step time and memory), the plan comes from the tiny model's compiled programs against this machine's RAM (one
-    micro-batch, all 64 rows in one sampler call), and the run finishes."""
+    16 as bin/train's default: full fine-tuning before, which doubled a laptop's step time and memory), the plan
+    comes from the tiny model's compiled programs against this machine's RAM (one micro-batch, all 64 rows in one
+    sampler call), and the run finishes."""
     from tiny_model import make_tiny_model_dir
 
     model_dir = make_tiny_model_dir(tmp_path / "model")
