@@ -207,7 +207,7 @@ def report(n: dict) -> str:
         bar = n["fit_fraction"] * n["device_bytes"]
         lines += [f"machine {n['machine']}: {_size(n['device_bytes'])} per device, bar {_size(int(bar))} "
                   f"({n['fit_fraction']:.2f}x); {n['compiled_as']}",
-                  f"  step     {_size(n['peak_bytes_per_device'])}  fits: {n['step_fits']}",
+                  f"  {n['what']:8s} {_size(n['peak_bytes_per_device'])}  fits: {n['step_fits']}",
                   f"  rollout  {_size(n['rollout_bytes_per_device'])}  fits: {n['rollout_fits']} "
                   f"({n['rollout_rows']} rows per sampler call; upper bound, see grpo/planner.py)",
                   f"fits: {n['fits']}"]
@@ -251,9 +251,11 @@ def machine_check(cfg: GemmaConfig, opts: InspectOptions, machine: Machine, roll
         raise ValueError(f"--max_new_tokens must be in 1..{opts.seq_len - 1} (inside --seq_len), got {max_new_tokens}")
     n = numbers(cfg, opts, lower(cfg, opts.float32_program()).compile())
     itemsize = np.dtype(opts.param_dtype).itemsize
-    if itemsize < 4:  # bf16 storage: the compiled float32 params are twice the real ones
-        n["peak_bytes_per_device"] -= cfg.num_params() * (4 - itemsize) // opts.fsdp * (
-            1 + int(bool(opts.beta) and not opts.lora))
+    if itemsize < 4:  # bf16 storage: the compiled float32 params are twice the real ones (arguments and peak alike,
+        # so the report's lines still add up)
+        stored_as = cfg.num_params() * (4 - itemsize) // opts.fsdp * (1 + int(bool(opts.beta) and not opts.lora))
+        n["peak_bytes_per_device"] -= stored_as
+        n["argument_bytes"] -= stored_as
     new_tokens = max_new_tokens or max(1, opts.seq_len - planner.PROMPT_TOKENS)
     rows = rollout_rows or min(machine.rollout_rows, opts.batch)
     sample_bytes = 2 if (opts.compute_dtype == "bfloat16" or itemsize == 2) else 4

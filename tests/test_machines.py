@@ -52,6 +52,8 @@ def test_gemma2_2b_step_fits_every_accelerator_machine(name):
     assert 0 < n["peak_bytes_per_device"] <= bar, (name, n["peak_bytes_per_device"] / 2**30)
     assert 0 < n["rollout_bytes_per_device"] <= bar, (name, n["rollout_bytes_per_device"] / 2**30)
     assert n["fits"] is True
+    # the report's lines add up (bf16 storage corrected the peak but not the arguments it is the sum of)
+    assert n["argument_bytes"] + n["output_bytes"] - n["alias_bytes"] + n["temp_bytes"] == n["peak_bytes_per_device"]
 
 
 def test_the_check_can_fail_and_explicit_flags_win():
