@@ -280,15 +280,16 @@ def eval_phase(ctx: RunContext, state: LoopState) -> LoopState:
                                 batch_size=rows, think=ctx.train_cfg.eval_think)
     metrics["eval_s"] = time.perf_counter() - t0
     ctx.log.write("eval.jsonl", {"step": state.step, **metrics})
-    ctx.log.scalars(state.step, {k: v for k, v in metrics.items() if k != "solved_by_level"})
+    ctx.log.scalars(state.step, metrics)
     for s in samples:
         if s["group"] < EVAL_SAMPLES_KEPT:  # the first few of each held-out set
             ctx.log.write("eval_samples.jsonl", {**s, "step": state.step})
     by_level = metrics.get("solved_by_level", {})
     levels = " | by level " + " ".join(f"{k} {v:.2f}" for k, v in by_level.items()) if len(by_level) > 1 else ""
+    top = f"top level {list(by_level)[-1]}: " if len(by_level) > 1 else ""  # the headline numbers are its
     score, order = eval_score(metrics)
     improved = better(score, state.best_score)
-    ctx.log.say(f"eval step {state.step}: solved {metrics['eval_solved_frac']:.3f} "
+    ctx.log.say(f"eval step {state.step}: {top}solved {metrics['eval_solved_frac']:.3f} "
                 f"format {metrics['eval_format_frac']:.3f} reward {metrics['eval_reward_mean']:.3f}{levels} "
                 f"({metrics['eval_s']:.1f}s)" + (" | best so far, saved to best/" if improved else ""))
     state = dataclasses.replace(state, last_eval=metrics)
