@@ -27,7 +27,7 @@ from model.config import named_config
 
 F = flags.FLAGS
 cli.define_model_dir_flag()
-flags.DEFINE_bool("random", False, "Random weights of --preset instead of a checkpoint.")
+flags.DEFINE_bool("random", False, "Random weights of --preset instead of a checkpoint (implied by --preset).")
 flags.DEFINE_string("preset", "gemma3-270m", "Model preset for --random (model.PRESETS, or tiny-gemma2 / tiny-gemma3).")
 flags.DEFINE_integer("rows", 16, "Batch rows.")
 flags.DEFINE_integer("prompt_len", 160, "Prompt tokens per row (left part).")
@@ -90,6 +90,7 @@ def _compare_hf(model_dir, results: dict) -> dict:
 def main(argv):
     cli.no_extra_args(argv)
     cli.expand_user("profile_dir")
+    F.random = F.random or F["preset"].present  # a preset's random weights: a checkpoint has its own config
     _check_flags()
     model_dir, model_cfg = _model_config()
     if F.profile_dir is not None:  # last of the checks: it makes the directory

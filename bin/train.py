@@ -86,7 +86,8 @@ flags.DEFINE_integer("checkpoint_every", _default(T, "checkpoint_every"), "Check
 flags.DEFINE_integer("keep_checkpoints", _default(T, "keep_checkpoints"), "Checkpoints kept.")
 flags.DEFINE_integer("seed", _default(T, "seed"), "Seeds data order, sampling and puzzle generation.")
 flags.DEFINE_bool("resume", _default(T, "resume"), "Continue from the latest checkpoint in --output_dir.")
-flags.DEFINE_list("profile_steps", [], "A,B: wrap steps A..B in jax.profiler.trace into <output_dir>/profile.")
+flags.DEFINE_list("profile_steps", [], "A,B: wrap loop steps A..B, counted from 0 (metrics.jsonl's A+1..B+1), in "
+                  "jax.profiler.trace into <output_dir>/profile.")
 flags.DEFINE_string("time_limit", None, "Pause before a step would end past this much wall time (e.g. 8h30m, 45m, "
                     "600s): checkpoint and exit cleanly; re-run to continue. SIGTERM pauses the same way.")
 flags.DEFINE_integer("max_bad_steps", _default(GC, "max_bad_steps"), "Stop after this many non-finite steps in a "
@@ -250,7 +251,10 @@ def _check_batch_layout(axes: dict[str, int]) -> None:
 
 def _configs(compute_dtype: str | None):
     """GRPOConfig, RolloutConfig and TrainConfig from the flags; a rejected value names its flag."""
-    eval_think, time_limit_s, log_to = cli.think_budget(F.max_new_tokens), _time_limit_s(), tuple(_check_loggers())
+    from grpo.loggers import check_names  # an unknown logger or a missing package: one line naming --log_to
+
+    eval_think, time_limit_s, log_to = cli.think_budget(F.max_new_tokens), _time_limit_s(), tuple(
+        _named(check_names, F.log_to))
     try:  # the configs name the field, which is the flag's name
         grpo_cfg = GRPOConfig(
             num_generations=F.num_generations, beta=F.beta, entropy_coef=F.entropy_coef,
@@ -307,12 +311,6 @@ def _time_limit_s() -> float | None:
     if total <= 0:
         raise FlagError(f"--time_limit must be positive, got {F.time_limit!r}")
     return total
-
-
-def _check_loggers() -> list[str]:
-    from grpo.loggers import check_names
-
-    return _named(check_names, F.log_to)  # unknown name or missing package; the message names --log_to
 
 
 def _setup():
