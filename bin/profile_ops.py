@@ -1,4 +1,4 @@
-"""Summarise a jax.profiler trace per HLO op, named by source scope (grpo/profile_ops.py).
+"""Summarise a jax.profiler trace per HLO op, by source scope where a benchmark saved its HLO (grpo/profile_ops.py).
 
     bin/bench_train --rows 16 --repeats 1 --tails completion --profile_dir runs/prof   # writes and summarises
     bin/profile_ops runs/prof/completion     # again; or a bin/train --output_dir traced with --profile_steps A,B
