@@ -95,7 +95,7 @@ MACHINES: dict[str, Machine] = {m.name: m for m in (
     Machine("gpu-80g", "one 80 GB GPU (A100 / H100; 79.6 GiB as the driver reports it)", "gpu", 1, 79.6,
             "data=1,fsdp=1", "auto", 16, True, 0, 64, SEQ, 64),
     # A laptop or a small CPU box: float32 (bf16 is slower on CPU), the laptop recipe's shape and its LoRA rank 16
-    # (bin/train's default; full fine-tuning of the 270M took 2.2x the step time and 1.9x the memory, BUILD.md).
+    # (bin/train's default: full fine-tuning is much slower and larger on a laptop, BUILD.md "Machine presets").
     Machine("cpu", "CPU (this machine's RAM; float32)", "cpu", None, None, None, "float32", 2, True, 16, 48,
             PROMPT_TOKENS + 64, 48),
 )}
