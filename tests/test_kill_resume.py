@@ -155,7 +155,9 @@ def test_time_limit_and_signals_pause_cleanly_and_continue_and_noresume_starts_o
     out = tmp_path / "paused"
     assert _run_until(_command(tiny_dir, out, "--time_limit=1s"), env) == "finished"  # exits cleanly, early
     assert _status(out) == "paused" and not (out / "final_hf").exists()
-    assert 1 <= _lines(out / "metrics.jsonl") < STEPS
+    # the limit counts from the start, compiles and the step-0 eval included: under load the pause may come before
+    # step 1 (it did in one CI run), so 0 steps is a valid early pause too
+    assert _lines(out / "metrics.jsonl") < STEPS
     cmd = _command(tiny_dir, out)
     for sig in (signal.SIGTERM, signal.SIGINT):
         start = _lines(out / "metrics.jsonl")
