@@ -135,7 +135,7 @@ flags.DEFINE_bool("mask_truncated_completions", _default(G, "mask_truncated_comp
                   "hit the token budget from the loss.")
 flags.DEFINE_integer("num_iterations", _default(G, "num_iterations"), "mu: updates per rollout batch.")
 flags.DEFINE_integer("num_micro_batches", _default(G, "num_micro_batches"), "Gradient accumulation micro-batches.")
-flags.DEFINE_integer("warmup_steps", _default(G, "warmup_steps"), "Linear warmup steps.")
+flags.DEFINE_integer("warmup_steps", _default(G, "warmup_steps"), "Linear warmup updates (steps that update).")
 flags.DEFINE_enum("lr_schedule", _default(G, "lr_schedule"), ["constant", "cosine"], "Schedule after warmup.")
 flags.DEFINE_float("weight_decay", _default(G, "weight_decay"), "AdamW weight decay.")
 flags.DEFINE_float("max_grad_norm", _default(G, "max_grad_norm"), "Global gradient-norm clip.")

@@ -52,7 +52,8 @@ from model.params import abstract_params, check_against_schema, map_schema, para
 
 
 def make_schedule(grpo_cfg: GRPOConfig) -> optax.Schedule:
-    """Linear warmup from 0, then cosine decay to 0 at total_steps, or constant."""
+    """Linear warmup from 0, then cosine decay to 0 at total_steps, or constant; counted in updates (a step with
+    nothing to learn from does not advance it, grpo/step.py)."""
     if grpo_cfg.lr_schedule == "cosine":
         decay_steps = max(grpo_cfg.total_steps, grpo_cfg.warmup_steps + 1)
         return optax.warmup_cosine_decay_schedule(0.0, grpo_cfg.learning_rate, grpo_cfg.warmup_steps, decay_steps)

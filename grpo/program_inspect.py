@@ -207,7 +207,10 @@ def report(n: dict) -> str:
         bar = n["fit_fraction"] * n["device_bytes"]
         lines += [f"machine {n['machine']}: {_size(n['device_bytes'])} per device, bar {_size(int(bar))} "
                   f"({n['fit_fraction']:.2f}x); {n['compiled_as']}",
-                  f"  {n['what']:8s} {_size(n['peak_bytes_per_device'])}  fits: {n['step_fits']}",
+                  *([f"  reference {_size(n['reference_bytes_per_device'])} (full fine-tuning with a KL term "
+                     "keeps the weights' reference copy on the device)"] if n["reference_bytes_per_device"] else []),
+                  f"  {n['what']:8s} {_size(n['peak_bytes_per_device'] + n['reference_bytes_per_device'])}  fits: "
+                  f"{n['step_fits']}",
                   f"  rollout  {_size(n['rollout_bytes_per_device'])}  fits: {n['rollout_fits']} "
                   f"({n['rollout_rows']} rows per sampler call; upper bound, see grpo/planner.py)",
                   f"fits: {n['fits']}"]
@@ -251,11 +254,13 @@ def machine_check(cfg: GemmaConfig, opts: InspectOptions, machine: Machine, roll
         raise ValueError(f"--max_new_tokens must be in 1..{opts.seq_len - 1} (inside --seq_len), got {max_new_tokens}")
     n = numbers(cfg, opts, lower(cfg, opts.float32_program()).compile())
     itemsize = np.dtype(opts.param_dtype).itemsize
-    if itemsize < 4:  # bf16 storage: the compiled float32 params are twice the real ones (arguments and peak alike,
-        # so the report's lines still add up)
-        stored_as = cfg.num_params() * (4 - itemsize) // opts.fsdp * (1 + int(bool(opts.beta) and not opts.lora))
-        n["peak_bytes_per_device"] -= stored_as
-        n["argument_bytes"] -= stored_as
+    # bf16 storage: the float32 stand-in's params (and Adam state, kept in the params' dtype) are twice the real
+    # ones; taken off the arguments and the peak alike, so the report's lines still add up
+    stored_as = _state_bytes(cfg, opts.float32_program()) - _state_bytes(cfg, opts)
+    n["peak_bytes_per_device"] -= stored_as
+    n["argument_bytes"] -= stored_as
+    # full fine-tuning with a KL term keeps a frozen reference copy on the device beside the step (grpo/planner.py)
+    reference = cfg.num_params() * itemsize // opts.fsdp if opts.beta and not opts.lora else 0
     new_tokens = max_new_tokens or max(1, opts.seq_len - planner.PROMPT_TOKENS)
     rows = rollout_rows or min(machine.rollout_rows, opts.batch)
     sample_bytes = 2 if (opts.compute_dtype == "bfloat16" or itemsize == 2) else 4
@@ -267,11 +272,21 @@ def machine_check(cfg: GemmaConfig, opts: InspectOptions, machine: Machine, roll
         "compiled_as": "float32 compute (an upper bound for bfloat16 compute), params counted as stored",
         "device_bytes": machine.device_bytes(), "fit_fraction": machine.budget_bytes() / machine.device_bytes(),
         "rollout_rows": rows, "rollout_bytes_per_device": rollout,
-        "step_fits": planner.fits(n["peak_bytes_per_device"], machine),
+        "reference_bytes_per_device": reference,
+        "step_fits": planner.fits(n["peak_bytes_per_device"] + reference, machine),
         "rollout_fits": planner.fits(rollout, machine),
     })
     n["fits"] = n["step_fits"] and n["rollout_fits"]
     return n
+
+
+def _state_bytes(cfg: GemmaConfig, opts: InspectOptions) -> int:
+    """Per device: the params and (for the step) the Adam state as the program receives them (fsdp-sharded)."""
+    mesh = make_mesh(data=opts.data, fsdp=opts.fsdp)
+    frozen, trained, state, _ = abstract_step_inputs(make_policy(cfg, opts.lora_cfg), opts.grpo_config(), mesh,
+                                                     opts.batch, opts.seq_len, param_dtype=opts.param_dtype)
+    trees = (frozen, trained, state) if opts.what == "step" else (frozen, trained)
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(trees)) // opts.fsdp
 
 
 def dump_hlo(lowered, compiled, out_dir: Path, what: str) -> None:

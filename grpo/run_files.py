@@ -277,7 +277,7 @@ def console_line(m: dict) -> str:
             + (f" | level {m['level']}" if "level" in m else "")
             + (f" | x{m['oversample_ratio']:.0f} sampled" if m.get("oversample_ratio", 1) > 1 else "")
             + (" | SKIPPED (non-finite)" if m.get("skipped") else "")
-            + (" | no update: no group with signal" if m.get("num_completion_tokens") == 0 else ""))
+            + (" | no update: no token to learn from" if m.get("num_completion_tokens") == 0 else ""))
 
 
 def _entropy_part(m: dict) -> str:

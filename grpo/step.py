@@ -33,7 +33,8 @@ the loss, and neither differentiated nor donated: the same buffers serve the nex
 sampling. AdamW's state holds the trained leaves' moments only.
 
 A step whose loss or gradient norm is not finite is not applied: params and optimizer state come back
-unchanged and metrics["skipped"] is 1.
+unchanged and metrics["skipped"] is 1. Nor is a step with no token to learn from (num_completion_tokens 0: every
+row masked out), so the learning-rate schedule counts updates, not steps.
 
 make_step (full fine-tuning: step(params, opt_state, batch)), make_lora_step (step(adapters, opt_state, batch,
 base)), make_any_step and abstract_step_args are the per-mode argument orders from before the policy interface,

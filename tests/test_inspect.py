@@ -78,3 +78,26 @@ def test_bad_flags_are_one_line_errors():
     assert len(out.stderr.strip().splitlines()) == 1
     out = _inspect("--preset", "tiny-gemma2", "--what", "step", "--dtype", "float32", "--accelerator_estimate")
     assert out.returncode == 2 and "--accelerator_estimate needs --dtype bfloat16" in out.stderr
+
+
+def test_a_machines_check_counts_bf16_storage_as_the_real_program_receives_it():
+    """Reference: XLA's argument size of the real bfloat16 program. The check compiles a float32 stand-in and takes
+    the difference off: params AND the Adam state (kept in the params' dtype; only the params were, a full
+    fine-tuning check overstated 4 bytes per parameter), and no reference copy among the step's inputs (one was
+    taken off, wrongly, with a KL term). That copy sits on the device beside the step and is added to the fit."""
+    import jax.numpy as jnp
+
+    import model
+    from grpo import presets, program_inspect
+    from model.lora import LoraConfig
+
+    cfg, machine = model.tiny_config("gemma2"), presets.MACHINES["colab-tpu-v5e-1"]
+    for lora, beta in ((None, 0.04), (LoraConfig(4), 0.0)):
+        opts = program_inspect.InspectOptions(
+            what="step", batch=4, seq_len=16, mesh="data=1,fsdp=1", data=1, fsdp=1, dtype="bfloat16",
+            param_dtype=jnp.bfloat16, compute_dtype=None, lora_cfg=lora, num_micro_batches=1, remat=True, beta=beta,
+            num_generations=2, shared_prompt=False, logits_chunk=8, logprob_tail=None)
+        n = program_inspect.machine_check(cfg, opts, machine)
+        real = program_inspect.lower(cfg, opts).compile().memory_analysis().argument_size_in_bytes
+        assert n["argument_bytes"] == real, (lora, beta)
+        assert n["reference_bytes_per_device"] == (cfg.num_params() * 2 if lora is None else 0)

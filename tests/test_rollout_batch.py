@@ -107,5 +107,5 @@ def test_the_console_says_when_a_step_updates_nothing():
 
     m = {"step": 3, "reward_mean": 0.1, "solved_frac": 0.0, "format_frac": 1.0, "completion_len_mean": 9.0,
          "aha_count": 0, "sample_s": 1.0, "train_s": 1.0, "sample_tokens_per_s": 9.0, "num_completion_tokens": 0.0}
-    assert console_line(m).endswith(" | no update: no group with signal")
+    assert console_line(m).endswith(" | no update: no token to learn from")
     assert "no update" not in console_line({**m, "num_completion_tokens": 12.0})
