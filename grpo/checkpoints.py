@@ -96,16 +96,13 @@ def state_checksum(params, opt_state) -> dict[str, list[int]]:
 
 
 def checksum_mismatch(saved: dict, params, opt_state) -> str | None:
-    """The first leaf whose bits differ from the checksum saved with it (its path), or None."""
+    """The path (state_signature's) of the first leaf whose bits differ from the checksum saved with it, or None."""
     now = state_checksum(params, opt_state)
-    for name, tree in (("params", params), ("opt_state", opt_state)):
-        paths = [name + jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
-        for path, want, got in zip(paths, saved.get(name, []), now[name], strict=False):
-            if want != got:
-                return path
-        if len(saved.get(name, [])) != len(now[name]):
-            return name
-    return None
+    paths = [path for path, _, _ in state_signature(params, opt_state)]
+    want, got = saved.get("params", []) + saved.get("opt_state", []), now["params"] + now["opt_state"]
+    if len(want) != len(got):
+        return f"{len(want)} leaves saved, {len(got)} read"
+    return next((path for path, w, g in zip(paths, want, got, strict=True) if w != g), None)
 
 
 def signature_mismatch(saved: list[list], current: list[list]) -> str | None:

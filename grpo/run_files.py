@@ -230,9 +230,9 @@ def _rewind_file(path: Path, last_step: int) -> str | None:
     if not torn and not dropped:
         return None
     _write_atomic(path, "".join(line + "\n" for line in kept))
+    which = f"past step {last_step}" if last_step >= 0 else "(step 0 on: it re-runs)"
     return ", ".join(filter(None, [f"removed {torn} torn line(s)" if torn else "",
-                                   f"removed {dropped} line(s) past step {last_step}" if dropped and last_step >= 0
-                                   else f"removed {dropped} line(s) (step 0 on: it re-runs)" if dropped else ""]))
+                                   f"removed {dropped} line(s) {which}" if dropped else ""]))
 
 
 def _write_atomic(path: Path, text: str) -> None:
