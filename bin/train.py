@@ -55,9 +55,9 @@ flags.DEFINE_string("machine", None, "A named set of hardware flag defaults (grp
                     "kaggle-tpu-v3-8, colab-tpu-v5e-1, colab-tpu-v2-8, kaggle-gpu-t4x2, gpu-80g, cpu; or auto (read "
                     "from JAX). Micro-batches and rollout rows are then planned for the model from XLA's memory "
                     "analysis (grpo/planner.py). Explicit flags win.")
-flags.DEFINE_string("curriculum", "countdown", "Difficulty ladder (data/curriculum.py): off (TinyZero's puzzles only) "
-                    "or countdown (two small numbers up to TinyZero's puzzles; worked examples on the levels below "
-                    "4x1-30, shaped rewards as --shaping says).")
+flags.DEFINE_string("curriculum", "countdown", "Difficulty ladder (data/curriculum.py): off (TinyZero's puzzles only), "
+                    "countdown (two small numbers up to TinyZero's puzzles; worked examples below 4x1-30, shaped "
+                    "rewards as --shaping says) or balanced (its 2-number levels drawn so each of + - * / solves 1/4).")
 flags.DEFINE_float("promote_at", _default(T, "promote_at"), "Move the frontier up a level once its sampled solved "
                    "rate over the last 4 steps reaches this, in (0, 1].")
 flags.DEFINE_enum("shaping", "first_rung", list(SHAPINGS), "Reward shaping on the ladder "

@@ -32,6 +32,11 @@ Ladders (`LADDERS`; bin/train --curriculum NAME). "countdown":
 
 3x1-30 to tinyzero changes the number range and the count at once; 3x1-99 and 4x1-30 change one at a time.
 
+"balanced" is the same ladder with 2x1-9-ops and 2x1-30-ops first: their puzzles are drawn operation first, each
+of + - * / solving exactly a quarter of them (data.puzzles.PuzzleConfig.balance_ops). On the countdown ladder's
+2-number levels the sum alone solves 51% and 62% of the puzzles, so a policy that always answers `a + b` climbs
+them without reading the target (BUILD.md).
+
 With the default shaping ("first_rung", SHAPINGS below) only 2x1-9 keeps its middle rungs; every level above
 it pays TinyZero's 0.1 / 1.0. Why: a middle rung pays an answer that ignores the target on EVERY puzzle, so once
 the model writes expressions a fixed one (`a + b + c`) earns it on the whole group, every sample agrees, and
@@ -146,6 +151,18 @@ LADDERS: dict[str, tuple[Level, ...]] = {
         Level(TINYZERO, PuzzleConfig()),
     ),
 }
+
+
+def _ops_balanced(level: Level) -> Level:
+    """The 2-number level with each of + - * / solving a quarter of its puzzles (PuzzleConfig.balance_ops)."""
+    return dataclasses.replace(level, name=f"{level.name}-ops",
+                               puzzles=dataclasses.replace(level.puzzles, balance_ops=True))
+
+
+# "balanced": the countdown ladder with its 2-number levels drawn operation first, so no fixed answer passes them
+# (the promotion bar, 0.35 in the recipes, is above the quarter one operation solves); the levels from 3x1-30 up
+# are the same, with the same held-out puzzles, so the two ladders' runs compare there.
+LADDERS["balanced"] = (*map(_ops_balanced, LADDERS["countdown"][:2]), *LADDERS["countdown"][2:])
 # --curriculum off: the single TinyZero level, today's behaviour.
 OFF = (Level(TINYZERO, PuzzleConfig()),)
 

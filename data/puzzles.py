@@ -56,6 +56,12 @@ class PuzzleConfig:
     target_min: int = 10
     target_max: int = 100
     max_draws: int = 100_000  # draws of numbers for one target before deciding the ranges cannot work
+    # Two numbers only: draw the operation first (each of + - * / a quarter of the puzzles), then a target in range
+    # it reaches (uniformly), then the numbers (uniformly among the ordered pairs that reach the target by that
+    # operation and no other: each operation solves exactly its quarter). Why:
+    # with the target drawn first and the numbers kept once ANY operation reaches it, two numbers most often reach
+    # it by their sum, so one fixed answer, `a + b`, solves half of such puzzles (BUILD.md, "Balanced operations").
+    balance_ops: bool = False
 
     def __post_init__(self):
         # Each message starts with the field's name, which is bin/make_dataset's flag (it adds the "--").
@@ -72,6 +78,8 @@ class PuzzleConfig:
                              f"float64 search (PuzzleConfig)")
         if self.max_draws < 1:
             raise ValueError(f"max_draws must be >= 1, got {self.max_draws} (PuzzleConfig)")
+        if self.balance_ops and tuple(self.counts) != (2,):
+            raise ValueError(f"balance_ops draws 2-number puzzles only, got counts {self.counts} (PuzzleConfig)")
 
 
 def max_puzzles(cfg: PuzzleConfig) -> int:
@@ -151,6 +159,8 @@ def _block(rng: np.random.Generator, cfg: PuzzleConfig) -> list[Puzzle]:
     """BLOCK puzzles: targets and counts first, then rounds of candidate numbers for the unsolved ones."""
     targets = rng.integers(cfg.target_min, cfg.target_max, size=BLOCK, endpoint=True)
     counts = rng.choice(np.array(cfg.counts), size=BLOCK)
+    if cfg.balance_ops:
+        return [_balanced_puzzle(rng, cfg) for _ in range(BLOCK)]
     puzzles: list[Puzzle | None] = [None] * BLOCK
     for k in sorted(set(cfg.counts)):
         templates = _final_templates(k)
@@ -176,6 +186,48 @@ def _block(rng: np.random.Generator, cfg: PuzzleConfig) -> list[Puzzle]:
             drawn, rows, hits = drawn + draws, rows + found.size, hits + int(solved.sum())
             pending = pending[~solved]
     return puzzles  # type: ignore[return-value]  # every slot was filled above
+
+
+def _balanced_puzzle(rng: np.random.Generator, cfg: PuzzleConfig) -> Puzzle:
+    """A 2-number puzzle (balance_ops): an operation, a target it reaches in range, a pair it reaches it from."""
+    op, by_target = _op_targets(cfg.num_min, cfg.num_max, cfg.target_min, cfg.target_max)[rng.integers(4)]
+    target, pairs = by_target[rng.integers(len(by_target))]
+    x, y = (int(v) for v in pairs[rng.integers(len(pairs))])
+    a, b = (x, y) if _BALANCED_OPS[op](x, y) == target else (y, x)
+    return Puzzle(nums=(x, y), target=target, solution=f"{a} {op} {b}")
+
+
+# The generator's operations on a pair, as Stream-of-Search allows them: NaN for a negative difference or an inexact
+# quotient, which no target equals.
+_BALANCED_OPS = {
+    "+": lambda x, y: x + y,
+    "-": lambda x, y: np.where(x >= y, x - y, np.nan),
+    "*": lambda x, y: x * y,
+    "/": lambda x, y: np.where(x % y == 0, x // y, np.nan),
+}
+
+
+@functools.cache
+def _op_targets(num_min: int, num_max: int, target_min: int, target_max: int) -> tuple:
+    """Per operation: (op, ((target, ordered pairs [n, 2] that reach target by op and by no other operation), ...))
+    over the targets in range it so reaches. Only by op: else 8 / 1 = 8 * 1 = 8 and 2 + 2 = 2 * 2 would make `a * b`
+    and `a + b` pay beyond their quarter. ValueError naming the ranges when an operation reaches none."""
+    x, y = (v.ravel() for v in np.meshgrid(*[np.arange(num_min, num_max + 1)] * 2, indexing="ij"))
+    reach = {op: (apply(x, y), apply(y, x)) for op, apply in _BALANCED_OPS.items()}  # both orders
+    out = []
+    for op in _BALANCED_OPS:
+        by_target = []
+        for t in range(target_min, target_max + 1):
+            hits = {o: (forward == t) | (backward == t) for o, (forward, backward) in reach.items()}
+            only = hits.pop(op) & ~np.logical_or.reduce(list(hits.values()))
+            if only.any():
+                by_target.append((t, np.stack([x[only], y[only]], axis=1)))
+        if not by_target:
+            raise ValueError(f"target_min..target_max {target_min}..{target_max}: no 2 numbers in {num_min}..{num_max}"
+                             f" reach a target in range by {op} alone (balance_ops draws every operation): widen the "
+                             "ranges")
+        out.append((op, tuple(by_target)))
+    return tuple(out)
 
 
 # ---- the batched integer search ----

@@ -7,6 +7,7 @@ in grpo/trainer.py (exact comparisons, no tolerances).
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import numpy as np
@@ -42,6 +43,17 @@ def test_the_rungs_in_order():
         assert lv.reward == LevelReward(partial_score=0.15, numbers_score=0.25)
     assert by_name["3x1-99"].examples == by_name["3x1-30"].examples == curriculum.THREE_NUMBERS
     assert by_name["4x1-30"].examples == ()
+
+
+def test_the_balanced_ladder():
+    """Its 2-number levels are the countdown ladder's drawn operation first (tests/test_puzzles.py); the levels
+    above are the same objects, so the same held-out puzzles and the two ladders' evals compare there."""
+    balanced = LADDERS["balanced"]
+    assert [lv.name for lv in balanced[:2]] == ["2x1-9-ops", "2x1-30-ops"] and balanced[2:] == LEVELS[2:]
+    for ops, plain in zip(balanced[:2], LEVELS[:2], strict=True):
+        assert ops.puzzles == dataclasses.replace(plain.puzzles, balance_ops=True)
+        assert (ops.reward, ops.examples) == (plain.reward, plain.examples)
+    assert curriculum.heldout_split(balanced[0], 16) != curriculum.heldout_split(LEVELS[0], 16)
 
 
 def test_shaping_modes():
@@ -129,6 +141,11 @@ def test_make_datasets_output_is_a_data_file(tmp_path):
     save_splits(tmp_path, {"train": [ladder_tests[2][0], *train], "test": test})
     _, trains, _ = level_puzzles("countdown", "first_rung", str(tmp_path), 50, 8, 0)
     assert trains[-1] == train
+    with pytest.raises(ValueError, match="--eval_size 13: .* has only 12 held-out"):  # not 12 silently
+        level_puzzles("off", "first_rung", str(tmp_path), 50, 13, 0)
+    save_splits(tmp_path, {"train": test[:8], "test": test})  # all held out: refused before any step, not a crash
+    with pytest.raises(ValueError, match="--data_file: every training row of .* is a held-out puzzle"):
+        level_puzzles("off", "first_rung", str(tmp_path), 50, 8, 0)
     (tmp_path / "test.jsonl").unlink()  # a lone train.jsonl is read as TinyZero's file, whose row ranges it lacks
     with pytest.raises(ValueError, match="--data_file: .*or bin/make_dataset's --out directory"):
         level_puzzles("off", "first_rung", str(tmp_path / "train.jsonl"), 50, 8, 0)

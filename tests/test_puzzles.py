@@ -111,11 +111,50 @@ def test_unreachable_targets_are_an_error():
 @pytest.mark.parametrize(
     "kwargs",
     [dict(counts=(5,)), dict(counts=()), dict(num_min=0), dict(num_min=5, num_max=4), dict(target_min=0),
-     dict(target_min=9, target_max=8), dict(num_max=10**6), dict(max_draws=0)],
+     dict(target_min=9, target_max=8), dict(num_max=10**6), dict(max_draws=0), dict(balance_ops=True),
+     dict(counts=(2, 3), balance_ops=True)],
 )  # fmt: skip
 def test_bad_config_is_rejected(kwargs):
     with pytest.raises(ValueError, match="PuzzleConfig"):
         PuzzleConfig(**kwargs)
+
+
+def _solving_ops(nums: tuple[int, ...], target: int) -> set[str]:
+    """The operations that make target from the two numbers in some order (exact, as the reward checks)."""
+    (x, y), t = (Fraction(n) for n in nums), target
+    return {op for op, values in (("+", [x + y]), ("-", [x - y, y - x]), ("*", [x * y]), ("/", [x / y, y / x]))
+            if t in values}
+
+
+@pytest.mark.parametrize("num_max, target_max", [(9, 18), (30, 60)])
+def test_balanced_ops_each_operation_solves_a_quarter(num_max, target_max):
+    """balance_ops: every puzzle is solved by exactly one operation, its stored solution's, and each operation
+    solves a quarter of the puzzles. Tolerance 0.04: four binomial standard deviations at n = 2000 (0.0097)."""
+    cfg = PuzzleConfig(counts=(2,), num_max=num_max, target_min=1, target_max=target_max, balance_ops=True)
+    ps = generate(2000, seed=3, cfg=cfg)
+    assert all(score(f"<answer>{p.solution}</answer>", p.nums, p.target) == 1.0 for p in ps)
+    ops = [_solving_ops(p.nums, p.target) for p in ps]
+    assert all(found == {p.solution.split()[1]} for found, p in zip(ops, ps, strict=True))
+    shares = collections.Counter(op for found in ops for op in found)
+    assert all(abs(shares[op] / len(ps) - 0.25) < 0.04 for op in "+-*/"), shares
+    assert all(1 <= n <= num_max for p in ps for n in p.nums) and all(1 <= p.target <= target_max for p in ps)
+    # The draw the generator makes without balance_ops: the sum alone solves half (or more) of the puzzles.
+    plain = generate(2000, seed=3, cfg=dataclasses.replace(cfg, balance_ops=False))
+    assert sum("+" in _solving_ops(p.nums, p.target) for p in plain) / len(plain) > 0.45
+
+
+def test_balanced_ops_deterministic_and_prefix_stable(monkeypatch):
+    monkeypatch.setattr(puzzles, "BLOCK", 16)
+    cfg = PuzzleConfig(counts=(2,), num_max=9, target_min=1, target_max=18, balance_ops=True)
+    a = generate(40, seed=5, cfg=cfg)
+    assert generate(23, seed=5, cfg=cfg) == a[:23] and generate(40, seed=6, cfg=cfg) != a
+
+
+def test_balanced_ops_need_every_operation_in_range():
+    """5 and 5 make 10, 25 and 1, never a difference of at least 1: balance_ops cannot draw a subtraction."""
+    cfg = PuzzleConfig(counts=(2,), num_min=5, num_max=5, target_min=1, target_max=25, balance_ops=True)
+    with pytest.raises(ValueError, match="by - alone .*widen the ranges"):
+        generate(1, seed=0, cfg=cfg)
 
 
 def test_puzzle_key_ignores_order():
