@@ -2,7 +2,7 @@
 
     bin/make_dataset --num_train 100000 --num_test 1024 --seed 0 --out data/countdown
     # writes data/countdown/train.jsonl and data/countdown/test.jsonl, rows like
-    # {"target": 24, "nums": [4, 6, 1, 3], "solution": "6 / (1 - (3 / 4))"}
+    # {"target": 87, "nums": [96, 21, 5, 25], "solution": "21 + ((96 - 25) - 5)"}
 
 `bin/train --data_file data/countdown` trains on them (the top level's puzzles; data.tinyzero.load_puzzles reads
 them back). The test split is distinct and shares no puzzle with train.
@@ -36,8 +36,8 @@ def main(argv: list[str]) -> None:
     cli.expand_user("out")
     if not F.out:
         raise cli.FlagError("--out is required: the directory for train.jsonl and test.jsonl")
-    if F.num_train < 0 or F.num_test < 0:
-        raise cli.FlagError(f"--num_train and --num_test must be >= 0, got {F.num_train} and {F.num_test}")
+    if bad := next((name for name in ("num_train", "num_test", "show") if F[name].value < 0), None):
+        raise cli.FlagError(f"--{bad} must be >= 0, got {F[bad].value}")
     counts = tuple(cli.integers("counts"))
     with cli.flag_errors("--"):  # each message starts with a field of the config or a size: the flag's name
         cfg = PuzzleConfig(counts, F.num_min, F.num_max, F.target_min, F.target_max)

@@ -28,6 +28,9 @@ Intended differences from TinyZero (everything else is identical):
   * an answer over MAX_ANSWER_CHARS characters scores format_score: a bound on our work, not a copy of
     eval's limits (which differ between CPython versions). Only padding makes a real expression over
     four numbers that long.
+  * nesting that exhausts eval's recursion (some hundreds of unary signs inside deep parentheses, or
+    about 3,000 in a row on CPython 3.11) still evaluates here: eval's limit depends on the Python
+    version and the recursion limit, so copying it would make the score depend on them too.
 """
 
 from __future__ import annotations
@@ -101,9 +104,10 @@ def uses_numbers_once(answer: str, nums: Sequence[int]) -> bool:
 
 
 def evaluate(answer: str) -> int | float | None:
-    """The value CPython's eval would give the answer, or None where TinyZero's eval fails (step 4).
+    """The value CPython's eval would give the one-line answer, or None where TinyZero's eval fails (step 4).
 
-    Also None for `**`, `//` and answers over MAX_ANSWER_CHARS (see module docstring).
+    Also None for `**`, `//` and answers over MAX_ANSWER_CHARS; a value where only eval's recursion limit fails
+    (see the module docstring). A newline inside parentheses, which eval accepts, is None: answers are one line.
     """
     if len(answer) > MAX_ANSWER_CHARS or not _ALLOWED.match(answer):
         return None

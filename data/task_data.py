@@ -29,6 +29,8 @@ def level_puzzles(ladder: str, shaping: str, data_file: str | None, num_train: i
                       else curriculum.train_split(levels[-1], num_train, seed, exclude))
     except ValueError as e:  # a level with fewer distinct puzzles than asked for
         raise ValueError(f"--eval_size / --num_train_puzzles: {e}") from None
+    if top and not trains[-1]:
+        raise ValueError(f"--data_file: every training row of {data_file} is a held-out puzzle")
     return levels, trains, tests
 
 
@@ -56,4 +58,7 @@ def _tinyzero_splits(data_file: str, eval_size: int):
                          "--out directory; without --data_file the puzzles are generated)") from None
     if not train:
         raise ValueError(f"--data_file: no training rows in {data_file}")
+    if len(test) < eval_size:
+        raise ValueError(f"--eval_size {eval_size}: {data_file} has only {len(test)} held-out (test) rows; ask for "
+                         "at most that many")
     return train, test

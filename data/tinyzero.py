@@ -75,7 +75,7 @@ def _jsonl_rows(path: str, start: int, stop: int | None) -> Iterator[tuple[str, 
     """(where, parsed row) for rows [start, stop); blank lines are not rows. Parses only those rows."""
     selected = []
     row = -1
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes: a bad byte is an error of its line, found only if the line is read
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -88,9 +88,11 @@ def _jsonl_rows(path: str, start: int, stop: int | None) -> Iterator[tuple[str, 
     for line_number, line in selected:
         where = f"line {line_number}"
         try:
-            yield where, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, {where}: not valid JSON ({e.msg})") from None
+            yield where, json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}, {where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except ValueError as e:  # JSONDecodeError, or an integer past Python's digit limit
+            raise ValueError(f"{path}, {where}: not valid JSON ({getattr(e, 'msg', e)})") from None
 
 
 def _parquet_rows(path: str, start: int, stop: int | None) -> Iterator[tuple[str, Any]]:

@@ -4,7 +4,7 @@ Why: a fixed bonus (verl's entropy_coeff) is the only force left once every grou
 then it fills the text with random tokens from the 262k vocabulary (BUILD.md, the first accelerator run).
 Skywork-OR1 (He et al., 2025, "adaptive entropy control") instead keeps a coefficient c that rises by `step`
 while the policy's entropy H is below `target` and falls by `step` while it is above, clipped to [0, max_coef],
-and applies it only while H <= target. Above the target the bonus is exactly 0, so it cannot push entropy up
+and applies it only while H < target. Above the target the bonus is exactly 0, so it cannot push entropy up
 without bound; below it, it grows until entropy comes back.
 
 The coefficient reaches the jitted step as data (a per-row batch array "entropy_coef", grpo/loss.py), so a

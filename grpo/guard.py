@@ -50,6 +50,8 @@ class GuardConfig:
             raise ValueError(f"guard_action must be one of {', '.join(ACTIONS)}, got {self.action!r}")
         if self.patience < 1:
             raise ValueError(f"guard_patience must be >= 1, got {self.patience}")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
         for name in ("warmup_steps", "max_rollbacks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{'guard_' * (name == 'warmup_steps')}{name} must be >= 0, got "
@@ -101,7 +103,8 @@ def _limits(cfg: GuardConfig, name: str, value: float, best: float | None) -> tu
         return value < cfg.max_bad_steps, f"{int(value)} non-finite steps in a row"
     drop = cfg.format_drop if name == "format" else cfg.score_drop
     what = "eval format" if name == "format" else "held-out solved rate"
-    return best is None or value >= best - drop, f"{what} {value:.3f}, more than {drop:g} below its best {best}"
+    # a tolerance for float subtraction: 0.9 - 0.3 is 0.6000000000000001, and a drop of exactly the limit is inside
+    return best is None or best - value <= drop + 1e-9, f"{what} {value:.3f}, more than {drop:g} below its best {best}"
 
 
 def _arms(cfg: GuardConfig, name: str, value: float, best: float) -> bool:

@@ -12,7 +12,9 @@ at --start_level, promotion moves it up, never down):
                                  Laplace-smoothed (unseen: 0.5), so a level seen at 0/8 keeps some weight
                                  and is measured again instead of dropping out for good
     w_f = max(w_f, FRONTIER_MIN_WEIGHT)   the level being climbed is always trained, even near p = 0
-    shares = w / sum(w), then the levels below f together get at least `floor` (so they are not forgotten)
+    shares = w / sum(w), the frontier's share raised to at least FRONTIER_MIN_WEIGHT too (else four earlier
+             levels near p = 0.5, 0.25 each, would leave it 7%), then the levels below f together get at
+             least `floor` (so they are not forgotten; the floor wins where the two conflict)
 
 Each prompt's level is then drawn from `shares` with a generator seeded by (seed, step, round), so a resumed
 run draws the same levels. With mixing off every prompt is the frontier's (the ladder's first behaviour).
@@ -64,6 +66,8 @@ def level_shares(rates: list[float], frontier: int, floor: float, mix: bool = Tr
     w = p * (1 - p)
     w[-1] = max(w[-1], FRONTIER_MIN_WEIGHT)
     w = w / w.sum()
+    if w[-1] < FRONTIER_MIN_WEIGHT:  # the earlier levels give up the difference in proportion
+        w = np.append(w[:-1] * (1 - FRONTIER_MIN_WEIGHT) / w[:-1].sum(), FRONTIER_MIN_WEIGHT)
     below = w[:-1].sum()
     if below < floor:  # lift the earlier levels to the floor, in proportion (equally if all weigh 0)
         earlier = w[:-1] / below if below > 0 else np.full(len(w) - 1, 1.0 / (len(w) - 1))

@@ -452,6 +452,9 @@ def answer_alarm(ctx: RunContext, state: LoopState) -> tuple[RunContext, LoopSta
         ctx.log.say(f"guard: {alarm.detail} since step {alarm.since}; rolled back to the best model (step "
                     f"{found[0]}) with learning rate {ctx.grpo_cfg.learning_rate:g} (rollback "
                     f"{state.guard.rollbacks} of {cfg.max_rollbacks})")
+        # saved now: a resume from an older checkpoint would replay the alarm against a newer best/
+        checkpoint_phase(ctx, state)
+        ctx.ckpt.wait()
         return ctx, state, None
     where = (f"the best model is step {state.best_step}'s, in {ctx.best.directory} (best_hf/ after the export)"
              if state.best_step is not None else "no eval ran, so no best model was kept")

@@ -54,6 +54,9 @@ def test_noise_within_limits_and_a_run_that_starts_low_do_not_fire():
     assert _run(CFG, noisy) == []
     low = [(s, {"format": 0.2 if s < 20 else 0.0, "score": 0.1 if s < 20 else 0.0}) for s in range(0, 40, 4)]
     assert _run(CFG, low) == []  # its best never reached the drop: nothing to lose, never armed
+    # a drop of exactly the limit is inside it (0.9 - 0.3 is 0.6000000000000001 in floats; 0.45 - 0.15 likewise)
+    edge = [(s, {"format": 0.9 if s < 8 else 0.6, "score": 0.45 if s < 8 else 0.3}) for s in range(0, 40, 4)]
+    assert _run(CFG, edge) == []
 
 
 def test_entropy_arms_inside_the_band_after_warmup():
@@ -107,7 +110,7 @@ def test_eval_score_order():
 
 
 @pytest.mark.parametrize("bad_value", [{"action": "panic"}, {"patience": 0}, {"warmup_steps": -1},
-                                       {"max_rollbacks": -1}])
+                                       {"max_rollbacks": -1}, {"max_bad_steps": 0}])
 def test_bad_config(bad_value):
     with pytest.raises(ValueError):
         GuardConfig(**bad_value)
@@ -218,6 +221,51 @@ def test_rollback_restores_the_best_and_lowers_the_learning_rate(learned, tmp_pa
     lrs = sorted({round(m["learning_rate"], 6) for m in metrics if m["step"] > 24})
     assert lrs == [0.015, 0.03]
     assert _status(out)["state"] == "stopped"
+
+
+def test_a_rollback_is_checkpointed_so_a_kill_cannot_replay_it(tmp_path, monkeypatch):
+    """Scripted evals (step -> solved, format): format falls 0.4 at step 3 (rollback to step 1's best), step 4
+    scores a new best. A run killed after step 4's best/ write, before step 4's checkpoint, resumed from step 2's,
+    replayed the rollback against step 4's best/ (other weights). The rollback now checkpoints at once: the
+    resumed run ends with the uninterrupted run's params."""
+    import grpo.trainer as trainer
+
+    script = {0: (0.0, 0.5), 1: (0.1, 0.6), 2: (0.1, 0.6), 3: (0.0, 0.2), 4: (0.3, 0.7), 5: (0.3, 0.7)}
+    at = [0]
+    real_eval_phase, real_checkpoint = trainer.eval_phase, trainer.checkpoint_phase
+
+    def scripted_eval_phase(ctx, state):
+        at[0] = state.step
+        return real_eval_phase(ctx, state)
+
+    def scripted_evaluate(*args, **kwargs):
+        solved, fmt = script[at[0]]
+        return {"eval_solved_frac": solved, "eval_format_frac": fmt, "eval_reward_mean": 0.0}, []
+
+    monkeypatch.setattr(trainer, "evaluate", scripted_evaluate)
+    monkeypatch.setattr(trainer, "eval_phase", scripted_eval_phase)
+    guard = GuardConfig(warmup_steps=0, patience=1, action="rollback")
+
+    def run(out, kill_at=None):
+        def checkpoint(ctx, state):
+            if state.step == kill_at:
+                raise KeyboardInterrupt  # the kill: after best/ was written at this step, before its checkpoint
+            real_checkpoint(ctx, state)
+
+        monkeypatch.setattr(trainer, "checkpoint_phase", checkpoint)
+        said = []
+        try:
+            return train(*_setup(out, steps=5, eval_size=8, eval_every=1, guard=guard), echo=said.append), said
+        except KeyboardInterrupt:
+            return None, said
+
+    whole, said = run(tmp_path / "whole")
+    assert any("rolled back to the best model (step 1)" in s for s in said), said
+    run(tmp_path / "cut", kill_at=4)
+    resumed, said = run(tmp_path / "cut")
+    assert any("resumed from" in s and "checkpoints/3" in s for s in said), said  # the rollback's own checkpoint
+    same = jax.tree.map(lambda a, b: bool((a == b).all()), whole["params"], resumed["params"])
+    assert all(jax.tree.leaves(same))
 
 
 def test_the_count_of_nonfinite_steps_survives_a_resume(tmp_path, monkeypatch):

@@ -110,6 +110,17 @@ def test_level_shares_follow_pass_rates():
     np.testing.assert_allclose(s.sum(), 1.0)
 
 
+def test_the_frontiers_share_is_bounded_below_too():
+    """Five earlier levels near p = 0.5 weigh 0.24 each: the frontier's weight alone (0.1) would be 7.6% of the
+    mix; its share is raised to FRONTIER_MIN_WEIGHT and the earlier levels give up the rest in proportion."""
+    p = [5 / 12] * 5 + [0.05]
+    s = level_shares(p, frontier=5, floor=0.1)
+    assert s[-1] == pytest.approx(FRONTIER_MIN_WEIGHT) and s.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(s[:-1], (1 - FRONTIER_MIN_WEIGHT) / 5)
+    s = level_shares(p, frontier=5, floor=0.95)  # the floor wins where the two conflict
+    assert s[-1] == pytest.approx(0.05)
+
+
 def test_level_floor_and_start_and_mix_off():
     s = level_shares([1.0, 1.0, 0.5], frontier=2, floor=0.3)  # earlier levels weigh 0: lifted to the floor equally
     np.testing.assert_allclose(s, [0.15, 0.15, 0.7])

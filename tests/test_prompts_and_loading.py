@@ -93,6 +93,7 @@ def test_load_our_jsonl_with_solutions_and_blank_lines(tmp_path):
         ('{"target": 6, "nums": [-1, 2]}', "non-negative"),
         ('{"target": 6, "nums": [1, 2], "solution": 7}', "line 2: 'solution' must be a string"),
         ("[6, [1, 2]]", "line 2: expected an object"),
+        ('{"target": 6, "nums": [1, ' + "9" * 5000 + "]}", "line 2: not valid JSON"),  # past int's digit limit
     ],
 )
 def test_malformed_jsonl_rows(tmp_path, line, message):
@@ -100,6 +101,15 @@ def test_malformed_jsonl_rows(tmp_path, line, message):
     with pytest.raises(ValueError, match=message) as e:
         load_puzzles(f)
     assert str(f) in str(e.value)
+
+
+def test_a_bad_byte_names_its_line_and_only_its_line(tmp_path):
+    f = tmp_path / "bytes.jsonl"
+    f.write_bytes(b'{"target": 3, "nums": [1, 2]}\n{"target": 3, "nums": [1, 2], "solution": "\xe9"}\n')
+    with pytest.raises(ValueError, match="line 2: not UTF-8 text") as e:
+        load_puzzles(f)
+    assert str(f) in str(e.value)
+    assert load_puzzles(f, 0, 1) == [Puzzle((1, 2), 3)]  # rows not asked for are not decoded
 
 
 def test_row_range_errors(tmp_path):

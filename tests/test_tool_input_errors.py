@@ -225,6 +225,7 @@ def test_sample_prompts_file_that_cannot_be_read(content, expected, tmp_path):
     # a space too small to find out without drawing: the directory is refused before the draws
     (["--counts=2", "--num_max=9", "--target_min=1", "--target_max=18", "--num_test=500", "--out=/proc/x"], "out"),
     (["--out={tmp}/a_file"], "out"),
+    (["--show=-2"], "show"),
 ])  # fmt: skip
 def test_make_dataset_checks_ranges_then_the_directory_before_generating(args, flag, tmp_path):
     (tmp_path / "a_file").write_text("a file where a directory is expected\n")
