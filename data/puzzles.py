@@ -4,7 +4,8 @@ Sampling copies the Stream-of-Search generator that TinyZero's data is believed 
 the target uniformly from its range and the count of numbers from `counts`, then redraw the numbers
 uniformly until some expression reaches the target with every intermediate value a non-negative
 integer (+, *, non-negative -, exact /). So targets are uniform, and each puzzle's numbers are the
-first of an i.i.d. stream that can reach its target, exactly as there.
+first of an i.i.d. stream that can reach its target, exactly as there. (`PuzzleConfig.balance_ops` draws
+2-number puzzles operation first instead, for the balanced ladder: see the field.)
 
 Speed. That rejection loop needs ~7 draws per 4-number puzzle and ~30 per 3-number one, so a check
 must cost microseconds; the Python `solve` takes hundreds. `_solve_rows` checks a batch of candidate
@@ -58,9 +59,9 @@ class PuzzleConfig:
     max_draws: int = 100_000  # draws of numbers for one target before deciding the ranges cannot work
     # Two numbers only: draw the operation first (each of + - * / a quarter of the puzzles), then a target in range
     # it reaches (uniformly), then the numbers (uniformly among the ordered pairs that reach the target by that
-    # operation and no other: each operation solves exactly its quarter). Why:
-    # with the target drawn first and the numbers kept once ANY operation reaches it, two numbers most often reach
-    # it by their sum, so one fixed answer, `a + b`, solves half of such puzzles (BUILD.md, "Balanced operations").
+    # operation and no other: each operation solves exactly its quarter). Why: with the target drawn first and the
+    # numbers kept once ANY operation reaches it, two numbers most often reach it by their sum, so one fixed
+    # answer, `a + b`, solves half of such puzzles (BUILD.md, "Balanced operations").
     balance_ops: bool = False
 
     def __post_init__(self):
@@ -190,7 +191,8 @@ def _block(rng: np.random.Generator, cfg: PuzzleConfig) -> list[Puzzle]:
 
 def _balanced_puzzle(rng: np.random.Generator, cfg: PuzzleConfig) -> Puzzle:
     """A 2-number puzzle (balance_ops): an operation, a target it reaches in range, a pair it reaches it from."""
-    op, by_target = _op_targets(cfg.num_min, cfg.num_max, cfg.target_min, cfg.target_max)[rng.integers(4)]
+    table = _op_targets(cfg.num_min, cfg.num_max, cfg.target_min, cfg.target_max)
+    op, by_target = table[rng.integers(len(table))]
     target, pairs = by_target[rng.integers(len(by_target))]
     x, y = (int(v) for v in pairs[rng.integers(len(pairs))])
     a, b = (x, y) if _BALANCED_OPS[op](x, y) == target else (y, x)
