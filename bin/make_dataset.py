@@ -36,8 +36,7 @@ def main(argv: list[str]) -> None:
     cli.expand_user("out")
     if not F.out:
         raise cli.FlagError("--out is required: the directory for train.jsonl and test.jsonl")
-    if bad := next((name for name in ("num_train", "num_test", "show") if F[name].value < 0), None):
-        raise cli.FlagError(f"--{bad} must be >= 0, got {F[bad].value}")
+    cli.check_at_least(0, "num_train", "num_test", "show")
     counts = tuple(cli.integers("counts"))
     with cli.flag_errors("--"):  # each message starts with a field of the config or a size: the flag's name
         cfg = PuzzleConfig(counts, F.num_min, F.num_max, F.target_min, F.target_max)

@@ -28,9 +28,9 @@ Intended differences from TinyZero (everything else is identical):
   * an answer over MAX_ANSWER_CHARS characters scores format_score: a bound on our work, not a copy of
     eval's limits (which differ between CPython versions). Only padding makes a real expression over
     four numbers that long.
-  * nesting that exhausts eval's recursion (some hundreds of unary signs inside deep parentheses, or
-    about 3,000 in a row on CPython 3.11) still evaluates here: eval's limit depends on the Python
-    version and the recursion limit, so copying it would make the score depend on them too.
+  * nesting that exhausts eval's recursion (hundreds of unary signs, BUILD.md) still evaluates here:
+    eval's limit depends on the Python version and the recursion limit, so copying it would make the
+    score depend on them too.
 """
 
 from __future__ import annotations

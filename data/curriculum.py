@@ -32,10 +32,10 @@ Ladders (`LADDERS`; bin/train --curriculum NAME). "countdown":
 
 3x1-30 to tinyzero changes the number range and the count at once; 3x1-99 and 4x1-30 change one at a time.
 
-"balanced" is the same ladder with 2x1-9-ops and 2x1-30-ops first: their puzzles are drawn operation first, each
-of + - * / solving exactly a quarter of them (data.puzzles.PuzzleConfig.balance_ops). On the countdown ladder's
-2-number levels the sum alone solves 51% and 62% of the puzzles, so a policy that always answers `a + b` climbs
-them without reading the target (BUILD.md).
+"balanced" is the same ladder with 2x1-20-ops and 2x1-30-ops first: their puzzles are drawn operation first, each
+of + - * / solving exactly a quarter of them (data.puzzles.PuzzleConfig.balance_ops), held-out sets included. On
+the countdown ladder's 2-number levels the sum alone solves about half of the puzzles, so a policy that always
+answers `a + b` climbs them without reading the target (BUILD.md).
 
 With the default shaping ("first_rung", SHAPINGS below) only 2x1-9 keeps its middle rungs; every level above
 it pays TinyZero's 0.1 / 1.0. Why: a middle rung pays an answer that ignores the target on EVERY puzzle, so once
@@ -57,7 +57,7 @@ from collections.abc import Sequence
 
 from data import countdown
 from data.prompts import WorkedExample
-from data.puzzles import Puzzle, PuzzleConfig, make_splits
+from data.puzzles import Puzzle, PuzzleConfig, balanced_heldout, balanced_train, make_splits
 
 TINYZERO = "tinyzero"
 
@@ -153,16 +153,20 @@ LADDERS: dict[str, tuple[Level, ...]] = {
 }
 
 
-def _ops_balanced(level: Level) -> Level:
-    """The 2-number level with each of + - * / solving a quarter of its puzzles (PuzzleConfig.balance_ops)."""
-    return dataclasses.replace(level, name=f"{level.name}-ops",
-                               puzzles=dataclasses.replace(level.puzzles, balance_ops=True))
+def _ops_level(name: str, num_max: int, reward: LevelReward) -> Level:
+    """A 2-number level with each of + - * / solving a quarter of its puzzles (PuzzleConfig.balance_ops)."""
+    puzzles = PuzzleConfig(counts=(2,), num_min=1, num_max=num_max, target_min=1, target_max=2 * num_max,
+                           balance_ops=True)
+    return Level(name, puzzles, reward, TWO_NUMBERS)
 
 
-# "balanced": the countdown ladder with its 2-number levels drawn operation first, so no fixed answer passes them
-# (the promotion bar, 0.35 in the recipes, is above the quarter one operation solves); the levels from 3x1-30 up
-# are the same, with the same held-out puzzles, so the two ladders' runs compare there.
-LADDERS["balanced"] = (*map(_ops_balanced, LADDERS["countdown"][:2]), *LADDERS["countdown"][2:])
+# "balanced": the countdown ladder with 2-number levels drawn operation first, so no fixed answer passes them
+# (the promotion bar, 0.35 in the recipes, is above the quarter one operation solves); its first level has numbers
+# up to 20, not 9: on 1..9 only a dozen puzzles are a product alone, too few to hold out a balanced 64 and train
+# on the rest. The levels from 3x1-30 up are the countdown ladder's, with the same held-out puzzles, so the two
+# ladders' runs compare there.
+LADDERS["balanced"] = (_ops_level("2x1-20-ops", 20, LADDERS["countdown"][0].reward),
+                       _ops_level("2x1-30-ops", 30, LADDERS["countdown"][1].reward), *LADDERS["countdown"][2:])
 # --curriculum off: the single TinyZero level, today's behaviour.
 OFF = (Level(TINYZERO, PuzzleConfig()),)
 
@@ -191,13 +195,21 @@ def ladder(name: str | None, shaping: str = "first_rung") -> tuple[Level, ...]:
 
 
 def heldout_split(level: Level, num_heldout: int) -> list[Puzzle]:
-    """The level's held-out puzzles, distinct, from the level's own seed: the same in every run."""
+    """The level's held-out puzzles, distinct, from the level's own seed: the same in every run (balance_ops
+    levels: a quarter of each operation)."""
+    if level.puzzles.balance_ops:
+        return balanced_heldout(num_heldout, level.heldout_seed(), level.puzzles)
     return make_splits(0, num_heldout, level.heldout_seed(), level.puzzles)[1]
 
 
 def train_split(level: Level, num_train: int, seed: int, exclude: set) -> list[Puzzle]:
     """The run's stream of the level's puzzles (repeats allowed, like TinyZero's rows) minus the keys in exclude:
     EVERY level's held-out puzzles, since the levels' puzzle spaces nest (2x1-30's stream holds 2x1-9's)."""
+    if level.puzzles.balance_ops:
+        try:
+            return balanced_train(num_train, seed, level.puzzles, exclude)
+        except ValueError as e:
+            raise ValueError(f"level {level.name}: {e} (--eval_size)") from None
     train: list[Puzzle] = []
     drawn = num_train
     while len(train) < num_train:  # a prefix of a longer draw of the same stream

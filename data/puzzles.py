@@ -22,6 +22,7 @@ every solution the reward accepts (6 / (1 - 3 / 4) = 24 has a fractional interme
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import itertools
@@ -157,7 +158,8 @@ def _stream(seed: int, cfg: PuzzleConfig) -> Iterator[Puzzle]:
 
 
 def _block(rng: np.random.Generator, cfg: PuzzleConfig) -> list[Puzzle]:
-    """BLOCK puzzles: targets and counts first, then rounds of candidate numbers for the unsolved ones."""
+    """BLOCK puzzles: targets and counts first, then rounds of candidate numbers for the unsolved ones
+    (balance_ops: after those two draws, which it does not use, its own draws puzzle by puzzle)."""
     targets = rng.integers(cfg.target_min, cfg.target_max, size=BLOCK, endpoint=True)
     counts = rng.choice(np.array(cfg.counts), size=BLOCK)
     if cfg.balance_ops:
@@ -230,6 +232,69 @@ def _op_targets(num_min: int, num_max: int, target_min: int, target_max: int) ->
                              "ranges")
         out.append((op, tuple(by_target)))
     return tuple(out)
+
+
+OPS = tuple(_BALANCED_OPS)
+
+
+def operation(puzzle: Puzzle) -> str:
+    """The operation of a balance_ops puzzle (its stored solution is "a op b")."""
+    return puzzle.solution.split()[1]
+
+
+def op_space(cfg: PuzzleConfig) -> dict[str, int]:
+    """balance_ops: how many distinct puzzles (numbers in any order, target) each operation makes."""
+    table = _op_targets(cfg.num_min, cfg.num_max, cfg.target_min, cfg.target_max)
+    return {op: len({(tuple(sorted(int(n) for n in pair)), t) for t, pairs in by_target for pair in pairs})
+            for op, by_target in table}
+
+
+def balanced_heldout(n: int, seed: int, cfg: PuzzleConfig) -> list[Puzzle]:
+    """n distinct balance_ops puzzles, a quarter of each operation (the first of each in the stream, in its order).
+    Why not the stream's first n distinct: the rare operations' spaces are small (a dozen `*` puzzles on 1..9), so
+    those fill up first and the set, and the training stream left after it, would not be balanced. Each operation
+    holds out at most half of its puzzles, so training keeps the rest; a larger n is a ValueError naming num_test."""
+    space = op_space(cfg)
+    rarest = min(OPS, key=space.__getitem__)
+    if n > (most := len(OPS) * (space[rarest] // 2)):
+        raise ValueError(f"num_test {n}: a balanced held-out set holds a quarter of each operation, at most half of "
+                         f"its puzzles (the rest stay for training); {rarest} alone makes {space[rarest]}: at most "
+                         f"{most}")
+    quota = {op: n // len(OPS) + (i < n % len(OPS)) for i, op in enumerate(OPS)}
+    out: list[Puzzle] = []
+    seen: set = set()
+    stream = _stream(seed, cfg)
+    while len(out) < n:
+        p = next(stream)
+        if quota[operation(p)] and p.key not in seen:
+            seen.add(p.key)
+            out.append(p)
+            quota[operation(p)] -= 1
+    return out
+
+
+def balanced_train(n: int, seed: int, cfg: PuzzleConfig, exclude: set) -> list[Puzzle]:
+    """n balance_ops puzzles (repeats allowed) in the stream's order of operations, each the next puzzle of its
+    operation in the stream that is not in exclude: excluding held-out puzzles leaves the operations balanced."""
+    labels, queues, need = [], {op: [] for op in OPS}, None
+    for drawn, p in enumerate(_stream(seed, cfg)):
+        if drawn < n:
+            labels.append(operation(p))
+        elif need is None:
+            need = collections.Counter(labels)
+        if p.key not in exclude:
+            queues[operation(p)].append(p)
+        if need is not None and all(len(queues[op]) >= need[op] for op in OPS):
+            break
+        if drawn > 64 * (n + 1000):  # an operation whose every puzzle is excluded (other levels' held-out sets)
+            op = min(OPS, key=lambda o: len(queues[o]))
+            raise ValueError(f"every {op} puzzle is held out: lower the held-out size")
+    taken = dict.fromkeys(OPS, 0)
+    out = []
+    for op in labels:
+        out.append(queues[op][taken[op]])
+        taken[op] += 1
+    return out
 
 
 # ---- the batched integer search ----

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -90,9 +91,12 @@ def _jsonl_rows(path: str, start: int, stop: int | None) -> Iterator[tuple[str, 
         try:
             yield where, json.loads(line.decode("utf-8"))
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path}, {where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except ValueError as e:  # JSONDecodeError, or an integer past Python's digit limit
-            raise ValueError(f"{path}, {where}: not valid JSON ({getattr(e, 'msg', e)})") from None
+            raise ValueError(f"{path}, {where}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, {where}: not valid JSON ({e.msg})") from None
+        except ValueError:  # valid JSON, but an integer past Python's int-from-string limit
+            digits = sys.get_int_max_str_digits()
+            raise ValueError(f"{path}, {where}: an integer of more than {digits} digits") from None
 
 
 def _parquet_rows(path: str, start: int, stop: int | None) -> Iterator[tuple[str, Any]]:

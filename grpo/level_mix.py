@@ -12,7 +12,7 @@ at --start_level, promotion moves it up, never down):
                                  Laplace-smoothed (unseen: 0.5), so a level seen at 0/8 keeps some weight
                                  and is measured again instead of dropping out for good
     w_f = max(w_f, FRONTIER_MIN_WEIGHT)   the level being climbed is always trained, even near p = 0
-    shares = w / sum(w), the frontier's share raised to at least FRONTIER_MIN_WEIGHT too (else four earlier
+    shares = w / sum(w), the frontier's share raised to at least FRONTIER_MIN_WEIGHT too (else five earlier
              levels near p = 0.5, 0.25 each, would leave it 7%), then the levels below f together get at
              least `floor` (so they are not forgotten; the floor wins where the two conflict)
 

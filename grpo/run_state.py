@@ -62,9 +62,10 @@ class TrainConfig:
     def __post_init__(self):
         if not 0 <= self.level_floor < 1:
             raise ValueError(f"level_floor must be in [0, 1), got {self.level_floor}")
-        if not 0 < self.promote_at <= 1 or self.promote_window < 1:
-            raise ValueError(f"promote_at must be in (0, 1] and promote_window >= 1, got {self.promote_at} and "
-                             f"{self.promote_window}")
+        if not 0 < self.promote_at <= 1:
+            raise ValueError(f"promote_at must be in (0, 1], got {self.promote_at}")
+        if self.promote_window < 1:
+            raise ValueError(f"promote_window must be >= 1, got {self.promote_window}")
 
 
 @dataclasses.dataclass

@@ -7,6 +7,7 @@ in grpo/trainer.py (exact comparisons, no tolerances).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import types
 
@@ -46,14 +47,36 @@ def test_the_rungs_in_order():
 
 
 def test_the_balanced_ladder():
-    """Its 2-number levels are the countdown ladder's drawn operation first (tests/test_puzzles.py); the levels
-    above are the same objects, so the same held-out puzzles and the two ladders' evals compare there."""
+    """Its 2-number levels are drawn operation first (tests/test_puzzles.py), 2x1-30-ops over the countdown
+    ladder's ranges; the levels above are the same objects, so the same held-out puzzles and the two ladders' evals
+    compare there."""
     balanced = LADDERS["balanced"]
-    assert [lv.name for lv in balanced[:2]] == ["2x1-9-ops", "2x1-30-ops"] and balanced[2:] == LEVELS[2:]
+    assert [lv.name for lv in balanced[:2]] == ["2x1-20-ops", "2x1-30-ops"] and balanced[2:] == LEVELS[2:]
+    assert balanced[1].puzzles == dataclasses.replace(LEVELS[1].puzzles, balance_ops=True)
+    first = balanced[0].puzzles
+    assert (first.counts, first.num_max, first.target_max, first.balance_ops) == ((2,), 20, 40, True)
     for ops, plain in zip(balanced[:2], LEVELS[:2], strict=True):
-        assert ops.puzzles == dataclasses.replace(plain.puzzles, balance_ops=True)
         assert (ops.reward, ops.examples) == (plain.reward, plain.examples)
-    assert curriculum.heldout_split(balanced[0], 16) != curriculum.heldout_split(LEVELS[0], 16)
+
+
+def test_the_balanced_ladders_splits_stay_balanced():
+    """With the ladder recipe's 64 held-out puzzles per level: each 2-number level holds out 16 of each operation,
+    and its training stream (every level's held-out puzzles excluded) still draws each a quarter of the time, so
+    the sum solves about a quarter. Tolerance 0.03: three binomial standard deviations at n = 2000 (0.0097). Drawing
+    the held-out set as the stream's first 64 distinct puzzles left 2x1-9-ops no product to train on."""
+    from data.puzzles import OPS, operation
+    from data.task_data import level_puzzles
+
+    levels, trains, tests = level_puzzles("balanced", "first_rung", None, 2000, 64, 0)
+    heldout = {p.key for test in tests for p in test}
+    for level, train, test in zip(levels[:2], trains, tests, strict=False):
+        assert sorted(collections.Counter(map(operation, test)).values()) == [16] * 4, level.name
+        assert len({p.key for p in test}) == 64 and not heldout & {p.key for p in train}
+        shares = collections.Counter(map(operation, train))
+        assert all(abs(shares[op] / len(train) - 0.25) < 0.03 for op in OPS), (level.name, shares)
+        assert abs(np.mean([sum(p.nums) == p.target for p in train]) - 0.25) < 0.03
+    with pytest.raises(ValueError, match="--eval_size .*num_test 100: .* \\* alone makes 41: at most 80"):
+        level_puzzles("balanced", "first_rung", None, 50, 100, 0)
 
 
 def test_shaping_modes():

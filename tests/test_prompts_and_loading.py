@@ -93,7 +93,7 @@ def test_load_our_jsonl_with_solutions_and_blank_lines(tmp_path):
         ('{"target": 6, "nums": [-1, 2]}', "non-negative"),
         ('{"target": 6, "nums": [1, 2], "solution": 7}', "line 2: 'solution' must be a string"),
         ("[6, [1, 2]]", "line 2: expected an object"),
-        ('{"target": 6, "nums": [1, ' + "9" * 5000 + "]}", "line 2: not valid JSON"),  # past int's digit limit
+        ('{"target": 6, "nums": [1, ' + "9" * 5000 + "]}", "line 2: an integer of more than 4300 digits"),
     ],
 )
 def test_malformed_jsonl_rows(tmp_path, line, message):

@@ -150,6 +150,28 @@ def test_balanced_ops_deterministic_and_prefix_stable(monkeypatch):
     assert generate(23, seed=5, cfg=cfg) == a[:23] and generate(40, seed=6, cfg=cfg) != a
 
 
+def test_balanced_heldout_and_train(monkeypatch):
+    """The held-out set: distinct, a quarter of each operation, at most half of any operation's puzzles. The training
+    stream: the stream's order of operations kept when held-out puzzles are excluded, and prefix-stable."""
+    monkeypatch.setattr(puzzles, "BLOCK", 64)
+    cfg = PuzzleConfig(counts=(2,), num_max=9, target_min=1, target_max=18, balance_ops=True)
+    alone = collections.Counter(  # puzzles one operation alone solves, counted over every pair and target
+        found.pop() for x in range(1, 10) for y in range(x, 10) for t in range(1, 19)
+        if len(found := _solving_ops((x, y), t)) == 1)
+    assert puzzles.op_space(cfg) == alone == {"+": 44, "-": 35, "*": 12, "/": 13}
+    held = puzzles.balanced_heldout(24, 1, cfg)
+    assert len({p.key for p in held}) == 24
+    assert collections.Counter(map(puzzles.operation, held)) == dict.fromkeys("+-*/", 6)
+    with pytest.raises(ValueError, match="num_test 25: .* \\* alone makes 12: at most 24"):
+        puzzles.balanced_heldout(25, 1, cfg)
+    exclude = {p.key for p in held}
+    plain = generate(300, 2, cfg)
+    train = puzzles.balanced_train(300, 2, cfg, exclude)
+    assert [puzzles.operation(p) for p in train] == [puzzles.operation(p) for p in plain]
+    assert not exclude & {p.key for p in train} and train[:100] == puzzles.balanced_train(100, 2, cfg, exclude)
+    assert puzzles.balanced_train(300, 2, cfg, set()) == plain  # nothing excluded: the stream itself
+
+
 def test_balanced_ops_need_every_operation_in_range():
     """5 and 5 make 10, 25 and 1, never a difference of at least 1: balance_ops cannot draw a subtraction."""
     cfg = PuzzleConfig(counts=(2,), num_min=5, num_max=5, target_min=1, target_max=25, balance_ops=True)

@@ -77,8 +77,6 @@ def gaps(ladder_name: str, level_index: int, shaping: str) -> list[tuple[float, 
     return sorted(out, key=lambda g: -abs(g[0]))
 
 
-
-
 def _distinct_cases() -> list[tuple[str, int]]:
     """(ladder, level index) of every level but a ladder's first, each distinct level once (the balanced ladder
     shares its levels from 3x1-30 up with the countdown ladder)."""
