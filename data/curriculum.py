@@ -37,12 +37,13 @@ of + - * / solving exactly a quarter of them (data.puzzles.PuzzleConfig.balance_
 the countdown ladder's 2-number levels the sum alone solves about half of the puzzles, so a policy that always
 answers `a + b` climbs them without reading the target (BUILD.md).
 
-With the default shaping ("first_rung", SHAPINGS below) only 2x1-9 keeps its middle rungs; every level above
-it pays TinyZero's 0.1 / 1.0. Why: a middle rung pays an answer that ignores the target on EVERY puzzle, so once
-the model writes expressions a fixed one (`a + b + c`) earns it on the whole group, every sample agrees, and
-GRPO has no signal left (tests/test_reward_templates.py checks that past the first level every fixed answer
-template's mean reward is TinyZero's). On 2x1-9 the rungs stay on purpose: they are what gets the base model
-to write an expression of the given numbers at all (the empty-answer run above).
+With the default shaping ("first_rung", SHAPINGS below) only the ladder's first level (2x1-9; 2x1-20-ops on the
+balanced ladder) keeps its middle rungs; every level above it pays TinyZero's 0.1 / 1.0. Why: a middle rung pays
+an answer that ignores the target on EVERY puzzle, so once the model writes expressions a fixed one (`a + b + c`)
+earns it on the whole group, every sample agrees, and GRPO has no signal left (tests/test_reward_templates.py
+checks that past the first level every fixed answer template's mean reward is TinyZero's). On the first level
+the rungs stay on purpose: they are what gets the base model to write an expression of the given numbers at all
+(the empty-answer run above).
 
 Every level's held-out set is drawn from a seed of its own (not the run's --seed), so two runs evaluate on the
 same puzzles and their eval.jsonl lines compare line by line.
@@ -209,7 +210,7 @@ def train_split(level: Level, num_train: int, seed: int, exclude: set) -> list[P
         try:
             return balanced_train(num_train, seed, level.puzzles, exclude)
         except ValueError as e:
-            raise ValueError(f"level {level.name}: {e} (--eval_size)") from None
+            raise ValueError(f"level {level.name}: {e}") from None
     train: list[Puzzle] = []
     drawn = num_train
     while len(train) < num_train:  # a prefix of a longer draw of the same stream

@@ -253,7 +253,8 @@ def balanced_heldout(n: int, seed: int, cfg: PuzzleConfig) -> list[Puzzle]:
     """n distinct balance_ops puzzles, a quarter of each operation (the first of each in the stream, in its order).
     Why not the stream's first n distinct: the rare operations' spaces are small (a dozen `*` puzzles on 1..9), so
     those fill up first and the set, and the training stream left after it, would not be balanced. Each operation
-    holds out at most half of its puzzles, so training keeps the rest; a larger n is a ValueError naming num_test."""
+    holds out at most half of its puzzles, so this level's training keeps the rest (less any other level's
+    held-out puzzles that fall in its space); a larger n is a ValueError naming num_test."""
     space = op_space(cfg)
     rarest = min(OPS, key=space.__getitem__)
     if n > (most := len(OPS) * (space[rarest] // 2)):
