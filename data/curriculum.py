@@ -51,6 +51,7 @@ same puzzles and their eval.jsonl lines compare line by line.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 import zlib
@@ -58,7 +59,7 @@ from collections.abc import Sequence
 
 from data import countdown
 from data.prompts import WorkedExample
-from data.puzzles import Puzzle, PuzzleConfig, balanced_heldout, balanced_train, make_splits
+from data.puzzles import OPS, Puzzle, PuzzleConfig, make_splits, op_space, operation, stream
 
 TINYZERO = "tinyzero"
 
@@ -222,6 +223,55 @@ def train_split(level: Level, num_train: int, seed: int, exclude: set) -> list[P
 
 
 EMPTY_AFTER = 4096  # draws with no puzzle left over: the held-out sets cover the level's whole (small) space
+
+
+def balanced_heldout(n: int, seed: int, cfg: PuzzleConfig) -> list[Puzzle]:
+    """n distinct balance_ops puzzles, a quarter of each operation (the first of each in the stream, in its order).
+    Why not the stream's first n distinct: the rare operations' spaces are small (a dozen `*` puzzles on 1..9), so
+    those fill up first and the set, and the training stream left after it, would not be balanced. Each operation
+    holds out at most half of its puzzles, so this level's training keeps the rest (less any other level's
+    held-out puzzles that fall in its space); a larger n is a ValueError naming num_test."""
+    space = op_space(cfg)
+    rarest = min(OPS, key=space.__getitem__)
+    if n > (most := len(OPS) * (space[rarest] // 2)):
+        raise ValueError(f"num_test {n}: a balanced held-out set holds a quarter of each operation, at most half of "
+                         f"its puzzles (the rest stay for training); {rarest} alone makes {space[rarest]}: at most "
+                         f"{most}")
+    quota = {op: n // len(OPS) + (i < n % len(OPS)) for i, op in enumerate(OPS)}
+    out: list[Puzzle] = []
+    seen: set = set()
+    draws = stream(seed, cfg)
+    while len(out) < n:
+        p = next(draws)
+        if quota[operation(p)] and p.key not in seen:
+            seen.add(p.key)
+            out.append(p)
+            quota[operation(p)] -= 1
+    return out
+
+
+def balanced_train(n: int, seed: int, cfg: PuzzleConfig, exclude: set) -> list[Puzzle]:
+    """n balance_ops puzzles (repeats allowed) in the stream's order of operations, each the next puzzle of its
+    operation in the stream that is not in exclude: excluding held-out puzzles leaves the operations balanced."""
+    labels, queues, need = [], {op: [] for op in OPS}, None
+    for drawn, p in enumerate(stream(seed, cfg)):
+        if drawn < n:
+            labels.append(operation(p))
+        elif need is None:
+            need = collections.Counter(labels)
+        if p.key not in exclude:
+            queues[operation(p)].append(p)
+        if need is not None and all(len(queues[op]) >= need[op] for op in OPS):
+            break
+        if drawn > 64 * (n + 1000):  # an operation whose every puzzle is excluded (other levels' held-out sets)
+            op = min(OPS, key=lambda o: len(queues[o]))
+            raise ValueError(f"every {op} puzzle is held out: lower the held-out size")
+    taken = dict.fromkeys(OPS, 0)
+    out = []
+    for op in labels:
+        out.append(queues[op][taken[op]])
+        taken[op] += 1
+    return out
 
 
 def level_splits(level: Level, num_train: int, num_heldout: int, seed: int,

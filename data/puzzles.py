@@ -22,7 +22,6 @@ every solution the reward accepts (6 / (1 - 3 / 4) = 24 has a fractional interme
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import itertools
@@ -152,6 +151,12 @@ def make_splits(
     return train, test
 
 
+def stream(seed: int, cfg: PuzzleConfig) -> Iterator[Puzzle]:
+    """The endless seeded stream that generate() returns prefixes of."""
+    _check_reachable(cfg)
+    return _stream(seed, cfg)
+
+
 def _stream(seed: int, cfg: PuzzleConfig) -> Iterator[Puzzle]:
     for block in itertools.count():
         yield from _block(np.random.default_rng([seed, block]), cfg)
@@ -247,55 +252,6 @@ def op_space(cfg: PuzzleConfig) -> dict[str, int]:
     table = _op_targets(cfg.num_min, cfg.num_max, cfg.target_min, cfg.target_max)
     return {op: len({(tuple(sorted(int(n) for n in pair)), t) for t, pairs in by_target for pair in pairs})
             for op, by_target in table}
-
-
-def balanced_heldout(n: int, seed: int, cfg: PuzzleConfig) -> list[Puzzle]:
-    """n distinct balance_ops puzzles, a quarter of each operation (the first of each in the stream, in its order).
-    Why not the stream's first n distinct: the rare operations' spaces are small (a dozen `*` puzzles on 1..9), so
-    those fill up first and the set, and the training stream left after it, would not be balanced. Each operation
-    holds out at most half of its puzzles, so this level's training keeps the rest (less any other level's
-    held-out puzzles that fall in its space); a larger n is a ValueError naming num_test."""
-    space = op_space(cfg)
-    rarest = min(OPS, key=space.__getitem__)
-    if n > (most := len(OPS) * (space[rarest] // 2)):
-        raise ValueError(f"num_test {n}: a balanced held-out set holds a quarter of each operation, at most half of "
-                         f"its puzzles (the rest stay for training); {rarest} alone makes {space[rarest]}: at most "
-                         f"{most}")
-    quota = {op: n // len(OPS) + (i < n % len(OPS)) for i, op in enumerate(OPS)}
-    out: list[Puzzle] = []
-    seen: set = set()
-    stream = _stream(seed, cfg)
-    while len(out) < n:
-        p = next(stream)
-        if quota[operation(p)] and p.key not in seen:
-            seen.add(p.key)
-            out.append(p)
-            quota[operation(p)] -= 1
-    return out
-
-
-def balanced_train(n: int, seed: int, cfg: PuzzleConfig, exclude: set) -> list[Puzzle]:
-    """n balance_ops puzzles (repeats allowed) in the stream's order of operations, each the next puzzle of its
-    operation in the stream that is not in exclude: excluding held-out puzzles leaves the operations balanced."""
-    labels, queues, need = [], {op: [] for op in OPS}, None
-    for drawn, p in enumerate(_stream(seed, cfg)):
-        if drawn < n:
-            labels.append(operation(p))
-        elif need is None:
-            need = collections.Counter(labels)
-        if p.key not in exclude:
-            queues[operation(p)].append(p)
-        if need is not None and all(len(queues[op]) >= need[op] for op in OPS):
-            break
-        if drawn > 64 * (n + 1000):  # an operation whose every puzzle is excluded (other levels' held-out sets)
-            op = min(OPS, key=lambda o: len(queues[o]))
-            raise ValueError(f"every {op} puzzle is held out: lower the held-out size")
-    taken = dict.fromkeys(OPS, 0)
-    out = []
-    for op in labels:
-        out.append(queues[op][taken[op]])
-        taken[op] += 1
-    return out
 
 
 # ---- the batched integer search ----

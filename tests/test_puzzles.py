@@ -15,6 +15,7 @@ import pytest
 
 from data import puzzles
 from data.countdown import score
+from data.curriculum import balanced_heldout, balanced_train
 from data.puzzles import Puzzle, PuzzleConfig, generate, make_splits, solve
 
 SAMPLE = 3000  # "a sample of a few thousand"
@@ -159,17 +160,17 @@ def test_balanced_heldout_and_train(monkeypatch):
         found.pop() for x in range(1, 10) for y in range(x, 10) for t in range(1, 19)
         if len(found := _solving_ops((x, y), t)) == 1)
     assert puzzles.op_space(cfg) == alone == {"+": 44, "-": 35, "*": 12, "/": 13}
-    held = puzzles.balanced_heldout(24, 1, cfg)
+    held = balanced_heldout(24, 1, cfg)
     assert len({p.key for p in held}) == 24
     assert collections.Counter(map(puzzles.operation, held)) == dict.fromkeys("+-*/", 6)
     with pytest.raises(ValueError, match="num_test 25: .* \\* alone makes 12: at most 24"):
-        puzzles.balanced_heldout(25, 1, cfg)
+        balanced_heldout(25, 1, cfg)
     exclude = {p.key for p in held}
     plain = generate(300, 2, cfg)
-    train = puzzles.balanced_train(300, 2, cfg, exclude)
+    train = balanced_train(300, 2, cfg, exclude)
     assert [puzzles.operation(p) for p in train] == [puzzles.operation(p) for p in plain]
-    assert not exclude & {p.key for p in train} and train[:100] == puzzles.balanced_train(100, 2, cfg, exclude)
-    assert puzzles.balanced_train(300, 2, cfg, set()) == plain  # nothing excluded: the stream itself
+    assert not exclude & {p.key for p in train} and train[:100] == balanced_train(100, 2, cfg, exclude)
+    assert balanced_train(300, 2, cfg, set()) == plain  # nothing excluded: the stream itself
 
 
 def test_balanced_ops_need_every_operation_in_range():
