@@ -266,12 +266,8 @@ def balanced_train(n: int, seed: int, cfg: PuzzleConfig, exclude: set) -> list[P
         if drawn > 64 * (n + 1000):  # an operation whose every puzzle is excluded (other levels' held-out sets)
             op = min(OPS, key=lambda o: len(queues[o]))
             raise ValueError(f"every {op} puzzle is held out: lower the held-out size")
-    taken = dict.fromkeys(OPS, 0)
-    out = []
-    for op in labels:
-        out.append(queues[op][taken[op]])
-        taken[op] += 1
-    return out
+    per_op = {op: iter(queue) for op, queue in queues.items()}
+    return [next(per_op[op]) for op in labels]
 
 
 def level_splits(level: Level, num_train: int, num_heldout: int, seed: int,
