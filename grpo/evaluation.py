@@ -46,7 +46,10 @@ def evaluate_items(params: dict, model_cfg: GemmaConfig, task: Task, items: list
     for i, (it, s, n, t) in enumerate(zip(items, scored, res.lengths, res.truncated, strict=True)):
         records.append(sample_record(task, 0, i, it, s, n, t))
         if res.forced is not None:
+            own = ~res.forced[i, : int(n)]
             records[-1]["forced_tokens"] = int(res.forced[i].sum())
+            # The forced wait text ("Wait") is itself a verification phrase: aha_split reads the model's own tokens.
+            records[-1]["completion_unforced"] = task.decode(res.tokens[i, : int(n)][own])
     return records
 
 
@@ -71,16 +74,18 @@ def evaluate(params: dict, model_cfg: GemmaConfig, task: Task, rollout_cfg: Roll
 HELD_OUT = "held_out"  # aha_by_level's key for a task without levels
 
 
-def aha_split(records: list[dict]) -> dict[str, float | None]:
+def aha_split(records: list[dict]) -> dict[str, float | int | None]:
     """Self-verification on a held-out set (OAT-Zero's question: is a phrase there, and does it go with solving?):
-    aha_frac, the share of completions with a verification phrase (grpo.rollout.has_aha); solved_with_aha and
-    solved_without_aha, the solved rate among those with and without one (None where there are none). The
-    step-0 eval is the base model's baseline; every later eval records the same for comparison."""
-    flags = [has_aha(r["completion"]) for r in records]
+    aha_frac, the share of completions with a verification phrase (grpo.rollout.has_aha) in the model's own
+    tokens (budget forcing's wait text left out); solved_with_aha and solved_without_aha, the solved rate among
+    those with and without one (None where there are none); num_with_aha of num_completions, so a rate over two
+    completions reads as such. The step-0 eval is the base model's baseline; every later eval records the same."""
+    flags = [has_aha(r.get("completion_unforced", r["completion"])) for r in records]
     with_aha = [r["solved"] for r, f in zip(records, flags, strict=True) if f]
     without = [r["solved"] for r, f in zip(records, flags, strict=True) if not f]
     rate = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
-    return {"aha_frac": rate(flags), "solved_with_aha": rate(with_aha), "solved_without_aha": rate(without)}
+    return {"aha_frac": rate(flags), "solved_with_aha": rate(with_aha), "solved_without_aha": rate(without),
+            "num_with_aha": len(with_aha), "num_completions": len(records)}
 
 
 def _rates(records: list[dict]) -> dict:

@@ -277,6 +277,7 @@ def warnings(run: Run) -> list[Warn]:
 
 
 AHA_RISE = 0.05  # a share of held-out completions with a phrase this far above the base model's counts as a rise
+AHA_FEW = 3  # fewer completions with a phrase than this say nothing about whether it goes with solving
 
 
 def aha_by_level_rows(evals: list[dict]) -> list[tuple[int, dict]]:
@@ -289,31 +290,50 @@ def aha_by_level_rows(evals: list[dict]) -> list[tuple[int, dict]]:
 def aha_verdict(evals: list[dict]) -> list[str]:
     """Plain sentences per level: did self-verification on the held-out set rise beyond the first eval's (the base
     model's, at step 0), and does it go with solving (OAT-Zero's superficial self-reflection: a phrase, a wrong
-    answer)? Empty when fewer than two evals recorded aha_by_level, or the step-0 eval did not (a later eval is
-    not the base model)."""
+    answer)? Each level is read at its latest eval with a number; a run without a step-0 record, or with no later
+    eval yet, gets one sentence saying so. Empty when no eval recorded aha_by_level."""
     rows = aha_by_level_rows(evals)
-    if len(rows) < 2 or rows[0][0] != 0:
+    if not rows:
         return []
-    (step0, base), (step, last) = rows[0], rows[-1]
-    out = []
-    for level, now in last.items():
-        was = base.get(level) or {}
-        b, n = number(was.get("aha_frac")), number(now.get("aha_frac"))
-        if b is None or n is None:
-            continue
-        if n > b + AHA_RISE:
-            trend = f"rose from {b:.2f} at step {step0} to {n:.2f} at step {step}"
-        elif n < b - AHA_RISE:
-            trend = f"fell from {b:.2f} at step {step0} to {n:.2f} at step {step}"
-        else:
-            trend = f"stayed at the base model's level ({b:.2f} at step {step0}, {n:.2f} at step {step})"
-        w, wo = number(now.get("solved_with_aha")), number(now.get("solved_without_aha"))
-        if w is None or n == 0:
-            solving = "no completion had a phrase, so nothing says whether it helps"
-        elif wo is None or w > wo:
-            solving = (f"completions with a phrase solve more often ({w:.2f} vs {wo:.2f} without)" if wo is not None
-                       else f"every completion has one ({w:.2f} solved)")
-        else:
-            solving = (f"superficial: completions with a phrase solve no more often ({w:.2f} vs {wo:.2f} without)")
-        out.append(f"{level}: the share of held-out completions with a verification phrase {trend}; {solving}.")
-    return out
+    if rows[0][0] != 0:
+        return [f"No step-0 eval recorded aha_by_level (the first is at step {rows[0][0]}): there is no base-model "
+                "baseline to compare with."]
+    if len(rows) < 2:
+        return ["Only the base model's eval (step 0) so far: the comparison comes with the next eval."]
+    step0, base = rows[0]
+    levels = list(dict.fromkeys(k for _, d in rows[1:] for k in d))
+    return [_aha_level_verdict(level, step0, base.get(level), rows[1:]) for level in levels]
+
+
+def _aha_level_verdict(level: str, step0: int, was: dict | None, later: list[tuple[int, dict]]) -> str:
+    b = number((was or {}).get("aha_frac"))
+    recorded = [(s, d[level]) for s, d in later if number((d.get(level) or {}).get("aha_frac")) is not None]
+    if b is None or not recorded:
+        return f"{level}: no step-0 baseline for this level (or no later number), so nothing to compare."
+    step, now = recorded[-1]
+    n = number(now.get("aha_frac"))
+    if n > b + AHA_RISE:
+        trend = f"rose from {b:.2f} at step {step0} to {n:.2f} at step {step}"
+    elif n < b - AHA_RISE:
+        trend = f"fell from {b:.2f} at step {step0} to {n:.2f} at step {step}"
+    else:
+        trend = f"stayed at the base model's level ({b:.2f} at step {step0}, {n:.2f} at step {step})"
+    return f"{level}: the share of held-out completions with a verification phrase {trend}; {_aha_solving(now)}."
+
+
+def _aha_solving(now: dict) -> str:
+    """Does a phrase go with solving, at one eval of one level?"""
+    w, wo, n = number(now.get("solved_with_aha")), number(now.get("solved_without_aha")), number(now.get("aha_frac"))
+    count, total = number(now.get("num_with_aha")), number(now.get("num_completions"))
+    if w is None or not n:
+        return "no completion had a phrase, so nothing says whether it helps"
+    if count is not None and count < AHA_FEW:
+        return (f"only {count:.0f} of {total:.0f} completions had a phrase, too few to say whether it goes with "
+                "solving")
+    if wo is None:
+        return f"every completion has one ({w:.2f} solved)"
+    if w > wo:
+        return f"completions with a phrase solve more often ({w:.2f} vs {wo:.2f} without)"
+    if w < 0.5:
+        return f"superficial: completions with a phrase solve no more often ({w:.2f} vs {wo:.2f} without)"
+    return f"completions with a phrase solve no more often than those without ({w:.2f} vs {wo:.2f})"

@@ -70,6 +70,7 @@ def pyplot():
         import matplotlib
 
         matplotlib.use("Agg")
+        matplotlib.rcParams["text.parse_math"] = False  # a "$" in a level name or label is text, not math
         import matplotlib.pyplot as plt
     except ImportError:
         return None
@@ -221,7 +222,8 @@ def chart_specs(run: Run) -> list[ChartSpec]:
                                "aha_frac_solved, aha_frac_unsolved (or the stored samples)", lines, skipped,
                                share=True, best_step=best))
     if lines := aha_eval_lines(run):
-        specs.append(ChartSpec("aha_by_level", "held-out completions with a verification phrase (step 0: base model)",
+        base = " (step 0: base model)" if min(x for ln in lines for x in ln.xs) == 0 else ""
+        specs.append(ChartSpec("aha_by_level", f"held-out completions with a verification phrase{base}",
                                "eval.jsonl: aha_by_level", lines, share=True, best_step=best))
     return specs
 

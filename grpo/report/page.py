@@ -194,7 +194,7 @@ def aha_section(run: Run, charts: list[Chart] | None) -> str:
     rows = aha_shares(run.metrics, run.train_samples)
     counts = {m["step"]: m.get("aha_count") for m in run.metrics}
     if rows:
-        t = table(["step", "solved with a phrase", "unsolved with a phrase", "aha_count", "from"],
+        t = table(["step", "share of solved with a phrase", "share of unsolved with a phrase", "aha_count", "from"],
                   [[s, fmt(a), fmt(b), fmt(counts.get(s)), src] for s, a, b, src in rows])
         out.append(f"<details><summary>Per step ({len(rows)} steps)</summary>{t}</details>")
     for what, samples in (("training", run.train_samples), ("eval", run.eval_samples)):
@@ -260,4 +260,5 @@ def build(run_dir: Path, out: Path, browse_steps: int = 6) -> Path:
     charts = make_charts(plt, run) if plt is not None else None
     built = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
     text = render(run, charts, built, browse_steps)
-    return write_whole(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    # errors="replace": a damaged JSON line can hold a lone surrogate (\ud800) that UTF-8 cannot encode
+    return write_whole(out, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="replace"))

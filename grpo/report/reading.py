@@ -59,7 +59,7 @@ def _parse_line(line: str) -> tuple[dict | None, str]:
     """(the line's JSON object, "") or (None, why it is not one)."""
     try:
         row = json.loads(line)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: a damaged line nested beyond Python's stack
         return None, "not a JSON line"
     return (row, "") if isinstance(row, dict) else (None, f"not a JSON object ({type(row).__name__})")
 
