@@ -79,7 +79,10 @@ def auto_machine(devices: list) -> Machine:
     platform = devices[0].platform
     if platform == "cpu":
         return MACHINES["cpu"]
-    stats = devices[0].memory_stats() or {}
+    try:
+        stats = devices[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 (a PJRT plugin may raise UNIMPLEMENTED instead of returning None)
+        stats = {}
     limit = stats.get("bytes_limit")
     if not limit:
         raise ValueError(f"--machine: auto cannot read the memory of this {platform} device ({devices[0].device_kind}"
@@ -239,8 +242,8 @@ def first_fitting(candidates: list[int], peak: Callable[[int], Peak | None], bud
     One compile of the first candidate gives its fixed part and its temporaries; temp_scale(first, c) says how
     the temporaries scale to candidate c (c0 / c for micro-batches, c / c0 for rows). Temporaries that scale
     this way only in part make that an underestimate, so every candidate it rules out is truly out, and the
-    first one it admits is compiled to check, moving on down the list until one fits. Typically two compiles.
-    Raises LookupError when the analysis is unavailable (peak returns None)."""
+    first one it admits is compiled to check; if that misses, the rest of the list is bisected. Typically two
+    compiles, at most 2 + log2(len(candidates)). Raises LookupError when the analysis is unavailable."""
     first = peak(candidates[0])
     if first is None:
         raise LookupError("memory analysis unavailable")
@@ -249,13 +252,15 @@ def first_fitting(candidates: list[int], peak: Callable[[int], Peak | None], bud
     if first is TOO_BIG:  # the compiler refused it for memory: no sizes to scale, so bisect the ordered list
         return _bisect(candidates[1:], peak, budget)
     guess = [c for c in candidates[1:] if first.fixed + first.temp * temp_scale(candidates[0], c) <= budget]
-    for c in candidates[candidates.index(guess[0]):] if guess else []:
-        need = peak(c)
-        if need is None:
-            raise LookupError("memory analysis unavailable")
-        if need.total <= budget:
-            return c, need.total
-    return None
+    if not guess:
+        return None
+    at = candidates.index(guess[0])
+    need = peak(candidates[at])
+    if need is None:
+        raise LookupError("memory analysis unavailable")
+    if need.total <= budget:
+        return candidates[at], need.total
+    return _bisect(candidates[at + 1:], peak, budget)
 
 
 def _bisect(candidates: list[int], peak: Callable[[int], Peak | None], budget: int) -> tuple[int, int] | None:
@@ -386,8 +391,12 @@ def plan_run(machine: Machine, model_cfg, grpo_cfg, mesh, *, lora_cfg, param_dty
     programs = run_programs(model_cfg, grpo_cfg, mesh, lora_cfg=lora_cfg, param_dtype=param_dtype, rows=rows,
                             seq_len=seq_len, prompt_len=prompt_len, new_tokens=new_tokens,
                             stop_states=stop_states, on_target=on_target)
+    if "rollout_batch_size" in given:  # as grpo/rollout.py runs it: 0 is every row at once, else whole groups
+        r, group = given["rollout_batch_size"], grpo_cfg.num_generations
+        given = {**given, "rollout_batch_size": max(1, r // group) * group if r else rows}
     key = {"model": repr(model_cfg), "grpo": repr(dataclasses.replace(grpo_cfg, num_micro_batches=1)),
            "lora": repr(lora_cfg), "dtype": str(param_dtype), "machine": repr(machine), "backend": backend,
+           "budget": machine.budget_bytes(),  # XLA_PYTHON_CLIENT_MEM_FRACTION or the host's RAM moves it
            "mesh": dict(mesh.shape), "jax": _jax_version(), "rows": rows, "prompt": prompt_len, "new": new_tokens,
            "stops": stop_states, "given": given}
     try:

@@ -28,22 +28,28 @@ class StopClock:
     The next step is estimated from the recent steps' median, leaving out the first step (it compiles, and can
     take several steady steps' time); twice the median, so steps up to twice the recent typical length (a long
     sampling round, an eval falling due) still fit. The checkpoint's cost is the longest one measured so far,
-    with its wait for the write (`checkpointing(wait)`). The limit counts from `start` (the trainer passes the
-    time train() began: compiles and the step-0 eval count). `now` is the clock (a fake one in tests).
+    with its wait for the write (`checkpointing(wait)`); until one is measured, `checkpoint_bytes` written at
+    CHECKPOINT_BYTES_PER_S (a run whose first periodic checkpoint is 50 steps away still saves one to pause). The
+    limit counts from `start` (the trainer passes the time train() began: compiles and the step-0 eval count).
+    `now` is the clock (a fake one in tests).
     """
 
     MARGIN = 2.0  # the next step must fit twice over its recent median
     WINDOW = 8  # recent steps whose median is taken
+    # The guess for a checkpoint not yet measured: a slow disk's rate (a notebook's network-backed drive), so the
+    # first pause is early rather than late; the first measured write replaces it.
+    CHECKPOINT_BYTES_PER_S = 100e6
 
     def __init__(self, time_limit_s: float | None, now: Callable[[], float] = time.monotonic,
-                 start: float | None = None):
+                 start: float | None = None, checkpoint_bytes: int = 0):
         self.now, self.limit = now, time_limit_s
         self.signalled: str | None = None  # the name of the signal received
         self.stop_now = False  # a second Ctrl-C
         self._last = now()
         self.start = self._last if start is None else start
         self.steps: list[float] = []  # seconds between consecutive step_done calls (the first: since start)
-        self.checkpoint_s = 0.0
+        self.checkpoint_s: float | None = None  # the longest checkpoint write measured
+        self.checkpoint_guess_s = checkpoint_bytes / self.CHECKPOINT_BYTES_PER_S
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -72,7 +78,7 @@ class StopClock:
             if wait is not None:
                 wait()
         finally:
-            self.checkpoint_s = max(self.checkpoint_s, self.now() - began)
+            self.checkpoint_s = max(self.checkpoint_s or 0.0, self.now() - began)
 
     def next_step_s(self) -> float:
         """The time the next step is planned to take: MARGIN x the median of the last WINDOW steps after the
@@ -89,7 +95,8 @@ class StopClock:
             raise KeyboardInterrupt
         if self.signalled:
             return f"{self.signalled} received"
-        if self.limit is not None and self.now() - self.start + self.next_step_s() + self.checkpoint_s > self.limit:
+        checkpoint_s = self.checkpoint_guess_s if self.checkpoint_s is None else self.checkpoint_s
+        if self.limit is not None and self.now() - self.start + self.next_step_s() + checkpoint_s > self.limit:
             return f"the next step would end past --time_limit ({self.limit:.0f} s)"
         return None
 

@@ -403,7 +403,8 @@ def _run_steps(ctx: RunContext, state: LoopState, profiler: Profiler,
     rollback recompiles the step), the final state, how the run ends ("finished", "paused", or "stopped" by the
     guard) and why."""
     train_cfg = ctx.train_cfg
-    clock = StopClock(train_cfg.time_limit_s, start=started)
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)) if hasattr(x, "nbytes"))
+    clock = StopClock(train_cfg.time_limit_s, start=started, checkpoint_bytes=state_bytes)
     final_state, reason = "finished", None
     try:
         while state.step < train_cfg.steps:

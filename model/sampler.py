@@ -1,13 +1,14 @@
 """Batched KV-cache sampler: one prefill pass, then a `lax.while_loop` over blocks of single-token decode steps.
 
-Layout (P = prompt bucket, M = max_new_tokens, S = P + M slots):
+Layout (P = prompt bucket, M = max_new_tokens, S = P + M slots; budget forcing adds its extra steps' slots):
 - Prompts are LEFT-padded into a bucket of P slots (`prompt_bucket`: quarter-octave steps, min 16), so a run
   compiles the sampler once per bucket it touches, not once per batch.
 - A row with n prompt tokens sits in slots P-n .. P-1 at positions 0 .. n-1; its j-th generated token is
   fed back at slot P+j, position n+j. So slot s of row b always has position s - (P - n_b), fixed at
-  prefill. The attention mask is built from positions and validity (model.forward.attend), never from slot
-  indices, so a row gets exactly the tokens it would get alone, and the sliding window is just
-  `0 <= pos_q - pos_k < W` on the same cache (no ring buffer: the cache is sized for the whole run).
+  prefill (without budget forcing: a rewound row writes each slot's position as it feeds it). The attention
+  mask is built from positions and validity (model.forward.attend), never from slot indices, so a row gets
+  exactly the tokens it would get alone, and the sliding window is just `0 <= pos_q - pos_k < W` on the same
+  cache (no ring buffer: the cache is sized for the whole run).
 - KVCache: per layer k, v [B, K, S, H], plus positions / valid [B, S], in the while_loop carry (state
   donated). Each token's k/v is written with dynamic_update_slice, in place.
 - prefill (jit): a forward over [B, P] (model.forward.scan_layers, PREFILL_ROWS rows at a time) that fills
@@ -20,7 +21,8 @@ Layout (P = prompt bucket, M = max_new_tokens, S = P + M slots):
 - Stopping (StopRule): a row is done once it emits any of `eos_ids` (default: cfg.eos_id) or once its decoded
   text contains a stop string (an automaton over whole tokens, model/stop_text.py; the training loop's
   `</answer>`); afterwards it gets cfg.pad_id and log-prob 0. `lengths` counts generated tokens including the
-  stopping one; `truncated` = no stop within M. The loop ends at the first block boundary after every row is done.
+  stopping one; `truncated` = no stop within M. The loop ends at the first block boundary after every row is done
+  (with budget forcing, or its output is full).
 - Step t uses the key fold_in(key, t): same key -> same samples, whatever the loop's early exit.
 - Budget forcing (s1, model/think_budget.py; off unless `generate(think=...)`): rows get their own output columns
   and can rewind; the cache slots still advance with the shared step.
@@ -37,7 +39,8 @@ transpose the cache (decode_attend's order) or the output projection (o viewed a
 two-level argmax in model/sampling.py).
 
 Compiles: prefill and decode each compile once per distinct (batch size, prompt bucket, max_new_tokens,
-sampling config, model config); the stop ids are a traced vector and do not recompile. TRACE_COUNTS
+sampling config, model config, and with budget forcing its extra steps and forced sequences' token lengths);
+the stop ids are a traced vector and do not recompile. TRACE_COUNTS
 counts traces (diagnostics for tests and BUILD.md).
 """
 
@@ -207,7 +210,8 @@ def _record(state: DecodeState, token: jax.Array, logprob: jax.Array, stops: Sto
             pad_id: int) -> DecodeState:
     """Store the step's sample; rows already done get pad_id and log-prob 0. A row stops on an EOS id or when
     the token completes the stop string. A step at or past the budget (the tail of decode's last block of
-    steps) changes nothing but `step`: its column index is clamped, so it writes back what is there."""
+    steps) records nothing but `step`: its column index is clamped, so it writes back what is there (the
+    decode step may still write k/v into the cache's last slot, which no recorded step reads)."""
     budget = state.tokens.shape[1]
     active = state.step < budget  # []
     live = ~state.done & active

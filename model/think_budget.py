@@ -177,7 +177,10 @@ def forced_record(state, token: jax.Array, logprob: jax.Array, stops, rule: Forc
 
     # Which rows rewind: an early delimiter (sampled), or the maximum reached while thinking.
     thinking = ~th.answering & ~queuing
-    force_end = thinking & (rule.max_think > 0) & (th.cols >= rule.max_think)
+    # Only where the whole delimiter still fits in the row's output: a maximum within its length of
+    # max_new_tokens would leave "</thi" at the end (a row out of room has no answer either way).
+    force_end = (thinking & (rule.max_think > 0) & (th.cols >= rule.max_think)
+                 & (th.cols + rule.seq_len[END] <= m))
     completes = rule.end_table[th.end_state, token] >= ends
     back = jnp.where(force_end, th.end_state, rule.match_start[th.end_state, token].astype(jnp.int32))
     start_char = _before(th.chars, th.cols) - back  # where the (partial) match begins in the text

@@ -42,6 +42,20 @@ def test_first_fitting_equals_brute_force():
         assert found == truth
 
 
+def test_a_guess_far_off_costs_log2_compiles_not_one_per_candidate():
+    """Temporaries that barely shrink with more micro-batches (40 + 400 / m against a budget of 55): the guess
+    from the first compile is far too hopeful; the rest is bisected (it compiled 8 step programs one by one)."""
+    counts = planner.micro_batch_counts(640, 1)  # 16 candidates
+    compiled = []
+
+    def peak(m):
+        compiled.append(m)
+        return Peak(10, 40 + 400 // m)
+
+    assert planner.first_fitting(counts, peak, 55, lambda first, m: first / m) == (80, 55)
+    assert len(compiled) <= 2 + 4  # the first, the guess, then log2 of the 14 left rounded up
+
+
 def test_a_program_the_compiler_refuses_for_memory_is_bisected_past():
     """XLA:TPU fails a compile over its HBM (RESOURCE_EXHAUSTED) instead of analysing it: that candidate does not
     fit, and with no sizes to scale the ordered list is bisected (log2 compiles) to the first that does."""
@@ -138,6 +152,29 @@ def test_a_plan_that_cannot_fit_names_the_flag_to_change():
         planner.search(640, 5, 1, 50, tight)
 
 
+def test_a_plan_is_searched_again_when_the_budget_moves(monkeypatch):
+    """The cache key holds the budget: a smaller share of the card (XLA_PYTHON_CLIENT_MEM_FRACTION) re-plans
+    instead of reusing a plan made for more memory. Reference: the fake programs' peaks against each budget."""
+    calls = []
+    monkeypatch.setattr(planner, "run_programs", lambda *a, **k: _fake_programs(calls))
+    cfg, mesh = model.tiny_config("gemma3", num_layers=2), grpo.make_mesh(data=1, fsdp=1)
+    machine = dataclasses.replace(presets.MACHINES["gpu-80g"], device_gib=700 / presets.FIT_FRACTION / 2**30)
+
+    def plan(fraction, given=None):
+        monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", str(fraction))
+        return planner.plan_run(machine, cfg, grpo.GRPOConfig(num_generations=5), mesh, lora_cfg=None,
+                                param_dtype=jnp.float32, rows=640, prompt_len=150, new_tokens=64, stop_states=1,
+                                backend="gpu", given=given or {})
+
+    roomy, tight = plan(1.0), plan(0.25)
+    assert tight.compiles > 0 and tight.budget_bytes < roomy.budget_bytes
+    assert roomy.step_bytes <= roomy.budget_bytes and tight.step_bytes <= tight.budget_bytes
+    assert tight.num_micro_batches > roomy.num_micro_batches
+    # --rollout_batch_size as the rollout runs it: 0 is every row in one call, 7 rows are one group of 5
+    assert plan(1.0, {"rollout_batch_size": 0}).rollout_rows == 640
+    assert plan(1.0, {"rollout_batch_size": 7}).rollout_rows == 5
+
+
 def test_a_plan_is_cached_per_shape():
     calls = []
     key = {"model": "m", "rows": 640}
@@ -155,6 +192,8 @@ class _Device:
         self.platform, self.device_kind, self._limit = platform, kind, limit
 
     def memory_stats(self):
+        if self._limit == "raises":  # a PJRT plugin without the call
+            raise RuntimeError("UNIMPLEMENTED: memory_stats")
         return None if self._limit is None else {"bytes_limit": self._limit, "bytes_in_use": 0}
 
 
@@ -165,8 +204,9 @@ def test_auto_machine_reads_jax():
     a100_40 = planner.auto_machine([_Device("gpu", 40 * 2**30)] * 2)
     assert a100_40.devices == 2 and a100_40.device_gib == 40 and a100_40.mesh == "data=1,fsdp=2"
     assert planner.auto_machine(jax.devices()) is presets.MACHINES["cpu"]  # this CPU
-    with pytest.raises(ValueError, match="^--machine: auto cannot read the memory"):
-        planner.auto_machine([_Device("tpu", None, "TPU v9")])
+    for limit in (None, "raises"):
+        with pytest.raises(ValueError, match="^--machine: auto cannot read the memory"):
+            planner.auto_machine([_Device("tpu", limit, "TPU v9")])
     # a 16 GiB TPU core reports a little less: its table machine's choices, not an 8 GiB one's (bf16, LoRA 16);
     # an 80 GB card's JAX limit (its GPU_MEM_FRACTION) is the 80 GB machine's, not a T4's
     v5e = planner.auto_machine([_Device("tpu", int(15.75 * 2**30))] * 8)

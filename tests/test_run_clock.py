@@ -14,10 +14,11 @@ import pytest
 from grpo.run_clock import StopClock
 
 
-def _simulate(durations, limit: float, checkpoint_s: float = 2.0, checkpoint_every: int = 5) -> tuple[int, float]:
+def _simulate(durations, limit: float, checkpoint_s: float = 2.0, checkpoint_every: int = 5,
+              checkpoint_bytes: int = 0) -> tuple[int, float]:
     """(steps run, time when the pause's checkpoint is written)."""
     now = [0.0]
-    clock = StopClock(limit, now=lambda: now[0])
+    clock = StopClock(limit, now=lambda: now[0], checkpoint_bytes=checkpoint_bytes)
     steps = 0
     try:
         for seconds in durations:
@@ -86,6 +87,16 @@ def test_ctrl_c_pauses_and_a_second_stops_at_once(capsys):
     finally:
         clock.close()
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_pause_before_the_first_checkpoint_counts_the_state_it_writes():
+    """A 30 s checkpoint every 50 steps (a large state on a slow disk): the pause at a 150 s limit comes before any
+    periodic checkpoint was measured; without a guess from the state's size it ended at 154 s, past the limit.
+    Reference: 3 GB at StopClock.CHECKPOINT_BYTES_PER_S (100 MB/s) is a 30 s guess."""
+    assert _simulate([40] + [14] * 100, 150, checkpoint_s=30, checkpoint_every=50) == (7, 154.0)  # no guess
+    steps, end = _simulate([40] + [14] * 100, 150, checkpoint_s=30, checkpoint_every=50, checkpoint_bytes=3 * 10**9)
+    # 5 steps end at 96 s; a sixth is planned at twice the median: 96 + 28 + 30 > 150, so the pause writes at 96 s
+    assert (steps, end) == (5, 126.0)
 
 
 def test_the_limit_counts_from_the_start_given_and_a_checkpoint_with_its_wait():

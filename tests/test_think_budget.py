@@ -151,6 +151,20 @@ def test_max_budget_forces_the_delimiter_without_fragments(tiny):
     _assert_logprobs_match_a_full_forward(tiny, on, tiny[2], range(len(on.tokens)))
 
 
+def test_a_maximum_at_the_completion_budget_still_fits_the_whole_delimiter(tiny):
+    """Max NEW - 2 with a 3-token END: forced at column NEW - 2 it would be cut to "</thi" by the budget, so it
+    is not forced there (the rows are out of room either way); max NEW - 3 still fits all 3 tokens."""
+    pieces = _pieces(RARE, tiny[0].vocab_size)
+    off = _run(tiny, pieces, None)
+    tight = _run(tiny, pieces, ThinkBudget(max_think_tokens=NEW - 2))
+    assert not tight.forced.any()
+    np.testing.assert_array_equal(tight.tokens, off.tokens)
+    fits = _run(tiny, pieces, ThinkBudget(max_think_tokens=NEW - 3))
+    for r in np.flatnonzero(fits.forced.any(axis=1)):
+        assert np.flatnonzero(fits.forced[r]).tolist() == [NEW - 3, NEW - 2, NEW - 1]
+    assert fits.forced.any(axis=1).sum() >= 2
+
+
 def test_forcing_that_never_triggers_equals_the_fixture():
     """Reference: tests/fixtures/sampler_tokens.npz (the sampler before budget forcing). A maximum at the token
     budget never fires, yet the tokens go through the forcing path (per-row columns, positions written per step,
