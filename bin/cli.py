@@ -176,12 +176,12 @@ def load_model_config(model_dir: Path):
         return model.load_config(model_dir)
 
 
-def load_model(model_dir: Path, dtype):
-    """(model_cfg, params) from the checkpoint; a missing, truncated or mis-shaped tensor is one line."""
-    import model
+def load_model(model_dir: Path, dtype, mesh=None):
+    """(model_cfg, params) from the checkpoint (laid out on `mesh` as read); a bad tensor is one line."""
+    from grpo.policy import load_on_mesh
 
     with flag_errors("--model_dir: ", (ValueError, OSError)):
-        return model.load_hf_checkpoint(model_dir, dtype=dtype)
+        return load_on_mesh(model_dir, dtype, mesh)
 
 
 def load_tokenizer(value: str | None, model_dir: Path, model_cfg):

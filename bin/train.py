@@ -407,7 +407,7 @@ def main(argv):
     from grpo.run_files import RunWriteError, quiet_failed_writes
     from grpo.trainer import train
 
-    model_cfg, params = _named(agreed, lambda: cli.load_model(model_dir, dtype))  # a bad file on one host stops all
+    model_cfg, params = _named(agreed, lambda: cli.load_model(model_dir, dtype, mesh))  # one bad host stops all
     print(f"model {model_dir}: {model_cfg.arch}, {model_cfg.num_params() / 1e6:.0f}M params, {dtype.__name__}; "
           f"levels {', '.join(task.level_names)}; {len(task.train[-1])} train / {len(task.test[-1])} eval puzzles "
           f"per level; mesh {dict(mesh.shape)}; "

@@ -92,6 +92,17 @@ def place_params(params: dict, model_cfg: GemmaConfig, mesh: Mesh) -> dict:
     return jax.device_put(params, sharding.named(mesh, sharding.param_specs(model_cfg, mesh)))
 
 
+def load_on_mesh(model_dir, dtype, mesh: Mesh | None = None) -> tuple[GemmaConfig, dict]:
+    """(model_cfg, params) from an HF checkpoint, each leaf put in its place on the mesh as it is read: loading
+    whole onto the default device and then placing would keep a full copy on device 0 for the run."""
+    import model
+
+    if mesh is None:
+        return model.load_hf_checkpoint(model_dir, dtype=dtype)
+    specs = sharding.param_specs(model.load_config(model_dir), mesh)
+    return model.load_hf_checkpoint(model_dir, dtype=dtype, shardings=sharding.named(mesh, specs))
+
+
 def place_adapters(adapters: dict, model_cfg: GemmaConfig, lora_cfg: LoraConfig, mesh: Mesh) -> dict:
     """Adapters checked against the LoRA schema and laid out on the mesh per the rules table."""
     check_adapters(adapters, model_cfg, lora_cfg)

@@ -147,3 +147,23 @@ def test_make_policy_decides_the_mode_once():
     assert FullPolicy(CFG).config_json() is None and lora.config_json()["rank"] == 4
     with pytest.raises(ValueError, match="--lora_rank > 0"):
         LoraPolicy(CFG, LoraConfig(rank=0))
+
+
+def test_weights_load_straight_into_their_place_on_the_mesh(tmp_path):
+    """Reference: the checkpoint loaded whole (no mesh) and grpo.place_params' layout. Loaded with the mesh, each
+    leaf is already laid out as the step expects (so no whole copy stays on device 0) and equals the whole load
+    bitwise; a sharded leaf's pieces are a quarter of it on a fsdp=4 mesh."""
+    from tiny_model import make_tiny_model_dir
+
+    from grpo.policy import load_on_mesh
+
+    path = make_tiny_model_dir(tmp_path / "tiny")
+    mesh = grpo.make_mesh(data=2, fsdp=4)
+    cfg, whole = load_on_mesh(path, jnp.float32)
+    _, placed = load_on_mesh(path, jnp.float32, mesh)
+    want = grpo.place_params(whole, cfg, mesh)
+    for (name, got), ref in zip(jax.tree_util.tree_leaves_with_path(placed), jax.tree.leaves(want), strict=True):
+        assert got.sharding == ref.sharding, name
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    embed = placed["embed"]
+    assert embed.addressable_shards[0].data.size * 4 == embed.size
