@@ -111,8 +111,12 @@ def place_adapters(adapters: dict, model_cfg: GemmaConfig, lora_cfg: LoraConfig,
 
 def init_opt_state(tx: optax.GradientTransformation, trained: dict, specs: dict, mesh: Mesh):
     """tx's fresh state for `trained` (params or adapters), each moment laid out like its leaf (`specs`)."""
+    return _placed_init(tx, trained, specs, mesh)(trained)
+
+
+def _placed_init(tx: optax.GradientTransformation, trained: dict, specs: dict, mesh: Mesh):
     state_specs = sharding.opt_state_specs(jax.eval_shape(tx.init, trained), specs)
-    return jax.jit(tx.init, out_shardings=sharding.named(mesh, state_specs))(trained)
+    return jax.jit(tx.init, out_shardings=sharding.named(mesh, state_specs))
 
 
 class Policy(Protocol):
@@ -235,6 +239,12 @@ def make_policy(model_cfg: GemmaConfig, lora_cfg: LoraConfig | None = None) -> F
 def init_trained_state(policy: Policy, trained: dict, grpo_cfg: GRPOConfig, mesh: Mesh):
     """A fresh optimizer state for the placed `trained` tree, laid out to match it."""
     return init_opt_state(policy.optimizer(grpo_cfg), trained, policy.trained_specs(mesh), mesh)
+
+
+def abstract_trained_state(policy: Policy, trained: dict, grpo_cfg: GRPOConfig, mesh: Mesh):
+    """init_trained_state's shapes, dtypes and shardings, nothing allocated: a resume restores into these instead
+    of holding a fresh optimizer state beside the restored one."""
+    return jax.eval_shape(_placed_init(policy.optimizer(grpo_cfg), trained, policy.trained_specs(mesh), mesh), trained)
 
 
 def init_policy_state(policy: Policy, params: dict, key: jax.Array | None, grpo_cfg: GRPOConfig,

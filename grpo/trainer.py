@@ -44,7 +44,7 @@ from grpo.level_mix import LevelStats
 from grpo.loggers import make_loggers
 from grpo.logprobs import cast_params, make_policy_logprobs, step_settings
 from grpo.multihost import any_process_stops
-from grpo.policy import FullPolicy, Policy, init_policy_state, make_policy
+from grpo.policy import FullPolicy, Policy, abstract_trained_state, init_trained_state, make_policy
 from grpo.rollout import (
     Rollout,
     RolloutConfig,
@@ -104,8 +104,7 @@ def start_run(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOCo
     policy = FullPolicy(model_cfg) if policy is None else policy
     if policy.model_cfg != model_cfg:
         raise ValueError(f"the policy is for {policy.model_cfg.name}, the params for {model_cfg.name}")
-    frozen, params, opt_state = init_policy_state(policy, params, jax.random.key(train_cfg.seed), grpo_cfg, mesh)
-    reference = jax.tree.map(jnp.copy, params) if grpo_cfg.beta > 0 else None  # the step donates params
+    frozen, params = policy.start(params, jax.random.key(train_cfg.seed), mesh)
     config = {"model": dataclasses.asdict(model_cfg), "grpo": dataclasses.asdict(grpo_cfg),
               "rollout": dataclasses.asdict(rollout_cfg), "train": dataclasses.asdict(train_cfg),
               "lora": policy.config_json()}
@@ -113,15 +112,20 @@ def start_run(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOCo
     previous_config = log.previous_config()
     log.write_config(config)
     ckpt = TrainCheckpointer(out / "checkpoints", keep=train_cfg.keep_checkpoints)
+    if aside:
+        log.say(f"starting over: the previous run in {out} was moved to {aside} (delete it to free the space)")
+    previous = log.previous_status()
+    found = ckpt.restore_latest(params, abstract_trained_state(policy, params, grpo_cfg, mesh),
+                                say=log.say) if train_cfg.resume else None
+    # The KL reference is the starting weights: resumed, the fresh ones as they are (the restored ones train);
+    # else a copy, since the step donates the trained tree.
+    reference = (params if found else jax.tree.map(jnp.copy, params)) if grpo_cfg.beta > 0 else None
+    opt_state = None if found else init_trained_state(policy, params, grpo_cfg, mesh)
     ctx = RunContext(model_cfg, task, grpo_cfg, rollout_cfg, train_cfg, mesh, policy, frozen,
                      step_fn=_compiled_step(policy, grpo_cfg, mesh),
                      logprobs_fn=_compiled_logprobs(policy, grpo_cfg, mesh),
                      reference=reference, log=log, ckpt=ckpt, best=BestCheckpointer(out))
     state = LoopState(params, opt_state, level=level_mix.start_index(level_names(task), train_cfg.start_level))
-    if aside:
-        ctx.log.say(f"starting over: the previous run in {out} was moved to {aside} (delete it to free the space)")
-    previous = ctx.log.previous_status()
-    found = ctx.ckpt.restore_latest(params, opt_state, say=ctx.log.say) if train_cfg.resume else None
     if found:
         step, params, opt_state, record = found
         state = LoopState(params, opt_state, step=step, position=int(record["data_position"]),

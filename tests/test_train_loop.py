@@ -94,6 +94,30 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     assert len(_rewards(tmp_path / "cut")) == 4
 
 
+def test_a_resume_restores_into_place_and_keeps_the_starting_weights_as_reference(tmp_path, monkeypatch):
+    """A resume builds no fresh optimizer state beside the restored one (on an accelerator that was a second copy
+    of the Adam moments at start-up), and its KL reference is still the starting weights (reference: the params
+    the run started from, bitwise), while the trained params are the checkpoint's (they moved from the start)."""
+    import grpo.trainer as trainer
+
+    cfg, params, task, gcfg, rollout, tcfg, mesh = _setup(tmp_path, steps=2)
+    gcfg = dataclasses.replace(gcfg, beta=0.04)
+    start = jax.tree.map(np.asarray, params)
+    train(cfg, params, task, gcfg, rollout, tcfg, mesh, echo=lambda s: None)
+
+    def no_fresh_state(*args):
+        raise AssertionError("a resume built a fresh optimizer state")
+
+    monkeypatch.setattr(trainer, "init_trained_state", no_fresh_state)
+    again = dataclasses.replace(tcfg, steps=3)
+    ctx, state = start_run(cfg, _setup(tmp_path, steps=3)[1], task, gcfg, rollout, again, mesh, echo=lambda s: None)
+    assert state.step == 2
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), ctx.reference, start)
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state.params, start)
+    assert max(jax.tree.leaves(moved)) > 0
+    finish_run(ctx, state)
+
+
 def test_rollout_settings_drive_the_grpo_config():
     """The rollout is the one place temperature and budget are set: a direct train() call cannot mismatch them."""
     hand_set = grpo.GRPOConfig(temperature=0.5, logprob_tail=3, max_completion_length=7)
