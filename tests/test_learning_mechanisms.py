@@ -149,11 +149,13 @@ def test_level_stats_decay():
     assert st.rate == pytest.approx(2.1 / 6.8)
 
 
-def test_loop_with_dynamic_sampling_runs_to_its_cap_on_a_silent_policy(tmp_path):
+@pytest.mark.parametrize("skip_silent", [False, True])
+def test_loop_with_dynamic_sampling_runs_to_its_cap_on_a_silent_policy(tmp_path, skip_silent):
     """A tiny random model never writes an answer: every group is silent, so each step samples floor(3.0) rounds,
     logs oversample_ratio 3, frac_zero_std_groups / frac_zero_std_solved 1, and consumes 3 x P prompts; the
     adaptive entropy bonus is logged (0 before anything is measured, then rising: the tiny model's entropy is below
-    a 50-nat target; the silent groups stay in the loss so their tokens measure it); --start_level makes level 1
+    a 50-nat target, measured on the silent groups' tokens when they stay in the loss; when they are left out the
+    steps have no token and update nothing, and the coefficient rises all the same); --start_level makes level 1
     the frontier and the mix draws from it and the level below."""
     import jax
     from tiny_model import VOCAB, train_tokenizer
@@ -174,7 +176,7 @@ def test_loop_with_dynamic_sampling_runs_to_its_cap_on_a_silent_policy(tmp_path)
     gcfg = grpo.GRPOConfig(num_generations=2, learning_rate=1e-3, entropy_control=EntropyControl(target=50.0))
     ctx, state = start_run(cfg, model.init_params(jax.random.key(0), cfg), task, gcfg,
                            RolloutConfig(max_new_tokens=6, dynamic_sampling=True, max_oversample=3.0,
-                                         skip_zero_std_groups=False),  # the groups without signal stay in
+                                         skip_zero_std_groups=skip_silent),
                            TrainConfig(output_dir=str(tmp_path / "run"), steps=2, prompts_per_step=2, eval_size=0,
                                        export_hf=False, start_level=levels[1].name),
                            grpo.make_mesh(data=1, fsdp=1), echo=lambda s: None)
@@ -186,7 +188,10 @@ def test_loop_with_dynamic_sampling_runs_to_its_cap_on_a_silent_policy(tmp_path)
     assert [r["oversample_ratio"] for r in m] == [3.0, 3.0]
     assert all(r["frac_zero_std_groups"] == 1.0 and r["frac_zero_std_solved"] == 1.0 for r in m)
     assert m[0]["entropy_coef_applied"] == 0.0  # nothing measured before the first step
-    assert m[1]["entropy_coef_applied"] > 0.0  # the first step's entropy (< 50 nats) is below the target
+    # silent groups kept: the first step's entropy (< 50 nats) is below the target, so the bonus applies next;
+    # left out: no token, no update, no entropy measured, yet the coefficient rises (a step without signal)
+    assert (m[1]["entropy_coef_applied"] > 0.0) == (not skip_silent)
+    assert all((r["entropy"] is None) == skip_silent for r in m)
     assert state.entropy_coef == pytest.approx(2 * gcfg.entropy_control.step)
     assert set(m[0]["level_shares"]) == {levels[0].name, levels[1].name} and m[0]["level"] == levels[1].name
     assert sum(m[0]["answer_templates"].values()) == pytest.approx(1.0)
