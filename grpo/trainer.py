@@ -238,11 +238,11 @@ def train_step(ctx: RunContext, state: LoopState) -> LoopState:
     # A step with no token to learn from (every group agreed) is the collapse the bonus answers: the coefficient
     # rises as if entropy were below target; it still applies only while the last MEASURED entropy is below it.
     silent = not skipped and not metrics.get("num_completion_tokens")
-    ctrl, measured = ctx.grpo_cfg.entropy_control, 0.0 if silent else entropy
+    ctrl, ctrl_entropy = ctx.grpo_cfg.entropy_control, 0.0 if silent else entropy
     state = dataclasses.replace(state, params=params, opt_state=opt_state, step=state.step + 1,
                                 position=state.position + rollout.prompts_used,
                                 bad_in_a_row=state.bad_in_a_row + 1 if skipped else 0, last_metrics=metrics,
-                                entropy_coef=next_coef(ctrl, state.entropy_coef, measured) if ctrl else 0.0,
+                                entropy_coef=next_coef(ctrl, state.entropy_coef, ctrl_entropy) if ctrl else 0.0,
                                 last_entropy=entropy if entropy is not None else state.last_entropy)
     state = _watch(ctx, state, {"entropy": entropy, "nonfinite": float(state.bad_in_a_row)})
     return after_levels(ctx, state, rollout.sampled) if names else state
