@@ -5,8 +5,8 @@ then it fills the text with random tokens from the 262k vocabulary (BUILD.md, th
 Skywork-OR1 (He et al., 2025, "adaptive entropy control") instead keeps a coefficient c that rises by `step`
 while the policy's entropy H is below `target` and falls by `step` while it is above, clipped to [0, max_coef],
 and applies it only while H < target. Above the target the bonus is exactly 0, so it cannot push entropy up
-without bound; below it, it grows until entropy comes back. A step with no token to learn from (every group's
-rewards equal) measures no entropy; the loop counts it as below the target (grpo/trainer.py).
+without bound; below it, it grows until entropy comes back. A step with no token to learn from because every
+group's rewards were equal measures no entropy; the loop counts it as below the target (grpo/trainer.py).
 
 The coefficient reaches the jitted step as data (a per-row batch array "entropy_coef", grpo/loss.py), so a
 changing coefficient never recompiles the step.

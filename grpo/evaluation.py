@@ -46,11 +46,18 @@ def evaluate_items(params: dict, model_cfg: GemmaConfig, task: Task, items: list
     for i, (it, s, n, t) in enumerate(zip(items, scored, res.lengths, res.truncated, strict=True)):
         records.append(sample_record(task, 0, i, it, s, n, t))
         if res.forced is not None:
-            own = ~res.forced[i, : int(n)]
             records[-1]["forced_tokens"] = int(res.forced[i].sum())
             # The forced wait text ("Wait") is itself a verification phrase: aha_split reads the model's own tokens.
-            records[-1]["completion_unforced"] = task.decode(res.tokens[i, : int(n)][own])
+            records[-1]["completion_unforced"] = own_text(task, res.tokens[i, : int(n)], res.forced[i, : int(n)])
     return records
+
+
+def own_text(task: Task, tokens: np.ndarray, forced: np.ndarray) -> str:
+    """The text of the tokens the model chose, each run between forced ones decoded apart and joined by a space
+    (so a phrase cannot be made of words from both sides of a forced wait)."""
+    cuts = np.flatnonzero(np.diff(forced.astype(np.int8))) + 1
+    runs = [run for run, f in zip(np.split(tokens, cuts), np.split(forced, cuts), strict=True) if len(f) and not f[0]]
+    return " ".join(task.decode(run) for run in runs)
 
 
 def evaluate(params: dict, model_cfg: GemmaConfig, task: Task, rollout_cfg: RolloutConfig,

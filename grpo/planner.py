@@ -393,7 +393,7 @@ def plan_run(machine: Machine, model_cfg, grpo_cfg, mesh, *, lora_cfg, param_dty
                             stop_states=stop_states, on_target=on_target)
     if "rollout_batch_size" in given:  # as grpo/rollout.py runs it: 0 is every row at once, else whole groups
         r, group = given["rollout_batch_size"], grpo_cfg.num_generations
-        given = {**given, "rollout_batch_size": max(1, r // group) * group if r else rows}
+        given = {**given, "rollout_batch_size": min(rows, max(1, r // group) * group) if r else rows}
     key = {"model": repr(model_cfg), "grpo": repr(dataclasses.replace(grpo_cfg, num_micro_batches=1)),
            "lora": repr(lora_cfg), "dtype": str(param_dtype), "machine": repr(machine), "backend": backend,
            "budget": machine.budget_bytes(),  # XLA_PYTHON_CLIENT_MEM_FRACTION or the host's RAM moves it

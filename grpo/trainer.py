@@ -115,25 +115,14 @@ def start_run(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOCo
     if aside:
         log.say(f"starting over: the previous run in {out} was moved to {aside} (delete it to free the space)")
     previous = log.previous_status()
-    found = ckpt.restore_latest(params, abstract_trained_state(policy, params, grpo_cfg, mesh),
-                                say=log.say) if train_cfg.resume else None
-    # The KL reference is the starting weights: resumed, the fresh ones as they are (the restored ones train);
-    # else a copy, since the step donates the trained tree.
-    reference = (params if found else jax.tree.map(jnp.copy, params)) if grpo_cfg.beta > 0 else None
-    opt_state = None if found else init_trained_state(policy, params, grpo_cfg, mesh)
+    found, reference, opt_state = _restore_or_init(ckpt, policy, params, grpo_cfg, mesh, train_cfg.resume, log.say)
     ctx = RunContext(model_cfg, task, grpo_cfg, rollout_cfg, train_cfg, mesh, policy, frozen,
                      step_fn=_compiled_step(policy, grpo_cfg, mesh),
                      logprobs_fn=_compiled_logprobs(policy, grpo_cfg, mesh),
                      reference=reference, log=log, ckpt=ckpt, best=BestCheckpointer(out))
     state = LoopState(params, opt_state, level=level_mix.start_index(level_names(task), train_cfg.start_level))
     if found:
-        step, params, opt_state, record = found
-        state = LoopState(params, opt_state, step=step, position=int(record["data_position"]),
-                          level=int(record.get("level", 0)), recent_solved=tuple(record.get("recent_solved", ())),
-                          level_stats=tuple(LevelStats(*pair) for pair in record.get("level_stats", ())),
-                          entropy_coef=float(record.get("entropy_coef", 0.0)),
-                          last_entropy=record.get("last_entropy"), guard=GuardState.from_json(record.get("guard")),
-                          lr_scale=float(record.get("lr_scale", 1.0)), bad_in_a_row=int(record.get("bad_in_a_row", 0)))
+        step, state = found[0], _resumed_state(*found)
         ctx = with_learning_rate(ctx, grpo_cfg.learning_rate * state.lr_scale)
         ctx.log.say(f"resumed from {ctx.ckpt.directory}/{step} (data position {state.position})")
         if step >= train_cfg.steps:  # a finished run re-run, or one asked for fewer steps than it has
@@ -150,6 +139,35 @@ def start_run(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOCo
         ctx.log.say(f"repaired {note}")
     ctx.log.set_status("running", state.step)
     return ctx, state
+
+
+def _restore_or_init(ckpt: TrainCheckpointer, policy: Policy, trained: dict, grpo_cfg: GRPOConfig, mesh: Mesh,
+                     resume: bool, say: Callable[[str], None]) -> tuple[tuple | None, dict | None, object]:
+    """(the checkpoint resumed from or None, the KL reference or None, a fresh optimizer state or None).
+
+    Resumed, the checkpoint is restored into abstract shapes (no fresh Adam state beside it) and the fresh weights
+    are the reference as they are, or are freed when there is none (they are consumed, as on a fresh start, where
+    the step donates them). Fresh, the reference is a copy, since the step donates the trained tree."""
+    found = None
+    if resume:
+        found = ckpt.restore_latest(trained, abstract_trained_state(policy, trained, grpo_cfg, mesh), say=say)
+    if not found:
+        reference = jax.tree.map(jnp.copy, trained) if grpo_cfg.beta > 0 else None
+        return None, reference, init_trained_state(policy, trained, grpo_cfg, mesh)
+    if grpo_cfg.beta > 0:
+        return found, trained, None
+    jax.tree.map(lambda x: x.delete(), trained)
+    return found, None, None
+
+
+def _resumed_state(step: int, params: dict, opt_state, record: dict) -> LoopState:
+    """The loop's state as a checkpoint recorded it."""
+    return LoopState(params, opt_state, step=step, position=int(record["data_position"]),
+                     level=int(record.get("level", 0)), recent_solved=tuple(record.get("recent_solved", ())),
+                     level_stats=tuple(LevelStats(*pair) for pair in record.get("level_stats", ())),
+                     entropy_coef=float(record.get("entropy_coef", 0.0)),
+                     last_entropy=record.get("last_entropy"), guard=GuardState.from_json(record.get("guard")),
+                     lr_scale=float(record.get("lr_scale", 1.0)), bad_in_a_row=int(record.get("bad_in_a_row", 0)))
 
 
 def with_learning_rate(ctx: RunContext, learning_rate: float) -> RunContext:
@@ -235,9 +253,9 @@ def train_step(ctx: RunContext, state: LoopState) -> LoopState:
     record_step(ctx, metrics, rollout)
     skipped = bool(metrics.get("skipped", 0))
     entropy = None if skipped else metrics.get("entropy")
-    # A step with no token to learn from (every group agreed) is the collapse the bonus answers: the coefficient
+    # A step with no token to learn from because every group agreed is the collapse the bonus answers: the coefficient
     # rises as if entropy were below target; it still applies only while the last MEASURED entropy is below it.
-    silent = not skipped and not metrics.get("num_completion_tokens")
+    silent = not skipped and not metrics.get("num_completion_tokens") and metrics.get("frac_zero_std_groups") == 1
     ctrl, ctrl_entropy = ctx.grpo_cfg.entropy_control, 0.0 if silent else entropy
     state = dataclasses.replace(state, params=params, opt_state=opt_state, step=state.step + 1,
                                 position=state.position + rollout.prompts_used,

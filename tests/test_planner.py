@@ -173,6 +173,7 @@ def test_a_plan_is_searched_again_when_the_budget_moves(monkeypatch):
     # --rollout_batch_size as the rollout runs it: 0 is every row in one call, 7 rows are one group of 5
     assert plan(1.0, {"rollout_batch_size": 0}).rollout_rows == 640
     assert plan(1.0, {"rollout_batch_size": 7}).rollout_rows == 5
+    assert plan(1.0, {"rollout_batch_size": 5000}).rollout_rows == 640  # never more than the batch
 
 
 def test_a_plan_is_cached_per_shape():

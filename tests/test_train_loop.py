@@ -116,6 +116,12 @@ def test_a_resume_restores_into_place_and_keeps_the_starting_weights_as_referenc
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state.params, start)
     assert max(jax.tree.leaves(moved)) > 0
     finish_run(ctx, state)
+    # without a KL reference the fresh weights are consumed at once, as a fresh start's first step donates them
+    fresh = _setup(tmp_path, steps=3)[1]
+    ctx, state = start_run(cfg, fresh, task, dataclasses.replace(gcfg, beta=0.0), rollout, again, mesh,
+                           echo=lambda s: None)
+    assert ctx.reference is None and all(x.is_deleted() for x in jax.tree.leaves(fresh))
+    finish_run(ctx, state)
 
 
 def test_rollout_settings_drive_the_grpo_config():

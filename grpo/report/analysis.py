@@ -87,8 +87,8 @@ def aha_shares(metrics: list[dict], samples: list[Sample]) -> list[tuple[int, fl
     aha_frac_solved / aha_frac_unsolved count every completion; stored samples are the fallback."""
     out = {}
     for step, rows in by_step_samples(samples).items():
-        out[step] = (step, _share([has_aha(s.completion) for s in rows if s.solved]),
-                     _share([has_aha(s.completion) for s in rows if not s.solved]), "samples")
+        out[step] = (step, _share([has_aha(s.own) for s in rows if s.solved]),
+                     _share([has_aha(s.own) for s in rows if not s.solved]), "samples")
     for m in metrics:
         a, b = number(m.get("aha_frac_solved")), number(m.get("aha_frac_unsolved"))
         if a is not None or b is not None:
@@ -98,7 +98,7 @@ def aha_shares(metrics: list[dict], samples: list[Sample]) -> list[tuple[int, fl
 
 def first_aha(samples: list[Sample]) -> Sample | None:
     """The earliest solved completion that contains a verification phrase: the 'aha' to look at first."""
-    return min((s for s in samples if s.solved and has_aha(s.completion)), key=lambda s: (s.step, s.group),
+    return min((s for s in samples if s.solved and has_aha(s.own)), key=lambda s: (s.step, s.group),
                default=None)
 
 
@@ -328,8 +328,8 @@ def _aha_solving(now: dict) -> str:
     if w is None or not n:
         return "no completion had a phrase, so nothing says whether it helps"
     if count is not None and count < AHA_FEW:
-        return (f"only {count:.0f} of {total:.0f} completions had a phrase, too few to say whether it goes with "
-                "solving")
+        of = f" of {total:.0f}" if total is not None else ""
+        return f"only {count:.0f}{of} completions had a phrase, too few to say whether it goes with solving"
     if wo is None:
         return f"every completion has one ({w:.2f} solved)"
     if w > wo:

@@ -70,7 +70,6 @@ def pyplot():
         import matplotlib
 
         matplotlib.use("Agg")
-        matplotlib.rcParams["text.parse_math"] = False  # a "$" in a level name or label is text, not math
         import matplotlib.pyplot as plt
     except ImportError:
         return None
@@ -92,15 +91,20 @@ class ChartSpec:
     yticks: list[str] | None = None  # names for the integer y values (the curriculum level)
 
 
+def _plain(text: str) -> str:
+    """Text as matplotlib shows it verbatim: a "$" (a hand-edited level name) would start math mode."""
+    return str(text).replace("$", r"\$")
+
+
 def draw_on(ax, spec: ChartSpec) -> None:
     """spec's lines and decorations on one matplotlib Axes."""
     for ln in spec.lines:
         if ln.kind == "step":
-            ax.step(ln.xs, ln.ys, where="post", label=ln.label, lw=1.6)
+            ax.step(ln.xs, ln.ys, where="post", label=_plain(ln.label), lw=1.6)
         elif ln.kind == "eval":
-            ax.plot(ln.xs, ln.ys, "o-", label=ln.label, lw=1.2, ms=4)
+            ax.plot(ln.xs, ln.ys, "o-", label=_plain(ln.label), lw=1.2, ms=4)
         else:
-            ax.plot(ln.xs, ln.ys, ".-" if len(ln.xs) <= DENSE else "-", label=ln.label, lw=1.2, ms=4)
+            ax.plot(ln.xs, ln.ys, ".-" if len(ln.xs) <= DENSE else "-", label=_plain(ln.label), lw=1.2, ms=4)
     for i, s in enumerate(spec.skipped):
         ax.axvline(s, color="tab:red", alpha=0.25, lw=4, label="skipped step" if i == 0 else None)
     if spec.best_step is not None:
@@ -108,11 +112,11 @@ def draw_on(ax, spec: ChartSpec) -> None:
     for i, y in enumerate(spec.band or ()):
         ax.axhline(y, color="gray", ls="--", lw=1, label="healthy band" if i == 0 else None)
     if spec.yticks is not None:
-        ax.set_yticks(range(len(spec.yticks)), spec.yticks)
+        ax.set_yticks(range(len(spec.yticks)), [_plain(t) for t in spec.yticks])
     if spec.share:
         ax.set_ylim(-0.03, 1.03)
     ax.xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers, even on a 3-step run
-    ax.set_title(spec.title, fontsize=11)
+    ax.set_title(_plain(spec.title), fontsize=11)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     lines = spec.lines

@@ -98,7 +98,7 @@ def completion(s: Sample, label: str = "") -> str:
     bits += [f"{s.length} tokens"] if s.length is not None else []
     bits += ["truncated"] if s.truncated else []
     bits += [f"level {esc(s.level)}"] if s.level else []
-    bits += ["verification phrase"] if has_aha(s.completion) else []
+    bits += ["verification phrase"] if has_aha(s.own) else []
     return (f'<div class="c{" solved" * s.solved}"><div class="meta">{DOT.join(bits)}</div>'
             f"<pre>{marked(s.completion)}</pre></div>")
 
@@ -122,7 +122,7 @@ def browser(samples: list[Sample], what: str, k: int) -> str:
     for step in chosen:
         rows = per_step[step]
         groups = groups_of(rows)
-        n_aha = sum(has_aha(s.completion) for s in rows)
+        n_aha = sum(has_aha(s.own) for s in rows)
         out.append(f'<details class="step"{" open" * (step == chosen[-1])}><summary>Step {step} \u00b7 '
                    f"{len(groups)} prompt{'s' * (len(groups) != 1)} \u00b7 {len(rows)} completions \u00b7 "
                    f"{sum(s.solved for s in rows)} solved \u00b7 {n_aha} with a verification phrase</summary>"

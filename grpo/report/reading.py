@@ -34,6 +34,12 @@ class Sample:
     length: int | None = None
     truncated: bool | None = None
     level: str | None = None
+    own_text: str | None = None  # the eval's completion without budget forcing's tokens (completion_unforced)
+
+    @property
+    def own(self) -> str:
+        """The text the model wrote itself: where verification phrases are looked for (a forced " Wait" is one)."""
+        return self.completion if self.own_text is None else self.own_text
 
     @property
     def prompt(self) -> str:
@@ -143,7 +149,8 @@ def parse_sample(row: dict) -> Sample | None:
     return Sample(step=step, group=-1 if group is None else group, completion=str(row.get("completion", "")),
                   reward=reward, solved=solved, nums=nums, target=target, item=item, format=flag("format"),
                   length=_int(row.get("length")), truncated=flag("truncated"),
-                  level=row["level"] if isinstance(row.get("level"), str) else None)
+                  level=row["level"] if isinstance(row.get("level"), str) else None,
+                  own_text=row["completion_unforced"] if isinstance(row.get("completion_unforced"), str) else None)
 
 
 def read_samples(path: Path, notes: list[str]) -> list[Sample]:
