@@ -27,11 +27,12 @@ class StopClock:
 
     The next step is estimated from the recent steps' median, leaving out the first step (it compiles, and can
     take several steady steps' time); twice the median, so steps up to twice the recent typical length (a long
-    sampling round, an eval falling due) still fit. The checkpoint's cost is the longest one measured so far,
-    with its wait for the write (`checkpointing(wait)`); until one is measured, `checkpoint_bytes` written at
-    CHECKPOINT_BYTES_PER_S (a run whose first periodic checkpoint is 50 steps away still saves one to pause). The
-    limit counts from `start` (the trainer passes the time train() began: compiles and the step-0 eval count).
-    `now` is the clock (a fake one in tests).
+    sampling round) still fit. The checkpoint's cost is the longest one measured so far, with its wait for the
+    write (`checkpointing(wait)`); until one is measured, `checkpoint_bytes` written at CHECKPOINT_BYTES_PER_S (a
+    run whose first periodic checkpoint is 50 steps away still saves one to pause). When a held-out eval follows
+    the next step, the longest eval measured counts too (`evaluating()`; at first the step-0 eval's `eval_s`,
+    compiles included). The limit counts from `start` (the trainer passes the time train() began: compiles and
+    the step-0 eval count). `now` is the clock (a fake one in tests).
     """
 
     MARGIN = 2.0  # the next step must fit twice over its recent median
@@ -41,7 +42,7 @@ class StopClock:
     CHECKPOINT_BYTES_PER_S = 100e6
 
     def __init__(self, time_limit_s: float | None, now: Callable[[], float] = time.monotonic,
-                 start: float | None = None, checkpoint_bytes: int = 0):
+                 start: float | None = None, checkpoint_bytes: int = 0, eval_s: float = 0.0):
         self.now, self.limit = now, time_limit_s
         self.signalled: str | None = None  # the name of the signal received
         self.stop_now = False  # a second Ctrl-C
@@ -50,6 +51,7 @@ class StopClock:
         self.steps: list[float] = []  # seconds between consecutive step_done calls (the first: since start)
         self.checkpoint_s: float | None = None  # the longest checkpoint write measured
         self.checkpoint_guess_s = checkpoint_bytes / self.CHECKPOINT_BYTES_PER_S
+        self.eval_s = eval_s  # the longest held-out eval measured
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -80,6 +82,15 @@ class StopClock:
         finally:
             self.checkpoint_s = max(self.checkpoint_s or 0.0, self.now() - began)
 
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Times a held-out eval: one that follows the next step is part of what must fit before the pause."""
+        began = self.now()
+        try:
+            yield
+        finally:
+            self.eval_s = max(self.eval_s, self.now() - began)
+
     def next_step_s(self) -> float:
         """The time the next step is planned to take: MARGIN x the median of the last WINDOW steps after the
         first (the first alone while it is the only one)."""
@@ -88,15 +99,17 @@ class StopClock:
         recent = self.steps[1:][-self.WINDOW:] or self.steps
         return self.MARGIN * statistics.median(recent)
 
-    def reason_to_stop(self) -> str | None:
-        """Why to pause before the next step, or None; after a second Ctrl-C, KeyboardInterrupt (a library that
-        caught the one raised in its code must not turn "stop at once" into a pause)."""
+    def reason_to_stop(self, eval_next: bool = False) -> str | None:
+        """Why to pause before the next step (followed by an eval when `eval_next`), or None; after a second
+        Ctrl-C, KeyboardInterrupt (a library that caught the one raised in its code must not turn "stop at once"
+        into a pause)."""
         if self.stop_now:
             raise KeyboardInterrupt
         if self.signalled:
             return f"{self.signalled} received"
-        checkpoint_s = self.checkpoint_guess_s if self.checkpoint_s is None else self.checkpoint_s
-        if self.limit is not None and self.now() - self.start + self.next_step_s() + checkpoint_s > self.limit:
+        after = (self.checkpoint_guess_s if self.checkpoint_s is None else self.checkpoint_s) + (
+            self.eval_s if eval_next else 0.0)
+        if self.limit is not None and self.now() - self.start + self.next_step_s() + after > self.limit:
             return f"the next step would end past --time_limit ({self.limit:.0f} s)"
         return None
 

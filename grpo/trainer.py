@@ -393,9 +393,11 @@ def train(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOConfig
                            make_policy(model_cfg, lora_cfg))
     profiler = Profiler(train_cfg.profile_steps, Path(train_cfg.output_dir) / "profile", ctx.log.say)
     try:
+        eval_s = time.monotonic()
         if state.step == 0:
             state = eval_phase(ctx, state)
-        ctx, state, final_state, reason = _run_steps(ctx, state, profiler, started)
+        eval_s = time.monotonic() - eval_s
+        ctx, state, final_state, reason = _run_steps(ctx, state, profiler, started, eval_s)
         finish_run(ctx, state, final_state, reason)
     except (Exception, KeyboardInterrupt) as e:  # a full disk, out of memory, a bug, a second Ctrl-C: so the next
         profiler.close()  # start does not blame the OOM killer
@@ -422,18 +424,19 @@ def settle_checkpoints(ctx: RunContext) -> None:
             pass
 
 
-def _run_steps(ctx: RunContext, state: LoopState, profiler: Profiler,
-               started: float) -> tuple[RunContext, LoopState, str, str | None]:
+def _run_steps(ctx: RunContext, state: LoopState, profiler: Profiler, started: float,
+               eval_s: float = 0.0) -> tuple[RunContext, LoopState, str, str | None]:
     """The steps from state.step to train_cfg.steps with their evals and checkpoints; returns the context (a
     rollback recompiles the step), the final state, how the run ends ("finished", "paused", or "stopped" by the
     guard) and why."""
     train_cfg = ctx.train_cfg
     state_bytes = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)) if hasattr(x, "nbytes"))
-    clock = StopClock(train_cfg.time_limit_s, start=started, checkpoint_bytes=state_bytes)
+    clock = StopClock(train_cfg.time_limit_s, start=started, checkpoint_bytes=state_bytes, eval_s=eval_s)
     final_state, reason = "finished", None
     try:
         while state.step < train_cfg.steps:
-            why = any_process_stops(clock.reason_to_stop())  # every process pauses before the same step
+            eval_next = _due(state.step + 1, train_cfg.eval_every, train_cfg.steps)
+            why = any_process_stops(clock.reason_to_stop(eval_next))  # every process pauses before the same step
             if why:
                 ctx.log.say(f"pausing before step {state.step + 1}: {why}; checkpoint saved at step {state.step}, "
                             f"re-run the same command to continue")
@@ -445,7 +448,8 @@ def _run_steps(ctx: RunContext, state: LoopState, profiler: Profiler,
             clock.step_done()
             profiler.after(state.step - 1)
             if not state.alarm and _due(state.step, train_cfg.eval_every, train_cfg.steps):
-                state = eval_phase(ctx, state)
+                with clock.evaluating():
+                    state = eval_phase(ctx, state)
             if state.alarm:
                 ctx, state, reason = answer_alarm(ctx, state)
                 if reason:

@@ -6,6 +6,7 @@ checkpoint every 5 steps and one more at the pause, as grpo/trainer.py writes th
 
 from __future__ import annotations
 
+import contextlib
 import signal
 
 import numpy as np
@@ -15,18 +16,24 @@ from grpo.run_clock import StopClock
 
 
 def _simulate(durations, limit: float, checkpoint_s: float = 2.0, checkpoint_every: int = 5,
-              checkpoint_bytes: int = 0) -> tuple[int, float]:
-    """(steps run, time when the pause's checkpoint is written)."""
+              checkpoint_bytes: int = 0, eval_every: int = 0, eval_s: float = 0.0,
+              count_evals: bool = True) -> tuple[int, float]:
+    """(steps run, time when the pause's checkpoint is written). Evals (eval_s each, after every eval_every-th
+    step) are timed by the clock unless count_evals is False (the clock before it counted them)."""
     now = [0.0]
     clock = StopClock(limit, now=lambda: now[0], checkpoint_bytes=checkpoint_bytes)
     steps = 0
     try:
         for seconds in durations:
-            if clock.reason_to_stop():
+            eval_next = bool(eval_every) and (steps + 1) % eval_every == 0
+            if clock.reason_to_stop(eval_next and count_evals):
                 break
             now[0] += seconds
             clock.step_done()
             steps += 1
+            if eval_every and steps % eval_every == 0:
+                with clock.evaluating() if count_evals else contextlib.nullcontext():
+                    now[0] += eval_s
             if steps % checkpoint_every == 0:
                 with clock.checkpointing():
                     now[0] += checkpoint_s
@@ -97,6 +104,21 @@ def test_a_pause_before_the_first_checkpoint_counts_the_state_it_writes():
     steps, end = _simulate([40] + [14] * 100, 150, checkpoint_s=30, checkpoint_every=50, checkpoint_bytes=3 * 10**9)
     # 5 steps end at 96 s; a sixth is planned at twice the median: 96 + 28 + 30 > 150, so the pause writes at 96 s
     assert (steps, end) == (5, 126.0)
+
+
+def test_an_eval_after_the_next_step_counts_once_one_was_timed():
+    """Reference: a 40 s first step, then 10 s steps, a 35 s eval after every 3rd step, 2 s checkpoints every 3
+    steps, limit 150 s. An eval longer than the margin (twice a step's median) ran past it: step 6 and its eval
+    ended the run at 166 s; with the longest measured eval counted before a step an eval follows, the pause
+    comes before step 6 (117 + 20 + 2 + 35 > 150), its checkpoint at 119 s. Jittered steps and evals never end
+    past the limit."""
+    base = dict(checkpoint_every=3, eval_every=3, eval_s=35.0)
+    assert _simulate([40] + [10] * 20, 150, count_evals=False, **base) == (6, 166.0)
+    assert _simulate([40] + [10] * 20, 150, **base) == (5, 119.0)
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        steps = [40.0] + list(rng.uniform(7, 13, 30))
+        assert _simulate(steps, 200, eval_s=float(rng.uniform(20, 40)), eval_every=3, checkpoint_every=3)[1] <= 200
 
 
 def test_the_limit_counts_from_the_start_given_and_a_checkpoint_with_its_wait():
