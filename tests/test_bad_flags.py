@@ -4,7 +4,8 @@ on stderr that names the flag, no traceback, and nothing written to --output_dir
 Reference: the table below, which must cover every flag bin/train defines (a new flag without a row fails
 `test_the_table_covers_every_flag`). Timing is not asserted; every case fails in setup, before a compile.
 bin/train's table runs in this process (`bin.train.run(argv)` under absl's flagsaver, exit status and stderr as a user
-sees them); a few cases run it as a subprocess too, and the other binaries run as subprocesses.
+sees them); a few cases run it as a new interpreter too, and the other binaries run as processes forked from
+the tests' tool server (tests/binaries.py: `python -m bin.<name>` without the ~2 s of imports).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def real_model_dir():
     return default_model_dir()
 
 
-# Cases also run as `python -m bin.train` subprocesses: a failure at absl's parsing, one in setup, one needing
+# Cases also run as `python -m bin.train` in a new interpreter: a failure at absl's parsing, one in setup, one needing
 # the model, one in the multi-host checks.
 SUBPROCESS_CASES = ("steps", "machine", "data_file", "process_id")
 
@@ -101,7 +102,7 @@ def test_bin_train_bad_value(flag, tmp_path, request, capsys):
 @pytest.mark.parametrize("flag", SUBPROCESS_CASES)
 def test_bin_train_bad_value_as_a_subprocess(flag, tmp_path, request):
     args, out = _train_args(flag, tmp_path, request)
-    _assert_one_line_error(run_tool("train", *args, timeout=300), NAMED.get(flag, flag))
+    _assert_one_line_error(run_tool("train", *args, timeout=300, fork=False), NAMED.get(flag, flag))
     assert not out.exists()
 
 

@@ -11,9 +11,9 @@ import subprocess
 from binaries import run_tool
 
 
-def _inspect(*args: str) -> subprocess.CompletedProcess:
-    # Through the bin/inspect path (a contract), with XLA_FLAGS empty: the tool must make its own fake devices.
-    return run_tool("inspect", *args, launcher=True)
+def _inspect(*args: str, launcher: bool = False) -> subprocess.CompletedProcess:
+    # On one CPU device (run_tool's environment): the tool must make its own fake devices for a mesh.
+    return run_tool("inspect", *args, launcher=launcher)
 
 
 def _mib(report: str, name: str) -> float:
@@ -23,7 +23,8 @@ def _mib(report: str, name: str) -> float:
 
 def test_forward_on_one_device():
     """The forward's inputs are the float32 params and two [2, 32] int32 arrays (tokens, mask), byte for byte."""
-    out = _inspect("--preset", "tiny-gemma2", "--batch", "2", "--seq_len", "32", "--dtype", "float32", "--json")
+    out = _inspect("--preset", "tiny-gemma2", "--batch", "2", "--seq_len", "32", "--dtype", "float32", "--json",
+                   launcher=True)  # the bin/inspect path is a contract too
     assert out.returncode == 0, out.stderr
     assert "what forward: batch 2 x 32 tokens on 1 device(s)" in out.stdout
     n = json.loads(out.stdout.strip().splitlines()[-1])
