@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -45,6 +46,7 @@ def run_tool(name: str, *args: str, launcher: bool = False, env: dict | None = N
 PRELOAD = ("numpy", "jax", "jax.numpy", "optax", "orbax.checkpoint", "absl.app", "absl.flags", "model", "grpo",
            "data", "grpo.report")
 _server: subprocess.Popen | None = None
+_unread = b""  # what the server wrote past its last line read
 
 
 def forked_tool(name: str, argv: list[str], *, env: dict, timeout: float, cwd: Path) -> subprocess.CompletedProcess:
@@ -73,10 +75,11 @@ def forked_tool(name: str, argv: list[str], *, env: dict, timeout: float, cwd: P
 def _tool_server() -> subprocess.Popen:
     """This process's tool server, started at the first call (again if it died): `_serve` in a new interpreter
     with the tools' CPU environment, reading requests on its stdin until this process goes."""
-    global _server
+    global _server, _unread
     if _server is None or _server.poll() is not None:
         _server = subprocess.Popen([sys.executable, "-c", "import binaries; binaries._serve()"], cwd=ROOT,
                                    env=_server_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        _unread = b""
     return _server
 
 
@@ -92,12 +95,19 @@ def _jax_settings(env: dict) -> dict:
 
 
 def _reply(server: subprocess.Popen, timeout: float) -> dict:
-    """The server's next line as a dict, or TimeoutExpired after `timeout` seconds without one."""
-    if not select.select([server.stdout], [], [], timeout)[0]:
-        raise subprocess.TimeoutExpired("tool server", timeout)
-    line = server.stdout.readline()
-    if not line:
-        raise RuntimeError(f"the tool server exited with status {server.wait()}")
+    """The server's next line as a dict, or TimeoutExpired after `timeout` seconds without one. Read straight
+    from the pipe: a buffered readline could take both of a fast tool's lines, and select would then wait on an
+    empty pipe for the second."""
+    global _unread
+    deadline = time.monotonic() + timeout
+    while b"\n" not in _unread:
+        if not select.select([server.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            raise subprocess.TimeoutExpired("tool server", timeout)
+        chunk = os.read(server.stdout.fileno(), 1 << 16)
+        if not chunk:
+            raise RuntimeError(f"the tool server exited with status {server.wait()}")
+        _unread += chunk
+    line, _, _unread = _unread.partition(b"\n")
     return json.loads(line)
 
 

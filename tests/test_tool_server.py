@@ -5,6 +5,7 @@ what users run. Reference: the same command in a new interpreter (`run_tool(...,
 import os
 import subprocess
 
+import binaries
 import pytest
 from binaries import run_tool
 
@@ -25,3 +26,18 @@ def test_a_tool_past_its_timeout_is_killed_and_the_server_serves_on(tmp_path):
     with pytest.raises(subprocess.TimeoutExpired):
         run_tool("sample", f"--prompts_file={fifo}", timeout=3)
     assert run_tool("report", "--run_dir", "/nonexistent").returncode == 2
+
+
+def test_two_replies_in_the_pipe_at_once_are_both_read(monkeypatch):
+    """A fast tool's {"pid"} and {"status"} lines can reach the pipe together; each is read the moment it is
+    there (a buffered readline took both and the second wait ran to its timeout)."""
+    fake = subprocess.Popen(["sh", "-c", 'printf \'{"pid": 7}\\n{"status": 2}\\n\'; sleep 30'],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        monkeypatch.setattr(binaries, "_unread", b"")
+        assert binaries._reply(fake, timeout=10) == {"pid": 7}
+        assert binaries._reply(fake, timeout=2) == {"status": 2}
+    finally:
+        fake.kill()
+        fake.wait()
+        fake.stdout.close()
