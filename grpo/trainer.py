@@ -393,10 +393,10 @@ def train(model_cfg: GemmaConfig, params: dict, task: Task, grpo_cfg: GRPOConfig
                            make_policy(model_cfg, lora_cfg))
     profiler = Profiler(train_cfg.profile_steps, Path(train_cfg.output_dir) / "profile", ctx.log.say)
     try:
-        eval_s = time.monotonic()
+        began = time.monotonic()
         if state.step == 0:
             state = eval_phase(ctx, state)
-        eval_s = time.monotonic() - eval_s
+        eval_s = time.monotonic() - began  # the step-0 eval's time (0 on a resume) seeds the clock's eval cost
         ctx, state, final_state, reason = _run_steps(ctx, state, profiler, started, eval_s)
         finish_run(ctx, state, final_state, reason)
     except (Exception, KeyboardInterrupt) as e:  # a full disk, out of memory, a bug, a second Ctrl-C: so the next
@@ -425,7 +425,7 @@ def settle_checkpoints(ctx: RunContext) -> None:
 
 
 def _run_steps(ctx: RunContext, state: LoopState, profiler: Profiler, started: float,
-               eval_s: float = 0.0) -> tuple[RunContext, LoopState, str, str | None]:
+               eval_s: float) -> tuple[RunContext, LoopState, str, str | None]:
     """The steps from state.step to train_cfg.steps with their evals and checkpoints; returns the context (a
     rollback recompiles the step), the final state, how the run ends ("finished", "paused", or "stopped" by the
     guard) and why."""

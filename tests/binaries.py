@@ -39,10 +39,10 @@ def run_tool(name: str, *args: str, launcher: bool = False, env: dict | None = N
     return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
 
 
-# What every tool imports first. A new interpreter spends ~2 s importing these before it reads its first flag,
-# and the suite starts a tool ~150 times; the tool server imports them once per xdist worker. Importing them runs
-# no computation (no JAX backend exists until a tool makes one, in its own forked process), so a forked tool
-# reads its environment, flags and files exactly as `python -m bin.<name>` would.
+# What every tool imports first. A new interpreter spends seconds importing these before it reads its first
+# flag, and the suite starts tools many times (BUILD.md "Tests"); the tool server imports them once per xdist
+# worker. Importing them runs no computation (no JAX backend exists until a tool makes one, in its own forked
+# process), so a forked tool reads its environment, flags and files exactly as `python -m bin.<name>` would.
 PRELOAD = ("numpy", "jax", "jax.numpy", "optax", "orbax.checkpoint", "absl.app", "absl.flags", "model", "grpo",
            "data", "grpo.report")
 _server: subprocess.Popen | None = None
@@ -126,10 +126,8 @@ def _serve() -> None:
 
 def _tool_main(name: str, argv: list[str], env: dict, cwd: str, out: str, err: str) -> None:
     """In the forked child: `python -m bin.<name>`, then os._exit with its status."""
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    for fd, path in ((1, out), (2, err)):
-        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    for fd, path, mode in ((0, os.devnull, os.O_RDONLY), (1, out, os.O_WRONLY), (2, err, os.O_WRONLY)):
+        f = os.open(path, mode | (os.O_CREAT | os.O_TRUNC if fd else 0), 0o600)
         os.dup2(f, fd)
         os.close(f)
     sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115

@@ -5,7 +5,7 @@ Reference: the table below, which must cover every flag bin/train defines (a new
 `test_the_table_covers_every_flag`). Timing is not asserted; every case fails in setup, before a compile.
 bin/train's table runs in this process (`bin.train.run(argv)` under absl's flagsaver, exit status and stderr as a user
 sees them); a few cases run it as a new interpreter too, and the other binaries run as processes forked from
-the tests' tool server (tests/binaries.py: `python -m bin.<name>` without the ~2 s of imports).
+the tests' tool server (tests/binaries.py: `python -m bin.<name>` without importing jax each time).
 """
 
 from __future__ import annotations
